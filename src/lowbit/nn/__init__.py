@@ -1,0 +1,3 @@
+from .linear import Linear4bit
+
+__all__ = ["Linear4bit"]

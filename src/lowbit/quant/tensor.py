@@ -1,0 +1,172 @@
+"""``QuantizedTensor``: packed k-bit codes + quant state, with bitsandbytes-compatible (de)serialisation.
+
+State-dict layout (identical to what transformers + bitsandbytes save for a 4-bit weight)::
+
+    weight                                   uint8   ((n+1)//2, 1)   packed codes, high nibble first
+    weight.absmax                            uint8 with double quant (float32 without)   (blocks,)
+    weight.quant_map                         float32 (16,)           the codebook
+    weight.nested_absmax                     float32 (ceil(blocks/256),)        [double quant only]
+    weight.nested_quant_map                  float32 (256,)          signed dynamic map  [double quant only]
+    weight.quant_state.bitsandbytes__<type>  uint8   UTF-8 JSON of quant_type, blocksize, dtype, shape
+                                             (+ nested_blocksize, nested_dtype, nested_offset)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .codebooks import CODEBOOKS, bits_of, codebook
+from .double_quant import NESTED_BLOCKSIZE, double_dequantize, double_quantize
+from .nf4 import FLOAT_DTYPES, check_blocksize, dequantize, quantize_blockwise
+
+__all__ = ["QuantizedTensor", "quantize"]
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass(eq=False)
+class QuantizedTensor:
+    packed: torch.Tensor               # uint8 ((n+1)//2, 1)
+    absmax: torch.Tensor               # float32 (blocks,) or uint8 codes with double quant
+    shape: torch.Size
+    dtype: torch.dtype                 # dtype of the original tensor
+    blocksize: int
+    quant_type: str
+    code: torch.Tensor                 # float32 codebook (≤16 entries, index = code)
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    nested_offset: float | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    # ---- facts -------------------------------------------------------------------------------
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held per tensor: codes + constants (+ nested constants and the float32 offset).
+
+        The 16-entry codebook and 256-entry nested map are shared by every tensor of a type, so they are
+        not charged here.
+        """
+        n = self.packed.numel() * self.packed.element_size() + self.absmax.numel() * self.absmax.element_size()
+        if self.double_quant:
+            n += self.nested_absmax.numel() * 4 + 4
+        return n
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.nbytes / self.numel
+
+    @property
+    def info_bits(self) -> int:
+        """Bits of information per code (3 for NF3, which is stored one code per 4-bit nibble)."""
+        return bits_of(self.quant_type)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedTensor(shape={tuple(self.shape)}, quant_type={self.quant_type!r}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, bits_per_param={self.bits_per_param:.3f})")
+
+    # ---- math --------------------------------------------------------------------------------
+    def absmax_float(self) -> torch.Tensor:
+        if self.double_quant:
+            return double_dequantize(self.absmax, self.nested_absmax, self.nested_offset, self.nested_code, self.nested_blocksize)
+        return self.absmax
+
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = self.dtype if dtype is None else dtype
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dequantize: dtype must be one of float32, bfloat16, float16, got {dtype}")
+        return dequantize(self.packed, self.absmax_float(), self.code, self.blocksize, self.shape, dtype, out=out)
+
+    def to(self, device) -> "QuantizedTensor":
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizedTensor(mv(self.packed), mv(self.absmax), self.shape, self.dtype, self.blocksize, self.quant_type,
+                               mv(self.code), mv(self.nested_absmax), mv(self.nested_code), self.nested_offset,
+                               self.nested_blocksize)
+
+    # ---- bitsandbytes layout -----------------------------------------------------------------
+    def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        meta = {"quant_type": self.quant_type, "blocksize": self.blocksize, "dtype": _DTYPE_NAMES[self.dtype],
+                "shape": list(self.shape)}
+        sd = {prefix: self.packed, f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": self.code}
+        if self.double_quant:
+            sd[f"{prefix}.nested_absmax"] = self.nested_absmax
+            sd[f"{prefix}.nested_quant_map"] = self.nested_code.clone()
+            meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32", nested_offset=self.nested_offset)
+        sd[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "weight") -> "QuantizedTensor":
+        """Rebuild from our own or a bitsandbytes-saved state dict (keys under ``prefix``)."""
+        qs_keys = [k for k in sd if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
+        if len(qs_keys) != 1:
+            raise ValueError(f"{prefix}: expected one '{prefix}.quant_state.bitsandbytes__<type>' entry, found {len(qs_keys)}")
+        try:
+            meta = json.loads(bytes(sd[qs_keys[0]].to(torch.uint8).tolist()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{qs_keys[0]}: quant state is not valid JSON ({e})") from None
+        for k in (prefix, f"{prefix}.absmax", f"{prefix}.quant_map"):
+            if k not in sd:
+                raise ValueError(f"{prefix}: missing tensor {k!r}")
+        qt = meta.get("quant_type")
+        if qt not in CODEBOOKS:
+            raise ValueError(f"{qs_keys[0]}: unknown quant_type {qt!r}")
+        shape = torch.Size(meta["shape"])
+        dtype = getattr(torch, meta.get("dtype", "float32"), None)
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{qs_keys[0]}: unsupported dtype {meta.get('dtype')!r}")
+        blocksize = int(meta["blocksize"])
+        n = math.prod(shape)
+        packed = sd[prefix].view(torch.uint8).reshape(-1, 1)
+        if packed.numel() != (n + 1) // 2:
+            raise ValueError(f"{prefix}: {packed.numel()} packed bytes do not hold shape {tuple(shape)}")
+        absmax = sd[f"{prefix}.absmax"]
+        if absmax.numel() != -(-n // blocksize):
+            raise ValueError(f"{prefix}.absmax: {absmax.numel()} constants, expected {-(-n // blocksize)}")
+        nested = f"{prefix}.nested_absmax" in sd
+        return cls(packed=packed, absmax=absmax if nested else absmax.float(), shape=shape, dtype=dtype, blocksize=blocksize,
+                   quant_type=qt, code=sd[f"{prefix}.quant_map"].float(),
+                   nested_absmax=sd[f"{prefix}.nested_absmax"].float() if nested else None,
+                   nested_code=sd[f"{prefix}.nested_quant_map"].float() if nested else None,
+                   nested_offset=float(meta["nested_offset"]) if nested else None,
+                   nested_blocksize=int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)))
+
+
+def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True) -> QuantizedTensor:
+    """Quantize a float tensor blockwise to a k-bit data type (default NF4 with double quantization)."""
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"quantize: expected a torch.Tensor, got {type(w).__name__}")
+    if quant_type not in CODEBOOKS:
+        raise ValueError(f"quantize: unknown quant_type {quant_type!r}; choose one of {', '.join(CODEBOOKS)}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"quantize: weight dtype must be float32, bfloat16 or float16, got {w.dtype}")
+    check_blocksize(blocksize)
+    if w.numel() == 0:
+        raise ValueError(f"quantize: cannot quantize an empty tensor (shape {tuple(w.shape)})")
+    w = w.detach()
+    if w.device.type != "cpu":
+        w = w.cpu()
+    bad = _count_nonfinite(w)
+    if bad:
+        raise ValueError(f"quantize: weight of shape {tuple(w.shape)} has {bad} non-finite values (NaN/Inf)")
+    packed, absmax = quantize_blockwise(w.contiguous(), quant_type, blocksize)
+    q = QuantizedTensor(packed, absmax, torch.Size(w.shape), w.dtype, blocksize, quant_type, codebook(quant_type))
+    if double_quant:
+        q.absmax, q.nested_absmax, q.nested_offset, q.nested_code = double_quantize(absmax)
+    return q
+
+
+def _count_nonfinite(w: torch.Tensor, chunk: int = 1 << 22) -> int:
+    flat = w.reshape(-1)
+    return sum(int((~torch.isfinite(flat[i : i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
