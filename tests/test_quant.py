@@ -207,3 +207,27 @@ def test_from_state_dict_rejects_truncated():
         lowbit.QuantizedTensor.from_state_dict(sd, "weight")
     with pytest.raises(ValueError, match="quant_state"):
         lowbit.QuantizedTensor.from_state_dict({"weight": sd["weight"]}, "weight")
+
+
+# ---- kernels behind the dispatch point ----------------------------------------------------------
+
+def test_native_kernel_builds_where_a_compiler_exists():
+    import shutil
+
+    from lowbit.quant import native
+
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert native.kernel() is not None, "the C dequantize kernel failed to build"
+
+
+@pytest.mark.parametrize("qt", list(codebooks.CODEBOOKS))
+@pytest.mark.parametrize("dt", DTYPES)
+def test_every_dequantize_path_agrees_with_reference(qt, dt):
+    for shape, bs in [((7,), 32), ((33, 77), 64), ((5, 4097), 4096), ((1,), 32), ((96, 160), 128)]:
+        w = torch.randn(shape) * 3
+        w.view(-1)[0] = float(torch.finfo(torch.float16).max) / 2  # large values must round the same way too
+        q = lowbit.quantize(w, qt, bs)
+        am = q.absmax_float()
+        ref = nf4.dequantize_reference(q.packed, am, q.code, bs, q.shape, dt)
+        assert torch.equal(nf4.dequantize(q.packed, am, q.code, bs, q.shape, dt), ref), (shape, bs)
+        assert torch.equal(nf4.dequantize_torch(q.packed, am, q.code, bs, q.shape, dt), ref), (shape, bs)

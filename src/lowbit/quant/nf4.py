@@ -10,9 +10,10 @@ Math (bitsandbytes' layout, for any codebook from ``codebooks``)::
 
 Quantizing works through the weight in chunks of whole blocks, so a 32000×4096 matrix never needs more
 than a few MB of scratch beyond its input. Dequantizing has a pure-PyTorch reference
-(``dequantize_reference``: unpack nibbles, index the codebook, scale) and a fast path (``dequantize``: one
-gather through a 256-entry byte→pair table, one broadcast multiply); ``dequantize`` is the one dispatch
-point every caller uses.
+(``dequantize_reference``: unpack nibbles, index the codebook, scale), a vectorised PyTorch path
+(``dequantize_torch``: one gather through a 256-entry byte→pair table, one broadcast multiply) and a C
+kernel (``csrc/dequant4.c``: one AVX-512 permute per 16 codes). ``dequantize`` is the one dispatch point
+every caller uses; see bench/quant.py for why the C kernel exists.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import math
 
 import torch
 
-from .codebooks import codebook, quant_order
+from . import native
+from .codebooks import quant_order
 
-__all__ = ["quantize_blockwise", "dequantize", "dequantize_reference", "check_blocksize", "FLOAT_DTYPES"]
+__all__ = ["quantize_blockwise", "dequantize", "dequantize_torch", "dequantize_reference", "check_blocksize", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK = 1 << 20  # elements per quantization chunk
@@ -102,8 +104,31 @@ def _pair_table(code: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 def dequantize(packed, absmax, code, blocksize, shape, dtype=torch.float32, out=None) -> torch.Tensor:
-    """Fast path: ``table[packed]`` (one gather), times the block's absmax (one broadcast multiply)."""
+    """The one dispatch point: the C kernel (``native.py``) on CPU when it built, else the PyTorch path."""
+    n = math.prod(shape)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
+    lib = native.kernel() if packed.device.type == "cpu" and out.is_contiguous() else None
+    if lib is not None:
+        p = packed.contiguous()
+        a = absmax.float().contiguous()
+        c = code.float()
+        if c.numel() < 16:
+            c = torch.cat([c, c.new_zeros(16 - c.numel())])
+        c = c.contiguous()
+        rc = lib.lowbit_dequant4(p.data_ptr(), a.data_ptr(), c.data_ptr(), out.data_ptr(), n, blocksize,
+                                 _KINDS[dtype], torch.get_num_threads())
+        if rc == 0:
+            return out
+    return dequantize_torch(packed, absmax, code, blocksize, shape, dtype, out)
+
+
+def dequantize_torch(packed, absmax, code, blocksize, shape, dtype=torch.float32, out=None) -> torch.Tensor:
+    """Vectorised PyTorch path: ``table[packed]`` (one gather), times the block's absmax (one multiply)."""
     n = math.prod(shape)
     table = _pair_table(code)
     vals = table[packed.reshape(-1).long()].view(-1)  # (2·bytes,) float32
