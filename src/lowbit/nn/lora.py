@@ -1,0 +1,197 @@
+"""LoRA adapters: a frozen base linear layer plus a trainable low-rank update.
+
+    y = base(x) + B·A·dropout(x) · s,      s = alpha / r   (rsLoRA: alpha / √r)
+
+A (r × in) starts kaiming-uniform (a = √5), B (out × r) starts at zero, so training starts from the base
+model exactly. ``loftq_init`` instead starts from the quantization error: it looks for Q and B·A with
+W ≈ Q + s·B·A, alternating "quantize W − s·B·A" and "best rank-r fit of W − deq(Q)" (SVD), which
+lets NF3/NF2 bases recover much of what quantization lost before any training.
+Parameter names (``lora_A.weight``, ``lora_B.weight``) are the ones peft saves.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..quant import quantize
+from .linear import Linear4bit
+
+__all__ = ["LoRALinear", "add_lora", "lora_state_dict", "linear_module_names", "loftq_init"]
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"lora_r must be a positive integer, got {r!r}")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        if r > min(self.in_features, self.out_features):
+            raise ValueError(f"lora_r={r} is larger than the layer ({self.out_features}x{self.in_features})")
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        a = self.lora_A.weight
+        if torch.is_autocast_enabled(x.device.type):
+            return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        h = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
+        return y + (h * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B·A in float32 (out × in): what merging adds to the base weight."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def base_weight(self, dtype=torch.float32) -> torch.Tensor:
+        if isinstance(self.base, Linear4bit):
+            return self.base.dequantize(dtype)
+        return self.base.weight.detach().to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, rslora={self.use_rslora}"
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Full names of every linear layer (float or 4-bit), LoRA-wrapped ones under their own name."""
+    names = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, Linear4bit)) and not re.search(r"\.(lora_A|lora_B)$", name) and not name.endswith(".base"):
+            names.append(name)
+    return names
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    heads = set()
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    for name, mod in model.named_modules():
+        if out is not None and mod is out:
+            heads.add(name)
+    heads.update(n for n in linear_module_names(model) if n.split(".")[-1] in {"lm_head", "embed_out", "output"})
+    return heads
+
+
+def select_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
+    """Resolve ``target_modules``: a list of names (the last part(s) of a module path, as peft matches),
+    a regex string matched against the full path, or ``"all-linear"`` (every linear layer but the head)."""
+    names = linear_module_names(model)
+    heads = _output_head_names(model)
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            chosen = [n for n in names if n not in heads]
+        else:
+            try:
+                rx = re.compile(target_modules)
+            except re.error as e:
+                raise ValueError(f"lora_target_modules: invalid regex {target_modules!r} ({e})") from None
+            chosen = [n for n in names if rx.fullmatch(n)]
+            if not chosen:
+                raise ValueError(f"lora_target_modules: regex {target_modules!r} matches no linear layer; "
+                                 f"linear layers are named like: {', '.join(sorted(_short(names)))}")
+        return chosen
+    targets = list(target_modules)
+    if not targets:
+        raise ValueError("lora_target_modules is empty")
+    chosen, unknown = [], []
+    for t in targets:
+        hit = [n for n in names if n == t or n.endswith("." + t)]
+        (chosen.extend(hit) if hit else unknown.append(t))
+    if unknown:
+        raise ValueError(f"lora_target_modules: no linear layer named {', '.join(map(repr, unknown))}; "
+                         f"the model's linear layers are: {', '.join(sorted(_short(names)))}")
+    return sorted(set(chosen), key=names.index)
+
+
+def _short(names: list[str]) -> set[str]:
+    return {n.split(".")[-1] for n in names}
+
+
+def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
+             target_modules: str | Iterable[str] = "all-linear", use_rslora: bool = False,
+             init: str = "default", loftq_iters: int = 1, verbose: bool = True) -> list[str]:
+    """Freeze ``model`` and wrap the chosen linear layers in ``LoRALinear``. Returns the wrapped names."""
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"lora_r must be a positive integer, got {r!r}")
+    if init not in ("default", "loftq"):
+        raise ValueError(f"lora init must be 'default' or 'loftq', got {init!r}")
+    targets = select_targets(model, target_modules)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        pmod = model.get_submodule(parent) if parent else model
+        base = getattr(pmod, child)
+        if isinstance(base, LoRALinear):
+            raise ValueError(f"{name} already has a LoRA adapter")
+        lora = LoRALinear(base, r, alpha, dropout, use_rslora)
+        dev = next((t.device for t in base.parameters()), None)
+        if dev is None and isinstance(base, Linear4bit):
+            dev = base.weight.packed.device
+        lora.to(dev or "cpu")
+        if init == "loftq":
+            loftq_init(lora, loftq_iters)
+        setattr(pmod, child, lora)
+    if verbose:
+        trainable, total = count_parameters(model)
+        print(f"LoRA r={r} alpha={alpha} on {len(targets)} layers: {trainable:,} trainable parameters "
+              f"of {total:,} ({100 * trainable / total:.2f}%)")
+    return targets
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) — total counts a 4-bit weight by its number of elements."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.weight.numel for m in model.modules() if isinstance(m, Linear4bit))
+    return trainable, total
+
+
+@torch.no_grad()
+def loftq_init(lora: LoRALinear, iters: int = 1) -> None:
+    """LoftQ-style start: W ≈ deq(Q) + s·B·A. Needs the base weight in full precision (``base.source``
+    for a 4-bit layer made by lowbit's loader), re-quantizes the base each round."""
+    base = lora.base
+    if not isinstance(base, Linear4bit):
+        raise ValueError("loftq init is for quantized (4-bit) layers; a full-precision base has no error to absorb")
+    w = getattr(base, "source_weight", None)
+    if w is None:
+        raise ValueError("loftq init needs the full-precision weight: load the model with keep_source=True")
+    q0 = base.weight
+    w = w.float()
+    r, s = lora.r, lora.scaling
+    residual_fit = torch.zeros_like(w)
+    for _ in range(max(1, iters)):
+        q = quantize(w - residual_fit, q0.quant_type, q0.blocksize, q0.double_quant)
+        err = w - q.dequantize(torch.float32)
+        u, sv, vh = torch.linalg.svd(err, full_matrices=False)
+        root = sv[:r].sqrt()
+        b = u[:, :r] * root
+        a = root[:, None] * vh[:r]
+        residual_fit = b @ a
+    base.weight = q
+    del base.source_weight
+    lora.lora_A.weight.copy_(a / math.sqrt(s))
+    lora.lora_B.weight.copy_(b / math.sqrt(s))
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors under peft's key names: ``base_model.model.<path>.lora_A.weight`` …"""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            out[f"base_model.model.{name}.lora_A.weight"] = mod.lora_A.weight.detach().float().contiguous()
+            out[f"base_model.model.{name}.lora_B.weight"] = mod.lora_B.weight.detach().float().contiguous()
+    return out
