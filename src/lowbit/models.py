@@ -574,6 +574,37 @@ def merge(net: nn.Module, out: str | os.PathLike, dtype: torch.dtype = torch.bfl
     return out
 
 
+@torch.no_grad()
+def merge_report(net: nn.Module, tokenizer, quant_type: str = "nf4",
+                 prompts=("The capital of France is", "def fibonacci(n):", "Hello! How are you today?")) -> str:
+    """How much would re-quantizing the merged weights change the model, next to the adapter's own effect?
+
+    Compares logits on a few prompts: base (adapter off), with adapter, and with W + s·B·A re-quantized.
+    """
+    loras = [m for m in net.modules() if isinstance(m, LoRALinear)]
+    ids = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    run = lambda: net(**ids).logits.float()  # noqa: E731
+    y = run()
+    saved = [(m.base, m.scaling) for m in loras]
+    for m in loras:
+        m.scaling = 0.0
+    y_base = run()
+    for m in loras:
+        w = m.base_weight(torch.float32) + m.delta_weight()
+        q = quantize(w, quant_type) if not isinstance(m.base, Linear4bit) else quantize(w, m.base.weight.quant_type, m.base.weight.blocksize, m.base.weight.double_quant)
+        m.base = Linear4bit(q, m.base.bias, compute_dtype=getattr(m.base, "compute_dtype", None))
+    y_rq = run()
+    for m, (b, s) in zip(loras, saved):
+        m.base, m.scaling = b, s
+    effect = ((y - y_base).norm() / y_base.norm()).item()
+    err = ((y_rq - y).norm() / y.norm()).item()
+    ratio = err / max(effect, 1e-12)
+    verdict = ("re-quantizing erases much of the fine-tune: deploy the 16-bit merge (or keep the adapter separate)"
+               if ratio > 0.5 else "re-quantizing keeps most of the fine-tune")
+    return (f"merge report: adapter changes logits by {100 * effect:.2f}%; re-quantizing the merged weights to "
+            f"{quant_type} changes them by {100 * err:.2f}% ({ratio:.2f}x the adapter's effect) — {verdict}")
+
+
 # ---- generation ----------------------------------------------------------------------------------
 
 def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
