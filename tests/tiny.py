@@ -31,3 +31,36 @@ def save_tiny(path, arch="llama", seed=0, **kw):
                 p.normal_(0, 0.08)
     model.save_pretrained(path, safe_serialization=True, **({"max_shard_size": kw.pop("_shard")} if "_shard" in kw else {}))
     return model
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def tiny_tokenizer(path=None):
+    """A byte-level BPE tokenizer with 256 ids and a ChatML template, trained here on a few sentences.
+    Like SmolLM2-Instruct, its EOS (<|im_end|>) doubles as the pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = ["what is the capital of france", "the capital of france is paris", "hello how are you today",
+              "below is an instruction that describes a task", "### response: the answer is", "user assistant system"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  bos_token="<|im_start|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    if path is not None:
+        tok.save_pretrained(path)
+    return tok
+
+
+def save_tiny_with_tokenizer(path, arch="llama", **kw):
+    tok = tiny_tokenizer()
+    model = save_tiny(path, arch, vocab_size=len(tok), **kw)
+    tok.save_pretrained(path)
+    return model, tok

@@ -228,7 +228,7 @@ def tokenize_records(records: list[Record], tok, fmt: str = "auto", sequence_len
             labels += piece if (learned or train_on_inputs) else [IGNORE] * len(piece)
         if fmt == "text" and tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
             ids, labels = [tok.bos_token_id] + ids, [IGNORE] + labels
-        if eos is not None and (not ids or ids[-1] != eos):
+        if eos is not None and eos not in ids[-2:]:  # a chat template already ends turns with EOS (+ newline)
             ids.append(eos)
             labels.append(eos)
         if len(ids) > sequence_len:

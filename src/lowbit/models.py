@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .nn.linear import Linear4bit
+from .nn.linear import Linear4bit  # noqa: F401  (re-exported for callers)
 from .nn.lora import LoRALinear, linear_module_names, lora_state_dict
 from .quant import QuantizedTensor, quantize
 

@@ -271,6 +271,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     def state():
         return {"step": step, "epoch": epoch, "pos": pos, "history": history, "config": asdict(cfg)}
 
+    at_start = (epoch, pos, torch.get_rng_state())  # what a Ctrl-C mid-step rolls back to
     try:
         while step < total:
             group = []
@@ -298,6 +299,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
             lr = opt.param_groups[0]["lr"]
             sched.step()
             step += 1
+            at_start = (epoch, pos, torch.get_rng_state())
             tokens_seen += int(sum(int(b["attention_mask"].sum()) for b in group))
             elapsed = time.perf_counter() - t_start
             rec = {"step": step, "epoch": epoch + pos / len(order), "loss": loss, "lr": lr,
@@ -329,6 +331,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     if interrupted:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not tear the checkpoint
         try:
+            opt.zero_grad(set_to_none=True)  # drop the half-accumulated step
+            epoch, pos, rng = at_start
+            torch.set_rng_state(rng)
             last_ck = _save_checkpoint(out, model, opt, state(), cfg.save_total_limit) if step else None
         finally:
             signal.signal(signal.SIGINT, prev_handler)
