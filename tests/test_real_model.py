@@ -44,12 +44,12 @@ def test_nf4_loss_close_to_full_precision_and_answers(tok):
     assert "paris" in answer.lower()
 
 
-def test_short_qlora_run_lowers_heldout_loss(tmp_path):
+def test_short_qlora_run_with_paged_8bit_optimizer_lowers_heldout_loss(tmp_path):
     from lowbit.config import TrainConfig
     from lowbit.train import train
 
     cfg = TrainConfig(base_model="smollm2-135m", datasets="chatterbot", micro_batch_size=8, sequence_len=128,
                       max_steps=15, learning_rate=3e-4, warmup_steps=2, eval_steps=15, save_steps=15,
-                      val_set_size=32, output_dir=str(tmp_path / "run"), optimizer="adamw")
+                      val_set_size=32, output_dir=str(tmp_path / "run"), optimizer="paged_adamw_8bit")
     res = train(cfg, progress=False)
     assert res["eval_loss"] < res["base_eval_loss"] - 0.1

@@ -95,9 +95,10 @@ def test_train_end_to_end_via_cli(setup, capsys):
     assert "already holds" in capsys.readouterr().err
 
 
-def test_resume_equals_uninterrupted(setup, monkeypatch):
-    full = train_mod.train(_cfg(setup, "full"), progress=False, log=lambda *a: None)
-    ref = [json.loads(l) for l in (setup[0] / "full" / "metrics.jsonl").read_text().splitlines()]
+@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_8bit"])
+def test_resume_equals_uninterrupted(setup, monkeypatch, optimizer):
+    full = train_mod.train(_cfg(setup, f"full-{optimizer}", optimizer=optimizer), progress=False, log=lambda *a: None)
+    ref = [json.loads(l) for l in (setup[0] / f"full-{optimizer}" / "metrics.jsonl").read_text().splitlines()]
 
     # interrupt in the middle of step 6 (a Ctrl-C), then resume
     calls = {"n": 0}
@@ -112,11 +113,12 @@ def test_resume_equals_uninterrupted(setup, monkeypatch):
 
     monkeypatch.setattr(train_mod, "lm_loss", flaky)
     with pytest.raises(LowbitError, match="interrupted at step 5"):
-        train_mod.train(_cfg(setup, "resumed"), progress=False, log=lambda *a: None)
+        train_mod.train(_cfg(setup, f"resumed-{optimizer}", optimizer=optimizer), progress=False, log=lambda *a: None)
     monkeypatch.setattr(train_mod, "lm_loss", real)
-    out = setup[0] / "resumed"
+    out = setup[0] / f"resumed-{optimizer}"
     assert (out / "checkpoints" / "step-0000005").exists()
-    res = train_mod.train(_cfg(setup, "resumed"), resume=True, progress=False, log=lambda *a: None)
+    res = train_mod.train(_cfg(setup, f"resumed-{optimizer}", optimizer=optimizer), resume=True, progress=False,
+                          log=lambda *a: None)
     got = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in got] == list(range(1, 9))
     for a, b in zip(got, ref):
