@@ -291,3 +291,11 @@ def test_bad_inputs(tmp_path, tiny):
     save_tiny(gpt2, "gpt2")
     with pytest.raises(LowbitError, match="Conv1D"):
         models.load(gpt2)
+
+
+def test_fingerprint_same_for_quantized_and_float_loads(tiny):
+    path, _ = tiny
+    a = models.load(path, compute_dtype=F32)
+    b = models.load(path, quantize_weights=False, compute_dtype=torch.bfloat16)
+    c = models.load(path, quant_type="nf2", compute_dtype=F32)
+    assert a.lowbit["fingerprint"] == b.lowbit["fingerprint"] == c.lowbit["fingerprint"]

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -129,13 +130,7 @@ def _checkpoint_files(folder: Path) -> dict[str, Path]:
             raise LowbitError(f"{folder}: only pickle (.bin/.pt) weights found; lowbit reads safetensors only "
                               "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
         raise LowbitError(f"{folder}: no *.safetensors weights")
-    from safetensors import safe_open
-
-    files = {}
-    for f in shards:
-        with _open_safetensors(f) as h:
-            files.update({k: f for k in h.keys()})
-    return files
+    return {k: f for f in shards for k in _read_header(f)[0]}
 
 
 @contextlib.contextmanager
@@ -150,28 +145,79 @@ def _open_safetensors(path: Path):
         yield h
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors header (name → dtype, shape, offsets) and where the data starts."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than its header")
+            n = int.from_bytes(raw, "little")
+            size = path.stat().st_size
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise LowbitError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    for k, v in header.items():
+        a, b = v.get("data_offsets", (0, -1))
+        if v.get("dtype") not in _ST_DTYPES or b < a or 8 + n + b > size:
+            raise LowbitError(f"{path}: corrupt safetensors entry {k!r}")
+    return header, 8 + n
+
+
 class _Reader:
-    """Reads tensors one at a time from the checkpoint's files, keeping each file open once."""
+    """Reads tensors one at a time with plain file reads (no memory map), so loading holds only the
+    tensor in hand — a mapped checkpoint would count every page it touched in the process's memory."""
 
     def __init__(self, folder: Path):
         self.files = _checkpoint_files(folder)
-        self._stack = contextlib.ExitStack()
-        self._handles = {}
+        self._headers = {f: _read_header(f) for f in set(self.files.values())}
+        self._fh = {}
 
     def __contains__(self, key):
         return key in self.files
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, dtype: torch.dtype | None = None, chunk_bytes: int = 16 << 20) -> torch.Tensor:
+        """The tensor, optionally converted to ``dtype`` piece by piece (never a full-size copy in the file's dtype)."""
         f = self.files[key]
-        if f not in self._handles:
-            self._handles[f] = self._stack.enter_context(_open_safetensors(f))
-        try:
-            return self._handles[f].get_tensor(key)
-        except Exception as e:
-            raise LowbitError(f"{f}: cannot read tensor {key!r} ({str(e).splitlines()[0]})") from None
+        header, base = self._headers[f]
+        if key not in header:
+            raise LowbitError(f"{f}: tensor {key!r} is named in the index but missing from the file")
+        meta = header[key]
+        a, b = meta["data_offsets"]
+        src = _ST_DTYPES[meta["dtype"]]
+        numel = math.prod(meta["shape"])
+        if numel * torch.empty(0, dtype=src).element_size() != b - a:
+            raise LowbitError(f"{f}: tensor {key!r} has {b - a} bytes for shape {meta['shape']} {meta['dtype']}")
+        fh = self._fh.get(f) or self._fh.setdefault(f, open(f, "rb"))
+        fh.seek(base + a)
+        dst = src if dtype is None or not src.is_floating_point else dtype
+        out = torch.empty(meta["shape"], dtype=dst)
+        if dst == src:
+            if b > a and fh.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != b - a:
+                raise LowbitError(f"{f}: truncated while reading {key!r}")
+            return out
+        flat, esz = out.view(-1), torch.empty(0, dtype=src).element_size()
+        step = max(1, chunk_bytes // esz)
+        buf = torch.empty(min(step, numel), dtype=src)
+        for lo in range(0, numel, step):
+            piece = buf[: min(step, numel - lo)]
+            if fh.readinto(memoryview(piece.view(torch.uint8).numpy())) != piece.numel() * esz:
+                raise LowbitError(f"{f}: truncated while reading {key!r}")
+            flat[lo : lo + piece.numel()].copy_(piece)
+        return out
 
     def close(self):
-        self._stack.close()
+        for fh in self._fh.values():
+            fh.close()
+        self._fh.clear()
 
 
 @contextlib.contextmanager
@@ -218,8 +264,6 @@ def load(model: str | os.PathLike, *, quantize_weights: bool = True, quant_type:
     norms are never quantized. A checkpoint already in bitsandbytes' 4-bit layout is read as it is.
     ``keep_source``: keep each quantized layer's full-precision weight (needed for LoftQ init).
     """
-    from transformers import AutoModelForCausalLM
-
     folder = resolve_model(model)
     raw, config = _read_config(folder, trust_remote_code)
     dtype = compute_dtype or default_compute_dtype(device)
@@ -232,55 +276,90 @@ def load(model: str | os.PathLike, *, quantize_weights: bool = True, quant_type:
         del config.quantization_config
     reader = _Reader(folder)
     try:
-        with _params_on_meta():
-            try:
-                net = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-            except ValueError as e:
-                raise LowbitError(f"{folder}: unsupported architecture {raw.get('architectures')} "
-                                  f"({str(e).splitlines()[0]})") from None
-        conv1d = [n for n, m in net.named_modules() if type(m).__name__ == "Conv1D"]
-        if conv1d:
-            raise LowbitError(f"{folder}: {raw.get('model_type')} uses GPT-2-style Conv1D layers ({conv1d[0]}, …), "
-                              "which lowbit does not quantize yet; use a model with nn.Linear layers (LLaMA, Qwen2, Mistral, …)")
-        heads = set(skip_modules) if skip_modules is not None else _head_names(net)
-        sha = hashlib.sha256()
-        for name in linear_module_names(net):
-            mod = net.get_submodule(name)
-            if not isinstance(mod, nn.Linear) or name in heads or not (quantize_weights or prequantized):
-                continue
-            key = f"{name}.weight"
-            if f"{key}.quant_state.bitsandbytes__nf4" in reader or f"{key}.quant_state.bitsandbytes__fp4" in reader:
-                sd = {k: reader.get(k) for k in reader.files if k == key or k.startswith(key + ".")}
-                q = QuantizedTensor.from_state_dict(sd, key)
-                _fingerprint(sha, key, sd[key])
-                src = None
-            elif key in reader:
-                w = reader.get(key)
-                _check_shape(key, w, (mod.out_features, mod.in_features))
-                _fingerprint(sha, key, w)
-                if not quantize_weights:
-                    continue
-                try:
-                    q = quantize(w, quant_type, blocksize, double_quant)
-                except ValueError as e:
-                    raise LowbitError(f"{key}: {e}") from None
-                src = w.float() if keep_source else None
-                del w
-            else:
-                raise LowbitError(f"{folder}: checkpoint has no tensor {key!r}")
-            bias = reader.get(f"{name}.bias").to(dtype) if mod.bias is not None and f"{name}.bias" in reader else None
-            new = Linear4bit(q, bias, compute_dtype=dtype)
-            if src is not None:
-                new.source_weight = src
-            parent, _, child = name.rpartition(".")
-            setattr(net.get_submodule(parent) if parent else net, child, new)
-        _materialize(net, reader, dtype, sha, folder)
+        with _returning_allocator():
+            net = _load_weights(folder, raw, config, reader, dtype, quantize_weights, prequantized, quant_type, blocksize,
+                                double_quant, skip_modules, trust_remote_code, keep_source)
     finally:
         reader.close()
     net.eval()
-    net.lowbit = {"name": str(model), "path": str(folder), "fingerprint": raw.get("lowbit_fingerprint") or sha.hexdigest()[:16],
+    net.lowbit = {"name": str(model), "path": str(folder), "fingerprint": raw.get("lowbit_fingerprint") or net.__dict__.pop("lowbit_sha"),
                   "compute_dtype": str(dtype).split(".")[-1], "quant_type": quant_type if quantize_weights else None}
     return net.to(device) if device != "cpu" else net
+
+
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _returning_allocator():
+    """While loading, serve allocations over 256 KiB with mmap so each freed temporary (a float weight, its
+    scaled copy) goes straight back to the OS; otherwise glibc's heap fragments between the small packed
+    tensors we keep and grows to several times the model. Afterwards: glibc's largest default threshold."""
+    libc = _libc()
+    M_MMAP_THRESHOLD = -3
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, 256 << 10)
+    try:
+        yield
+    finally:
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+            libc.malloc_trim(0)
+
+
+def _load_weights(folder, raw, config, reader, dtype, quantize_weights, prequantized, quant_type, blocksize,
+                  double_quant, skip_modules, trust_remote_code, keep_source):
+    from transformers import AutoModelForCausalLM
+
+    with _params_on_meta():
+        try:
+            net = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        except ValueError as e:
+            raise LowbitError(f"{folder}: unsupported architecture {raw.get('architectures')} "
+                              f"({str(e).splitlines()[0]})") from None
+    conv1d = [n for n, m in net.named_modules() if type(m).__name__ == "Conv1D"]
+    if conv1d:
+        raise LowbitError(f"{folder}: {raw.get('model_type')} uses GPT-2-style Conv1D layers ({conv1d[0]}, …), "
+                          "which lowbit does not quantize yet; use a model with nn.Linear layers (LLaMA, Qwen2, Mistral, …)")
+    heads = set(skip_modules) if skip_modules is not None else _head_names(net)
+    sha: dict[str, bytes] = {}
+    for name in linear_module_names(net):
+        mod = net.get_submodule(name)
+        if not isinstance(mod, nn.Linear) or name in heads or not (quantize_weights or prequantized):
+            continue  # read as a plain parameter by _materialize
+        key = f"{name}.weight"
+        if f"{key}.quant_state.bitsandbytes__nf4" in reader or f"{key}.quant_state.bitsandbytes__fp4" in reader:
+            sd = {k: reader.get(k) for k in reader.files if k == key or k.startswith(key + ".")}
+            q = QuantizedTensor.from_state_dict(sd, key)
+            _fingerprint(sha, key, sd[key])
+            src = None
+        elif key in reader:
+            w = reader.get(key)
+            _check_shape(key, w, (mod.out_features, mod.in_features))
+            _fingerprint(sha, key, w)
+            try:
+                q = quantize(w, quant_type, blocksize, double_quant)
+            except ValueError as e:
+                raise LowbitError(f"{key}: {e}") from None
+            src = w.float() if keep_source else None
+            del w
+        else:
+            raise LowbitError(f"{folder}: checkpoint has no tensor {key!r}")
+        bias = reader.get(f"{name}.bias").to(dtype) if mod.bias is not None and f"{name}.bias" in reader else None
+        new = Linear4bit(q, bias, compute_dtype=dtype)
+        if src is not None:
+            new.source_weight = src
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, child, new)
+    _materialize(net, reader, dtype, sha, folder)
+    net.lowbit_sha = hashlib.sha256(b"".join(sha[k] for k in sorted(sha))).hexdigest()[:16]
+    return net
 
 
 def _head_names(net: nn.Module) -> set[str]:
@@ -293,12 +372,12 @@ def _check_shape(key, t, shape):
         raise LowbitError(f"{key}: checkpoint shape {tuple(t.shape)} does not match the config's {tuple(shape)}")
 
 
-def _fingerprint(sha, key, t):
-    """Hash name, shape and the first 64 values (as bf16) — the same for fp32/bf16 copies of one model."""
+def _fingerprint(digests: dict, key, t):
+    """Digest of name, shape and the first 64 values (as bf16) — the same for fp32/bf16 copies of one model
+    and whatever order the tensors are read in."""
     sample = t.reshape(-1)[:64]
     sample = sample.to(torch.bfloat16).view(torch.int16) if sample.is_floating_point() else sample
-    sha.update(f"{key}{tuple(t.shape)}".encode())
-    sha.update(sample.numpy().tobytes())
+    digests[key] = hashlib.sha256(f"{key}{tuple(t.shape)}".encode() + sample.numpy().tobytes()).digest()
 
 
 def _materialize(net: nn.Module, reader: _Reader, dtype, sha, folder):
@@ -312,11 +391,11 @@ def _materialize(net: nn.Module, reader: _Reader, dtype, sha, folder):
         key = next((full for _, _, full in places if full in reader), None)
         if key is None:
             raise LowbitError(f"{folder}: checkpoint has no tensor {places[0][2]!r}")
-        t = reader.get(key)
+        t = reader.get(key, dtype)
         old = places[0][0]._parameters[places[0][1]]
         _check_shape(key, t, old.shape)
         _fingerprint(sha, key, t)
-        new = nn.Parameter(t.to(dtype if t.is_floating_point() else t.dtype), requires_grad=False)
+        new = nn.Parameter(t, requires_grad=False)
         for mod, pname, _ in places:
             mod._parameters[pname] = new
 

@@ -53,7 +53,12 @@ def _chunk_ce(h, head_weight, labels):
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
 
-def lm_loss(model, batch, chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
+def loss_chunk_tokens(vocab: int) -> int:
+    """Tokens per loss chunk: about 8M logits at a time (≈ 120 MB of transient float32 work)."""
+    return max(64, (1 << 23) // max(vocab, 1))
+
+
+def lm_loss(model, batch, chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
     """(sum of next-token losses, number of learned tokens). The logits are never materialised for the
     whole batch: the head and the loss run over chunks of tokens, recomputed in backward."""
     labels = batch["labels"][:, 1:].reshape(-1)
@@ -63,6 +68,7 @@ def lm_loss(model, batch, chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float()
         return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"), n
+    chunk_tokens = chunk_tokens or loss_chunk_tokens(head.weight.shape[0])
     h = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     h = h[:, :-1].reshape(-1, h.shape[-1])
     keep = labels != -100
