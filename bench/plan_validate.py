@@ -1,0 +1,113 @@
+"""Check the memory planner against measured peaks on this CPU: peak RSS minus the process baseline (after
+imports, before loading) for a grid of models, sequence lengths, batches and LoRA ranks; prints predicted vs
+measured and writes bench/results/plan_validate.json. Also prints the seed's headline from the planner.
+
+    python bench/plan_validate.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, peak_rss_bytes, table, write_json  # noqa: E402
+
+
+def worker(model: str, seq: int, batch: int, r: int, gc: bool) -> dict:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imports count in the baseline)
+
+    from lowbit import models
+    from lowbit.nn.lora import add_lora
+    from lowbit.train import _autocast, lm_loss
+
+    folder = models.resolve_model(model)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (batch, seq))
+    b = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    base = peak_rss_bytes()
+    net = models.load(folder, compute_dtype=torch.bfloat16)
+    add_lora(net, r=r, alpha=2 * r, verbose=False)
+    if gc:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net.train()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, foreach=False)
+    for _ in range(3):
+        with _autocast(torch.bfloat16):
+            s, n = lm_loss(net, b)
+        (s / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {"measured": peak_rss_bytes() - base, "config": json.loads((Path(folder) / "config.json").read_text())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--worker", nargs=5)
+    a = ap.parse_args()
+    if a.worker:
+        m, s, b, r, gc = a.worker
+        print("RESULT " + json.dumps(worker(m, int(s), int(b), int(r), gc == "1")))
+        return
+    from lowbit.plan import plan
+
+    tmp = Path(tempfile.mkdtemp())
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny import save_tiny
+
+    tiny = tmp / "tiny"
+    save_tiny(tiny, "llama", hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=8192, max_position_embeddings=1024)
+    grid = [(str(tiny), 256, 4, 16, False), (str(tiny), 512, 8, 16, False), (str(tiny), 1024, 4, 64, False)]
+    smol = [("smollm2-135m", s, b, r, gc) for s, b, r, gc in
+            [(128, 4, 16, False), (256, 4, 16, False), (512, 4, 16, False), (256, 8, 16, False), (512, 2, 64, False),
+             (1024, 2, 16, False), (512, 8, 16, True), (1024, 4, 16, True)]]
+    grid += smol[:3] if a.quick else smol
+    rows, out = [], []
+    for m, s, b, r, gc in grid:
+        p = subprocess.run([sys.executable, __file__, "--worker", m, str(s), str(b), str(r), "1" if gc else "0"],
+                           capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        if p.returncode or not line:
+            print(f"{m} {s}x{b} failed:\n{p.stderr[-1500:]}", file=sys.stderr)
+            continue
+        res = json.loads(line[0][7:])
+        pred = plan(res["config"], seq_len=s, batch=b, lora_r=r, gradient_checkpointing=gc, device="cpu",
+                    compute_dtype="bfloat16")
+        err = pred.total_bytes / res["measured"] - 1
+        name = "tiny-6L-256h" if m == str(tiny) else m
+        rows.append({"model": name, "seq": s, "batch": b, "r": r, "ckpt": gc, "predicted_MB": round(pred.total_bytes / 2**20),
+                     "measured_MB": round(res["measured"] / 2**20), "error_%": round(100 * err, 1)})
+        out.append({**rows[-1], "items": pred.items})
+        print(rows[-1], flush=True)
+    print("\n" + table(rows, ["model", "seq", "batch", "r", "ckpt", "predicted_MB", "measured_MB", "error_%"]))
+    worst = max(abs(r["error_%"]) for r in rows) if rows else None
+    print(f"\nworst error: {worst}%")
+    head = []
+    for fam in ("llama-65b", "llama-2-70b", "llama-3-70b"):
+        for mem in ("24GB", "48GB", "80GB"):
+            from lowbit.plan import largest
+
+            kw = dict(batch=1, lora_r=16, gradient_checkpointing=True, optimizer="paged_adamw_8bit")
+            p512 = plan(fam, seq_len=512, device_memory=mem, **kw)
+            head.append({"model": fam, "gpu": mem, "total_at_512_GiB": round(p512.total_bytes / 2**30, 1),
+                         "fits_at_512": p512.fits, "max_seq_len": largest(fam, "seq_len", mem, seq_len=512, **kw)})
+    print("\nQLoRA NF4+DQ, LoRA r=16 all-linear, paged 8-bit AdamW, gradient checkpointing, batch 1:\n")
+    print(table(head, ["model", "gpu", "total_at_512_GiB", "fits_at_512", "max_seq_len"]))
+    print(f"wrote {write_json('plan_validate', {'machine': machine(), 'rows': out, 'worst_error_pct': worst, 'headline': head})}")
+
+
+if __name__ == "__main__":
+    main()
