@@ -30,7 +30,10 @@ demo: $(STAMP)
 	$(BIN)/python -m lowbit.demo
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/quant.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/plan_validate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
