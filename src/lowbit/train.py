@@ -41,9 +41,13 @@ __all__ = ["train", "evaluate", "prepare", "lm_loss"]
 
 def _split_head(model):
     """(body, head) when the model is body → lm_head, so the loss can be computed in chunks."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):  # e.g. a peft wrapper: use its own forward
+        return None, None
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if body is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+    head = model.get_output_embeddings()
+    if not isinstance(body, PreTrainedModel) or body is model or head is None or getattr(model.config, "final_logit_softcapping", None):
         return None, None
     return body, head
 

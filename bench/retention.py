@@ -1,0 +1,293 @@
+"""The QLoRA write-up's table, measured: full fine-tuning vs LoRA vs QLoRA (NF4/FP4/INT4/NF3/NF2, with and
+without quantization-aware init) vs transformers + bitsandbytes + peft, on SmolLM2-135M-Instruct.
+
+Task (real data from the chatterbot-corpus PyPI package, fixed split, seed 0):
+  * Q→A dialogue: held-out loss on the answer tokens (the quality measure; retention is computed from it);
+  * topic of a question (one word, 17 balanced topics): exact-match accuracy by greedy decoding.
+Every method sees the same batches in the same order for the same number of steps (same tokens).
+Each method runs in its own process (peak RSS per method). The peer is evaluated only after training
+(an eval-mode forward before training corrupts bitsandbytes' CPU weights: DESIGN.md §5).
+
+    python bench/retention.py            # full table, ~30-40 min on 2 cores
+    python bench/retention.py --quick    # smoke test: 2 methods, a few steps
+Writes bench/results/retention.json, retention.md, retention.png and the README section between markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, peak_rss_bytes, table, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["full", "lora", "qlora-nf4", "qlora-fp4", "qlora-int4", "qlora-nf3", "qlora-nf3-init", "qlora-nf2",
+           "qlora-nf2-init", "peer-bnb-nf4"]
+TOPIC_PROMPT = "Which topic is this question about? Answer with one word.\n{q}"
+
+
+def build_task(out: Path, seed: int = 0) -> dict:
+    """train.jsonl (Q→A + topic), valid.jsonl (held-out Q→A), topics.jsonl (held-out topic questions)."""
+    import importlib.util
+
+    import yaml
+
+    root = Path(importlib.util.find_spec("chatterbot_corpus").origin).parent / "data" / "english"
+    qa, topic = [], {}
+    for f in sorted(root.glob("*.yml")):
+        for conv in yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations", []):
+            turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
+            if len(turns) >= 2:
+                qa.append({"messages": [{"role": "user", "content": turns[0]}, {"role": "assistant", "content": turns[1]}]})
+                topic.setdefault(f.stem.replace("_", " "), []).append(turns[0])
+    rng = random.Random(seed)
+    rng.shuffle(qa)
+    n_val = len(qa) // 10
+    valid, train = qa[:n_val], qa[n_val:]
+    held_q = {m["messages"][0]["content"] for m in valid}
+    topics = {k: [q for q in v if q not in held_q] for k, v in topic.items()}
+    topics = {k: v for k, v in topics.items() if len(v) >= 15}
+    t_train, t_test = [], []
+    for k, v in sorted(topics.items()):
+        v = v[:]
+        rng.shuffle(v)
+        v = v[:40]
+        cut = len(v) // 4
+        t_test += [{"q": q, "topic": k} for q in v[:cut]]
+        t_train += [{"messages": [{"role": "user", "content": TOPIC_PROMPT.format(q=q)}, {"role": "assistant", "content": k}]}
+                    for q in v[cut:]]
+    train = train + t_train
+    rng.shuffle(train)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("valid", valid), ("topics", t_test)):
+        (out / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return {"train": len(train), "valid_qa": len(valid), "topic_test": len(t_test), "topics": sorted(topics)}
+
+
+def accuracy(net, tok, rows, batch=16) -> float:
+    import torch
+
+    from lowbit.models import chat_prompt
+
+    net.eval()
+    tok.padding_side = "left"
+    hits = 0
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
+        texts = [chat_prompt(tok, TOPIC_PROMPT.format(q=r["q"])) for r in chunk]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = net.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
+                               temperature=None, top_p=None, top_k=None)
+        for r, o in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+            ans = tok.decode(o, skip_special_tokens=True).strip().lower().rstrip(".")
+            hits += ans == r["topic"]
+    tok.padding_side = "right"
+    return hits / len(rows)
+
+
+def worker(method: str, task: Path, steps: int, seed: int) -> dict:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    import torch
+
+    from lowbit import models
+    from lowbit.config import TrainConfig
+    from lowbit.data import Batches, load_records, tokenize_records
+    from lowbit.train import evaluate, make_schedule, train
+
+    dtype = models.default_compute_dtype()
+    torch.manual_seed(seed)
+    tok = models.load_tokenizer("smollm2-135m")
+    topics = [json.loads(l) for l in (task / "topics.jsonl").read_text().splitlines()]
+    cfg = TrainConfig(base_model="smollm2-135m", datasets=str(task), micro_batch_size=8, sequence_len=256, max_steps=steps,
+                      learning_rate=3e-4, warmup_steps=max(1, steps // 20), lr_scheduler="cosine", eval_steps=10**9,
+                      save_steps=10**9, val_set_size=0, seed=seed, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                      lora_target_modules="all-linear", output_dir=tempfile.mkdtemp(), compute_dtype="auto")
+    t0 = time.perf_counter()
+    if method.startswith("qlora") or method == "lora":
+        if method == "lora":
+            cfg.load_in_4bit = False
+        else:
+            parts = method.split("-")
+            cfg.quant_type = parts[1]
+            cfg.lora_init = "loftq" if parts[-1] == "init" else "default"
+        res = train(cfg, overwrite=True, progress=False, log=lambda *a: None)
+        net, base_loss, loss = res["model"], res["base_eval_loss"], res["eval_loss"]
+        tps = res["tokens_per_s"]
+    else:  # full fine-tuning, or the reference stack; same batches, same schedule
+        train_rows = tokenize_records(load_records(task / "train.jsonl"), tok, "chat", cfg.sequence_len)
+        valid_rows = tokenize_records(load_records(task / "valid.jsonl"), tok, "chat", cfg.sequence_len)
+        batches = Batches(train_rows.samples, cfg.micro_batch_size, tok.pad_token_id, seed)
+        vb = Batches(valid_rows.samples, cfg.micro_batch_size, tok.pad_token_id, seed)
+        path = models.resolve_model("smollm2-135m")
+        if method == "full":
+            from transformers import AutoModelForCausalLM
+
+            net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fp32 master weights
+            params = list(net.parameters())
+            lr = 3e-5  # full fine-tuning wants a 10x smaller step than LoRA
+            base_loss = evaluate(net, vb, dtype)
+        else:
+            from peft import LoraConfig, get_peft_model
+            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+            net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+            net = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+            params = [p for p in net.parameters() if p.requires_grad]
+            lr = cfg.learning_rate
+            base_loss = None  # never an eval-mode forward before training
+        opt = torch.optim.AdamW(params, lr=lr, foreach=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, make_schedule(cfg, steps))
+        net.train()
+        order, pos, epoch, tokens = batches.order(0), 0, 0, 0
+        ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == torch.bfloat16 else (lambda: torch.autocast("cpu", enabled=False))
+        ts = time.perf_counter()
+        for _ in range(steps):
+            if pos >= len(order):
+                epoch, pos = epoch + 1, 0
+                order = batches.order(epoch)
+            b = batches.batch(order[pos])
+            pos += 1
+            with ctx():
+                loss = net(**b).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            tokens += int(b["attention_mask"].sum())
+        tps = tokens / (time.perf_counter() - ts)
+        loss = evaluate(net, vb, dtype)
+    acc = accuracy(net, tok, topics)
+    footprint = models.model_footprint_bytes(net) if method != "peer-bnb-nf4" else sum(
+        t.numel() * t.element_size() for t in list(net.parameters()) + list(net.buffers()))
+    return {"method": method, "eval_loss": loss, "base_eval_loss": base_loss, "accuracy": acc,
+            "peak_rss_bytes": peak_rss_bytes(), "footprint_bytes": footprint, "tokens_per_s": tps,
+            "wall_s": time.perf_counter() - t0}
+
+
+def base_loss(task: Path) -> float:
+    from lowbit import models
+    from lowbit.data import Batches, load_records, tokenize_records
+    from lowbit.train import evaluate
+
+    tok = models.load_tokenizer("smollm2-135m")
+    net = models.load("smollm2-135m", quantize_weights=False)
+    rows = tokenize_records(load_records(task / "valid.jsonl"), tok, "chat", 256)
+    return evaluate(net, Batches(rows.samples, 8, tok.pad_token_id), models.default_compute_dtype())
+
+
+def base_accuracy(task: Path) -> float:
+    from lowbit import models
+
+    tok = models.load_tokenizer("smollm2-135m")
+    net = models.load("smollm2-135m", quantize_weights=False)
+    return accuracy(net, tok, [json.loads(l) for l in (task / "topics.jsonl").read_text().splitlines()])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--methods", default=None, help="comma-separated subset")
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--worker", nargs=4)
+    a = ap.parse_args()
+    if a.worker:
+        m, task, steps, seed = a.worker
+        print("RESULT " + json.dumps(worker(m, Path(task), int(steps), int(seed))), flush=True)
+        return
+    methods = a.methods.split(",") if a.methods else (["lora", "qlora-nf4"] if a.quick else METHODS)
+    steps = 4 if a.quick else a.steps
+    task = Path(tempfile.mkdtemp()) / "task"
+    info = build_task(task)
+    res = {}
+    for m in methods:
+        t = time.time()
+        p = subprocess.run([sys.executable, __file__, "--worker", m, str(task), str(steps), "0"], capture_output=True,
+                           text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        if p.returncode or not line:
+            print(f"{m} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
+            sys.exit(1)
+        res[m] = json.loads(line[0][7:])
+        print(f"{m}: eval loss {res[m]['eval_loss']:.4f}, accuracy {res[m]['accuracy']:.3f} ({time.time() - t:.0f} s)", flush=True)
+    # quality is measured from the full-precision base model: what QLoRA loses to quantization counts against it
+    ref = res.get("full") or res.get("lora")
+    base = ref["base_eval_loss"] if ref else base_loss(task)
+    base_acc = base_accuracy(task)
+    out = {"base": {"eval_loss": base, "accuracy": base_acc},
+           "budget": {"steps": steps, "micro_batch_size": 8, "sequence_len": 256, "tokens_per_method": None,
+                      "lr": {"lora/qlora/peer": 3e-4, "full": 3e-5}, "schedule": "cosine, 5% warmup", "seed": 0, **info},
+           "methods": {}, "machine": machine()}
+    for m, r in res.items():
+        entry = {k: r[k] for k in ("eval_loss", "accuracy", "peak_rss_bytes", "footprint_bytes", "tokens_per_s", "wall_s")}
+        for ref in ("full", "lora"):
+            if ref in res and base - res[ref]["eval_loss"] > 0:
+                entry[f"retention_vs_{ref}"] = (base - r["eval_loss"]) / (base - res[ref]["eval_loss"])
+        entry["seeds"] = [0]
+        out["methods"][m] = entry
+    results = Path(a.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "retention.json").write_text(json.dumps(out, indent=2) + "\n")
+    rows = [{"method": m, "eval_loss": round(e["eval_loss"], 4), "accuracy": round(e["accuracy"], 3),
+             "ret_vs_full": f"{100 * e['retention_vs_full']:.1f}%" if "retention_vs_full" in e else "",
+             "ret_vs_lora": f"{100 * e['retention_vs_lora']:.1f}%" if "retention_vs_lora" in e else "",
+             "weights_MB": round(e["footprint_bytes"] / 2**20), "peak_RSS_MB": round(e["peak_rss_bytes"] / 2**20),
+             "tokens/s": round(e["tokens_per_s"])} for m, e in out["methods"].items()]
+    md = (f"Base model (no fine-tuning): held-out loss {base:.4f}, topic accuracy {base_acc:.3f}. Budget: {steps} steps × "
+          f"8 sequences, same batches for every method; one seed.\n\n"
+          + table(rows, ["method", "eval_loss", "accuracy", "ret_vs_full", "ret_vs_lora", "weights_MB", "peak_RSS_MB", "tokens/s"]))
+    (results / "retention.md").write_text(md + "\n")
+    print("\n" + md)
+    _chart(out, results / "retention.png")
+    if not a.quick and Path(a.results).resolve() == RESULTS.resolve():
+        _readme(md)
+
+
+def _chart(out: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, e in out["methods"].items():
+        ax.scatter(e["peak_rss_bytes"] / 2**20, e["eval_loss"], s=40)
+        ax.annotate(m, (e["peak_rss_bytes"] / 2**20, e["eval_loss"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    ax.axhline(out["base"]["eval_loss"], ls="--", c="gray", lw=1, label="base model")
+    ax.set_xlabel("peak RSS while training (MiB)")
+    ax.set_ylabel("held-out loss (lower is better)")
+    ax.set_title("SmolLM2-135M: memory vs quality")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _readme(md: str):
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- retention:start -->", "<!-- retention:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme.write_text(f"{head}{start}\n{md}\n\n![memory vs quality](bench/results/retention.png)\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    main()
