@@ -52,3 +52,16 @@ def write_json(name: str, data: dict) -> Path:
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def update_readme(section: str, markdown: str) -> bool:
+    """Replace the README text between ``<!-- section:start -->`` and ``<!-- section:end -->``."""
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = readme.read_text()
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
+    return True

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, peak_rss_bytes, table, write_json  # noqa: E402
+from common import machine, peak_rss_bytes, table, update_readme, write_json  # noqa: E402
 
 
 def worker(model: str, seq: int, batch: int, r: int, gc: bool) -> dict:
@@ -92,7 +92,8 @@ def main() -> None:
                      "measured_MB": round(res["measured"] / 2**20), "error_%": round(100 * err, 1)})
         out.append({**rows[-1], "items": pred.items})
         print(rows[-1], flush=True)
-    print("\n" + table(rows, ["model", "seq", "batch", "r", "ckpt", "predicted_MB", "measured_MB", "error_%"]))
+    grid_md = table(rows, ["model", "seq", "batch", "r", "ckpt", "predicted_MB", "measured_MB", "error_%"])
+    print("\n" + grid_md)
     worst = max(abs(r["error_%"]) for r in rows) if rows else None
     print(f"\nworst error: {worst}%")
     head = []
@@ -104,8 +105,16 @@ def main() -> None:
             p512 = plan(fam, seq_len=512, device_memory=mem, **kw)
             head.append({"model": fam, "gpu": mem, "total_at_512_GiB": round(p512.total_bytes / 2**30, 1),
                          "fits_at_512": p512.fits, "max_seq_len": largest(fam, "seq_len", mem, seq_len=512, **kw)})
+    head_md = table(head, ["model", "gpu", "total_at_512_GiB", "fits_at_512", "max_seq_len"])
     print("\nQLoRA NF4+DQ, LoRA r=16 all-linear, paged 8-bit AdamW, gradient checkpointing, batch 1:\n")
-    print(table(head, ["model", "gpu", "total_at_512_GiB", "fits_at_512", "max_seq_len"]))
+    print(head_md)
+    if not a.quick:
+        update_readme("plan", f"Peak RSS minus the process baseline while training on this CPU, against `lowbit plan "
+                      f"--device cpu`:\n\n{grid_md}\n\nWorst error {worst}%. The CPU backward/allocator term was "
+                      "calibrated on the SmolLM2 rows of this grid, so they are not an independent test; the tiny-model "
+                      "rows are. GPU numbers below use an estimated overhead (no GPU was available to measure).\n\n"
+                      "The seed's headline from the planner (QLoRA NF4+DQ, LoRA r=16 all-linear, paged 8-bit AdamW, "
+                      f"gradient checkpointing, batch 1):\n\n{head_md}")
     print(f"wrote {write_json('plan_validate', {'machine': machine(), 'rows': out, 'worst_error_pct': worst, 'headline': head})}")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, timeit, write_json  # noqa: E402
+from common import machine, table, timeit, update_readme, write_json  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.quant import native, nf4  # noqa: E402
@@ -33,7 +33,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=4096)
     args = ap.parse_args()
     import bitsandbytes.functional as F
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+    except ImportError:  # `make bench` installs it; without it the torchao row is left out
+        to_nf4 = None
+        print("torchao not installed: its row is left out (pip install -e '.[bench]')")
 
     torch.manual_seed(0)
     n = args.size
@@ -48,7 +53,7 @@ def main() -> None:
         q = lowbit.quantize(w)
         am = q.absmax_float()
         bp, st = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-        tao = to_nf4(w, 64, 256)
+        tao = to_nf4(w, 64, 256) if to_nf4 else None
         assert torch.equal(q.packed, bp), "lowbit and bitsandbytes disagree"
         r = args.repeats
         res = {
@@ -57,8 +62,9 @@ def main() -> None:
             "lowbit-torch-path": (None, timeit(lambda: nf4.dequantize_torch(q.packed, am, q.code, 64, q.shape, dt, out), r)),
             "bitsandbytes": (timeit(lambda: F.quantize_4bit(w, quant_type="nf4", compress_statistics=True), r),
                              timeit(lambda: F.dequantize_4bit(bp, st), r)),
-            "torchao-NF4Tensor": (timeit(lambda: to_nf4(w, 64, 256), r), timeit(lambda: tao.get_original_weight(), r)),
         }
+        if tao is not None:
+            res["torchao-NF4Tensor"] = (timeit(lambda: to_nf4(w, 64, 256), r), timeit(lambda: tao.get_original_weight(), r))
         copy_gbs = nbytes / res["copy"][1] / 1e9
         for peer, (tq, td) in res.items():
             gbs = nbytes / td / 1e9
@@ -68,8 +74,9 @@ def main() -> None:
             rows.append(row)
             speed.setdefault(name, {})[peer] = {"quantize_s": tq, "dequantize_s": td, "dequantize_GBps": gbs}
         speed[name]["lowbit_vs_bnb"] = speed[name]["lowbit"]["dequantize_GBps"] / speed[name]["bitsandbytes"]["dequantize_GBps"]
+    speed_md = table(rows, ["dtype", "impl", "quantize_ms", "dequant_ms", "dequant_GB/s", "% of copy"])
     print(f"NF4 + double quant, {n}x{n}, {machine()}; native kernel: {'yes' if native.kernel() else 'no'}\n")
-    print(table(rows, ["dtype", "impl", "quantize_ms", "dequant_ms", "dequant_GB/s", "% of copy"]))
+    print(speed_md)
 
     err_rows, errors = [], {}
     g = torch.randn(4096, 1024)
@@ -82,10 +89,15 @@ def main() -> None:
             err_rows.append({"type": qt, "double_quant": dq, "rel_error": round(e, 4),
                              "stored_bits/param": round(q.bits_per_param, 3), "info_bits": q.info_bits})
     print("\nRelative Frobenius error on a Gaussian 4096x1024 weight, blocksize 64\n")
-    print(table(err_rows, ["type", "double_quant", "rel_error", "stored_bits/param", "info_bits"]))
-    for name in speed:
-        print(f"\n{name}: lowbit dequantize = {speed[name]['lowbit_vs_bnb']:.1f}x bitsandbytes, "
-              f"{100 * speed[name]['lowbit']['dequantize_GBps'] / speed[name]['copy']['dequantize_GBps']:.0f}% of copy bandwidth")
+    err_md = table(err_rows, ["type", "double_quant", "rel_error", "stored_bits/param", "info_bits"])
+    print(err_md)
+    lines = [f"{name}: lowbit dequantize = {speed[name]['lowbit_vs_bnb']:.1f}x bitsandbytes, "
+             f"{100 * speed[name]['lowbit']['dequantize_GBps'] / speed[name]['copy']['dequantize_GBps']:.0f}% of copy bandwidth"
+             for name in speed]
+    print("\n" + "\n".join(lines))
+    if n == 4096:
+        update_readme("quant", f"{speed_md}\n\n{'; '.join(lines)}.\n\nRelative Frobenius error on a Gaussian 4096×1024 "
+                      f"weight, blocksize 64:\n\n{err_md}")
     path = write_json("quant", {"machine": machine(), "size": n, "speed": speed, "errors": errors})
     print(f"\nwrote {path}")
 

@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, peak_rss_bytes, table, write_json  # noqa: E402
+from common import RESULTS, machine, peak_rss_bytes, table, update_readme  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["full", "lora", "qlora-nf4", "qlora-fp4", "qlora-int4", "qlora-nf3", "qlora-nf3-init", "qlora-nf2",
            "qlora-nf2-init", "peer-bnb-nf4"]
 TOPIC_PROMPT = "Which topic is this question about? Answer with one word.\n{q}"
@@ -204,8 +203,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--methods", default=None, help="comma-separated subset")
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--report-only", action="store_true", help="rebuild table, chart and README from retention.json")
     ap.add_argument("--worker", nargs=4)
     a = ap.parse_args()
+    if a.report_only:
+        results = Path(a.results)
+        report(json.loads((results / "retention.json").read_text()), results, readme=results.resolve() == RESULTS.resolve())
+        return
     if a.worker:
         m, task, steps, seed = a.worker
         print("RESULT " + json.dumps(worker(m, Path(task), int(steps), int(seed))), flush=True)
@@ -230,32 +234,41 @@ def main() -> None:
     base = ref["base_eval_loss"] if ref else base_loss(task)
     base_acc = base_accuracy(task)
     out = {"base": {"eval_loss": base, "accuracy": base_acc},
-           "budget": {"steps": steps, "micro_batch_size": 8, "sequence_len": 256, "tokens_per_method": None,
+           "budget": {"steps": steps, "micro_batch_size": 8, "sequence_len": 256,
                       "lr": {"lora/qlora/peer": 3e-4, "full": 3e-5}, "schedule": "cosine, 5% warmup", "seed": 0, **info},
            "methods": {}, "machine": machine()}
     for m, r in res.items():
         entry = {k: r[k] for k in ("eval_loss", "accuracy", "peak_rss_bytes", "footprint_bytes", "tokens_per_s", "wall_s")}
-        for ref in ("full", "lora"):
-            if ref in res and base - res[ref]["eval_loss"] > 0:
-                entry[f"retention_vs_{ref}"] = (base - r["eval_loss"]) / (base - res[ref]["eval_loss"])
+        for ref_name in ("full", "lora"):
+            if ref_name in res and base - res[ref_name]["eval_loss"] > 0:
+                entry[f"retention_vs_{ref_name}"] = (base - r["eval_loss"]) / (base - res[ref_name]["eval_loss"])
         entry["seeds"] = [0]
         out["methods"][m] = entry
     results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "retention.json").write_text(json.dumps(out, indent=2) + "\n")
-    rows = [{"method": m, "eval_loss": round(e["eval_loss"], 4), "accuracy": round(e["accuracy"], 3),
-             "ret_vs_full": f"{100 * e['retention_vs_full']:.1f}%" if "retention_vs_full" in e else "",
-             "ret_vs_lora": f"{100 * e['retention_vs_lora']:.1f}%" if "retention_vs_lora" in e else "",
-             "weights_MB": round(e["footprint_bytes"] / 2**20), "peak_RSS_MB": round(e["peak_rss_bytes"] / 2**20),
+    report(out, results, readme=not a.quick and results.resolve() == RESULTS.resolve())
+
+
+def report(out: dict, results: Path, readme: bool) -> str:
+    """Table (retention.md), chart (retention.png) and, for the real run, the README section — all from the JSON."""
+    pct = lambda e, k: f"{100 * e[k]:.1f}%" if k in e else ""  # noqa: E731
+    rows = [{"method": m, "eval_loss": f"{e['eval_loss']:.4f}", "topic_acc": f"{e['accuracy']:.3f}",
+             "retention_vs_full": pct(e, "retention_vs_full"), "retention_vs_lora": pct(e, "retention_vs_lora"),
+             "weights_MiB": round(e["footprint_bytes"] / 2**20), "peak_RSS_MiB": round(e["peak_rss_bytes"] / 2**20),
              "tokens/s": round(e["tokens_per_s"])} for m, e in out["methods"].items()]
-    md = (f"Base model (no fine-tuning): held-out loss {base:.4f}, topic accuracy {base_acc:.3f}. Budget: {steps} steps × "
-          f"8 sequences, same batches for every method; one seed.\n\n"
-          + table(rows, ["method", "eval_loss", "accuracy", "ret_vs_full", "ret_vs_lora", "weights_MB", "peak_RSS_MB", "tokens/s"]))
+    b = out["budget"]
+    md = (f"Base model (no fine-tuning, full precision): held-out loss {out['base']['eval_loss']:.4f}, topic accuracy "
+          f"{out['base']['accuracy']:.3f}. Budget: {b['steps']} steps × {b['micro_batch_size']} sequences (≤ {b['sequence_len']} "
+          f"tokens), the same batches for every method, one seed; lr 3e-4 (LoRA/QLoRA/peer), 3e-5 (full), cosine.\n\n"
+          + table(rows, ["method", "eval_loss", "topic_acc", "retention_vs_full", "retention_vs_lora", "weights_MiB",
+                         "peak_RSS_MiB", "tokens/s"]))
     (results / "retention.md").write_text(md + "\n")
     print("\n" + md)
     _chart(out, results / "retention.png")
-    if not a.quick and Path(a.results).resolve() == RESULTS.resolve():
-        _readme(md)
+    if readme:
+        update_readme("retention", f"{md}\n\n![memory vs quality](bench/results/retention.png)")
+    return md
 
 
 def _chart(out: dict, path: Path):
@@ -271,22 +284,13 @@ def _chart(out: dict, path: Path):
     ax.axhline(out["base"]["eval_loss"], ls="--", c="gray", lw=1, label="base model")
     ax.set_xlabel("peak RSS while training (MiB)")
     ax.set_ylabel("held-out loss (lower is better)")
+    ax.set_yscale("log")
     ax.set_title("SmolLM2-135M: memory vs quality")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _readme(md: str):
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- retention:start -->", "<!-- retention:end -->"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        readme.write_text(f"{head}{start}\n{md}\n\n![memory vs quality](bench/results/retention.png)\n{end}{tail}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, peak_rss_bytes, table, write_json  # noqa: E402
+from common import machine, peak_rss_bytes, table, update_readme, write_json  # noqa: E402
 
 METHODS = ["lowbit-qlora", "peer-bnb-peft-qlora", "lowbit-lora-16bit"]
 BATCH, SEQ, R = 4, 256, 16
@@ -134,9 +134,10 @@ def main() -> None:
     rows = [{"method": m, "tokens/s": round(r["tokens_per_s"], 1), "step_s": round(r["step_s"], 3),
              "peak_RSS_MB": round(r["peak_rss_bytes"] / 2**20), "load_s": round(r["load_s"], 1),
              "loss first→last": f"{r['first_loss']:.3f}→{r['last_loss']:.3f}"} for m, r in res.items()]
+    md = table(rows, ["method", "tokens/s", "step_s", "peak_RSS_MB", "load_s", "loss first→last"])
     print(f"SmolLM2-135M, batch {BATCH}x{SEQ}, LoRA r={R} all-linear, compute {next(iter(res.values()))['compute_dtype']}; "
           f"{machine()}\n")
-    print(table(rows, ["method", "tokens/s", "step_s", "peak_RSS_MB", "load_s", "loss first→last"]))
+    print(md)
     q, peer, lora = (res.get(k) for k in METHODS)
     summary = {}
     if q and peer:
@@ -148,7 +149,10 @@ def main() -> None:
     if q:
         summary["achieved_gflops"] = q["tokens_per_s"] * flops_per_token / 1e9
     summary["gemm_ceiling_gflops"] = ceiling
-    print("\n" + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+    line = ", ".join(f"{k} {v:.2f}" for k, v in summary.items())
+    print("\n" + line)
+    update_readme("train", f"{md}\n\n{line}. Compute dtype {next(iter(res.values()))['compute_dtype']}; the peer is "
+                  "never run in eval mode (DESIGN.md §5).")
     print(f"wrote {write_json('train', {'machine': machine(), 'batch': BATCH, 'seq': SEQ, 'r': R, 'results': res, 'summary': summary})}")
 
 

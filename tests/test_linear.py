@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-import lowbit
 from lowbit.nn import Linear4bit
 
 

@@ -1,6 +1,5 @@
 """Core quantization: codebooks, blockwise NF4/FP4, double quantization — byte equality with bitsandbytes."""
 
-import math
 
 import pytest
 import torch

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowbit import models
-from lowbit.data import load_splits, tokenize_records
+from lowbit.data import tokenize_records
 from lowbit.data import Batches
 from lowbit.train import evaluate
 

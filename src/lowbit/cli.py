@@ -37,7 +37,7 @@ def _load(args, adapter=True, trainable=False):
 
 
 def cmd_train(args, extra):
-    from .config import TrainConfig, apply_overrides, config_to_yaml, load_config
+    from .config import apply_overrides, config_to_yaml, load_config
     from .train import train
 
     cfg = load_config(args.config)

@@ -74,6 +74,14 @@ def load_records(path: str | Path) -> list[Record]:
     return out
 
 
+def _dialogue(turns: list[str]) -> dict | None:
+    """Alternating user/assistant messages ending on an assistant turn (None if there is no answer)."""
+    msgs = [{"role": "user" if k % 2 == 0 else "assistant", "content": t} for k, t in enumerate(turns)]
+    if msgs and msgs[-1]["role"] != "assistant":
+        msgs = msgs[:-1]
+    return {"messages": msgs} if len(msgs) >= 2 else None
+
+
 def _chatterbot() -> list[Record]:
     import yaml
 
@@ -84,13 +92,9 @@ def _chatterbot() -> list[Record]:
     out = []
     for f in sorted(root.glob("*.yml")):
         for i, conv in enumerate(yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations", [])):
-            turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
-            if len(turns) < 2:
-                continue
-            msgs = [{"role": "user" if k % 2 == 0 else "assistant", "content": t} for k, t in enumerate(turns)]
-            if msgs[-1]["role"] != "assistant":
-                msgs = msgs[:-1]
-            out.append(Record({"messages": msgs}, f"chatterbot:{f.stem}:{i}"))
+            rec = _dialogue([str(t).strip() for t in conv if t is not None and str(t).strip()])
+            if rec:
+                out.append(Record(rec, f"chatterbot:{f.stem}:{i}"))
     return out
 
 
@@ -102,13 +106,9 @@ def _chitchat() -> list[Record]:
     out = []
     for key in sorted(data):
         turns = [" ".join(u["text"].strip() for u in turn if u.get("text")) for turn in data[key]["messages"]]
-        turns = [t for t in turns if t][:6]
-        if len(turns) < 2:
-            continue
-        msgs = [{"role": "user" if k % 2 == 0 else "assistant", "content": t} for k, t in enumerate(turns)]
-        if msgs[-1]["role"] != "assistant":
-            msgs = msgs[:-1]
-        out.append(Record({"messages": msgs}, f"chitchat:{key}"))
+        rec = _dialogue([t for t in turns if t][:6])
+        if rec:
+            out.append(Record(rec, f"chitchat:{key}"))
     return out
 
 

@@ -434,6 +434,19 @@ def _atomic_dir(out: Path, overwrite: bool):
     return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
 
 
+@contextlib.contextmanager
+def _writing_dir(out: Path, overwrite: bool):
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename, on any error
+    (Ctrl-C included) it is removed and ``out`` is left as it was."""
+    tmp = _atomic_dir(out, overwrite)
+    try:
+        yield tmp
+        _commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _commit_dir(tmp: Path, out: Path):
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -474,17 +487,12 @@ def save_adapter(net: nn.Module, out: str | os.PathLike, overwrite: bool = True)
 
     out = Path(out)
     cfg = adapter_config(net)
-    tmp = _atomic_dir(out, overwrite=True) if overwrite else _atomic_dir(out, overwrite=False)
-    try:
+    with _writing_dir(out, overwrite) as tmp:
         save_file(lora_state_dict(net), str(tmp / "adapter_model.safetensors"), metadata=_adapter_metadata(net))
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         keep = [p for p in out.iterdir() if p.name not in ("adapter_model.safetensors", "adapter_config.json")] if out.exists() else []
         for p in keep:  # other files in the folder (metrics, checkpoints) stay where they are
             os.replace(p, tmp / p.name)
-        _commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -585,16 +593,11 @@ def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overw
         "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
     cfg["lowbit_fingerprint"] = getattr(net, "lowbit", {}).get("fingerprint")
     out = Path(out)
-    tmp = _atomic_dir(out, overwrite)
-    try:
+    with _writing_dir(out, overwrite) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -610,9 +613,7 @@ def dequantize_model(net: nn.Module, dtype: torch.dtype = torch.float32, merge_a
             w = mod.base_weight(torch.float32) + mod.delta_weight()
             bias = mod.base.bias
             target = mod
-        elif isinstance(mod, Linear4bit) and not name.endswith(".base"):
-            w, bias, target = mod.dequantize(torch.float32), mod.bias, mod
-        elif isinstance(mod, Linear4bit):  # base of a LoRA layer we keep
+        elif isinstance(mod, Linear4bit):  # on its own, or the base of a LoRA layer we keep
             w, bias, target = mod.dequantize(torch.float32), mod.bias, mod
         if target is None:
             continue
@@ -634,22 +635,15 @@ def merge(net: nn.Module, out: str | os.PathLike, dtype: torch.dtype = torch.bfl
     """Fold the adapters into dequantized weights and write a plain Hugging Face folder (no lowbit needed)."""
     if not any(isinstance(m, LoRALinear) for m in net.modules()):
         raise LowbitError("the model has no LoRA adapters to merge")
-    dequantize_model(net, dtype=dtype, merge_adapters=True)
-    for p in net.parameters():
-        p.data = p.data.to(dtype)
+    dequantize_model(net, dtype=dtype, merge_adapters=True)  # every parameter is frozen now, so all are cast
     out = Path(out)
-    tmp = _atomic_dir(out, overwrite)
-    try:
+    with _writing_dir(out, overwrite) as tmp:
         if hasattr(net.config, "quantization_config"):
             del net.config.quantization_config
         net.config.dtype = dtype
         net.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from . import models
 from .config import TrainConfig, config_to_yaml
@@ -52,9 +51,38 @@ def _split_head(model):
     return body, head
 
 
-def _chunk_ce(h, head_weight, labels):
-    logits = F.linear(h, head_weight.to(h.dtype)).float()
-    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Σᵢ CE(hᵢ·Wᵀ, yᵢ) for a frozen head W, a chunk of rows at a time; logits never exist in full.
+
+    forward:  per chunk z = h·Wᵀ (compute dtype), lse = logsumexp(z) in float32, loss += Σ (lse − z[y]);
+              keeps only lse (4 bytes a token)
+    backward: per chunk recompute z, ∂/∂z = softmax(z) − onehot(y) = exp(z − lse) − onehot(y), ∂/∂h = (∂/∂z)·W
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk: int):
+        w = weight.to(h.dtype)
+        lse = torch.empty(h.shape[0], dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32)
+        for i in range(0, h.shape[0], chunk):
+            z = (h[i : i + chunk] @ w.t()).float()
+            lse[i : i + chunk] = torch.logsumexp(z, dim=-1)
+            total += lse[i : i + chunk].sum() - z.gather(1, labels[i : i + chunk, None]).sum()
+        ctx.save_for_backward(h, weight, labels, lse)
+        ctx.chunk = chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, labels, lse = ctx.saved_tensors
+        w = weight.to(h.dtype)
+        gh = torch.empty_like(h)
+        for i in range(0, h.shape[0], ctx.chunk):
+            z = (h[i : i + ctx.chunk] @ w.t()).float()
+            p = torch.exp_(z.sub_(lse[i : i + ctx.chunk, None]))
+            p[torch.arange(p.shape[0]), labels[i : i + ctx.chunk]] -= 1
+            gh[i : i + ctx.chunk] = (p.mul_(g)).to(h.dtype) @ w
+        return gh, None, None, None
 
 
 def loss_chunk_tokens(vocab: int) -> int:
@@ -77,13 +105,10 @@ def lm_loss(model, batch, chunk_tokens: int | None = None) -> tuple[torch.Tensor
     h = h[:, :-1].reshape(-1, h.shape[-1])
     keep = labels != -100
     h, labels = h[keep], labels[keep]
-    total = h.new_zeros((), dtype=torch.float32)
-    for i in range(0, h.shape[0], chunk_tokens):
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_ce, h[i : i + chunk_tokens], head.weight, labels[i : i + chunk_tokens], use_reentrant=False)
-        else:
-            total = total + _chunk_ce(h[i : i + chunk_tokens], head.weight, labels[i : i + chunk_tokens])
-    return total, n
+    if head.weight.requires_grad:  # a trainable head needs its weight gradient: the plain path
+        logits = F.linear(h, head.weight.to(h.dtype)).float()
+        return F.cross_entropy(logits, labels, reduction="sum"), n
+    return _ChunkedCrossEntropy.apply(h, head.weight, labels, chunk_tokens), n
 
 
 def _autocast(dtype):

@@ -20,7 +20,6 @@ pager's invariants (budget never exceeded, bytes in/out) are testable anywhere.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -1,0 +1,24 @@
+"""Smoke tests of the benchmark scripts (slow): they run, and write what the README is made from."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_retention_quick(tmp_path):
+    p = subprocess.run([sys.executable, str(BENCH / "retention.py"), "--quick", "--results", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "retention.json").read_text())
+    assert set(res) >= {"base", "budget", "methods"} and set(res["methods"]) == {"lora", "qlora-nf4"}
+    for m in res["methods"].values():
+        assert {"eval_loss", "accuracy", "retention_vs_lora", "peak_rss_bytes", "footprint_bytes", "tokens_per_s", "seeds"} <= set(m)
+        assert 0 <= m["accuracy"] <= 1 and m["eval_loss"] > 0
+    assert res["methods"]["lora"]["retention_vs_lora"] == pytest.approx(1.0)
+    assert (tmp_path / "retention.png").stat().st_size > 1000 and "| qlora-nf4" in (tmp_path / "retention.md").read_text()
