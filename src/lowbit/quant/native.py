@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 _SRC = Path(__file__).with_name("csrc") / "dequant4.c"
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
 
 
 def cache_dir() -> Path:
@@ -47,5 +47,6 @@ def kernel():
     except (OSError, subprocess.SubprocessError):
         return None
     lib.lowbit_dequant4.restype = ctypes.c_int
-    lib.lowbit_dequant4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.lowbit_dequant4.argtypes = [p, p, p, p, p, ctypes.c_float, i64, p, p, i64, i64, ctypes.c_int, ctypes.c_int]
     return lib

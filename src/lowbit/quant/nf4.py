@@ -107,23 +107,37 @@ def _pair_table(code: torch.Tensor) -> torch.Tensor:
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def dequantize(packed, absmax, code, blocksize, shape, dtype=torch.float32, out=None) -> torch.Tensor:
-    """The one dispatch point: the C kernel (``native.py``) on CPU when it built, else the PyTorch path."""
+def dequantize(packed, absmax, code, blocksize, shape, dtype=torch.float32, out=None, nested=None) -> torch.Tensor:
+    """The one dispatch point: the C kernel (``native.py``) on CPU when it built, else the PyTorch path.
+
+    ``nested``: ``(qabsmax, nested_absmax, nested_code, offset, nested_blocksize)`` when the block constants
+    are double-quantized (``absmax`` is then None); the kernel undoes both levels in one pass.
+    """
     n = math.prod(shape)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=packed.device)
     lib = native.kernel() if packed.device.type == "cpu" and out.is_contiguous() else None
     if lib is not None:
-        p = packed.contiguous()
-        a = absmax.float().contiguous()
         c = code.float()
         if c.numel() < 16:
             c = torch.cat([c, c.new_zeros(16 - c.numel())])
-        c = c.contiguous()
-        rc = lib.lowbit_dequant4(p.data_ptr(), a.data_ptr(), c.data_ptr(), out.data_ptr(), n, blocksize,
-                                 _KINDS[dtype], torch.get_num_threads())
+        p, c = packed.contiguous(), c.contiguous()
+        if nested is None:
+            a = absmax.float().contiguous()
+            args = (a.data_ptr(), None, None, None, 0.0, 0)
+        else:
+            qa, na, nc, offset, nbs = nested
+            qa, na, nc = qa.contiguous(), na.float().contiguous(), nc.float().contiguous()
+            args = (None, qa.data_ptr(), na.data_ptr(), nc.data_ptr(), float(offset), nbs)
+        rc = lib.lowbit_dequant4(p.data_ptr(), *args, c.data_ptr(), out.data_ptr(), n, blocksize, _KINDS[dtype],
+                                 torch.get_num_threads())
         if rc == 0:
             return out
+    if nested is not None:
+        from .double_quant import double_dequantize
+
+        qa, na, nc, offset, nbs = nested
+        absmax = double_dequantize(qa, na, offset, nc, nbs)
     return dequantize_torch(packed, absmax, code, blocksize, shape, dtype, out)
 
 

@@ -86,7 +86,10 @@ class QuantizedTensor:
         dtype = self.dtype if dtype is None else dtype
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"dequantize: dtype must be one of float32, bfloat16, float16, got {dtype}")
-        return dequantize(self.packed, self.absmax_float(), self.code, self.blocksize, self.shape, dtype, out=out)
+        if self.double_quant:
+            nested = (self.absmax, self.nested_absmax, self.nested_code, self.nested_offset, self.nested_blocksize)
+            return dequantize(self.packed, None, self.code, self.blocksize, self.shape, dtype, out=out, nested=nested)
+        return dequantize(self.packed, self.absmax, self.code, self.blocksize, self.shape, dtype, out=out)
 
     def to(self, device) -> "QuantizedTensor":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731

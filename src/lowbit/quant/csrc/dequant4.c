@@ -89,10 +89,14 @@ int lowbit_has_avx512(void) {
 #endif
 }
 
-/* Dequantize n values; blocksize must be even (bitsandbytes' are 32..4096). Returns 0 on success. */
-int lowbit_dequant4(const uint8_t* packed, const float* absmax, const float* code16, void* out,
+/* Dequantize n values; blocksize must be even (bitsandbytes' are 32..4096). Returns 0 on success.
+ * Block scales: absmax[b] (float32), or with double quantization (absmax == NULL)
+ *   code256[qabsmax[b]] * nested_absmax[b / nested_blocksize] + offset,
+ * the same two float32 operations (no fused multiply-add: built with -ffp-contract=off) as the reference. */
+int lowbit_dequant4(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
+                    const float* code256, float offset, int64_t nested_blocksize, const float* code16, void* out,
                     int64_t n, int64_t blocksize, int kind, int nthreads) {
-    if (blocksize <= 0 || (blocksize & 1)) return 1;
+    if (blocksize <= 0 || (blocksize & 1) || (absmax == NULL && nested_blocksize <= 0)) return 1;
 #if !defined(__AVX512F__) && !defined(__F16C__)
     if (kind == 2) return 2;
 #endif
@@ -104,10 +108,11 @@ int lowbit_dequant4(const uint8_t* packed, const float* absmax, const float* cod
     for (int64_t b = 0; b < nblocks; b++) {
         int64_t start = b * blocksize;
         int64_t cnt = n - start < blocksize ? n - start : blocksize;
+        float s = absmax ? absmax[b] : code256[qabsmax[b]] * nested_absmax[b / nested_blocksize] + offset;
 #ifdef __AVX512F__
-        block_avx512(packed, absmax[b], cv, out, start, cnt, kind);
+        block_avx512(packed, s, cv, out, start, cnt, kind);
 #else
-        block_scalar(packed, absmax[b], code16, out, start, cnt, kind);
+        block_scalar(packed, s, code16, out, start, cnt, kind);
 #endif
     }
     return 0;
