@@ -10,10 +10,10 @@ Per item, for a LLaMA-style decoder (MoE: experts counted for weights, top-k for
     activations         tokens · layers · (16h + 4·kv + 8·i·k + 2r·n_adapted + 4·heads) · dtype/2   (no checkpointing)
                         tokens · (2h·layers + one layer's activations)                            (checkpointing)
                         — coefficients counted from the tensors autograd saves in lowbit's own training step
-    logits / loss       one loss chunk: ≈8M logits × 14 B (bf16 logits, fp32 copy, log-softmax, gradient)
+    logits / loss       one loss chunk: ≈8M logits × 8 B (bf16 logits, their fp32 copy, the bf16 gradient)
     transient weight    the largest dequantized weight, forward and backward
     backward+allocator  activation gradients during backward and memory the allocator keeps after freeing;
-                        on CPU measured here (≈1× activations, ≈11 layers with checkpointing), on GPU estimated
+                        on CPU measured here (≈0.8× activations, ≈4.5 layers with checkpointing), on GPU estimated
     framework overhead  CUDA context (GPU) or runtime buffers (CPU)
 """
 
@@ -194,7 +194,7 @@ def plan(model: str | dict, seq_len: int = 512, batch: int = 1, lora_r: int = 16
         act = tokens * L * per_layer_tok
     items["activations"] = int(act + tokens * (2 * h + 8) * dbytes / 2)
     chunk = min(tokens, max(64, TRANSIENT_LOGITS // V))
-    items["logits_and_loss"] = chunk * V * 14 + tokens * h * 4
+    items["logits_and_loss"] = chunk * V * 8 + tokens * h * 4  # fused chunked loss: bf16 + fp32 logits, bf16 grad
     biggest = max(a * b for _, a, b, _ in lin)
     items["transient_weight"] = 2 * biggest * dbytes if quant_type != "none" else 0
     layer_act = tokens * per_layer_tok
@@ -206,9 +206,9 @@ def plan(model: str | dict, seq_len: int = 512, batch: int = 1, lora_r: int = 16
         items["framework_overhead"] = int(0.75 * GIB)
     else:
         # Measured on this CPU (bench/plan_validate.py): activation gradients in backward plus what glibc keeps
-        # after freeing come to ≈1.0× the saved activations without checkpointing, ≈11 layers' activations with
-        # it (recomputed layers leave freed pages behind), plus ~32 MiB of runtime buffers.
-        items["backward_and_allocator"] = int(11 * layer_act if gradient_checkpointing else 1.0 * act)
+        # after freeing come to ≈0.8× the saved activations without checkpointing, ≈4.5 layers' activations
+        # with it (recomputed layers leave freed pages behind), plus ~32 MiB of runtime buffers.
+        items["backward_and_allocator"] = int(4.5 * layer_act if gradient_checkpointing else 0.8 * act)
         items["framework_overhead"] = 32 << 20
     total = sum(items.values())
     dev = parse_size(device_memory) if device_memory is not None else None
