@@ -375,7 +375,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         raise LowbitError(f"interrupted at step {step}; checkpoint saved to {last_ck}. Continue with --resume") from None
 
     models.save_adapter(model, out)
-    plot_losses(out)
+    plot_losses(out, history.get("base_eval_loss"))
     result = {"output_dir": str(out), "steps": step, "base_eval_loss": history.get("base_eval_loss"),
               "eval_loss": history["eval"][-1][1] if history["eval"] else None,
               "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9), "model": model, "tokenizer": tok}
@@ -397,8 +397,9 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def plot_losses(out: Path) -> Path | None:
-    """Write loss.png (train loss per step, eval loss points) from metrics.jsonl."""
+def plot_losses(out: Path, base_eval_loss: float | None = None) -> Path | None:
+    """Write loss.png from metrics.jsonl: train loss per step (and its moving average), eval loss points
+    starting from the model before training (step 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -408,8 +409,15 @@ def plot_losses(out: Path) -> Path | None:
     if not recs:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label="train", lw=1)
-    ev = [(r["step"], r["eval_loss"]) for r in recs if r.get("eval_loss") is not None]
+    steps, losses = [r["step"] for r in recs], [r["loss"] for r in recs]
+    ax.plot(steps, losses, label="train", lw=0.8, alpha=0.4)
+    avg, smooth = losses[0], []
+    for x in losses:
+        avg = 0.9 * avg + 0.1 * x
+        smooth.append(avg)
+    ax.plot(steps, smooth, label="train (moving average)", lw=1.5)
+    ev = ([(0, base_eval_loss)] if base_eval_loss is not None else []) + \
+        [(r["step"], r["eval_loss"]) for r in recs if r.get("eval_loss") is not None]
     if ev:
         ax.plot(*zip(*ev), "o-", label="eval")
     ax.set_xlabel("step")
