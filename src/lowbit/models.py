@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .nn.fused import fuse_modules
 from .nn.linear import Linear4bit  # noqa: F401  (re-exported for callers)
 from .nn.lora import LoRALinear, linear_module_names, lora_state_dict
 from .quant import QuantizedTensor, quantize
@@ -281,6 +282,7 @@ def load(model: str | os.PathLike, *, quantize_weights: bool = True, quant_type:
                                 double_quant, skip_modules, trust_remote_code, keep_source)
     finally:
         reader.close()
+    fuse_modules(net)  # leaner backward for RMSNorm / SwiGLU; forward unchanged
     net.eval()
     net.lowbit = {"name": str(model), "path": str(folder), "fingerprint": raw.get("lowbit_fingerprint") or net.__dict__.pop("lowbit_sha"),
                   "compute_dtype": str(dtype).split(".")[-1], "quant_type": quant_type if quantize_weights else None}

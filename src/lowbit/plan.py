@@ -7,13 +7,13 @@ Per item, for a LLaMA-style decoder (MoE: experts counted for weights, top-k for
     unquantized params  embeddings, output head (if untied), norms, router — compute dtype
     LoRA params / grads r·(in+out) per adapted layer, float32 each
     optimizer state     AdamW 8 B/param; 8-bit 2 B + 8/256; paged: one page pair on the device, the rest on the host
-    activations         tokens · layers · (16h + 4·kv + 8·i·k + 2r·n_adapted + 4·heads) · dtype/2   (no checkpointing)
+    activations         tokens · layers · (12h + 4·kv + 6·i·k + 2r·n_adapted + 4·heads) · dtype/2   (no checkpointing)
                         tokens · (2h·layers + one layer's activations)                            (checkpointing)
                         — coefficients counted from the tensors autograd saves in lowbit's own training step
     logits / loss       one loss chunk: ≈8M logits × 8 B (bf16 logits, their fp32 copy, the bf16 gradient)
     transient weight    the largest dequantized weight, forward and backward
     backward+allocator  activation gradients during backward and memory the allocator keeps after freeing;
-                        on CPU measured here (≈0.8× activations, ≈4.5 layers with checkpointing), on GPU estimated
+                        on CPU measured here (≈0.75× activations, ≈9.5 layers with checkpointing), on GPU estimated
     framework overhead  CUDA context (GPU) or runtime buffers (CPU)
 """
 
@@ -187,7 +187,7 @@ def plan(model: str | dict, seq_len: int = 512, batch: int = 1, lora_r: int = 16
     else:
         items["optimizer_state"] = state
     tokens = seq_len * batch
-    per_layer_tok = (16 * h + 4 * f["kv"] + 8 * f["i"] * f["topk"] + 2 * lora_r * n_adapted + 4 * f["nh"] + 8) * dbytes / 2
+    per_layer_tok = (12 * h + 4 * f["kv"] + 6 * f["i"] * f["topk"] + 2 * lora_r * n_adapted + 4 * f["nh"] + 8) * dbytes / 2
     if gradient_checkpointing:
         act = tokens * (2 * h * L * dbytes / 2 + per_layer_tok)
     else:
@@ -206,9 +206,9 @@ def plan(model: str | dict, seq_len: int = 512, batch: int = 1, lora_r: int = 16
         items["framework_overhead"] = int(0.75 * GIB)
     else:
         # Measured on this CPU (bench/plan_validate.py): activation gradients in backward plus what glibc keeps
-        # after freeing come to ≈0.8× the saved activations without checkpointing, ≈4.5 layers' activations
+        # after freeing come to ≈0.75× the saved activations without checkpointing, ≈9.5 layers' activations
         # with it (recomputed layers leave freed pages behind), plus ~32 MiB of runtime buffers.
-        items["backward_and_allocator"] = int(4.5 * layer_act if gradient_checkpointing else 0.8 * act)
+        items["backward_and_allocator"] = int(9.5 * layer_act if gradient_checkpointing else 0.75 * act)
         items["framework_overhead"] = 32 << 20
     total = sum(items.values())
     dev = parse_size(device_memory) if device_memory is not None else None
