@@ -203,6 +203,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--methods", default=None, help="comma-separated subset")
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (data order and adapter init)")
+    ap.add_argument("--merge", action="store_true", help="add these runs to the methods/seeds already in retention.json")
     ap.add_argument("--report-only", action="store_true", help="rebuild table, chart and README from retention.json")
     ap.add_argument("--worker", nargs=4)
     a = ap.parse_args()
@@ -218,50 +220,80 @@ def main() -> None:
     steps = 4 if a.quick else a.steps
     task = Path(tempfile.mkdtemp()) / "task"
     info = build_task(task)
-    res = {}
+    seeds = [int(x) for x in a.seeds.split(",")]
+    runs: dict[str, list[dict]] = {}
+    results = Path(a.results)
+    old = json.loads((results / "retention.json").read_text()) if a.merge else None
+    if old and old["budget"]["steps"] != steps:
+        sys.exit(f"--merge: retention.json was made with {old['budget']['steps']} steps, this run uses {steps}")
+    if old:
+        for m, e in old["methods"].items():
+            runs[m] = e.get("per_seed") or [{**e, "seed": e["seeds"][0], "base_eval_loss": old["base"]["eval_loss"] if m in ("full", "lora") else None}]
     for m in methods:
-        t = time.time()
-        p = subprocess.run([sys.executable, __file__, "--worker", m, str(task), str(steps), "0"], capture_output=True,
-                           text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-        if p.returncode or not line:
-            print(f"{m} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
-            sys.exit(1)
-        res[m] = json.loads(line[0][7:])
-        print(f"{m}: eval loss {res[m]['eval_loss']:.4f}, accuracy {res[m]['accuracy']:.3f} ({time.time() - t:.0f} s)", flush=True)
+        for seed in seeds:
+            t = time.time()
+            p = subprocess.run([sys.executable, __file__, "--worker", m, str(task), str(steps), str(seed)],
+                               capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+            if p.returncode or not line:
+                print(f"{m} seed {seed} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
+                sys.exit(1)
+            r = {**json.loads(line[0][7:]), "seed": seed}
+            runs[m] = [x for x in runs.get(m, []) if x["seed"] != seed] + [r]
+            print(f"{m} seed {seed}: eval loss {r['eval_loss']:.4f}, accuracy {r['accuracy']:.3f} ({time.time() - t:.0f} s)",
+                  flush=True)
+    res = {m: _mean(rs) for m, rs in runs.items()}
     # quality is measured from the full-precision base model: what QLoRA loses to quantization counts against it
     ref = res.get("full") or res.get("lora")
-    base = ref["base_eval_loss"] if ref else base_loss(task)
-    base_acc = base_accuracy(task)
+    base = ref["base_eval_loss"] if ref and ref.get("base_eval_loss") else (old["base"]["eval_loss"] if old else base_loss(task))
+    base_acc = old["base"]["accuracy"] if old else base_accuracy(task)
     out = {"base": {"eval_loss": base, "accuracy": base_acc},
            "budget": {"steps": steps, "micro_batch_size": 8, "sequence_len": 256,
                       "lr": {"lora/qlora/peer": 3e-4, "full": 3e-5}, "schedule": "cosine, 5% warmup", "seed": 0, **info},
            "methods": {}, "machine": machine()}
     for m, r in res.items():
-        entry = {k: r[k] for k in ("eval_loss", "accuracy", "peak_rss_bytes", "footprint_bytes", "tokens_per_s", "wall_s")}
+        entry = {k: r[k] for k in ("eval_loss", "eval_loss_std", "accuracy", "accuracy_std", "peak_rss_bytes",
+                                   "footprint_bytes", "tokens_per_s", "wall_s")}
         for ref_name in ("full", "lora"):
             if ref_name in res and base - res[ref_name]["eval_loss"] > 0:
                 entry[f"retention_vs_{ref_name}"] = (base - r["eval_loss"]) / (base - res[ref_name]["eval_loss"])
-        entry["seeds"] = [0]
+        entry["seeds"] = sorted(x["seed"] for x in runs[m])
+        entry["per_seed"] = [{k: x.get(k) for k in ("seed", "eval_loss", "accuracy", "peak_rss_bytes", "footprint_bytes",
+                                                    "tokens_per_s", "wall_s")} for x in runs[m]]
         out["methods"][m] = entry
-    results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "retention.json").write_text(json.dumps(out, indent=2) + "\n")
     report(out, results, readme=not a.quick and results.resolve() == RESULTS.resolve())
 
 
+def _mean(rs: list[dict]) -> dict:
+    """Mean over seeds, with the spread (sample std, 0 for one seed) of loss and accuracy."""
+    import statistics
+
+    avg = {k: statistics.fmean(r[k] for r in rs) for k in ("eval_loss", "accuracy", "peak_rss_bytes", "footprint_bytes",
+                                                         "tokens_per_s", "wall_s")}
+    for k in ("eval_loss", "accuracy"):
+        avg[f"{k}_std"] = statistics.stdev(r[k] for r in rs) if len(rs) > 1 else 0.0
+    bases = [r["base_eval_loss"] for r in rs if r.get("base_eval_loss") is not None]
+    avg["base_eval_loss"] = bases[0] if bases else None
+    return avg
+
+
 def report(out: dict, results: Path, readme: bool) -> str:
     """Table (retention.md), chart (retention.png) and, for the real run, the README section — all from the JSON."""
     pct = lambda e, k: f"{100 * e[k]:.1f}%" if k in e else ""  # noqa: E731
-    rows = [{"method": m, "eval_loss": f"{e['eval_loss']:.4f}", "topic_acc": f"{e['accuracy']:.3f}",
+    sd = lambda e, k: f" ± {e[k + '_std']:.{4 if k == 'eval_loss' else 3}f}" if len(e.get("seeds", [])) > 1 else ""  # noqa: E731
+    rows = [{"method": m, "seeds": len(e.get("seeds", [0])), "eval_loss": f"{e['eval_loss']:.4f}{sd(e, 'eval_loss')}",
+             "topic_acc": f"{e['accuracy']:.3f}{sd(e, 'accuracy')}",
              "retention_vs_full": pct(e, "retention_vs_full"), "retention_vs_lora": pct(e, "retention_vs_lora"),
              "weights_MiB": round(e["footprint_bytes"] / 2**20), "peak_RSS_MiB": round(e["peak_rss_bytes"] / 2**20),
              "tokens/s": round(e["tokens_per_s"])} for m, e in out["methods"].items()]
     b = out["budget"]
     md = (f"Base model (no fine-tuning, full precision): held-out loss {out['base']['eval_loss']:.4f}, topic accuracy "
           f"{out['base']['accuracy']:.3f}. Budget: {b['steps']} steps × {b['micro_batch_size']} sequences (≤ {b['sequence_len']} "
-          f"tokens), the same batches for every method, one seed; lr 3e-4 (LoRA/QLoRA/peer), 3e-5 (full), cosine.\n\n"
-          + table(rows, ["method", "eval_loss", "topic_acc", "retention_vs_full", "retention_vs_lora", "weights_MiB",
+          f"tokens), the same batches for every method (per seed); mean ± standard deviation where several seeds ran; "
+          f"lr 3e-4 (LoRA/QLoRA/peer), 3e-5 (full), cosine.\n\n"
+          + table(rows, ["method", "seeds", "eval_loss", "topic_acc", "retention_vs_full", "retention_vs_lora", "weights_MiB",
                          "peak_RSS_MiB", "tokens/s"]))
     (results / "retention.md").write_text(md + "\n")
     print("\n" + md)
