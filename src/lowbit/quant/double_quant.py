@@ -56,17 +56,17 @@ def quantize8(x: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCK
     inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
     v = torch.clamp(padded * inv.unsqueeze(1), -1.0, 1.0)
     idx = ((((v + 1.0) * 0.5) * (_LUT_SIZE - 1)) + 0.5).to(torch.int64)  # truncation, as in C
-    q = _rounding_lut(code)[idx]
+    q = _rounding_lut(code.cpu()).to(idx.device)[idx]
     q[absmax == 0] = 0
     return q.reshape(-1)[:n].view(x.shape), absmax
 
 
 def dequantize8(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
-    vals = code[q.reshape(-1).long()]
+    vals = code.to(q.device)[q.reshape(-1).long()]
     n = vals.numel()
     rem = n % blocksize
     full = n - rem
-    out = torch.empty(n, dtype=torch.float32)
+    out = torch.empty(n, dtype=torch.float32, device=q.device)
     out[:full] = (vals[:full].view(-1, blocksize) * absmax[: full // blocksize].unsqueeze(1)).reshape(-1)
     if rem:
         out[full:] = vals[full:] * absmax[-1]

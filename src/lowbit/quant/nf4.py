@@ -83,8 +83,8 @@ def dequantize_reference(packed, absmax, code, blocksize, shape, dtype=torch.flo
     n = math.prod(shape)
     p = packed.reshape(-1)
     q = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:n].long()
-    vals = code.float()[q]
-    block = torch.arange(n) // blocksize
+    vals = code.float().to(packed.device)[q]
+    block = torch.arange(n, device=packed.device) // blocksize
     return (vals * absmax.float()[block]).to(dtype).reshape(shape)
 
 
@@ -144,7 +144,7 @@ def dequantize(packed, absmax, code, blocksize, shape, dtype=torch.float32, out=
 def dequantize_torch(packed, absmax, code, blocksize, shape, dtype=torch.float32, out=None) -> torch.Tensor:
     """Vectorised PyTorch path: ``table[packed]`` (one gather), times the block's absmax (one multiply)."""
     n = math.prod(shape)
-    table = _pair_table(code)
+    table = _pair_table(code).to(packed.device)
     vals = table[packed.reshape(-1).long()].view(-1)  # (2·bytes,) float32
     if n % 2:
         vals = vals[:n]
@@ -152,7 +152,7 @@ def dequantize_torch(packed, absmax, code, blocksize, shape, dtype=torch.float32
     rem = n % blocksize
     full = n - rem
     if out is None:
-        out = torch.empty(shape, dtype=dtype)
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
     o = out.view(-1)
     if full:
         torch.mul(vals[:full].view(-1, blocksize), absmax[: full // blocksize].unsqueeze(1), out=vals[:full].view(-1, blocksize))
