@@ -123,6 +123,9 @@ def test_bad_records(tmp_path, tok):
         tokenize_records(recs, tok)
     with pytest.raises(LowbitError, match="unknown data format"):
         tokenize_records(recs, tok, fmt="sharegpt")
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(LowbitError, match="not UTF-8"):
+        load_records(tmp_path / "bin.jsonl")
 
 
 def test_folder_and_split(tmp_path):

@@ -45,7 +45,10 @@ def load_records(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.exists():
         raise LowbitError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"{path}: not UTF-8 text (byte {e.start})") from None
     out = []
     if path.suffix == ".json":
         try:

@@ -5,7 +5,8 @@
 A (r × in) starts kaiming-uniform (a = √5), B (out × r) starts at zero, so training starts from the base
 model exactly. ``loftq_init`` instead starts from the quantization error: it looks for Q and B·A with
 W ≈ Q + s·B·A, alternating "quantize W − s·B·A" and "best rank-r fit of W − deq(Q)" (SVD), which
-lets NF3/NF2 bases recover much of what quantization lost before any training.
+lets an NF3 base recover part of what quantization lost before any training (NF2 errors are too large for a
+low-rank fit to absorb much: on SmolLM2 r=16 moves its relative weight error only from 0.567 to 0.533).
 Parameter names (``lora_A.weight``, ``lora_B.weight``) are the ones peft saves.
 """
 
