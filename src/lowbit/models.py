@@ -24,7 +24,7 @@ from torch import nn
 
 from .nn.fused import fuse_modules
 from .nn.linear import Linear4bit  # noqa: F401  (re-exported for callers)
-from .nn.lora import LoRALinear, linear_module_names, lora_state_dict
+from .nn.lora import LoRALinear, linear_module_names, lora_state_dict, output_head_names
 from .quant import QuantizedTensor, quantize
 
 __all__ = ["LowbitError", "BUILTIN_MODELS", "resolve_model", "load", "load_tokenizer", "save_adapter", "load_adapter",
@@ -329,7 +329,7 @@ def _load_weights(folder, raw, config, reader, dtype, quantize_weights, prequant
     if conv1d:
         raise LowbitError(f"{folder}: {raw.get('model_type')} uses GPT-2-style Conv1D layers ({conv1d[0]}, …), "
                           "which lowbit does not quantize yet; use a model with nn.Linear layers (LLaMA, Qwen2, Mistral, …)")
-    heads = set(skip_modules) if skip_modules is not None else _head_names(net)
+    heads = set(skip_modules) if skip_modules is not None else output_head_names(net)
     sha: dict[str, bytes] = {}
     for name in linear_module_names(net):
         mod = net.get_submodule(name)
@@ -362,11 +362,6 @@ def _load_weights(folder, raw, config, reader, dtype, quantize_weights, prequant
     _materialize(net, reader, dtype, sha, folder)
     net.lowbit_sha = hashlib.sha256(b"".join(sha[k] for k in sorted(sha))).hexdigest()[:16]
     return net
-
-
-def _head_names(net: nn.Module) -> set[str]:
-    out = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
-    return {n for n, m in net.named_modules() if out is not None and m is out}
 
 
 def _check_shape(key, t, shape):
@@ -543,8 +538,20 @@ def load_adapter(net: nn.Module, path: str | os.PathLike, force: bool = False, t
     r = int(cfg.get("r", 8))
     add_lora(net, r=r, alpha=cfg.get("lora_alpha", r), dropout=cfg.get("lora_dropout", 0.0) if trainable else 0.0,
              target_modules=f"({'|'.join(map(re.escape, names))})", use_rslora=bool(cfg.get("use_rslora", False)), verbose=False)
+    set_adapter_weights(net, tensors, path)
     for n in names:
-        mod = net.get_submodule(n)
+        for ab in ("lora_A", "lora_B"):
+            getattr(net.get_submodule(n), ab).weight.requires_grad_(trainable)
+    return net
+
+
+@torch.no_grad()
+def set_adapter_weights(net: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
+    """Copy adapter tensors (peft key names, with or without the ``.default`` adapter name) into the model's
+    LoRA layers, checking that every layer gets both matrices in the right shape."""
+    for n, mod in net.named_modules():
+        if not isinstance(mod, LoRALinear):
+            continue
         for ab in ("lora_A", "lora_B"):
             key = next((k for k in (f"base_model.model.{n}.{ab}.weight", f"base_model.model.{n}.{ab}.default.weight") if k in tensors), None)
             if key is None:
@@ -552,10 +559,7 @@ def load_adapter(net: nn.Module, path: str | os.PathLike, force: bool = False, t
             dst = getattr(mod, ab).weight
             if tuple(tensors[key].shape) != tuple(dst.shape):
                 raise LowbitError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, the model needs {tuple(dst.shape)}")
-            with torch.no_grad():
-                dst.copy_(tensors[key])
-            dst.requires_grad_(trainable)
-    return net
+            dst.copy_(tensors[key])
 
 
 # ---- 4-bit checkpoints, dequantizing, merging ----------------------------------------------------
@@ -572,13 +576,8 @@ def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overw
     types = {m.weight.quant_type for m in q}
     if not types <= {"nf4", "fp4"} or len(types) > 1 or len({m.weight.double_quant for m in q}) > 1:
         raise LowbitError(f"transformers + bitsandbytes read one of nf4/fp4 per model; this model has {sorted(types)}")
-    sd = {}
-    for k, v in net.state_dict().items():
-        sd[k] = v.contiguous()
-    # tied parameters are saved once (transformers re-ties them from the config)
-    for name in getattr(net, "_tied_weights_keys", None) or []:
-        if isinstance(name, str) and name in sd and getattr(net.config, "tie_word_embeddings", False):
-            del sd[name]
+    sd = {k: v.contiguous() for k, v in net.state_dict().items()}
+    # tied parameters (one storage, several names) are saved once; transformers re-ties them from the config
     ptrs = {}
     for k in list(sd):
         t = sd[k]

@@ -226,15 +226,9 @@ def _latest_checkpoint(out: Path) -> Path | None:
 def _load_checkpoint(ck: Path, model, opt) -> dict:
     from safetensors.torch import load_file
 
-    from .models import read_adapter
+    from .models import read_adapter, set_adapter_weights
 
-    _, tensors, _ = read_adapter(ck)
-    for name, mod in model.named_modules():
-        for ab in ("lora_A", "lora_B"):
-            key = f"base_model.model.{name}.{ab}.weight"
-            if key in tensors:
-                with torch.no_grad():
-                    getattr(mod, ab).weight.copy_(tensors[key])
+    set_adapter_weights(model, read_adapter(ck)[1], ck)
     state = json.loads((ck / "trainer_state.json").read_text())
     flat = load_file(str(ck / "trainer_state.safetensors"))
     sd = {"state": {}, "param_groups": state.pop("param_groups")}

@@ -22,7 +22,7 @@ from torch import nn
 from ..quant import quantize
 from .linear import Linear4bit
 
-__all__ = ["LoRALinear", "add_lora", "lora_state_dict", "linear_module_names", "loftq_init"]
+__all__ = ["LoRALinear", "add_lora", "lora_state_dict", "linear_module_names", "output_head_names", "loftq_init"]
 
 
 class LoRALinear(nn.Module):
@@ -79,7 +79,8 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return names
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head: the model's output embedding, or a linear called lm_head/embed_out/output."""
     heads = set()
     get = getattr(model, "get_output_embeddings", None)
     out = get() if callable(get) else None
@@ -94,7 +95,7 @@ def select_targets(model: nn.Module, target_modules: str | Iterable[str]) -> lis
     """Resolve ``target_modules``: a list of names (the last part(s) of a module path, as peft matches),
     a regex string matched against the full path, or ``"all-linear"`` (every linear layer but the head)."""
     names = linear_module_names(model)
-    heads = _output_head_names(model)
+    heads = output_head_names(model)
     if isinstance(target_modules, str):
         if target_modules == "all-linear":
             chosen = [n for n in names if n not in heads]
@@ -167,8 +168,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 @torch.no_grad()
 def loftq_init(lora: LoRALinear, iters: int = 1) -> None:
-    """LoftQ-style start: W ≈ deq(Q) + s·B·A. Needs the base weight in full precision (``base.source``
-    for a 4-bit layer made by lowbit's loader), re-quantizes the base each round."""
+    """LoftQ-style start: W ≈ deq(Q) + s·B·A. Needs the base weight in full precision (``source_weight``,
+    kept by ``models.load(..., keep_source=True)``) and re-quantizes the base each round."""
     base = lora.base
     if not isinstance(base, Linear4bit):
         raise ValueError("loftq init is for quantized (4-bit) layers; a full-precision base has no error to absorb")

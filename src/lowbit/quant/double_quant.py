@@ -24,7 +24,7 @@ NESTED_BLOCKSIZE = 256
 
 
 _LUT_SIZE = 65536
-_luts: dict[tuple, torch.Tensor] = {}
+_luts: dict[bytes, torch.Tensor] = {}
 
 
 def _rounding_lut(code: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def _rounding_lut(code: torch.Tensor) -> torch.Tensor:
     codes differ from exact nearest rounding only for values within ~1.5e-5 of a midpoint; we reproduce
     it to stay byte-identical.
     """
-    key = tuple(code.tolist())
+    key = code.detach().float().cpu().numpy().tobytes()
     lut = _luts.get(key)
     if lut is None:
         mid = 0.5 * (code[:-1] + code[1:])

@@ -88,12 +88,12 @@ def dequantize_reference(packed, absmax, code, blocksize, shape, dtype=torch.flo
     return (vals * absmax.float()[block]).to(dtype).reshape(shape)
 
 
-_pair_tables: dict[tuple, torch.Tensor] = {}
+_pair_tables: dict[bytes, torch.Tensor] = {}
 
 
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
     """256×2 table: byte b → (code[b >> 4], code[b & 15])."""
-    key = tuple(code.tolist())
+    key = code.detach().float().cpu().numpy().tobytes()
     t = _pair_tables.get(key)
     if t is None:
         b = torch.arange(256)
