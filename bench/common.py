@@ -37,9 +37,9 @@ def machine() -> dict:
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
     widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
     out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line([fmt(r.get(c, "")) for c in cols]) for r in rows]
     return "\n".join(out)

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, peak_rss_bytes, table, update_readme, write_json  # noqa: E402
+from common import machine, peak_rss_bytes, table, update_readme, write_json
 
 
 def worker(model: str, seq: int, batch: int, r: int, gc: bool) -> dict:
@@ -28,23 +28,24 @@ def worker(model: str, seq: int, batch: int, r: int, gc: bool) -> dict:
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401  (imports count in the baseline)
 
-    from lowbit import models
+    from lowbit.io.loader import load
+    from lowbit.io.resolve import resolve_model
     from lowbit.nn.lora import add_lora
-    from lowbit.train import _autocast, lm_loss
+    from lowbit.training.loss import autocast, lm_loss
 
-    folder = models.resolve_model(model)
+    folder = resolve_model(model)
     torch.manual_seed(0)
     ids = torch.randint(0, 1000, (batch, seq))
     b = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
     base = peak_rss_bytes()
-    net = models.load(folder, compute_dtype=torch.bfloat16)
+    net = load(folder, compute_dtype=torch.bfloat16)
     add_lora(net, r=r, alpha=2 * r, verbose=False)
     if gc:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net.train()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, foreach=False)
     for _ in range(3):
-        with _autocast(torch.bfloat16):
+        with autocast(torch.bfloat16):
             s, n = lm_loss(net, b)
         (s / n).backward()
         opt.step()
@@ -61,7 +62,7 @@ def main() -> None:
         m, s, b, r, gc = a.worker
         print("RESULT " + json.dumps(worker(m, int(s), int(b), int(r), gc == "1")))
         return
-    from lowbit.plan import plan
+    from lowbit.planner.memory import plan
 
     tmp = Path(tempfile.mkdtemp())
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -79,16 +80,18 @@ def main() -> None:
     for m, s, b, r, gc in grid:
         p = subprocess.run([sys.executable, __file__, "--worker", m, str(s), str(b), str(r), "1" if gc else "0"],
                            capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        line = [row for row in p.stdout.splitlines() if row.startswith("RESULT ")]
         if p.returncode or not line:
             print(f"{m} {s}x{b} failed:\n{p.stderr[-1500:]}", file=sys.stderr)
             continue
         res = json.loads(line[0][7:])
-        pred = plan(res["config"], seq_len=s, batch=b, lora_r=r, gradient_checkpointing=gc, device="cpu",
+        pred = plan(res["config"], sequence_len=s, micro_batch_size=b, lora_r=r, gradient_checkpointing=gc,
+                    device="cpu",
                     compute_dtype="bfloat16")
         err = pred.total_bytes / res["measured"] - 1
         name = "tiny-6L-256h" if m == str(tiny) else m
-        rows.append({"model": name, "seq": s, "batch": b, "r": r, "ckpt": gc, "predicted_MB": round(pred.total_bytes / 2**20),
+        rows.append({"model": name, "seq": s, "batch": b, "r": r, "ckpt": gc,
+                     "predicted_MB": round(pred.total_bytes / 2**20),
                      "measured_MB": round(res["measured"] / 2**20), "error_%": round(100 * err, 1)})
         out.append({**rows[-1], "items": pred.items})
         print(rows[-1], flush=True)
@@ -99,23 +102,26 @@ def main() -> None:
     head = []
     for fam in ("llama-65b", "llama-2-70b", "llama-3-70b"):
         for mem in ("24GB", "48GB", "80GB"):
-            from lowbit.plan import largest
+            from lowbit.planner.memory import largest
 
-            kw = dict(batch=1, lora_r=16, gradient_checkpointing=True, optimizer="paged_adamw_8bit")
-            p512 = plan(fam, seq_len=512, device_memory=mem, **kw)
+            kw = dict(micro_batch_size=1, lora_r=16, gradient_checkpointing=True, optimizer="paged_adamw_8bit")
+            p512 = plan(fam, sequence_len=512, device_memory=mem, **kw)
             head.append({"model": fam, "gpu": mem, "total_at_512_GiB": round(p512.total_bytes / 2**30, 1),
-                         "fits_at_512": p512.fits, "max_seq_len": largest(fam, "seq_len", mem, seq_len=512, **kw)})
+                         "fits_at_512": p512.fits,
+                         "max_seq_len": largest(fam, "sequence_len", mem, sequence_len=512, **kw)})
     head_md = table(head, ["model", "gpu", "total_at_512_GiB", "fits_at_512", "max_seq_len"])
     print("\nQLoRA NF4+DQ, LoRA r=16 all-linear, paged 8-bit AdamW, gradient checkpointing, batch 1:\n")
     print(head_md)
     if not a.quick:
         update_readme("plan", f"Peak RSS minus the process baseline while training on this CPU, against `lowbit plan "
                       f"--device cpu`:\n\n{grid_md}\n\nWorst error {worst}%. The CPU backward/allocator term was "
-                      "calibrated on the SmolLM2 rows of this grid, so they are not an independent test; the tiny-model "
+                      "calibrated on the SmolLM2 rows of this grid, so they are not an independent test; the "
+                      "tiny-model "
                       "rows are. GPU numbers below use an estimated overhead (no GPU was available to measure).\n\n"
                       "The seed's headline from the planner (QLoRA NF4+DQ, LoRA r=16 all-linear, paged 8-bit AdamW, "
                       f"gradient checkpointing, batch 1):\n\n{head_md}")
-    print(f"wrote {write_json('plan_validate', {'machine': machine(), 'rows': out, 'worst_error_pct': worst, 'headline': head})}")
+    data = {"machine": machine(), "rows": out, "worst_error_pct": worst, "headline": head}
+    print(f"wrote {write_json('plan_validate', data)}")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, timeit, update_readme, write_json  # noqa: E402
+import lowbit
+from lowbit.quant import native, nf4
 
-import lowbit  # noqa: E402
-from lowbit.quant import native, nf4  # noqa: E402
+from common import machine, table, timeit, update_readme, write_json
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore")
@@ -59,12 +59,14 @@ def main() -> None:
         res = {
             "copy": (None, timeit(lambda: out.copy_(src), r)),
             "lowbit": (timeit(lambda: lowbit.quantize(w), r), timeit(lambda: q.dequantize(dt, out=out), r)),
-            "lowbit-torch-path": (None, timeit(lambda: nf4.dequantize_torch(q.packed, am, q.code, 64, q.shape, dt, out), r)),
+            "lowbit-torch-path": (None, timeit(lambda: nf4.dequantize_torch(q.packed, am, q.code, 64, q.shape, dt,
+                                                                            out), r)),
             "bitsandbytes": (timeit(lambda: F.quantize_4bit(w, quant_type="nf4", compress_statistics=True), r),
                              timeit(lambda: F.dequantize_4bit(bp, st), r)),
         }
         if tao is not None:
-            res["torchao-NF4Tensor"] = (timeit(lambda: to_nf4(w, 64, 256), r), timeit(lambda: tao.get_original_weight(), r))
+            res["torchao-NF4Tensor"] = (timeit(lambda: to_nf4(w, 64, 256), r),
+                                        timeit(lambda: tao.get_original_weight(), r))
         copy_gbs = nbytes / res["copy"][1] / 1e9
         for peer, (tq, td) in res.items():
             gbs = nbytes / td / 1e9
@@ -73,7 +75,8 @@ def main() -> None:
                    "% of copy": round(100 * gbs / copy_gbs)}
             rows.append(row)
             speed.setdefault(name, {})[peer] = {"quantize_s": tq, "dequantize_s": td, "dequantize_GBps": gbs}
-        speed[name]["lowbit_vs_bnb"] = speed[name]["lowbit"]["dequantize_GBps"] / speed[name]["bitsandbytes"]["dequantize_GBps"]
+        s = speed[name]
+        s["lowbit_vs_bnb"] = s["lowbit"]["dequantize_GBps"] / s["bitsandbytes"]["dequantize_GBps"]
     speed_md = table(rows, ["dtype", "impl", "quantize_ms", "dequant_ms", "dequant_GB/s", "% of copy"])
     print(f"NF4 + double quant, {n}x{n}, {machine()}; native kernel: {'yes' if native.kernel() else 'no'}\n")
     print(speed_md)
@@ -92,11 +95,13 @@ def main() -> None:
     err_md = table(err_rows, ["type", "double_quant", "rel_error", "stored_bits/param", "info_bits"])
     print(err_md)
     lines = [f"{name}: lowbit dequantize = {speed[name]['lowbit_vs_bnb']:.1f}x bitsandbytes, "
-             f"{100 * speed[name]['lowbit']['dequantize_GBps'] / speed[name]['copy']['dequantize_GBps']:.0f}% of copy bandwidth"
+             f"{100 * speed[name]['lowbit']['dequantize_GBps'] / speed[name]['copy']['dequantize_GBps']:.0f}% of copy "
+             "bandwidth"
              for name in speed]
     print("\n" + "\n".join(lines))
     if n == 4096:
-        update_readme("quant", f"{speed_md}\n\n{'; '.join(lines)}.\n\nRelative Frobenius error on a Gaussian 4096×1024 "
+        update_readme("quant", f"{speed_md}\n\n{'; '.join(lines)}.\n\nRelative Frobenius error on a Gaussian "
+                      "4096×1024 "
                       f"weight, blocksize 64:\n\n{err_md}")
     path = write_json("quant", {"machine": machine(), "size": n, "speed": speed, "errors": errors})
     print(f"\nwrote {path}")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, peak_rss_bytes, table, update_readme  # noqa: E402
+from common import RESULTS, machine, peak_rss_bytes, table, update_readme
 
 METHODS = ["full", "lora", "qlora-nf4", "qlora-fp4", "qlora-int4", "qlora-nf3", "qlora-nf3-init", "qlora-nf2",
            "qlora-nf2-init", "peer-bnb-nf4"]
@@ -45,7 +45,8 @@ def build_task(out: Path, seed: int = 0) -> dict:
         for conv in yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations", []):
             turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
             if len(turns) >= 2:
-                qa.append({"messages": [{"role": "user", "content": turns[0]}, {"role": "assistant", "content": turns[1]}]})
+                qa.append({"messages": [{"role": "user", "content": turns[0]}, {"role": "assistant",
+                                                                                "content": turns[1]}]})
                 topic.setdefault(f.stem.replace("_", " "), []).append(turns[0])
     rng = random.Random(seed)
     rng.shuffle(qa)
@@ -61,7 +62,8 @@ def build_task(out: Path, seed: int = 0) -> dict:
         v = v[:40]
         cut = len(v) // 4
         t_test += [{"q": q, "topic": k} for q in v[:cut]]
-        t_train += [{"messages": [{"role": "user", "content": TOPIC_PROMPT.format(q=q)}, {"role": "assistant", "content": k}]}
+        t_train += [{"messages": [{"role": "user", "content": TOPIC_PROMPT.format(q=q)},
+                                  {"role": "assistant", "content": k}]}
                     for q in v[cut:]]
     train = train + t_train
     rng.shuffle(train)
@@ -74,7 +76,7 @@ def build_task(out: Path, seed: int = 0) -> dict:
 def accuracy(net, tok, rows, batch=16) -> float:
     import torch
 
-    from lowbit.models import chat_prompt
+    from lowbit.generation import chat_prompt
 
     net.eval()
     tok.padding_side = "left"
@@ -101,16 +103,23 @@ def worker(method: str, task: Path, steps: int, seed: int) -> dict:
     logging.disable(logging.WARNING)
     import torch
 
-    from lowbit import models
-    from lowbit.config import TrainConfig
     from lowbit.data import Batches, load_records, tokenize_records
-    from lowbit.train import evaluate, make_schedule, train
+    from lowbit.dtypes import default_compute_dtype
+    from lowbit.io.resolve import resolve_model
+    from lowbit.io.tokenizer import load_tokenizer
+    from lowbit.nn.linear import footprint_bytes
+    from lowbit.training.config import TrainConfig
+    from lowbit.training.evaluation import evaluate
+    from lowbit.training.loop import train_loop
+    from lowbit.training.recipe import train
+    from lowbit.training.schedule import lr_lambda
 
-    dtype = models.default_compute_dtype()
+    dtype = default_compute_dtype()
     torch.manual_seed(seed)
-    tok = models.load_tokenizer("smollm2-135m")
-    topics = [json.loads(l) for l in (task / "topics.jsonl").read_text().splitlines()]
-    cfg = TrainConfig(base_model="smollm2-135m", datasets=str(task), micro_batch_size=8, sequence_len=256, max_steps=steps,
+    tok = load_tokenizer("smollm2-135m")
+    topics = [json.loads(row) for row in (task / "topics.jsonl").read_text().splitlines()]
+    cfg = TrainConfig(base_model="smollm2-135m", datasets=str(task), micro_batch_size=8, sequence_len=256,
+                      max_steps=steps,
                       learning_rate=3e-4, warmup_steps=max(1, steps // 20), lr_scheduler="cosine", eval_steps=10**9,
                       save_steps=10**9, val_set_size=0, seed=seed, lora_r=16, lora_alpha=32, lora_dropout=0.0,
                       lora_target_modules="all-linear", output_dir=tempfile.mkdtemp(), compute_dtype="auto")
@@ -130,7 +139,7 @@ def worker(method: str, task: Path, steps: int, seed: int) -> dict:
         valid_rows = tokenize_records(load_records(task / "valid.jsonl"), tok, "chat", cfg.sequence_len)
         batches = Batches(train_rows.samples, cfg.micro_batch_size, tok.pad_token_id, seed)
         vb = Batches(valid_rows.samples, cfg.micro_batch_size, tok.pad_token_id, seed)
-        path = models.resolve_model("smollm2-135m")
+        path = resolve_model("smollm2-135m")
         if method == "full":
             from transformers import AutoModelForCausalLM
 
@@ -143,35 +152,20 @@ def worker(method: str, task: Path, steps: int, seed: int) -> dict:
             from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
             net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype))
             net = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
             params = [p for p in net.parameters() if p.requires_grad]
             lr = cfg.learning_rate
             base_loss = None  # never an eval-mode forward before training
         opt = torch.optim.AdamW(params, lr=lr, foreach=True)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, make_schedule(cfg, steps))
-        net.train()
-        order, pos, epoch, tokens = batches.order(0), 0, 0, 0
-        ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == torch.bfloat16 else (lambda: torch.autocast("cpu", enabled=False))
-        ts = time.perf_counter()
-        for _ in range(steps):
-            if pos >= len(order):
-                epoch, pos = epoch + 1, 0
-                order = batches.order(epoch)
-            b = batches.batch(order[pos])
-            pos += 1
-            with ctx():
-                loss = net(**b).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            tokens += int(b["attention_mask"].sum())
-        tps = tokens / (time.perf_counter() - ts)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, steps))
+        # lowbit's own loop, handed the peer's model: the same batches, loss normalisation, clipping and schedule
+        state = train_loop(net, opt, batches, steps=steps, scheduler=sched, dtype=dtype)
+        tps = state.tokens_per_s()
         loss = evaluate(net, vb, dtype)
     acc = accuracy(net, tok, topics)
-    footprint = models.model_footprint_bytes(net) if method != "peer-bnb-nf4" else sum(
+    footprint = footprint_bytes(net) if method != "peer-bnb-nf4" else sum(
         t.numel() * t.element_size() for t in list(net.parameters()) + list(net.buffers()))
     return {"method": method, "eval_loss": loss, "base_eval_loss": base_loss, "accuracy": acc,
             "peak_rss_bytes": peak_rss_bytes(), "footprint_bytes": footprint, "tokens_per_s": tps,
@@ -179,22 +173,26 @@ def worker(method: str, task: Path, steps: int, seed: int) -> dict:
 
 
 def base_loss(task: Path) -> float:
-    from lowbit import models
     from lowbit.data import Batches, load_records, tokenize_records
-    from lowbit.train import evaluate
+    from lowbit.dtypes import default_compute_dtype
+    from lowbit.training.evaluation import evaluate
 
-    tok = models.load_tokenizer("smollm2-135m")
-    net = models.load("smollm2-135m", quantize_weights=False)
+    tok, net = _base_model()
     rows = tokenize_records(load_records(task / "valid.jsonl"), tok, "chat", 256)
-    return evaluate(net, Batches(rows.samples, 8, tok.pad_token_id), models.default_compute_dtype())
+    return evaluate(net, Batches(rows.samples, 8, tok.pad_token_id), default_compute_dtype())
+
+
+def _base_model():
+    """(tokenizer, the unquantized base model)."""
+    from lowbit.io.loader import load
+    from lowbit.io.tokenizer import load_tokenizer
+
+    return load_tokenizer("smollm2-135m"), load("smollm2-135m", None)
 
 
 def base_accuracy(task: Path) -> float:
-    from lowbit import models
-
-    tok = models.load_tokenizer("smollm2-135m")
-    net = models.load("smollm2-135m", quantize_weights=False)
-    return accuracy(net, tok, [json.loads(l) for l in (task / "topics.jsonl").read_text().splitlines()])
+    tok, net = _base_model()
+    return accuracy(net, tok, [json.loads(row) for row in (task / "topics.jsonl").read_text().splitlines()])
 
 
 def main() -> None:
@@ -204,13 +202,15 @@ def main() -> None:
     ap.add_argument("--methods", default=None, help="comma-separated subset")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (data order and adapter init)")
-    ap.add_argument("--merge", action="store_true", help="add these runs to the methods/seeds already in retention.json")
+    ap.add_argument("--merge", action="store_true",
+                    help="add these runs to the methods/seeds already in retention.json")
     ap.add_argument("--report-only", action="store_true", help="rebuild table, chart and README from retention.json")
     ap.add_argument("--worker", nargs=4)
     a = ap.parse_args()
     if a.report_only:
         results = Path(a.results)
-        report(json.loads((results / "retention.json").read_text()), results, readme=results.resolve() == RESULTS.resolve())
+        report(json.loads((results / "retention.json").read_text()), results,
+               readme=results.resolve() == RESULTS.resolve())
         return
     if a.worker:
         m, task, steps, seed = a.worker
@@ -228,28 +228,32 @@ def main() -> None:
         sys.exit(f"--merge: retention.json was made with {old['budget']['steps']} steps, this run uses {steps}")
     if old:
         for m, e in old["methods"].items():
-            runs[m] = e.get("per_seed") or [{**e, "seed": e["seeds"][0], "base_eval_loss": old["base"]["eval_loss"] if m in ("full", "lora") else None}]
+            base_eval = old["base"]["eval_loss"] if m in ("full", "lora") else None
+            runs[m] = e.get("per_seed") or [{**e, "seed": e["seeds"][0], "base_eval_loss": base_eval}]
     for m in methods:
         for seed in seeds:
             t = time.time()
             p = subprocess.run([sys.executable, __file__, "--worker", m, str(task), str(steps), str(seed)],
                                capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+            line = [row for row in p.stdout.splitlines() if row.startswith("RESULT ")]
             if p.returncode or not line:
                 print(f"{m} seed {seed} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
                 sys.exit(1)
             r = {**json.loads(line[0][7:]), "seed": seed}
             runs[m] = [x for x in runs.get(m, []) if x["seed"] != seed] + [r]
-            print(f"{m} seed {seed}: eval loss {r['eval_loss']:.4f}, accuracy {r['accuracy']:.3f} ({time.time() - t:.0f} s)",
+            print(f"{m} seed {seed}: eval loss {r['eval_loss']:.4f}, accuracy {r['accuracy']:.3f} "
+                  f"({time.time() - t:.0f} s)",
                   flush=True)
     res = {m: _mean(rs) for m, rs in runs.items()}
     # quality is measured from the full-precision base model: what QLoRA loses to quantization counts against it
     ref = res.get("full") or res.get("lora")
-    base = ref["base_eval_loss"] if ref and ref.get("base_eval_loss") else (old["base"]["eval_loss"] if old else base_loss(task))
+    base = ref["base_eval_loss"] if ref and ref.get("base_eval_loss") else \
+        (old["base"]["eval_loss"] if old else base_loss(task))
     base_acc = old["base"]["accuracy"] if old else base_accuracy(task)
     out = {"base": {"eval_loss": base, "accuracy": base_acc},
            "budget": {"steps": steps, "micro_batch_size": 8, "sequence_len": 256,
-                      "lr": {"lora/qlora/peer": 3e-4, "full": 3e-5}, "schedule": "cosine, 5% warmup", "seed": 0, **info},
+                      "lr": {"lora/qlora/peer": 3e-4, "full": 3e-5}, "schedule": "cosine, 5% warmup", "seed": 0,
+                      **info},
            "methods": {}, "machine": machine()}
     for m, r in res.items():
         entry = {k: r[k] for k in ("eval_loss", "eval_loss_std", "accuracy", "accuracy_std", "peak_rss_bytes",
@@ -258,7 +262,8 @@ def main() -> None:
             if ref_name in res and base - res[ref_name]["eval_loss"] > 0:
                 entry[f"retention_vs_{ref_name}"] = (base - r["eval_loss"]) / (base - res[ref_name]["eval_loss"])
         entry["seeds"] = sorted(x["seed"] for x in runs[m])
-        entry["per_seed"] = [{k: x.get(k) for k in ("seed", "eval_loss", "accuracy", "peak_rss_bytes", "footprint_bytes",
+        entry["per_seed"] = [{k: x.get(k) for k in ("seed", "eval_loss", "accuracy", "peak_rss_bytes",
+                                                    "footprint_bytes",
                                                     "tokens_per_s", "wall_s")} for x in runs[m]]
         out["methods"][m] = entry
     results.mkdir(parents=True, exist_ok=True)
@@ -270,7 +275,8 @@ def _mean(rs: list[dict]) -> dict:
     """Mean over seeds, with the spread (sample std, 0 for one seed) of loss and accuracy."""
     import statistics
 
-    avg = {k: statistics.fmean(r[k] for r in rs) for k in ("eval_loss", "accuracy", "peak_rss_bytes", "footprint_bytes",
+    avg = {k: statistics.fmean(r[k] for r in rs) for k in ("eval_loss", "accuracy", "peak_rss_bytes",
+                                                         "footprint_bytes",
                                                          "tokens_per_s", "wall_s")}
     for k in ("eval_loss", "accuracy"):
         avg[f"{k}_std"] = statistics.stdev(r[k] for r in rs) if len(rs) > 1 else 0.0
@@ -281,8 +287,8 @@ def _mean(rs: list[dict]) -> dict:
 
 def report(out: dict, results: Path, readme: bool) -> str:
     """Table (retention.md), chart (retention.png) and, for the real run, the README section — all from the JSON."""
-    pct = lambda e, k: f"{100 * e[k]:.1f}%" if k in e else ""  # noqa: E731
-    sd = lambda e, k: f" ± {e[k + '_std']:.{4 if k == 'eval_loss' else 3}f}" if len(e.get("seeds", [])) > 1 else ""  # noqa: E731
+    pct = lambda e, k: f"{100 * e[k]:.1f}%" if k in e else ""
+    sd = lambda e, k: f" ± {e[k + '_std']:.{4 if k == 'eval_loss' else 3}f}" if len(e.get("seeds", [])) > 1 else ""
     rows = [{"method": m, "seeds": len(e.get("seeds", [0])), "eval_loss": f"{e['eval_loss']:.4f}{sd(e, 'eval_loss')}",
              "topic_acc": f"{e['accuracy']:.3f}{sd(e, 'accuracy')}",
              "retention_vs_full": pct(e, "retention_vs_full"), "retention_vs_lora": pct(e, "retention_vs_lora"),
@@ -290,10 +296,12 @@ def report(out: dict, results: Path, readme: bool) -> str:
              "tokens/s": round(e["tokens_per_s"])} for m, e in out["methods"].items()]
     b = out["budget"]
     md = (f"Base model (no fine-tuning, full precision): held-out loss {out['base']['eval_loss']:.4f}, topic accuracy "
-          f"{out['base']['accuracy']:.3f}. Budget: {b['steps']} steps × {b['micro_batch_size']} sequences (≤ {b['sequence_len']} "
+          f"{out['base']['accuracy']:.3f}. Budget: {b['steps']} steps × {b['micro_batch_size']} sequences "
+          f"(≤ {b['sequence_len']} "
           f"tokens), the same batches for every method (per seed); mean ± standard deviation where several seeds ran; "
           f"lr 3e-4 (LoRA/QLoRA/peer), 3e-5 (full), cosine.\n\n"
-          + table(rows, ["method", "seeds", "eval_loss", "topic_acc", "retention_vs_full", "retention_vs_lora", "weights_MiB",
+          + table(rows, ["method", "seeds", "eval_loss", "topic_acc", "retention_vs_full", "retention_vs_lora",
+                         "weights_MiB",
                          "peak_RSS_MiB", "tokens/s"]))
     (results / "retention.md").write_text(md + "\n")
     print("\n" + md)
@@ -312,7 +320,8 @@ def _chart(out: dict, path: Path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, e in out["methods"].items():
         ax.scatter(e["peak_rss_bytes"] / 2**20, e["eval_loss"], s=40)
-        ax.annotate(m, (e["peak_rss_bytes"] / 2**20, e["eval_loss"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        ax.annotate(m, (e["peak_rss_bytes"] / 2**20, e["eval_loss"]), fontsize=8, xytext=(4, 3),
+                    textcoords="offset points")
     ax.axhline(out["base"]["eval_loss"], ls="--", c="gray", lw=1, label="base model")
     ax.set_xlabel("peak RSS while training (MiB)")
     ax.set_ylabel("held-out loss (lower is better)")

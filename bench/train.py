@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, peak_rss_bytes, table, update_readme, write_json  # noqa: E402
+from common import machine, peak_rss_bytes, table, update_readme, write_json
 
 METHODS = ["lowbit-qlora", "peer-bnb-peft-qlora", "lowbit-lora-16bit"]
 BATCH, SEQ, R = 4, 256, 16
@@ -44,22 +44,26 @@ def worker(method: str, steps: int) -> dict:
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    from lowbit import models
+    from lowbit.dtypes import default_compute_dtype
+    from lowbit.io.loader import load
+    from lowbit.io.resolve import resolve_model
+    from lowbit.io.tokenizer import load_tokenizer
     from lowbit.nn.lora import add_lora
-    from lowbit.train import _autocast, lm_loss
+    from lowbit.quant.spec import QuantSpec
+    from lowbit.training.loss import autocast, lm_loss
 
-    dtype = models.default_compute_dtype()
+    dtype = default_compute_dtype()
     torch.manual_seed(0)
     base_rss = peak_rss_bytes()
     t0 = time.perf_counter()
-    tok = models.load_tokenizer("smollm2-135m")
+    tok = load_tokenizer("smollm2-135m")
     batch = _batch(tok)
     if method.startswith("lowbit"):
-        net = models.load("smollm2-135m", quantize_weights=method == "lowbit-qlora", compute_dtype=dtype)
+        net = load("smollm2-135m", QuantSpec() if method == "lowbit-qlora" else None, compute_dtype=dtype)
         add_lora(net, r=R, alpha=32, target_modules="all-linear", verbose=False)
 
         def step():
-            with _autocast(dtype):
+            with autocast(dtype):
                 s, n = lm_loss(net, batch)
             (s / n).backward()
             return float(s) / n
@@ -67,13 +71,14 @@ def worker(method: str, steps: int) -> dict:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        path = models.resolve_model("smollm2-135m")
+        path = resolve_model("smollm2-135m")
         net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype))
         net = get_peft_model(net, LoraConfig(r=R, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
 
         def step():
-            with _autocast(dtype):
+            with autocast(dtype):
                 loss = net(**batch).loss
             loss.backward()
             return float(loss)
@@ -98,9 +103,9 @@ def worker(method: str, steps: int) -> dict:
 def gemm_ceiling() -> float:
     import torch
 
-    from common import timeit
+    from lowbit.dtypes import default_compute_dtype
 
-    from lowbit.models import default_compute_dtype
+    from common import timeit
 
     dtype = default_compute_dtype()
     a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
@@ -122,7 +127,7 @@ def main() -> None:
         for m in METHODS:
             p = subprocess.run([sys.executable, __file__, "--worker", m, "--steps", str(args.steps)],
                                capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+            line = [row for row in p.stdout.splitlines() if row.startswith("RESULT ")]
             if p.returncode or not line:
                 print(f"{m} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
                 continue
@@ -135,7 +140,8 @@ def main() -> None:
              "peak_RSS_MB": round(r["peak_rss_bytes"] / 2**20), "load_s": round(r["load_s"], 1),
              "loss first→last": f"{r['first_loss']:.3f}→{r['last_loss']:.3f}"} for m, r in res.items()]
     md = table(rows, ["method", "tokens/s", "step_s", "peak_RSS_MB", "load_s", "loss first→last"])
-    print(f"SmolLM2-135M, batch {BATCH}x{SEQ}, LoRA r={R} all-linear, compute {next(iter(res.values()))['compute_dtype']}; "
+    dtype = next(iter(res.values()))["compute_dtype"]
+    print(f"SmolLM2-135M, batch {BATCH}x{SEQ}, LoRA r={R} all-linear, compute {dtype}; "
           f"{machine()}\n")
     print(md)
     q, peer, lora = (res.get(k) for k in METHODS)
@@ -153,7 +159,8 @@ def main() -> None:
     print("\n" + line)
     update_readme("train", f"{md}\n\n{line}. Compute dtype {next(iter(res.values()))['compute_dtype']}; the peer is "
                   "never run in eval mode (DESIGN.md §5).")
-    print(f"wrote {write_json('train', {'machine': machine(), 'batch': BATCH, 'seq': SEQ, 'r': R, 'results': res, 'summary': summary})}")
+    data = {"machine": machine(), "batch": BATCH, "seq": SEQ, "r": R, "results": res, "summary": summary}
+    print(f"wrote {write_json('train', data)}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,17 @@
+"""Shared fixtures: the bitsandbytes reference, a tiny random LLaMA, a tiny training workspace.
+
+Tests mirror the package (tests/quant/ ↔ src/lowbit/quant/, …); the tiny models are built from transformers
+configs and saved locally (tiny.py), so nothing is downloaded. Every random draw is seeded.
+"""
+
+import json
 import logging
 import warnings
 
 import pytest
 import torch
+
+from tiny import save_tiny, save_tiny_with_tokenizer
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*kernels.*")
@@ -19,3 +28,26 @@ def bnbF():
     import bitsandbytes.functional as F
 
     return F
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(folder, reference transformers model in eval mode) of a tiny random LLaMA saved as safetensors."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    ref = save_tiny(path, "llama")
+    return path, ref.eval()
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    """(root, model folder with a ChatML tokenizer, chat data file of 48 dialogues) for training runs."""
+    root = tmp_path_factory.mktemp("wf")
+    model_dir = root / "model"
+    save_tiny_with_tokenizer(model_dir)
+    data = root / "data.jsonl"
+    rows = []
+    for i in range(48):
+        rows.append({"messages": [{"role": "user", "content": f"what is the capital of france {i % 3}"},
+                                  {"role": "assistant", "content": "the capital of france is paris"}]})
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root, model_dir, data

@@ -18,7 +18,9 @@ def test_retention_quick(tmp_path):
     res = json.loads((tmp_path / "retention.json").read_text())
     assert set(res) >= {"base", "budget", "methods"} and set(res["methods"]) == {"lora", "qlora-nf4"}
     for m in res["methods"].values():
-        assert {"eval_loss", "accuracy", "retention_vs_lora", "peak_rss_bytes", "footprint_bytes", "tokens_per_s", "seeds"} <= set(m)
+        assert {"eval_loss", "accuracy", "retention_vs_lora", "peak_rss_bytes", "footprint_bytes", "tokens_per_s",
+                "seeds"} <= set(m)
         assert 0 <= m["accuracy"] <= 1 and m["eval_loss"] > 0
     assert res["methods"]["lora"]["retention_vs_lora"] == pytest.approx(1.0)
-    assert (tmp_path / "retention.png").stat().st_size > 1000 and "| qlora-nf4" in (tmp_path / "retention.md").read_text()
+    assert (tmp_path / "retention.png").stat().st_size > 1000
+    assert "| qlora-nf4" in (tmp_path / "retention.md").read_text()

@@ -29,11 +29,13 @@ def save_tiny(path, arch="llama", seed=0, **kw):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
-    model.save_pretrained(path, safe_serialization=True, **({"max_shard_size": kw.pop("_shard")} if "_shard" in kw else {}))
+    model.save_pretrained(path, safe_serialization=True,
+                          **({"max_shard_size": kw.pop("_shard")} if "_shard" in kw else {}))
     return model
 
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
@@ -47,7 +49,8 @@ def tiny_tokenizer(path=None):
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     corpus = ["what is the capital of france", "the capital of france is paris", "hello how are you today",
-              "below is an instruction that describes a task", "### response: the answer is", "user assistant system"] * 20
+              "below is an instruction that describes a task", "### response: the answer is",
+              "user assistant system"] * 20
     trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(corpus, trainer)
@@ -64,3 +67,19 @@ def save_tiny_with_tokenizer(path, arch="llama", **kw):
     model = save_tiny(path, arch, vocab_size=len(tok), **kw)
     tok.save_pretrained(path)
     return model, tok
+
+
+def random_ids(n=2, t=12):
+    """A fixed batch of token ids for a 256-entry vocabulary."""
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def randomize_lora(m, seed=3):
+    """Give every LoRA B a small random value, so the adapters change the model's output."""
+    from lowbit.nn.lora import LoRALinear
+
+    g = torch.Generator().manual_seed(seed)
+    for mod in m.modules():
+        if isinstance(mod, LoRALinear):
+            with torch.no_grad():
+                mod.lora_B.weight.copy_(torch.randn(mod.lora_B.weight.shape, generator=g) * 0.05)

@@ -74,7 +74,8 @@ def fuse_modules(net: nn.Module) -> int:
         name = type(mod).__name__
         if hasattr(mod, "_lowbit_orig_forward"):
             continue
-        if name.endswith("RMSNorm") and hasattr(mod, "variance_epsilon") and isinstance(getattr(mod, "weight", None), torch.Tensor) \
+        if name.endswith("RMSNorm") and hasattr(mod, "variance_epsilon") \
+                and isinstance(getattr(mod, "weight", None), torch.Tensor) \
                 and not getattr(mod, "offset", None) and "Gemma" not in name:
             mod._lowbit_orig_forward, mod.forward = mod.forward, types.MethodType(_norm_forward, mod)
             n += 1

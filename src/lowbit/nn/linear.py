@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant import QuantizedTensor, quantize
+from ..errors import LowbitError
+from ..quant.spec import QuantSpec
+from ..quant.tensor import QuantizedTensor, quantize
 
-__all__ = ["Linear4bit", "compute_dtype_for"]
+__all__ = ["Linear4bit", "compute_dtype_for", "footprint_bytes"]
 
 
 def compute_dtype_for(x: torch.Tensor, default: torch.dtype | None) -> torch.dtype:
@@ -56,15 +58,15 @@ class Linear4bit(nn.Module):
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         if len(q.shape) != 2:
-            raise ValueError(f"Linear4bit: weight must be 2-D, got shape {tuple(q.shape)}")
+            raise LowbitError(f"Linear4bit: weight must be 2-D, got shape {tuple(q.shape)}")
         self.weight = q
         self.out_features, self.in_features = q.shape
         self.compute_dtype = compute_dtype
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quant_type="nf4", blocksize=64, double_quant=True, compute_dtype=None):
-        q = quantize(linear.weight.data, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec = QuantSpec(), compute_dtype=None) -> Linear4bit:
+        q = quantize(linear.weight.data, spec)
         return cls(q, linear.bias.data if linear.bias is not None else None, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +92,8 @@ class Linear4bit(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination.update(self.weight.state_dict(prefix + "weight"))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         wkeys = [k for k in state_dict if k == prefix + "weight" or k.startswith(prefix + "weight.")]
         if wkeys:
             sub = {k: state_dict.pop(k) for k in wkeys}
@@ -102,4 +105,16 @@ class Linear4bit(nn.Module):
                 self.weight = q
         elif strict:
             missing_keys.append(prefix + "weight")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def footprint_bytes(net: nn.Module) -> int:
+    """Bytes of weights a model holds: 4-bit layers by their packed size + constants, the rest as stored."""
+    seen, total = set(), 0
+    for p in list(net.parameters()) + list(net.buffers()):
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    total += sum(m.weight.nbytes for m in net.modules() if isinstance(m, Linear4bit))
+    return total

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..quant import quantize
+from ..errors import LowbitError
+from ..quant.tensor import quantize
 from .linear import Linear4bit
 
 __all__ = ["LoRALinear", "add_lora", "lora_state_dict", "linear_module_names", "output_head_names", "loftq_init"]
@@ -29,11 +30,11 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         if not isinstance(r, int) or r <= 0:
-            raise ValueError(f"lora_r must be a positive integer, got {r!r}")
+            raise LowbitError(f"lora_r must be a positive integer, got {r!r}")
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         if r > min(self.in_features, self.out_features):
-            raise ValueError(f"lora_r={r} is larger than the layer ({self.out_features}x{self.in_features})")
+            raise LowbitError(f"lora_r={r} is larger than the layer ({self.out_features}x{self.in_features})")
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -74,7 +75,8 @@ def linear_module_names(model: nn.Module) -> list[str]:
     """Full names of every linear layer (float or 4-bit), LoRA-wrapped ones under their own name."""
     names = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, Linear4bit)) and not re.search(r"\.(lora_A|lora_B)$", name) and not name.endswith(".base"):
+        inner = re.search(r"\.(lora_A|lora_B)$", name) or name.endswith(".base")  # the parts of a LoRA layer
+        if isinstance(mod, (nn.Linear, Linear4bit)) and not inner:
             names.append(name)
     return names
 
@@ -103,21 +105,21 @@ def select_targets(model: nn.Module, target_modules: str | Iterable[str]) -> lis
             try:
                 rx = re.compile(target_modules)
             except re.error as e:
-                raise ValueError(f"lora_target_modules: invalid regex {target_modules!r} ({e})") from None
+                raise LowbitError(f"lora_target_modules: invalid regex {target_modules!r} ({e})") from None
             chosen = [n for n in names if rx.fullmatch(n)]
             if not chosen:
-                raise ValueError(f"lora_target_modules: regex {target_modules!r} matches no linear layer; "
+                raise LowbitError(f"lora_target_modules: regex {target_modules!r} matches no linear layer; "
                                  f"linear layers are named like: {', '.join(sorted(_short(names)))}")
         return chosen
     targets = list(target_modules)
     if not targets:
-        raise ValueError("lora_target_modules is empty")
+        raise LowbitError("lora_target_modules is empty")
     chosen, unknown = [], []
     for t in targets:
         hit = [n for n in names if n == t or n.endswith("." + t)]
         (chosen.extend(hit) if hit else unknown.append(t))
     if unknown:
-        raise ValueError(f"lora_target_modules: no linear layer named {', '.join(map(repr, unknown))}; "
+        raise LowbitError(f"lora_target_modules: no linear layer named {', '.join(map(repr, unknown))}; "
                          f"the model's linear layers are: {', '.join(sorted(_short(names)))}")
     return sorted(set(chosen), key=names.index)
 
@@ -128,12 +130,17 @@ def _short(names: list[str]) -> set[str]:
 
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
              target_modules: str | Iterable[str] = "all-linear", use_rslora: bool = False,
-             init: str = "default", loftq_iters: int = 1, verbose: bool = True) -> list[str]:
-    """Freeze ``model`` and wrap the chosen linear layers in ``LoRALinear``. Returns the wrapped names."""
+             init: str = "default", loftq_iters: int = 1, verbose: bool = True,
+             source_weight: Callable[[str], torch.Tensor] | None = None) -> list[str]:
+    """Freeze ``model`` and wrap the chosen linear layers in ``LoRALinear``. Returns the wrapped names.
+
+    ``init="loftq"`` needs ``source_weight``: layer name → its full-precision weight (e.g.
+    ``lowbit.io.loader.source_weights(model)``, which reads them from the checkpoint one at a time).
+    """
     if not isinstance(r, int) or r <= 0:
-        raise ValueError(f"lora_r must be a positive integer, got {r!r}")
+        raise LowbitError(f"lora_r must be a positive integer, got {r!r}")
     if init not in ("default", "loftq"):
-        raise ValueError(f"lora init must be 'default' or 'loftq', got {init!r}")
+        raise LowbitError(f"lora init must be 'default' or 'loftq', got {init!r}")
     targets = select_targets(model, target_modules)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -142,14 +149,14 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
         pmod = model.get_submodule(parent) if parent else model
         base = getattr(pmod, child)
         if isinstance(base, LoRALinear):
-            raise ValueError(f"{name} already has a LoRA adapter")
+            raise LowbitError(f"{name} already has a LoRA adapter")
         lora = LoRALinear(base, r, alpha, dropout, use_rslora)
         dev = next((t.device for t in base.parameters()), None)
         if dev is None and isinstance(base, Linear4bit):
             dev = base.weight.packed.device
         lora.to(dev or "cpu")
         if init == "loftq":
-            loftq_init(lora, loftq_iters)
+            loftq_init(lora, source_weight(name) if source_weight is not None else None, loftq_iters)
         setattr(pmod, child, lora)
     if verbose:
         trainable, total = count_parameters(model)
@@ -167,21 +174,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def loftq_init(lora: LoRALinear, iters: int = 1) -> None:
-    """LoftQ-style start: W ≈ deq(Q) + s·B·A. Needs the base weight in full precision (``source_weight``,
-    kept by ``models.load(..., keep_source=True)``) and re-quantizes the base each round."""
+def loftq_init(lora: LoRALinear, weight: torch.Tensor | None, iters: int = 1) -> None:
+    """LoftQ-style start: W ≈ deq(Q) + s·B·A, from the layer's full-precision ``weight``; re-quantizes the base
+    each round (same data type, blocksize and double quantization)."""
     base = lora.base
     if not isinstance(base, Linear4bit):
-        raise ValueError("loftq init is for quantized (4-bit) layers; a full-precision base has no error to absorb")
-    w = getattr(base, "source_weight", None)
-    if w is None:
-        raise ValueError("loftq init needs the full-precision weight: load the model with keep_source=True")
+        raise LowbitError("loftq init is for quantized (4-bit) layers; a full-precision base has no error to absorb")
+    if weight is None:
+        raise LowbitError("loftq init needs the base's full-precision weights: add_lora(..., init='loftq', "
+                          "source_weight=lowbit.io.SourceWeights(model))")
     q0 = base.weight
-    w = w.float()
+    w = weight.float()
+    if tuple(w.shape) != tuple(q0.shape):
+        raise LowbitError(f"loftq init: weight of shape {tuple(w.shape)} for a layer of shape {tuple(q0.shape)}")
     r, s = lora.r, lora.scaling
     residual_fit = torch.zeros_like(w)
     for _ in range(max(1, iters)):
-        q = quantize(w - residual_fit, q0.quant_type, q0.blocksize, q0.double_quant)
+        q = quantize(w - residual_fit, q0.spec)
         err = w - q.dequantize(torch.float32)
         u, sv, vh = torch.linalg.svd(err, full_matrices=False)
         root = sv[:r].sqrt()
@@ -189,7 +198,6 @@ def loftq_init(lora: LoRALinear, iters: int = 1) -> None:
         a = root[:, None] * vh[:r]
         residual_fit = b @ a
     base.weight = q
-    del base.source_weight
     lora.lora_A.weight.copy_(a / math.sqrt(s))
     lora.lora_B.weight.copy_(b / math.sqrt(s))
 

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import LowbitError
 from ..quant.codebooks import dynamic_map
 from ..quant.double_quant import dequantize8, quantize8
+from .registry import BLOCK, MIN_8BIT_SIZE, OPTIMIZERS, check_optimizer
 
-__all__ = ["AdamW", "PagerStats"]
-
-BLOCK = 256
+__all__ = ["AdamW", "PagerStats", "make"]
 
 
 @dataclass
@@ -51,19 +51,20 @@ class PagerStats:
 class AdamW(torch.optim.Optimizer):
     """AdamW with ``bits`` = 32 or 8 state, and ``paged`` state kept off the device under ``budget_bytes``.
 
-    ``budget_bytes`` = 0 picks one page of 2²⁰ elements' state (double-buffered where a GPU prefetches).
+    ``budget_bytes`` = 0 picks two pages of ``PAGE_ELEMS`` elements' state (double-buffered where a GPU prefetches).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, bits: int = 32,
-                 paged: bool = False, budget_bytes: int = 0, min_8bit_size: int = 4096):
-        if bits not in (8, 32):
-            raise ValueError(f"bits must be 8 or 32, got {bits}")
+                 paged: bool = False, budget_bytes: int = 0, min_8bit_size: int = MIN_8BIT_SIZE):
+        kind = next((k for k in OPTIMIZERS.values() if k.state_bits == bits and k.paged == paged), None)
+        if kind is None:
+            raise LowbitError(f"bits must be 8 or 32, got {bits}")
         if lr <= 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
-            raise ValueError("AdamW: lr, eps > 0; 0 <= betas < 1; weight_decay >= 0")
+            raise LowbitError("AdamW: lr, eps > 0; 0 <= betas < 1; weight_decay >= 0")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.bits, self.paged, self.min_8bit_size = bits, paged, min_8bit_size
-        per_elem = 2 if bits == 8 else 8
-        budget = budget_bytes or 2 * (1 << 20) * per_elem
+        per_elem = kind.element_bytes
+        budget = budget_bytes or kind.default_budget_bytes()
         # a page must hold at least one block; two pages are resident while the next one prefetches
         self.page_elems = max(BLOCK, (budget // 2 // (per_elem + 1)) // BLOCK * BLOCK)
         self.stats = PagerStats(budget_bytes=budget if paged else 0)
@@ -102,8 +103,9 @@ class AdamW(torch.optim.Optimizer):
     # ---- pages ----------------------------------------------------------------------------------
     def _slices(self, st, lo, hi, is8):
         if is8:
-            return {"m_q": st["m_q"][lo:hi], "v_q": st["v_q"][lo:hi],
-                    "m_absmax": st["m_absmax"][lo // BLOCK: -(-hi // BLOCK)], "v_absmax": st["v_absmax"][lo // BLOCK: -(-hi // BLOCK)]}
+            blocks = slice(lo // BLOCK, -(-hi // BLOCK))
+            return {"m_q": st["m_q"][lo:hi], "v_q": st["v_q"][lo:hi], "m_absmax": st["m_absmax"][blocks],
+                    "v_absmax": st["v_absmax"][blocks]}
         return {"m": st["m"][lo:hi], "v": st["v"][lo:hi]}
 
     def _fetch(self, host: dict, device) -> dict:
@@ -194,3 +196,14 @@ class AdamW(torch.optim.Optimizer):
                     st[k] = t.to(self._home(p))
                     if k.endswith("_q"):
                         st[k] = st[k].to(torch.uint8)
+
+
+def make(name: str, params, lr: float, weight_decay: float = 0.0, budget_bytes: int = 0,
+         **kw) -> torch.optim.Optimizer:
+    """The optimizer called ``name`` in ``registry.OPTIMIZERS``: ``adamw`` is torch's (foreach; the 8-bit and
+    paging settings mean nothing for it), the rest lowbit's ``AdamW``."""
+    kind = check_optimizer(name)
+    if kind.state_bits == 32 and not kind.paged:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    return AdamW(params, lr=lr, weight_decay=weight_decay, bits=kind.state_bits, paged=kind.paged,
+                 budget_bytes=budget_bytes, **kw)

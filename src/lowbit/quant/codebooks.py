@@ -1,7 +1,7 @@
 """k-bit data types ("codebooks"): a sorted float32 tensor of the values a code can stand for.
 
-Each data type is built from its definition, and one dict, ``CODEBOOKS``, names them. Adding a data
-type is adding a function there.
+Each data type is built from its definition; ``CODEBOOKS`` maps every name of ``spec.QUANT_TYPES`` (the one
+table of names) to its builder.
 
 - **NF-k (NormalFloat)**: quantiles of N(0, 1), equal probability mass per bin, normalised to [-1, 1].
   2^(k-1) non-negative-side quantiles from ``linspace(offset, 0.5, 2^(k-1)+1)`` and 2^(k-1)-1 negative ones
@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from .spec import QUANT_TYPES, check_quant_type
 
 __all__ = ["codebook", "quant_order", "dynamic_map", "CODEBOOKS", "bits_of"]
 
@@ -65,11 +67,12 @@ def int4() -> torch.Tensor:
 
 
 CODEBOOKS = {"nf4": nf4, "fp4": fp4, "int4": int4, "nf3": nf3, "nf2": nf2}
+assert CODEBOOKS.keys() == QUANT_TYPES.keys(), "every quant type needs a codebook builder"
 
 
 def bits_of(quant_type: str) -> int:
     """Information bits of a data type (NF3 is 3 even though we store it in a 4-bit nibble)."""
-    return {"nf4": 4, "fp4": 4, "int4": 4, "nf3": 3, "nf2": 2}[quant_type]
+    return QUANT_TYPES[check_quant_type(quant_type)].bits
 
 
 @functools.cache
@@ -79,8 +82,7 @@ def _cached(quant_type: str) -> torch.Tensor:
 
 def codebook(quant_type: str) -> torch.Tensor:
     """The code table of ``quant_type``: ``table[code]`` is the normalised value. Returns a fresh copy."""
-    if quant_type not in CODEBOOKS:
-        raise ValueError(f"unknown quant_type {quant_type!r}; choose one of {', '.join(CODEBOOKS)}")
+    check_quant_type(quant_type)
     return _cached(quant_type).clone()
 
 
@@ -103,7 +105,8 @@ def _dynamic_map(signed: bool) -> torch.Tensor:
     additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
     data: list[float] = []
     for i in range(max_exponent_bits):
-        items = 2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
+        width = i + non_sign_bits - max_exponent_bits
+        items = 2**width + 1 if signed else 2 ** (width + 1) + 1
         b = torch.linspace(0.1, 1, items, dtype=torch.float32)
         means = ((b[:-1] + b[1:]) / 2.0)
         scale = 10 ** (-(max_exponent_bits - 1) + i)

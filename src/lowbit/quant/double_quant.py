@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 
 from .codebooks import dynamic_map
+from .spec import NESTED_BLOCKSIZE
 
 __all__ = ["NESTED_BLOCKSIZE", "quantize8", "dequantize8", "double_quantize", "double_dequantize"]
-
-NESTED_BLOCKSIZE = 256
 
 
 _LUT_SIZE = 65536
@@ -43,7 +42,8 @@ def _rounding_lut(code: torch.Tensor) -> torch.Tensor:
     return lut
 
 
-def quantize8(x: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize8(x: torch.Tensor, code: torch.Tensor,
+              blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise absmax quantization of ``x`` to uint8 indices into the sorted 256-entry ``code``.
 
     ``v = x · (1/absmax)``, then ``lut[trunc(((v+1)·0.5)·65535 + 0.5)]``; an all-zero block stores code 0.
@@ -61,7 +61,8 @@ def quantize8(x: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCK
     return q.reshape(-1)[:n].view(x.shape), absmax
 
 
-def dequantize8(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+def dequantize8(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
     vals = code.to(q.device)[q.reshape(-1).long()]
     n = vals.numel()
     rem = n % blocksize
@@ -81,5 +82,6 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
     return q, nested, float(offset.item()), code
 
 
-def double_dequantize(qabsmax, nested_absmax, offset: float, code, nested_blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+def double_dequantize(qabsmax, nested_absmax, offset: float, code,
+                      nested_blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
     return dequantize8(qabsmax, nested_absmax, code, nested_blocksize) + torch.tensor(offset, dtype=torch.float32)

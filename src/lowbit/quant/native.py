@@ -14,16 +14,13 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
+
+from ..atomic import writing_file
+from ..cache import cache_root
 
 _SRC = Path(__file__).with_name("csrc") / "dequant4.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("LOWBIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lowbit")
-    return Path(root) / "kernels"
 
 
 @functools.cache
@@ -35,14 +32,12 @@ def kernel():
         return None
     src = _SRC.read_bytes()
     tag = hashlib.sha256(src + " ".join([cc, *_FLAGS, os.uname().machine]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"dequant4-{tag}.so"
+    out = cache_root() / "kernels" / f"dequant4-{tag}.so"
     try:
         if not out.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-                tmp_so = Path(tmp) / out.name
-                subprocess.run([cc, *_FLAGS, str(_SRC), "-o", str(tmp_so)], check=True, capture_output=True, timeout=120)
-                os.replace(tmp_so, out)
+            with writing_file(out) as tmp_so:
+                subprocess.run([cc, *_FLAGS, str(_SRC), "-o", str(tmp_so)], check=True, capture_output=True,
+                               timeout=120)
         lib = ctypes.CDLL(str(out))
     except (OSError, subprocess.SubprocessError):
         return None

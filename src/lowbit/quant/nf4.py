@@ -25,15 +25,10 @@ import torch
 from . import native
 from .codebooks import quant_order
 
-__all__ = ["quantize_blockwise", "dequantize", "dequantize_torch", "dequantize_reference", "check_blocksize", "FLOAT_DTYPES"]
+__all__ = ["quantize_blockwise", "dequantize", "dequantize_torch", "dequantize_reference", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK = 1 << 20  # elements per quantization chunk
-
-
-def check_blocksize(blocksize: int, lo: int = 32, hi: int = 4096) -> None:
-    if not isinstance(blocksize, int) or blocksize < lo or blocksize > hi or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two from {lo} to {hi}, got {blocksize!r}")
 
 
 def _absmax_and_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +46,8 @@ def _absmax_and_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor,
     return absmax, scaled
 
 
-def quantize_blockwise(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(w: torch.Tensor, quant_type: str = "nf4",
+                       blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``w`` to packed 4-bit codes.
 
     Returns ``(packed, absmax)``: ``packed`` uint8 of shape ``((n+1)//2, 1)``, ``absmax`` float32 ``(blocks,)``.
@@ -155,7 +151,8 @@ def dequantize_torch(packed, absmax, code, blocksize, shape, dtype=torch.float32
         out = torch.empty(shape, dtype=dtype, device=packed.device)
     o = out.view(-1)
     if full:
-        torch.mul(vals[:full].view(-1, blocksize), absmax[: full // blocksize].unsqueeze(1), out=vals[:full].view(-1, blocksize))
+        blocks = vals[:full].view(-1, blocksize)
+        torch.mul(blocks, absmax[: full // blocksize].unsqueeze(1), out=blocks)
         o[:full].copy_(vals[:full])
     if rem:
         o[full:].copy_(vals[full:] * absmax[-1])

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .codebooks import CODEBOOKS, bits_of, codebook
+from ..errors import LowbitError
+from .codebooks import bits_of, codebook
 from .double_quant import NESTED_BLOCKSIZE, double_dequantize, double_quantize
-from .nf4 import FLOAT_DTYPES, check_blocksize, dequantize, quantize_blockwise
+from .nf4 import FLOAT_DTYPES, dequantize, quantize_blockwise
+from .spec import QUANT_TYPES, QuantSpec
 
 __all__ = ["QuantizedTensor", "quantize"]
 
@@ -46,6 +48,10 @@ class QuantizedTensor:
     @property
     def double_quant(self) -> bool:
         return self.nested_absmax is not None
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.quant_type, self.blocksize, self.double_quant)
 
     @property
     def numel(self) -> int:
@@ -73,29 +79,30 @@ class QuantizedTensor:
         return bits_of(self.quant_type)
 
     def __repr__(self) -> str:
-        return (f"QuantizedTensor(shape={tuple(self.shape)}, quant_type={self.quant_type!r}, blocksize={self.blocksize}, "
+        return (f"QuantizedTensor(shape={tuple(self.shape)}, quant_type={self.quant_type!r}, "
+                f"blocksize={self.blocksize}, "
                 f"double_quant={self.double_quant}, bits_per_param={self.bits_per_param:.3f})")
 
     # ---- math --------------------------------------------------------------------------------
     def absmax_float(self) -> torch.Tensor:
         if self.double_quant:
-            return double_dequantize(self.absmax, self.nested_absmax, self.nested_offset, self.nested_code, self.nested_blocksize)
+            return double_dequantize(self.absmax, self.nested_absmax, self.nested_offset, self.nested_code,
+                                     self.nested_blocksize)
         return self.absmax
 
     def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         dtype = self.dtype if dtype is None else dtype
         if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"dequantize: dtype must be one of float32, bfloat16, float16, got {dtype}")
+            raise LowbitError(f"dequantize: dtype must be one of float32, bfloat16, float16, got {dtype}")
         if self.double_quant:
             nested = (self.absmax, self.nested_absmax, self.nested_code, self.nested_offset, self.nested_blocksize)
             return dequantize(self.packed, None, self.code, self.blocksize, self.shape, dtype, out=out, nested=nested)
         return dequantize(self.packed, self.absmax, self.code, self.blocksize, self.shape, dtype, out=out)
 
-    def to(self, device) -> "QuantizedTensor":
-        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return QuantizedTensor(mv(self.packed), mv(self.absmax), self.shape, self.dtype, self.blocksize, self.quant_type,
-                               mv(self.code), mv(self.nested_absmax), mv(self.nested_code), self.nested_offset,
-                               self.nested_blocksize)
+    def to(self, device) -> QuantizedTensor:
+        mv = lambda t: None if t is None else t.to(device)
+        return replace(self, packed=mv(self.packed), absmax=mv(self.absmax), code=mv(self.code),
+                       nested_absmax=mv(self.nested_absmax), nested_code=mv(self.nested_code))
 
     # ---- bitsandbytes layout -----------------------------------------------------------------
     def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
@@ -105,40 +112,44 @@ class QuantizedTensor:
         if self.double_quant:
             sd[f"{prefix}.nested_absmax"] = self.nested_absmax
             sd[f"{prefix}.nested_quant_map"] = self.nested_code.clone()
-            meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32", nested_offset=self.nested_offset)
-        sd[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+            meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
+                        nested_offset=self.nested_offset)
+        blob = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+        sd[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = blob
         return sd
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "weight") -> "QuantizedTensor":
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "weight") -> QuantizedTensor:
         """Rebuild from our own or a bitsandbytes-saved state dict (keys under ``prefix``)."""
         qs_keys = [k for k in sd if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
         if len(qs_keys) != 1:
-            raise ValueError(f"{prefix}: expected one '{prefix}.quant_state.bitsandbytes__<type>' entry, found {len(qs_keys)}")
+            raise LowbitError(f"{prefix}: expected one '{prefix}.quant_state.bitsandbytes__<type>' entry, "
+                              f"found {len(qs_keys)}")
         try:
             meta = json.loads(bytes(sd[qs_keys[0]].to(torch.uint8).tolist()).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{qs_keys[0]}: quant state is not valid JSON ({e})") from None
+            raise LowbitError(f"{qs_keys[0]}: quant state is not valid JSON ({e})") from None
         for k in (prefix, f"{prefix}.absmax", f"{prefix}.quant_map"):
             if k not in sd:
-                raise ValueError(f"{prefix}: missing tensor {k!r}")
+                raise LowbitError(f"{prefix}: missing tensor {k!r}")
         qt = meta.get("quant_type")
-        if qt not in CODEBOOKS:
-            raise ValueError(f"{qs_keys[0]}: unknown quant_type {qt!r}")
+        if qt not in QUANT_TYPES:
+            raise LowbitError(f"{qs_keys[0]}: unknown quant_type {qt!r}")
         shape = torch.Size(meta["shape"])
         dtype = getattr(torch, meta.get("dtype", "float32"), None)
         if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{qs_keys[0]}: unsupported dtype {meta.get('dtype')!r}")
+            raise LowbitError(f"{qs_keys[0]}: unsupported dtype {meta.get('dtype')!r}")
         blocksize = int(meta["blocksize"])
         n = math.prod(shape)
         packed = sd[prefix].view(torch.uint8).reshape(-1, 1)
         if packed.numel() != (n + 1) // 2:
-            raise ValueError(f"{prefix}: {packed.numel()} packed bytes do not hold shape {tuple(shape)}")
+            raise LowbitError(f"{prefix}: {packed.numel()} packed bytes do not hold shape {tuple(shape)}")
         absmax = sd[f"{prefix}.absmax"]
         if absmax.numel() != -(-n // blocksize):
-            raise ValueError(f"{prefix}.absmax: {absmax.numel()} constants, expected {-(-n // blocksize)}")
+            raise LowbitError(f"{prefix}.absmax: {absmax.numel()} constants, expected {-(-n // blocksize)}")
         nested = f"{prefix}.nested_absmax" in sd
-        return cls(packed=packed, absmax=absmax if nested else absmax.float(), shape=shape, dtype=dtype, blocksize=blocksize,
+        return cls(packed=packed, absmax=absmax if nested else absmax.float(), shape=shape, dtype=dtype,
+                   blocksize=blocksize,
                    quant_type=qt, code=sd[f"{prefix}.quant_map"].float(),
                    nested_absmax=sd[f"{prefix}.nested_absmax"].float() if nested else None,
                    nested_code=sd[f"{prefix}.nested_quant_map"].float() if nested else None,
@@ -146,23 +157,29 @@ class QuantizedTensor:
                    nested_blocksize=int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)))
 
 
-def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True) -> QuantizedTensor:
-    """Quantize a float tensor blockwise to a k-bit data type (default NF4 with double quantization)."""
+def quantize(w: torch.Tensor, quant_type: str | QuantSpec = "nf4", blocksize: int = 64,
+             double_quant: bool = True) -> QuantizedTensor:
+    """Quantize a float tensor blockwise to a k-bit data type (default NF4 with double quantization).
+
+    ``quant_type`` may be a ``QuantSpec``, which then gives all three settings.
+    """
     if not isinstance(w, torch.Tensor):
-        raise ValueError(f"quantize: expected a torch.Tensor, got {type(w).__name__}")
-    if quant_type not in CODEBOOKS:
-        raise ValueError(f"quantize: unknown quant_type {quant_type!r}; choose one of {', '.join(CODEBOOKS)}")
+        raise LowbitError(f"quantize: expected a torch.Tensor, got {type(w).__name__}")
+    try:
+        spec = quant_type if isinstance(quant_type, QuantSpec) else QuantSpec(quant_type, blocksize, double_quant)
+    except LowbitError as e:
+        raise LowbitError(f"quantize: {e}") from None
+    quant_type, blocksize, double_quant = spec.quant_type, spec.blocksize, spec.double_quant
     if w.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"quantize: weight dtype must be float32, bfloat16 or float16, got {w.dtype}")
-    check_blocksize(blocksize)
+        raise LowbitError(f"quantize: weight dtype must be float32, bfloat16 or float16, got {w.dtype}")
     if w.numel() == 0:
-        raise ValueError(f"quantize: cannot quantize an empty tensor (shape {tuple(w.shape)})")
+        raise LowbitError(f"quantize: cannot quantize an empty tensor (shape {tuple(w.shape)})")
     w = w.detach()
     if w.device.type != "cpu":
         w = w.cpu()
     bad = _count_nonfinite(w)
     if bad:
-        raise ValueError(f"quantize: weight of shape {tuple(w.shape)} has {bad} non-finite values (NaN/Inf)")
+        raise LowbitError(f"quantize: weight of shape {tuple(w.shape)} has {bad} non-finite values (NaN/Inf)")
     packed, absmax = quantize_blockwise(w.contiguous(), quant_type, blocksize)
     q = QuantizedTensor(packed, absmax, torch.Size(w.shape), w.dtype, blocksize, quant_type, codebook(quant_type))
     if double_quant:

@@ -1,0 +1,42 @@
+"""``lowbit eval --model M [--adapter DIR] --datasets FILE``: held-out loss and perplexity of a data file."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from .options import MODEL_KEYS, add_config_flags, config_from, load_model
+
+HELP = "loss and perplexity on a data file"
+
+
+def add_parser(sub):
+    p = sub.add_parser("eval", help=HELP, description="Loss and perplexity of the model (and adapter) on a data "
+                       "file, every record once.")
+    p.add_argument("--adapter", help="PEFT adapter folder")
+    p.add_argument("--force", action="store_true", help="apply an adapter trained on another base")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_config_flags(p, (*MODEL_KEYS, "datasets", "dataset_format", "sequence_len", "micro_batch_size"),
+                     required=("base_model", "datasets"))
+    return p
+
+
+def run(args) -> int:
+    from ..data.batching import Batches
+    from ..data.formats import tokenize_records
+    from ..data.records import load_splits
+    from ..dtypes import to_torch
+    from ..io.tokenizer import load_tokenizer
+    from ..training.evaluation import evaluate
+
+    cfg = config_from(args)
+    net = load_model(cfg, args.adapter, args.force)
+    tok = load_tokenizer(cfg.base_model)
+    recs, _ = load_splits(cfg.datasets, 0)
+    data = tokenize_records(recs, tok, cfg.dataset_format, cfg.sequence_len)
+    loss = evaluate(net, Batches(data.samples, cfg.micro_batch_size, tok.pad_token_id), to_torch(cfg.compute_dtype))
+    res = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "samples": len(data.samples),
+           "truncated": data.truncated}
+    print(json.dumps(res) if args.json else f"loss {loss:.4f}  perplexity {res['perplexity']:.2f}  "
+          f"({len(data.samples)} samples)")
+    return 0

@@ -1,0 +1,61 @@
+"""``lowbit plan config.yaml | MODEL [--key value ...] [--gpu-memory 48GB]``: will the run fit? An itemised
+memory plan of exactly the run ``lowbit train`` would do with the same file and flags. Imports no torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .options import add_config_flags, config_from
+
+HELP = "will a run fit? itemised memory plan (same config file and flags as train)"
+
+
+def add_parser(sub):
+    from ..planner.catalog import known_families
+
+    p = sub.add_parser("plan", help=HELP, description="Itemised peak memory of a QLoRA run on one device.",
+                       epilog=f"known model families: {', '.join(known_families())}")
+    p.add_argument("target", nargs="?", help="a training config (.yaml), or a model: folder, config.json or a "
+                   "known family name (default: the config's base_model)")
+    p.add_argument("--gpu-memory", help="device memory, e.g. 48GB")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--max-sequence-len", "--max-seq-len", action="store_true",
+                   help="print the largest sequence_len that fits")
+    p.add_argument("--max-micro-batch-size", "--max-batch", action="store_true",
+                   help="print the largest micro_batch_size that fits")
+    p.add_argument("--json", action="store_true")
+    add_config_flags(p)
+    return p
+
+
+def run(args) -> int:
+    from ..errors import LowbitError
+    from ..planner.memory import PLAN_KEYS, largest, plan_config
+
+    is_config = args.target is not None and Path(args.target).suffix.lower() in (".yaml", ".yml")
+    cfg = config_from(args, args.target if is_config else None)
+    if args.target is not None and not is_config and not hasattr(args, "base_model"):
+        cfg.base_model = args.target
+    if (args.max_sequence_len or args.max_micro_batch_size) and args.gpu_memory is None:
+        raise LowbitError("--max-sequence-len / --max-micro-batch-size need --gpu-memory")
+    p = plan_config(cfg, device_memory=args.gpu_memory, device=args.device)
+    out = p.to_json()
+    kw = {k: getattr(cfg, k) for k in PLAN_KEYS}
+    kw.update(device=args.device, page_bytes=int(cfg.optimizer_budget_mb * 2**20))
+    for flag, key in ((args.max_sequence_len, "sequence_len"), (args.max_micro_batch_size, "micro_batch_size")):
+        if flag:
+            out[f"max_{key}"] = largest(cfg.base_model, key, args.gpu_memory, **kw)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    s = p.settings
+    quant = f"{cfg.quant_type}{'+DQ' if cfg.double_quant else ''}" if cfg.load_in_4bit else "16-bit"
+    print(f"{cfg.base_model}: sequence_len {cfg.sequence_len} x micro_batch_size {cfg.micro_batch_size}, {quant}, "
+          f"LoRA r={cfg.lora_r} ({cfg.lora_target_modules}), {cfg.optimizer}, gradient_checkpointing "
+          f"{'on' if cfg.gradient_checkpointing else 'off'}, {s['compute_dtype']} on {args.device}\n")
+    print(p.table())
+    for key in ("sequence_len", "micro_batch_size"):
+        if f"max_{key}" in out:
+            print(f"largest {key} that fits: {out[f'max_{key}']}")
+    return 0

@@ -1,0 +1,59 @@
+"""Built-in data sets, from PyPI packages (nothing is downloaded at run time): dialogues as chat records.
+
+    chatterbot   chatterbot-corpus 1.3.3 (BSD): ~2,000 question → answer exchanges on 17 topics
+    chitchat     chitchat-dataset 0.9.0 (MIT): 7,168 dialogues, the first 6 turns of each
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from ..errors import LowbitError
+from .records import Record
+
+__all__ = ["BUILTIN_DATASETS"]
+
+
+def _dialogue(turns: list[str]) -> dict | None:
+    """Alternating user/assistant messages ending on an assistant turn (None if there is no answer)."""
+    msgs = [{"role": "user" if k % 2 == 0 else "assistant", "content": t} for k, t in enumerate(turns)]
+    if msgs and msgs[-1]["role"] != "assistant":
+        msgs = msgs[:-1]
+    return {"messages": msgs} if len(msgs) >= 2 else None
+
+
+def _package_dir(module: str, requirement: str, name: str) -> Path:
+    spec = importlib.util.find_spec(module)  # the files, without importing the package
+    if spec is None or spec.origin is None:
+        raise LowbitError(f"built-in data set {name!r} needs: pip install --no-deps {requirement}")
+    return Path(spec.origin).parent
+
+
+def chatterbot() -> list[Record]:
+    import yaml
+
+    root = _package_dir("chatterbot_corpus", "chatterbot-corpus==1.3.3", "chatterbot") / "data" / "english"
+    out = []
+    for f in sorted(root.glob("*.yml")):
+        for i, conv in enumerate(yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations", [])):
+            rec = _dialogue([str(t).strip() for t in conv if t is not None and str(t).strip()])
+            if rec:
+                out.append(Record(rec, f"chatterbot:{f.stem}:{i}"))
+    return out
+
+
+def chitchat() -> list[Record]:
+    root = _package_dir("chitchat_dataset", "chitchat-dataset==0.9.0", "chitchat")
+    data = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+    out = []
+    for key in sorted(data):
+        turns = [" ".join(u["text"].strip() for u in turn if u.get("text")) for turn in data[key]["messages"]]
+        rec = _dialogue([t for t in turns if t][:6])
+        if rec:
+            out.append(Record(rec, f"chitchat:{key}"))
+    return out
+
+
+BUILTIN_DATASETS = {"chatterbot": chatterbot, "chitchat": chitchat}

@@ -1,0 +1,64 @@
+"""Floating-point dtypes by name: the one table the config, the command line and the planner read.
+
+Importing this module does not import torch; only ``to_torch`` and ``default_compute_dtype`` do.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import LowbitError
+
+__all__ = ["DTYPES", "canonical", "to_torch", "default_compute_dtype", "default_compute_dtype_name", "name_of"]
+
+DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}  # name → bytes per element
+_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def canonical(name: str, what: str = "dtype", auto: bool = False) -> str:
+    """``bf16`` → ``bfloat16`` …; ``auto`` passes through when allowed; anything else is a one-line error."""
+    name = str(name)
+    if auto and name == "auto":
+        return name
+    name = _ALIASES.get(name, name)
+    if name not in DTYPES:
+        choices = (["auto"] if auto else []) + [*DTYPES, *_ALIASES]
+        raise LowbitError(f"{what} must be one of {', '.join(choices)}, got {name!r}")
+    return name
+
+
+def to_torch(name: str, device: str = "cpu"):
+    """The torch dtype for a name (``auto``: what this hardware computes fastest, see below)."""
+    import torch
+
+    name = canonical(name, auto=True)
+    return default_compute_dtype(device) if name == "auto" else getattr(torch, name)
+
+
+def name_of(dtype) -> str:
+    """``torch.bfloat16`` → ``"bfloat16"``."""
+    return str(dtype).rpartition(".")[2]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def default_compute_dtype(device="cpu"):
+    """bfloat16 where the hardware multiplies bf16 natively (AVX-512 BF16 / AMX CPUs, Ampere+ GPUs; float16 on
+    older GPUs), else float32."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+def default_compute_dtype_name(device: str = "cpu") -> str:
+    """``default_compute_dtype`` by name, without torch (a GPU is assumed to do bf16: Ampere or newer)."""
+    return "bfloat16" if device == "cuda" or _cpu_has_bf16() else "float32"

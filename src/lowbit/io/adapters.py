@@ -1,0 +1,157 @@
+"""LoRA adapters in the PEFT format: what peft (and so vLLM) load, and what lowbit reads back from peft.
+
+    adapter_config.json          peft_type LORA, r, lora_alpha, lora_dropout, target_modules, use_rslora, …
+    adapter_model.safetensors    base_model.model.<module path>.lora_A.weight (r × in), ….lora_B.weight (out × r)
+
+The base an adapter was trained on (name and content fingerprint) goes into the safetensors header, where
+peft does not look — peft warns about unknown keys in adapter_config.json — and ``load_adapter`` refuses an
+adapter trained on another base unless forced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..atomic import writing_dir, writing_file
+from ..errors import LowbitError
+from ..nn.lora import LoRALinear, add_lora, linear_module_names, lora_state_dict
+from .loader import base_info
+from .safetensors import open_safetensors
+
+__all__ = ["ADAPTER_FILES", "adapter_config", "save_adapter", "write_adapter_files", "read_adapter", "load_adapter",
+           "set_adapter_weights"]
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def adapter_config(net: nn.Module) -> dict:
+    loras = {n: m for n, m in net.named_modules() if isinstance(m, LoRALinear)}
+    if not loras:
+        raise LowbitError("the model has no LoRA adapters to save")
+    first = next(iter(loras.values()))
+    targets = sorted({n.split(".")[-1] for n in loras})
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
+        "lora_dropout": getattr(first.lora_dropout, "p", 0.0), "target_modules": targets,
+        "use_rslora": first.use_rslora, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None, "base_model_name_or_path": base_info(net).name,
+        "revision": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def _metadata(net: nn.Module) -> dict[str, str]:
+    """Which base the adapter was trained on (safetensors header strings)."""
+    info = base_info(net)
+    return {"format": "pt", "lowbit_base_name": str(info.name), "lowbit_base_fingerprint": str(info.fingerprint),
+            "lowbit_quant_type": str(info.quant.quant_type if info.quant else None)}
+
+
+def save_adapter(net: nn.Module, out: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as peft does.
+
+    Into a new or adapter-only folder: the folder is built aside and renamed into place. Into a folder holding
+    other things (a run's metrics and checkpoints): each of the two files is replaced atomically; the rest of
+    the folder is not touched.
+    """
+    out = Path(out)
+    others = out.is_dir() and any(p.name not in ADAPTER_FILES for p in out.iterdir())
+    if not others:
+        with writing_dir(out, overwrite) as tmp:
+            write_adapter_files(net, tmp)
+        return out
+    if not overwrite and any((out / f).exists() for f in ADAPTER_FILES):
+        raise LowbitError(f"{out}: already holds an adapter (use --overwrite to replace it)")
+    with writing_file(out / ADAPTER_FILES[0]) as weights, writing_file(out / ADAPTER_FILES[1]) as config:
+        write_adapter_files(net, weights.parent, weights.name, config.name)
+    return out
+
+
+def write_adapter_files(net: nn.Module, folder: Path, weights: str = ADAPTER_FILES[0],
+                        config: str = ADAPTER_FILES[1]) -> None:
+    """The two adapter files, written into ``folder`` as they are (callers make it atomic)."""
+    from safetensors.torch import save_file
+
+    cfg = adapter_config(net)
+    save_file(lora_state_dict(net), str(folder / weights), metadata=_metadata(net))
+    (folder / config).write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """``(adapter_config, tensors, safetensors metadata)`` of a PEFT adapter folder."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_path, w_path = path / ADAPTER_FILES[1], path / ADAPTER_FILES[0]
+    if not cfg_path.exists():
+        raise LowbitError(f"{path}: no adapter_config.json — not a PEFT adapter folder")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LowbitError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise LowbitError(f"{cfg_path}: expected a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise LowbitError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
+    if not w_path.exists():
+        raise LowbitError(f"{path}: no adapter_model.safetensors")
+    with open_safetensors(w_path) as h:
+        meta = h.metadata() or {}
+    try:
+        tensors = load_file(str(w_path))
+    except Exception as e:
+        raise LowbitError(f"{w_path}: corrupt safetensors file ({str(e).splitlines()[0]})") from None
+    return cfg, tensors, meta
+
+
+def load_adapter(net: nn.Module, path: str | os.PathLike, force: bool = False, trainable: bool = False) -> nn.Module:
+    """Add the adapter in ``path`` (saved by lowbit or by peft) to ``net``."""
+    cfg, tensors, meta = read_adapter(path)
+    info = base_info(net)
+    want, have = meta.get("lowbit_base_fingerprint"), info.fingerprint
+    if not force and want not in (None, "None") and have and want != have:
+        raise LowbitError(f"{path}: adapter was trained on base {meta.get('lowbit_base_name')!r} (fingerprint "
+                          f"{want}), not on {info.name!r} ({have}); use --force to apply it anyway")
+    names = sorted({re.sub(r"^base_model\.model\.|\.lora_[AB](\.[A-Za-z0-9_]+)?\.weight$", "", k) for k in tensors})
+    present = set(linear_module_names(net))
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise LowbitError(f"{path}: adapter has layers the model lacks, e.g. {missing[0]!r}")
+    try:
+        r = int(cfg.get("r", 8))
+        alpha = float(cfg.get("lora_alpha", r))
+        dropout = float(cfg.get("lora_dropout", 0.0)) if trainable else 0.0
+    except (TypeError, ValueError) as e:
+        raise LowbitError(f"{path}/adapter_config.json: bad r / lora_alpha / lora_dropout ({e})") from None
+    add_lora(net, r=r, alpha=alpha, dropout=dropout, target_modules=f"({'|'.join(map(re.escape, names))})",
+             use_rslora=bool(cfg.get("use_rslora", False)), verbose=False)
+    set_adapter_weights(net, tensors, path)
+    for n in names:
+        for ab in ("lora_A", "lora_B"):
+            getattr(net.get_submodule(n), ab).weight.requires_grad_(trainable)
+    return net
+
+
+@torch.no_grad()
+def set_adapter_weights(net: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
+    """Copy adapter tensors (peft key names, with or without the ``.default`` adapter name) into the model's
+    LoRA layers, checking that every layer gets both matrices in the right shape."""
+    for n, mod in net.named_modules():
+        if not isinstance(mod, LoRALinear):
+            continue
+        for ab in ("lora_A", "lora_B"):
+            keys = (f"base_model.model.{n}.{ab}.weight", f"base_model.model.{n}.{ab}.default.weight")
+            key = next((k for k in keys if k in tensors), None)
+            if key is None:
+                raise LowbitError(f"{path}: missing {ab} for {n}")
+            dst = getattr(mod, ab).weight
+            if tuple(tensors[key].shape) != tuple(dst.shape):
+                raise LowbitError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, the model needs "
+                                  f"{tuple(dst.shape)}")
+            dst.copy_(tensors[key])

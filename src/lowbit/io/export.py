@@ -1,0 +1,61 @@
+"""4-bit checkpoints that transformers + bitsandbytes load as they are.
+
+The linear layers are written in bitsandbytes' state-dict layout (``weight``, ``weight.absmax``,
+``weight.quant_map``, ``weight.nested_absmax``, …, see ``quant/tensor.py``) and ``config.json`` carries the
+``quantization_config`` transformers reads (``quant_method: bitsandbytes``, ``load_in_4bit``, the quant type,
+double quantization, compute dtype, storage uint8). Tied parameters are written once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from torch import nn
+
+from ..atomic import writing_dir
+from ..errors import LowbitError
+from ..nn.linear import Linear4bit
+from ..nn.lora import LoRALinear
+from .loader import base_info
+
+__all__ = ["save_quantized"]
+
+
+def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write ``net`` (4-bit layers, no adapters) as a checkpoint transformers + bitsandbytes load."""
+    from safetensors.torch import save_file
+
+    q = [m for m in net.modules() if isinstance(m, Linear4bit)]
+    if not q:
+        raise LowbitError("the model has no 4-bit layers to save")
+    if any(isinstance(m, LoRALinear) for m in net.modules()):
+        raise LowbitError("the model carries LoRA adapters: save them with save_adapter, or merge first")
+    specs = {m.weight.spec for m in q}
+    spec = next(iter(specs))
+    if len(specs) > 1 or not spec.info.bitsandbytes:
+        kinds = sorted(str(s) for s in specs)
+        raise LowbitError(f"transformers + bitsandbytes read one of nf4/fp4 per model; this model has {kinds}")
+    sd = {k: v.contiguous() for k, v in net.state_dict().items()}
+    ptrs = {}  # tied parameters (one storage, several names) are saved once; transformers re-ties them
+    for k in list(sd):
+        t = sd[k]
+        if t.numel() and (t.data_ptr(), t.shape) in ptrs:
+            del sd[k]
+        else:
+            ptrs[(t.data_ptr(), t.shape)] = k
+    info = base_info(net)
+    cfg = net.config.to_dict()
+    cfg["quantization_config"] = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "_load_in_4bit": True,
+        "_load_in_8bit": False, "bnb_4bit_quant_type": spec.quant_type, "bnb_4bit_use_double_quant": spec.double_quant,
+        "bnb_4bit_compute_dtype": info.compute_dtype, "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": None,
+        "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
+    cfg["lowbit_fingerprint"] = info.fingerprint
+    with writing_dir(out, overwrite) as tmp:
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out)

@@ -1,0 +1,230 @@
+"""Quantize-on-load: a causal LM from a Hugging Face folder (or GGUF, or a built-in name), its linear layers
+turned into 4-bit ``Linear4bit`` while the checkpoint streams in.
+
+The model definitions are transformers'. Loading builds the model skeleton with parameters on the meta
+device, then reads the checkpoint one tensor at a time and turns each targeted linear weight straight into a
+``Linear4bit``; nothing full-size is kept beyond one tensor. A checkpoint already in bitsandbytes' 4-bit layout
+is read as it is. What the model was loaded from travels with it as one typed record, ``BaseInfo``
+(``base_info(net)``): adapters remember which base they were trained on, exports which dtype it computed in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..dtypes import default_compute_dtype, name_of
+from ..errors import LowbitError
+from ..nn.fused import fuse_modules
+from ..nn.linear import Linear4bit
+from ..nn.lora import linear_module_names, output_head_names
+from ..quant.spec import QuantSpec
+from ..quant.tensor import QuantizedTensor, quantize
+from .allocator import returning_allocator
+from .resolve import resolve_model
+from .safetensors import Reader
+
+__all__ = ["BaseInfo", "base_info", "load", "SourceWeights"]
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """Where a loaded model came from."""
+
+    name: str | None = None          # what the caller passed: built-in name, folder, .gguf file
+    path: str | None = None          # the local folder that was read
+    fingerprint: str | None = None   # digest of the base weights (the same for fp32/bf16/4-bit copies of one model)
+    compute_dtype: str = "float32"
+    quant: QuantSpec | None = None   # how the linear layers are stored; None: not quantized
+
+
+def base_info(net: nn.Module) -> BaseInfo:
+    """The model's ``BaseInfo`` (an empty one for a model lowbit did not load)."""
+    return getattr(net, "lowbit_base", None) or BaseInfo()
+
+
+def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, compute_dtype: torch.dtype | None = None,
+         skip_modules: list[str] | None = None, trust_remote_code: bool = False, device: str = "cpu") -> nn.Module:
+    """Load a causal LM, quantizing its linear layers as ``quant`` says while streaming the checkpoint.
+
+    ``quant=None`` keeps the weights in ``compute_dtype`` (16-bit LoRA). ``skip_modules``: module names kept in
+    the compute dtype (default: the output head). Embeddings and norms are never quantized.
+    """
+    folder = resolve_model(model)
+    raw, config = _read_config(folder, trust_remote_code)
+    dtype = compute_dtype or default_compute_dtype(device)
+    qc = raw.get("quantization_config") or {}
+    prequantized = qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+    if qc and not prequantized:
+        raise LowbitError(f"{folder}: checkpoint quantized with {qc.get('quant_method')!r}; lowbit reads float or "
+                          "bitsandbytes 4-bit checkpoints")
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    net = _skeleton(folder, raw, config, dtype, trust_remote_code)
+    heads = set(skip_modules) if skip_modules is not None else output_head_names(net)
+    digests: dict[str, bytes] = {}
+    with Reader(folder) as reader, returning_allocator():
+        if quant is not None or prequantized:
+            _quantize_linears(net, reader, quant, dtype, heads, digests, folder)
+        _materialize(net, reader, dtype, digests, folder)
+    fuse_modules(net)  # leaner backward for RMSNorm / SwiGLU; forward unchanged
+    net.eval()
+    stored = next((m.weight.spec for m in net.modules() if isinstance(m, Linear4bit)), None)
+    fingerprint = raw.get("lowbit_fingerprint") or \
+        hashlib.sha256(b"".join(digests[k] for k in sorted(digests))).hexdigest()[:16]
+    net.lowbit_base = BaseInfo(name=str(model), path=str(folder), fingerprint=fingerprint,
+                               compute_dtype=name_of(dtype), quant=stored)
+    return net.to(device) if device != "cpu" else net
+
+
+def _read_config(folder: Path, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise LowbitError(f"{folder / 'config.json'}: invalid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise LowbitError(f"{folder / 'config.json'}: expected a JSON object")
+    if raw.get("auto_map") and not trust_remote_code:
+        raise LowbitError(f"{folder}: this model needs its own code (auto_map in config.json); "
+                          "refused — pass trust_remote_code=True / --trust-remote-code if you trust it")
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError) as e:
+        raise LowbitError(f"{folder / 'config.json'}: unsupported model type {raw.get('model_type')!r} "
+                          f"({str(e).splitlines()[0]})") from None
+    return raw, config
+
+
+@contextlib.contextmanager
+def _params_on_meta():
+    """Build modules with their parameters on the meta device (buffers stay real, e.g. rotary tables)."""
+    old = nn.Module.register_parameter
+
+    def register(self, name, param):
+        old(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = old
+
+
+def _skeleton(folder: Path, raw: dict, config, dtype, trust_remote_code: bool) -> nn.Module:
+    """transformers' model for ``config`` with every parameter on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with _params_on_meta():
+        try:
+            net = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        except ValueError as e:
+            raise LowbitError(f"{folder}: unsupported architecture {raw.get('architectures')} "
+                              f"({str(e).splitlines()[0]})") from None
+    conv1d = [n for n, m in net.named_modules() if type(m).__name__ == "Conv1D"]
+    if conv1d:
+        raise LowbitError(f"{folder}: {raw.get('model_type')} uses GPT-2-style Conv1D layers ({conv1d[0]}, …), "
+                          "which lowbit does not quantize yet; use a model with nn.Linear layers (LLaMA, Qwen2, …)")
+    return net
+
+
+def _quantize_linears(net, reader: Reader, quant: QuantSpec | None, dtype, heads: set, digests: dict, folder: Path):
+    """Replace every linear layer but the heads by a ``Linear4bit``: read as stored when the checkpoint is in
+    bitsandbytes' layout, else quantized from its float weight (one weight in memory at a time)."""
+    for name in linear_module_names(net):
+        mod = net.get_submodule(name)
+        if not isinstance(mod, nn.Linear) or name in heads:
+            continue
+        key = f"{name}.weight"
+        if any(f"{key}.quant_state.bitsandbytes__{t}" in reader for t in ("nf4", "fp4")):
+            sd = {k: reader.get(k) for k in reader.files if k == key or k.startswith(key + ".")}
+            q = QuantizedTensor.from_state_dict(sd, key)
+            _fingerprint(digests, key, sd[key])
+        elif quant is None:
+            continue  # a float weight in a partly quantized checkpoint: read as a plain parameter
+        elif key in reader:
+            w = reader.get(key)
+            _check_shape(key, w, (mod.out_features, mod.in_features))
+            _fingerprint(digests, key, w)
+            try:
+                q = quantize(w, quant)
+            except LowbitError as e:
+                raise LowbitError(f"{key}: {e}") from None
+            del w
+        else:
+            raise LowbitError(f"{folder}: checkpoint has no tensor {key!r}")
+        bias = reader.get(f"{name}.bias").to(dtype) if mod.bias is not None and f"{name}.bias" in reader else None
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, child, Linear4bit(q, bias, compute_dtype=dtype))
+
+
+def _check_shape(key, t, shape):
+    if tuple(t.shape) != tuple(shape):
+        raise LowbitError(f"{key}: checkpoint shape {tuple(t.shape)} does not match the config's {tuple(shape)}")
+
+
+def _fingerprint(digests: dict, key, t):
+    """Digest of name, shape and the first 64 values (as bf16) — the same for fp32/bf16 copies of one model
+    and whatever order the tensors are read in."""
+    sample = t.reshape(-1)[:64]
+    sample = sample.to(torch.bfloat16).view(torch.int16) if sample.is_floating_point() else sample
+    digests[key] = hashlib.sha256(f"{key}{tuple(t.shape)}".encode() + sample.numpy().tobytes()).digest()
+
+
+def _materialize(net: nn.Module, reader: Reader, dtype, digests: dict, folder: Path):
+    """Fill every parameter still on meta from the checkpoint; tied parameters stay tied."""
+    slots: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for mname, mod in net.named_modules():
+        for pname, p in mod._parameters.items():
+            if p is not None and p.device.type == "meta":
+                slots.setdefault(id(p), []).append((mod, pname, f"{mname}.{pname}" if mname else pname))
+    for places in slots.values():
+        key = next((full for _, _, full in places if full in reader), None)
+        if key is None:
+            raise LowbitError(f"{folder}: checkpoint has no tensor {places[0][2]!r}")
+        t = reader.get(key, dtype)
+        old = places[0][0]._parameters[places[0][1]]
+        _check_shape(key, t, old.shape)
+        _fingerprint(digests, key, t)
+        new = nn.Parameter(t, requires_grad=False)
+        for mod, pname, _ in places:
+            mod._parameters[pname] = new
+
+
+class SourceWeights:
+    """The full-precision weights of a loaded model's checkpoint, read one layer at a time (for LoftQ init,
+    which needs the weight before rounding; keeping them all in memory would cost the model in float32).
+
+        with SourceWeights(net) as src:
+            add_lora(net, init="loftq", source_weight=src)      # src("model.layers.0.mlp.up_proj") → float32
+    """
+
+    def __init__(self, net: nn.Module):
+        info = base_info(net)
+        if info.path is None:
+            raise LowbitError("the model was not loaded by lowbit: its full-precision weights cannot be found")
+        self._reader = Reader(Path(info.path))
+        self._path = info.path
+
+    def __call__(self, name: str) -> torch.Tensor:
+        key = f"{name}.weight"
+        if key not in self._reader or f"{key}.absmax" in self._reader:
+            raise LowbitError(f"{self._path}: no full-precision weight for {name} (a 4-bit checkpoint has none; "
+                              "loftq init needs a float checkpoint)")
+        return self._reader.get(key, torch.float32)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._reader.close()

@@ -1,0 +1,107 @@
+"""Merging: fold LoRA adapters into dequantized weights and write a plain Hugging Face folder.
+
+    W_merged = deq(Q) + s·B·A        (float32, then cast to the output dtype)
+
+Re-quantizing W_merged to 4 bits can erase the fine-tune — the delta is often the size of the NF4 rounding
+error — so the default output is 16/32-bit; ``merge_report`` measures how much re-quantizing would cost.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..atomic import writing_dir
+from ..errors import LowbitError
+from ..nn.linear import Linear4bit
+from ..nn.lora import LoRALinear
+from ..quant.spec import QuantSpec
+from ..quant.tensor import quantize
+
+__all__ = ["dequantize_model", "merge", "merge_report"]
+
+
+@torch.no_grad()
+def dequantize_model(net: nn.Module, dtype: torch.dtype = torch.float32, merge_adapters: bool = False) -> nn.Module:
+    """Replace every 4-bit layer by an ``nn.Linear`` holding its dequantized weight (in place).
+
+    ``merge_adapters``: also fold each LoRA adapter into its layer (W + s·B·A), leaving a plain model.
+    """
+    for name, mod in list(net.named_modules()):
+        if isinstance(mod, LoRALinear) and merge_adapters:
+            w, bias = mod.base_weight(torch.float32) + mod.delta_weight(), mod.base.bias
+        elif isinstance(mod, Linear4bit):  # on its own, or the base of a LoRA layer we keep
+            w, bias = mod.dequantize(torch.float32), mod.bias
+        else:
+            continue
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype)
+        lin.weight.data.copy_(w)
+        if bias is not None:
+            lin.bias.data.copy_(bias)
+        lin.requires_grad_(False)
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, child, lin)
+    for p in net.parameters():
+        if p.is_floating_point() and p.dtype != dtype and not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return net
+
+
+def merge(net: nn.Module, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, tokenizer=None,
+          overwrite: bool = False) -> Path:
+    """Fold the adapters into dequantized weights and write a plain Hugging Face folder (no lowbit needed).
+
+    ``tokenizer``: copied into the folder when given (a model folder without one merges all the same).
+    """
+    if not any(isinstance(m, LoRALinear) for m in net.modules()):
+        raise LowbitError("the model has no LoRA adapters to merge")
+    dequantize_model(net, dtype=dtype, merge_adapters=True)  # every parameter is frozen now, so all are cast
+    with writing_dir(out, overwrite) as tmp:
+        if hasattr(net.config, "quantization_config"):
+            del net.config.quantization_config
+        net.config.dtype = dtype
+        net.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
+@torch.no_grad()
+def merge_report(net: nn.Module, tokenizer=None, quant: QuantSpec = QuantSpec(),
+                 prompts=("The capital of France is", "def fibonacci(n):", "Hello! How are you today?")) -> str:
+    """How much would re-quantizing the merged weights change the model, next to the adapter's own effect?
+
+    Compares logits on a few prompts (fixed token ids when there is no tokenizer): base (adapter off), with
+    adapter, and with W + s·B·A re-quantized (to the base's own format where it is 4-bit, else ``quant``).
+    """
+    loras = [m for m in net.modules() if isinstance(m, LoRALinear)]
+    if tokenizer is not None:
+        ids = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    else:
+        g = torch.Generator().manual_seed(0)
+        ids = {"input_ids": torch.randint(0, net.config.vocab_size, (len(prompts), 16), generator=g)}
+    run = lambda: net(**ids).logits.float()
+    y = run()
+    saved = [(m.base, m.scaling) for m in loras]
+    for m in loras:
+        m.scaling = 0.0
+    y_base = run()
+    for m, (base, s) in zip(loras, saved):
+        m.scaling = s  # the delta is s·B·A
+        quant = base.weight.spec if isinstance(base, Linear4bit) else quant
+        w = m.base_weight(torch.float32) + m.delta_weight()
+        m.base = Linear4bit(quantize(w, quant), base.bias, compute_dtype=getattr(base, "compute_dtype", None))
+        m.scaling = 0.0  # now folded into the re-quantized weight
+    y_rq = run()
+    for m, (base, s) in zip(loras, saved):
+        m.base, m.scaling = base, s
+    effect = ((y - y_base).norm() / y_base.norm()).item()
+    err = ((y_rq - y).norm() / y.norm()).item()
+    ratio = err / max(effect, 1e-12)
+    verdict = ("re-quantizing erases much of the fine-tune: deploy the 16-bit merge (or keep the adapter separate)"
+               if ratio > 0.5 else "re-quantizing keeps most of the fine-tune")
+    return (f"merge report: adapter changes logits by {100 * effect:.2f}%; re-quantizing the merged weights to "
+            f"{quant.quant_type} changes them by {100 * err:.2f}% ({ratio:.2f}x the adapter's effect) — {verdict}")

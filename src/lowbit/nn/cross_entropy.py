@@ -1,0 +1,53 @@
+"""Cross-entropy through a frozen output head, a chunk of tokens at a time: the logits never exist in full.
+
+    loss = Σᵢ CE(hᵢ·Wᵀ, yᵢ)
+    forward:  per chunk z = h·Wᵀ (compute dtype), lse = logsumexp(z) in float32, loss += Σ (lse − z[y]);
+              keeps only lse (4 bytes a token)
+    backward: per chunk recompute z, ∂/∂z = softmax(z) − onehot(y) = exp(z − lse) − onehot(y), ∂/∂h = (∂/∂z)·W
+
+The reference is ``F.cross_entropy(h @ W.T, y, reduction="sum")``; the tests compare the two.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .loss_chunk import loss_chunk_tokens
+
+__all__ = ["chunked_cross_entropy"]
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk: int):
+        w = weight.to(h.dtype)
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            z = (h[i : i + chunk] @ w.t()).float()
+            lse[i : i + chunk] = torch.logsumexp(z, dim=-1)
+            total += lse[i : i + chunk].sum() - z.gather(1, labels[i : i + chunk, None]).sum()
+        ctx.save_for_backward(h, weight, labels, lse)
+        ctx.chunk = chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, labels, lse = ctx.saved_tensors
+        w = weight.to(h.dtype)
+        gh = torch.empty_like(h)
+        for i in range(0, h.shape[0], ctx.chunk):
+            z = (h[i : i + ctx.chunk] @ w.t()).float()
+            p = torch.exp_(z.sub_(lse[i : i + ctx.chunk, None]))
+            p[torch.arange(p.shape[0], device=p.device), labels[i : i + ctx.chunk]] -= 1
+            gh[i : i + ctx.chunk] = (p.mul_(g)).to(h.dtype) @ w
+        return gh, None, None, None
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          chunk_tokens: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``h @ weight.T`` against ``labels`` (rows of ``h`` are tokens; no ignored labels).
+
+    ``weight`` must be frozen: it gets no gradient.
+    """
+    return _ChunkedCrossEntropy.apply(h, weight, labels, chunk_tokens or loss_chunk_tokens(weight.shape[0]))

@@ -1,0 +1,239 @@
+"""Memory planner: will QLoRA fine-tuning of a model fit on a device? An itemised estimate.
+
+Per item, for a LLaMA-style decoder (MoE: experts counted for weights, top-k for activations)::
+
+    quantized weights   Σ linear numel · storage bits / 8 (quant.spec.QUANT_TYPES; NF3/NF2 use 4-bit nibbles today)
+    quant constants     DQ: numel/blocksize bytes + 4·⌈blocks/256⌉ + 4 per tensor;  no DQ: 4·numel/blocksize
+    unquantized params  embeddings, output head (if untied), norms, router — compute dtype
+    LoRA params / grads r·(in+out) per adapted layer, float32 each
+    optimizer state     AdamW 8 B/param; 8-bit 2 B + 8/256; paged: one page pair on the device, the rest on the host
+    activations         tokens · layers · (12h + 4·kv + 6·i·k + 2r·n_adapted + 4·heads) · dtype/2   (no checkpointing)
+                        tokens · (2h·layers + one layer's activations)                            (checkpointing)
+                        — coefficients counted from the tensors autograd saves in lowbit's own training step
+    logits / loss       one loss chunk (nn.loss_chunk): ≈8M logits × 8 B (bf16 logits, fp32 copy, bf16 gradient)
+    transient weight    the largest dequantized weight, forward and backward
+    backward+allocator  activation gradients during backward and memory the allocator keeps after freeing;
+                        on CPU measured here (≈0.75× activations, ≈9.5 layers with checkpointing), on GPU estimated
+    framework overhead  CUDA context (GPU) or runtime buffers (CPU)
+
+Settings are spelled as the training config spells them (``sequence_len``, ``micro_batch_size``,
+``lora_target_modules``, ``load_in_4bit``, …), so ``plan_config(cfg)`` plans exactly the run ``train(cfg)`` does.
+Imports no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from ..dtypes import DTYPES, canonical, default_compute_dtype_name
+from ..errors import LowbitError
+from ..nn.lora_options import ALL_LINEAR
+from ..nn.loss_chunk import loss_chunk_tokens
+from ..optim.registry import check_optimizer
+from ..quant.spec import NESTED_BLOCKSIZE, QUANT_TYPES, check_blocksize, check_quant_type
+from .catalog import load_model_config
+
+__all__ = ["Plan", "plan", "plan_config", "largest", "parse_size", "PLAN_KEYS", "GIB"]
+
+GIB = 2**30
+HEADROOM = 0.05
+# the training config keys a plan depends on
+PLAN_KEYS = ("sequence_len", "micro_batch_size", "lora_r", "lora_target_modules", "load_in_4bit", "quant_type",
+             "double_quant", "blocksize", "optimizer", "gradient_checkpointing", "compute_dtype")
+
+
+def parse_size(s: str | float | int) -> int:
+    """'48GB' / '48GiB' / '80G' / '24000MB' / '1.5TB' → bytes (GB means GiB, as device vendors' tools show)."""
+    if isinstance(s, (int, float)):
+        if s <= 0:
+            raise LowbitError(f"memory size must be positive, got {s}")
+        return int(s * GIB)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*", str(s), re.I)
+    if not m:
+        raise LowbitError(f"cannot read memory size {s!r} (use e.g. 48GB, 80GiB, 24000MB)")
+    val = float(m.group(1))
+    unit = (m.group(2) or "G").upper().rstrip("B").rstrip("I") or "B"
+    mult = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
+    if val <= 0:
+        raise LowbitError(f"memory size must be positive, got {s!r}")
+    return int(val * mult)
+
+
+@dataclass
+class Plan:
+    items: dict[str, int]
+    host_bytes: int
+    total_bytes: int
+    device_bytes: int | None
+    fits: bool | None
+    settings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"total_bytes": self.total_bytes, "fits": self.fits, "items": self.items, "host_bytes": self.host_bytes,
+                "device_bytes": self.device_bytes, "settings": self.settings}
+
+    def table(self) -> str:
+        rows = [(k.replace("_", " "), v) for k, v in self.items.items()]
+        w = max(len(k) for k, _ in rows) + 2
+        out = [f"{k:<{w}}{_fmt(v):>12}" for k, v in rows]
+        out.append("-" * (w + 12))
+        out.append(f"{'total (device)':<{w}}{_fmt(self.total_bytes):>12}")
+        if self.host_bytes:
+            out.append(f"{'optimizer state on host':<{w}}{_fmt(self.host_bytes):>12}  (paged; not on the device)")
+        if self.device_bytes:
+            verdict = "fits" if self.fits else "does NOT fit"
+            out.append(f"{verdict} in {_fmt(self.device_bytes)} ({100 * self.total_bytes / self.device_bytes:.0f}% "
+                       f"used, {100 * HEADROOM:.0f}% headroom kept)")
+        return "\n".join(out)
+
+
+def _fmt(n: int) -> str:
+    for unit, div in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def _linears(cfg: dict) -> tuple[list[tuple[str, int, int, int]], dict]:
+    """[(name, in, out, count)] of the decoder's linear layers, and shape facts."""
+    h, L = cfg["hidden_size"], cfg["num_hidden_layers"]
+    nh = cfg["num_attention_heads"]
+    nkv = cfg.get("num_key_value_heads") or nh
+    d = cfg.get("head_dim") or h // nh
+    i = cfg["intermediate_size"]
+    experts = cfg.get("num_local_experts") or 1
+    lin = [("q_proj", h, nh * d, L), ("k_proj", h, nkv * d, L), ("v_proj", h, nkv * d, L), ("o_proj", nh * d, h, L),
+           ("gate_proj", h, i, L * experts), ("up_proj", h, i, L * experts), ("down_proj", i, h, L * experts)]
+    facts = dict(h=h, L=L, nh=nh, kv=nkv * d, i=i, experts=experts, topk=cfg.get("num_experts_per_tok") or 1,
+                 vocab=cfg["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", False)))
+    return lin, facts
+
+
+def _targets(lora_target_modules, names: list[str]) -> set[str]:
+    """The adapted layers, from the same spellings training takes: ``all-linear``, a list of names (or a
+    comma-separated string of them), or a regex over module paths like ``model.layers.0.self_attn.q_proj``."""
+    if lora_target_modules == ALL_LINEAR:
+        return set(names)
+    if isinstance(lora_target_modules, str) and not re.fullmatch(r"[\w,\s]+", lora_target_modules):
+        paths = {n: f"model.layers.0.{'self_attn' if n[0] in 'qkvo' else 'mlp'}.{n}" for n in names}
+        chosen = {n for n, p in paths.items() if re.fullmatch(lora_target_modules, p)}
+        if not chosen:
+            raise LowbitError(f"lora_target_modules: regex {lora_target_modules!r} matches no linear layer")
+        return chosen
+    wanted = [t.strip() for t in lora_target_modules.split(",")] if isinstance(lora_target_modules, str) \
+        else list(lora_target_modules)
+    unknown = [t for t in wanted if t.split(".")[-1] not in names]
+    if unknown:
+        raise LowbitError(f"lora_target_modules: unknown {unknown}; known: {', '.join(names)}")
+    return {t.split(".")[-1] for t in wanted}
+
+
+def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 1, lora_r: int = 16,
+         lora_target_modules=ALL_LINEAR, load_in_4bit: bool = True, quant_type: str = "nf4", double_quant: bool = True,
+         blocksize: int = 64, optimizer: str = "adamw", gradient_checkpointing: bool = False,
+         compute_dtype: str = "bfloat16", device_memory=None, device: str = "cuda", page_bytes: int = 0) -> Plan:
+    """The itemised peak memory of QLoRA training on one device (see the module docstring)."""
+    for name, v in (("sequence_len", sequence_len), ("micro_batch_size", micro_batch_size), ("lora_r", lora_r)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise LowbitError(f"{name} must be a positive integer, got {v!r}")
+    if load_in_4bit:
+        check_quant_type(quant_type)
+        check_blocksize(blocksize)
+    kind = check_optimizer(optimizer)
+    dtype = canonical(compute_dtype, "compute_dtype", auto=True)
+    dtype = default_compute_dtype_name(device) if dtype == "auto" else dtype
+    cfg = load_model_config(model) if isinstance(model, str) else model
+    try:
+        lin, f = _linears(cfg)
+    except KeyError as e:
+        raise LowbitError(f"model config lacks {e.args[0]!r}") from None
+    dbytes = DTYPES[dtype]
+    targets = _targets(lora_target_modules, [n for n, *_ in lin])
+    for n, a, b, _ in lin:
+        if n in targets and lora_r > min(a, b):
+            raise LowbitError(f"lora_r={lora_r} is larger than {n} ({b}x{a})")
+    items = _weights(lin, f, dbytes, quant_type if load_in_4bit else None, double_quant, blocksize)
+    lora = sum(lora_r * (a + b) * c for n, a, b, c in lin if n in targets)
+    items["lora_params"] = items["gradients"] = 4 * lora
+    state = int(lora * kind.state_bytes_per_param)
+    items["optimizer_state"] = min(state, page_bytes or kind.default_budget_bytes()) if kind.paged else state
+    host = state - items["optimizer_state"]
+    tokens = sequence_len * micro_batch_size
+    n_adapted = sum(1 for n, *_ in lin if n in targets)
+    per_layer_tok = (12 * f["h"] + 4 * f["kv"] + 6 * f["i"] * f["topk"] + 2 * lora_r * n_adapted + 4 * f["nh"] + 8) \
+        * dbytes / 2
+    act = tokens * (2 * f["h"] * f["L"] * dbytes / 2 + per_layer_tok) if gradient_checkpointing \
+        else tokens * f["L"] * per_layer_tok
+    items["activations"] = int(act + tokens * (2 * f["h"] + 8) * dbytes / 2)
+    chunk = min(tokens, loss_chunk_tokens(f["vocab"]))
+    items["logits_and_loss"] = chunk * f["vocab"] * 8 + tokens * f["h"] * 4  # chunked loss: bf16 + fp32 logits, grad
+    items["transient_weight"] = 2 * max(a * b for _, a, b, _ in lin) * dbytes if load_in_4bit else 0
+    items.update(_overheads(items, act, tokens * per_layer_tok, gradient_checkpointing, device))
+    total = sum(items.values())
+    dev = parse_size(device_memory) if device_memory is not None else None
+    fits = None if dev is None else total <= (1 - HEADROOM) * dev
+    settings = dict(sequence_len=sequence_len, micro_batch_size=micro_batch_size, lora_r=lora_r,
+                    lora_target_modules=lora_target_modules, load_in_4bit=load_in_4bit, quant_type=quant_type,
+                    double_quant=double_quant, blocksize=blocksize, optimizer=optimizer,
+                    gradient_checkpointing=gradient_checkpointing, compute_dtype=dtype, device=device,
+                    quantized_params=sum(a * b * c for _, a, b, c in lin), lora_params=lora)
+    return Plan(items, host, total, dev, fits, settings)
+
+
+def _weights(lin, f: dict, dbytes: int, quant_type: str | None, double_quant: bool, blocksize: int) -> dict:
+    """The base: 4-bit codes and their constants (``quant_type`` None: linear layers in the compute dtype), and
+    what is never quantized (embeddings, untied head, norms, MoE router)."""
+    qnumel = sum(a * b * c for _, a, b, c in lin)
+    items = {"quantized_weights": 0, "quant_constants": 0}
+    if quant_type is not None:
+        items["quantized_weights"] = qnumel * QUANT_TYPES[quant_type].storage_bits // 8
+        blocks = sum(c * math.ceil(a * b / blocksize) for _, a, b, c in lin)
+        if double_quant:
+            nested = sum(c * math.ceil(math.ceil(a * b / blocksize) / NESTED_BLOCKSIZE) for _, a, b, c in lin)
+            items["quant_constants"] = blocks + 4 * nested + 4 * sum(c for *_, c in lin)
+        else:
+            items["quant_constants"] = 4 * blocks
+    h, L, V = f["h"], f["L"], f["vocab"]
+    other = V * h * (1 if f["tied"] else 2) + (2 * L + 1) * h + (h * f["experts"] * L if f["experts"] > 1 else 0)
+    items["unquantized_params"] = other * dbytes + (0 if quant_type is not None else qnumel * dbytes)
+    return items
+
+
+def _overheads(items: dict, act: float, layer_act: float, gradient_checkpointing: bool, device: str) -> dict:
+    if device == "cuda":
+        # CUDA context + caching-allocator slack; backward transients (activation gradients). Not yet measured
+        # on a GPU here: an estimate.
+        back = 2 * layer_act if gradient_checkpointing else 0.5 * act
+        return {"backward_and_allocator": int(back + 0.05 * sum(items.values())),
+                "framework_overhead": int(0.75 * GIB)}
+    # Measured on this CPU (bench/plan_validate.py): activation gradients in backward plus what glibc keeps after
+    # freeing come to ≈0.75× the saved activations without checkpointing, ≈9.5 layers' activations with it
+    # (recomputed layers leave freed pages behind), plus ~32 MiB of runtime buffers.
+    return {"backward_and_allocator": int(9.5 * layer_act if gradient_checkpointing else 0.75 * act),
+            "framework_overhead": 32 << 20}
+
+
+def plan_config(cfg, device_memory=None, device: str = "cuda") -> Plan:
+    """The plan of the run ``train(cfg)`` does (``cfg`` a ``TrainConfig``)."""
+    return plan(cfg.base_model, **{k: getattr(cfg, k) for k in PLAN_KEYS}, device_memory=device_memory,
+                device=device, page_bytes=int(cfg.optimizer_budget_mb * 2**20))
+
+
+def largest(model, what: str, device_memory, **kw) -> int:
+    """The largest ``sequence_len`` or ``micro_batch_size`` that fits (0 if even 1 does not)."""
+    if what not in ("sequence_len", "micro_batch_size"):
+        raise LowbitError(f"largest: what must be sequence_len or micro_batch_size, got {what!r}")
+    lo, hi = 0, 1
+    while plan(model, **{**kw, what: hi}, device_memory=device_memory).fits:
+        lo, hi = hi, hi * 2
+        if hi > 1 << 24:
+            return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if plan(model, **{**kw, what: mid}, device_memory=device_memory).fits:
+            lo = mid
+        else:
+            hi = mid
+    return lo

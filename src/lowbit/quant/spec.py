@@ -1,0 +1,73 @@
+"""The quantization data types lowbit offers, and ``QuantSpec``: how a frozen base is stored.
+
+``QUANT_TYPES`` is the one table of names (codebooks, config, command line and planner read it). Importing
+this module does not import torch.
+
+    QuantSpec(quant_type="nf4", blocksize=64, double_quant=True)
+
+``blocksize`` is the number of weights sharing one absmax (a power of two, 32…4096); ``double_quant`` stores
+those constants as 8-bit codes with one float32 per ``NESTED_BLOCKSIZE`` of them (≈0.127 instead of 0.5 bits
+per weight at blocksize 64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import LowbitError
+
+__all__ = ["QuantType", "QUANT_TYPES", "QuantSpec", "NESTED_BLOCKSIZE", "check_blocksize", "check_quant_type"]
+
+NESTED_BLOCKSIZE = 256  # constants per nested absmax (bitsandbytes' double quantization)
+
+
+@dataclass(frozen=True)
+class QuantType:
+    bits: int                  # information bits per code (NF3: 3)
+    storage_bits: int          # bits one code takes in memory (NF3/NF2 are stored in 4-bit nibbles for now)
+    bitsandbytes: bool         # transformers + bitsandbytes load a checkpoint of this type
+    about: str
+
+
+QUANT_TYPES = {
+    "nf4": QuantType(4, 4, True, "4-bit NormalFloat: normal quantiles (the QLoRA default)"),
+    "fp4": QuantType(4, 4, True, "4-bit float E2M1, bitsandbytes' layout"),
+    "int4": QuantType(4, 4, False, "symmetric integers -7..7"),
+    "nf3": QuantType(3, 4, False, "3-bit NormalFloat"),
+    "nf2": QuantType(2, 4, False, "2-bit NormalFloat"),
+}
+
+
+def check_quant_type(quant_type: str, what: str = "quant_type") -> str:
+    if quant_type not in QUANT_TYPES:
+        raise LowbitError(f"{what} must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}")
+    return quant_type
+
+
+def check_blocksize(blocksize: int, lo: int = 32, hi: int = 4096) -> int:
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or not lo <= blocksize <= hi \
+            or blocksize & (blocksize - 1):
+        raise LowbitError(f"blocksize must be a power of two from {lo} to {hi}, got {blocksize!r}")
+    return blocksize
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a frozen weight is stored: data type, weights per absmax, and whether the absmax are quantized too."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+
+    def __post_init__(self):
+        check_quant_type(self.quant_type)
+        check_blocksize(self.blocksize)
+        if not isinstance(self.double_quant, bool):
+            raise LowbitError(f"double_quant must be true or false, got {self.double_quant!r}")
+
+    @property
+    def info(self) -> QuantType:
+        return QUANT_TYPES[self.quant_type]
+
+    def __str__(self) -> str:
+        return f"{self.quant_type}{'+DQ' if self.double_quant else ''} (blocksize {self.blocksize})"

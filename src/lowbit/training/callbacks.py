@@ -1,0 +1,108 @@
+"""What the loop reports to: each callback sees the run begin, every finished step (with its metrics record,
+which it may add to) and the end (also after Ctrl-C or an error, so files are closed).
+
+    Evaluator      held-out loss every ``every`` steps and at the last one → record["eval_loss"], history
+    MetricsLog     one JSON line per logged step (metrics.jsonl)
+    TensorBoard    the same scalars, when the tensorboard package is installed
+    ProgressBar    tqdm on stderr: loss, lr, tokens/s, eval loss
+
+Order matters: the Evaluator goes before the writers so they see the eval loss.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .evaluation import evaluate
+
+__all__ = ["Callback", "Evaluator", "MetricsLog", "TensorBoard", "ProgressBar"]
+
+
+class Callback:
+    def on_train_begin(self, state) -> None:
+        pass
+
+    def on_step_end(self, state, record: dict) -> None:
+        pass
+
+    def on_train_end(self, state) -> None:
+        pass
+
+
+class Evaluator(Callback):
+    def __init__(self, model, valid, dtype, every: int, last_step: int):
+        self.model, self.valid, self.dtype, self.every, self.last = model, valid, dtype, every, last_step
+
+    def on_step_end(self, state, record):
+        if state.step % self.every == 0 or state.step == self.last:
+            record["eval_loss"] = evaluate(self.model, self.valid, self.dtype)
+            state.history["eval"].append([state.step, record["eval_loss"]])
+
+
+def _logged(state, record, every: int) -> bool:
+    return state.step % every == 0 or "eval_loss" in record
+
+
+class MetricsLog(Callback):
+    def __init__(self, path: Path, every: int = 1):
+        self.path, self.every, self.f = Path(path), every, None
+
+    def on_train_begin(self, state):
+        self.f = open(self.path, "a")
+
+    def on_step_end(self, state, record):
+        if _logged(state, record, self.every):
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
+
+    def on_train_end(self, state):
+        if self.f is not None:
+            self.f.close()
+
+
+class TensorBoard(Callback):
+    KEYS = ("loss", "lr", "eval_loss", "tokens_per_s")
+
+    def __init__(self, logdir: Path, every: int = 1, log=print):
+        self.logdir, self.every, self.writer, self.log = Path(logdir), every, None, log
+
+    def on_train_begin(self, state):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.log("tensorboard: not installed (pip install tensorboard); skipping")
+            return
+        self.writer = SummaryWriter(str(self.logdir))
+
+    def on_step_end(self, state, record):
+        if self.writer is not None and _logged(state, record, self.every):
+            for k in self.KEYS:
+                if record.get(k) is not None:
+                    self.writer.add_scalar(k, record[k], state.step)
+
+    def on_train_end(self, state):
+        if self.writer is not None:
+            self.writer.close()
+
+
+class ProgressBar(Callback):
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.enabled, self.bar = total, enabled, None
+
+    def on_train_begin(self, state):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, initial=state.step, desc="train", unit="step", disable=not self.enabled,
+                        dynamic_ncols=True, file=sys.stderr)
+
+    def on_step_end(self, state, record):
+        self.bar.update(1)
+        extra = {"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                             tok_s=f"{record['tokens_per_s']:.0f}", **extra)
+
+    def on_train_end(self, state):
+        if self.bar is not None:
+            self.bar.close()

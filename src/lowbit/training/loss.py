@@ -1,0 +1,67 @@
+"""The training loss of a batch: summed next-token cross-entropy over the learned (answer) tokens.
+
+    loss(batch) = Σ_{t: label_{t+1} ≠ −100} CE(logits_t, label_{t+1}),   n = number of such t
+
+Returned as ``(sum, n)`` so a group of micro-batches (or several processes) can normalise by the tokens of
+the whole step. For a transformers model that is body → frozen head, the head and the loss run in chunks
+(``nn/cross_entropy.py``) and the logits never exist in full; otherwise (a trainable head, logit
+soft-capping, a wrapper such as peft's) the model's own forward gives the logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ..data.formats import IGNORE
+from ..nn.cross_entropy import chunked_cross_entropy
+
+__all__ = ["lm_loss", "answer_tokens", "autocast"]
+
+
+def _split_head(model):
+    """(body, head) when the model is body → lm_head, so the loss can be computed in chunks."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):  # e.g. a peft wrapper: use its own forward
+        return None, None
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings()
+    if not isinstance(body, PreTrainedModel) or body is model or head is None or \
+            getattr(model.config, "final_logit_softcapping", None):
+        return None, None
+    return body, head
+
+
+def answer_tokens(batch) -> int:
+    """How many next-token predictions of ``batch`` are learned."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def lm_loss(model, batch, chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+    """(sum of next-token losses, number of learned tokens) — see the module docstring."""
+    labels = batch["labels"][:, 1:].reshape(-1)
+    n = int((labels != IGNORE).sum())
+    mask = batch.get("attention_mask")
+    body, head = _split_head(model)
+    if body is None:
+        out = model(input_ids=batch["input_ids"], attention_mask=mask)
+        logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float()
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum"), n
+    h = body(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+    h = h[:, :-1].reshape(-1, h.shape[-1])
+    keep = labels != IGNORE
+    h, labels = h[keep], labels[keep]
+    if head.weight.requires_grad:  # a trainable head needs its weight gradient: the plain path
+        logits = F.linear(h, head.weight.to(h.dtype)).float()
+        return F.cross_entropy(logits, labels, reduction="sum"), n
+    return chunked_cross_entropy(h, head.weight, labels, chunk_tokens), n
+
+
+def autocast(dtype, device_type: str = "cpu"):
+    """Mixed precision for 16-bit compute dtypes; float32 (or None) runs as it is."""
+    if dtype in (None, torch.float32):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)

@@ -1,0 +1,177 @@
+"""``train(cfg)``: a config → its parts (data, 4-bit model with LoRA, optimizer, schedule, callbacks) → the loop.
+
+    output_dir/  adapter_config.json, adapter_model.safetensors   the result (PEFT format)
+                 config.yaml, metrics.jsonl, loss.png, checkpoints/step-…/
+
+``resume`` continues from the newest checkpoint; its saved config is compared with this one first: a change
+that alters the math (model, quantization, LoRA shape, data, sequence length, batch, optimizer, …) is refused,
+naming the keys; harmless ones (logging and checkpoint cadence, max_steps) are reported and taken.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+
+from .. import optim
+from ..atomic import writing_file
+from ..data.batching import Batches
+from ..data.formats import tokenize_records
+from ..data.records import load_splits
+from ..dtypes import to_torch
+from ..errors import LowbitError
+from ..io.adapters import save_adapter
+from ..io.loader import SourceWeights, load
+from ..io.tokenizer import load_tokenizer
+from ..nn.lora import add_lora, count_parameters
+from . import loss as losses
+from .callbacks import Evaluator, MetricsLog, ProgressBar, TensorBoard
+from .checkpoint import Checkpointer, latest_checkpoint, load_checkpoint, saved_config
+from .config import TrainConfig, config_changes, config_to_yaml
+from .evaluation import evaluate
+from .loop import NonFiniteLoss, train_loop
+from .plot import plot_losses
+from .schedule import lr_lambda
+from .state import TrainState
+
+__all__ = ["train", "load_data", "load_model", "total_steps"]
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "loss.png", "adapter_model.safetensors", "adapter_config.json",
+             "config.yaml", "tensorboard")
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> dict:
+    """Fine-tune as ``cfg`` says; returns the output folder, step count, eval losses, tokens/s, model, tokenizer."""
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    ck = _prepare_output_dir(out, cfg, resume, overwrite, log)
+    dtype = to_torch(cfg.compute_dtype)
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer(cfg.base_model)
+    batches, valid = load_data(cfg, tok, log)
+    model = load_model(cfg, dtype, log)
+    total = total_steps(cfg, len(batches))
+    opt = optim.make(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                     weight_decay=cfg.weight_decay, budget_bytes=int(cfg.optimizer_budget_mb * 2**20))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total))
+    out.mkdir(parents=True, exist_ok=True)
+    with writing_file(out / "config.yaml") as tmp:
+        tmp.write_text(config_to_yaml(cfg))
+    state = TrainState()
+    if ck is not None:
+        state = load_checkpoint(ck, model, opt)
+        sched.last_epoch = state.step  # the optimizer's saved param groups already carry this step's lr
+        log(f"resumed from {ck} at step {state.step}")
+    else:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    if "base_eval_loss" not in state.history and valid is not None:
+        state.history["base_eval_loss"] = evaluate(model, valid, dtype)
+        log(f"eval loss before training: {state.history['base_eval_loss']:.4f}")
+    checkpoints = Checkpointer(out, model, opt, cfg, total)
+    callbacks = [*([Evaluator(model, valid, dtype, cfg.eval_steps, total)] if valid is not None else []),
+                 MetricsLog(out / "metrics.jsonl", cfg.logging_steps),
+                 *([TensorBoard(out / "tensorboard", cfg.logging_steps, log)] if cfg.tensorboard else []),
+                 ProgressBar(total, progress), checkpoints]
+    try:
+        train_loop(model, opt, batches, steps=total, scheduler=sched, state=state,
+                   accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm, dtype=dtype,
+                   loss_fn=losses.lm_loss, callbacks=callbacks)
+    except KeyboardInterrupt:
+        saved = _save_uninterruptibly(checkpoints, state) if state.step else None
+        raise LowbitError(f"interrupted at step {state.step}; checkpoint saved to {saved}. Continue with --resume") \
+            from None
+    except NonFiniteLoss as e:
+        raise LowbitError(f"{e}; stopped. Last good checkpoint: {latest_checkpoint(out) or 'none'} "
+                          "(try a lower learning_rate)") from None
+    save_adapter(model, out)
+    plot_losses(out, state.history.get("base_eval_loss"))
+    evals = state.history["eval"]
+    return {"output_dir": str(out), "steps": state.step, "base_eval_loss": state.history.get("base_eval_loss"),
+            "eval_loss": evals[-1][1] if evals else None, "tokens_per_s": state.tokens_per_s(), "model": model,
+            "tokenizer": tok}
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    """``max_steps``, else enough optimizer steps for ``num_epochs`` passes."""
+    return cfg.max_steps or max(1, math.ceil(math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+                                             * cfg.num_epochs))
+
+
+def load_data(cfg: TrainConfig, tok, log=print) -> tuple[Batches, Batches | None]:
+    """Train and held-out batches: records from every source in ``datasets``, tokenized by format."""
+    sources = cfg.datasets if isinstance(cfg.datasets, list) else [cfg.datasets]
+    train_recs, val_recs = [], []
+    for src in sources:
+        tr, va = load_splits(src, cfg.val_set_size, cfg.seed)
+        train_recs += tr
+        val_recs += va
+    train = tokenize_records(train_recs, tok, cfg.dataset_format, cfg.sequence_len, cfg.train_on_inputs)
+    valid = tokenize_records(val_recs, tok, cfg.dataset_format, cfg.sequence_len, cfg.train_on_inputs) \
+        if val_recs else None
+    log(f"data: {len(train.samples)} train / {len(valid.samples) if valid else 0} valid samples ({train.fmt}); "
+        f"{train.truncated} truncated to {cfg.sequence_len} tokens, {train.dropped} dropped (nothing to learn)")
+    if cfg.sample_packing:
+        log("sample_packing: packing without cross-sample attention needs a block-diagonal mask this attention "
+            "implementation does not take; using length-grouped batches instead")
+    pad = tok.pad_token_id
+    return (Batches(train.samples, cfg.micro_batch_size, pad, cfg.seed),
+            Batches(valid.samples, cfg.micro_batch_size, pad, cfg.seed) if valid else None)
+
+
+def load_model(cfg: TrainConfig, dtype, log=print):
+    """The base (quantized while it streams in) with LoRA adapters on the configured layers."""
+    model = load(cfg.base_model, cfg.quant_spec(), compute_dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
+                use_rslora=cfg.use_rslora, init=cfg.lora_init, verbose=False)
+    if cfg.lora_init == "loftq":
+        with SourceWeights(model) as source:
+            add_lora(model, **lora, source_weight=source)
+    else:
+        add_lora(model, **lora)
+    trainable, total = count_parameters(model)
+    spec = cfg.quant_spec()
+    log(f"model: {cfg.base_model} ({f'4-bit {spec}' if spec else 'unquantized'}, compute "
+        f"{str(dtype).split('.')[-1]}); LoRA r={cfg.lora_r}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.2f}%)")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _prepare_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, log) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run), after checking the folder allows this run."""
+    if resume:
+        ck = latest_checkpoint(out)
+        if ck is None:
+            raise LowbitError(f"{out}: --resume, but there is no checkpoint in {out / 'checkpoints'}")
+        math_changes, harmless = config_changes(saved_config(ck), cfg)
+        if math_changes:
+            raise LowbitError(f"{out}: cannot resume: the config differs from the checkpoint's in what the training "
+                              f"computes ({'; '.join(math_changes)}); use the same settings, or --overwrite")
+        if harmless:
+            log(f"resuming with changed settings: {'; '.join(harmless)}")
+        return ck
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    if overwrite:
+        for name in RUN_FILES:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        return None
+    saved = out / "config.yaml"
+    what = "a different run" if saved.exists() and saved.read_text() != config_to_yaml(cfg) else "a run"
+    raise LowbitError(f"{out}: output_dir already holds {what}; use --resume to continue it or --overwrite to "
+                      "replace it")
+
+
+def _save_uninterruptibly(checkpoints: Checkpointer, state: TrainState) -> Path:
+    """Write the checkpoint with Ctrl-C ignored: a second Ctrl-C must not tear it."""
+    prev = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return checkpoints.save(state)
+    finally:
+        signal.signal(signal.SIGINT, prev)

@@ -1,0 +1,183 @@
+"""Every command on tiny models: train, eval, generate, merge (with the re-quantization report), quantize, plan;
+one-line errors."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from lowbit import cli
+from lowbit.io.adapters import load_adapter, save_adapter
+from lowbit.io.loader import load
+from lowbit.nn.lora import LoRALinear, add_lora
+from lowbit.training.config import apply_overrides, config_to_yaml, load_config
+
+from tiny import random_ids as _ids
+from tiny import randomize_lora as _randomize_lora
+from tiny import save_tiny_with_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_cli(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny_with_tokenizer(root / "model")
+    m = load(root / "model", compute_dtype=torch.float32)
+    add_lora(m, r=4, verbose=False)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, LoRALinear):
+                mod.lora_B.weight.normal_(0, 0.05)
+    save_adapter(m, root / "adapter")
+    return root
+
+
+def test_quantize_command(tiny_cli, capsys):
+    out = tiny_cli / "q4"
+    assert cli.main(["quantize", "--model", str(tiny_cli / "model"), "--out", str(out), "--quant-type", "fp4",
+                     "--no-double-quant", "--blocksize", "128"]) == 0
+    assert "loadable with transformers + bitsandbytes" in capsys.readouterr().out
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["bnb_4bit_quant_type"] == "fp4" and qc["bnb_4bit_use_double_quant"] is False
+    assert (out / "tokenizer.json").exists()
+    m = load(out, compute_dtype=torch.float32)
+    w = m.model.layers[0].self_attn.q_proj.weight
+    assert w.quant_type == "fp4" and w.blocksize == 128 and not w.double_quant
+    assert cli.main(["quantize", "--model", str(tiny_cli / "model"), "--out",
+                     str(out)]) == 2  # not over an existing folder
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_generate_command_streams(tiny_cli, capsys):
+    rc = cli.main(["generate", "--model", str(tiny_cli / "model"), "--adapter", str(tiny_cli / "adapter"), "--prompt",
+                   "hello how are you", "--max-new-tokens", "5", "--compute-dtype", "float32"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_merge_command_with_requantize_report(tiny_cli, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tiny_cli / "merged"
+    rc = cli.main(["merge", "--model", str(tiny_cli / "model"), "--adapter", str(tiny_cli / "adapter"),
+                   "--out", str(out),
+                   "--dtype", "fp32", "--requantize", "--compute-dtype", "float32"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "merge report: adapter changes logits by" in text and "x the adapter's effect" in text
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ref = load(tiny_cli / "model", compute_dtype=torch.float32)
+    load_adapter(ref, tiny_cli / "adapter")
+    ids = torch.randint(0, 200, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ref(ids).logits, atol=1e-4)
+    assert json.loads((tiny_cli / "merged-nf4" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
+
+
+def test_command_errors_are_one_line(tiny_cli, capsys):
+    assert cli.main(["generate", "--model", str(tiny_cli / "nope"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model not found") and "\n" not in err
+    assert cli.main(["merge", "--model", str(tiny_cli / "model"), "--adapter", str(tiny_cli / "model"), "--out",
+                     str(tiny_cli / "m2")]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
+    assert not (tiny_cli / "m2").exists()
+
+
+def test_cli_flags_override_yaml(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text("lora_r: 8\nmicro_batch_size: 2\n")
+    assert cli.main(["train", str(p), "--print-config", "--lora-r", "32", "--learning-rate=5e-5"]) == 0
+    out = capsys.readouterr().out
+    assert "lora_r: 32" in out and "micro_batch_size: 2" in out and "learning_rate: 5.0e-05" in out
+    assert cli.main(["train", "--lora-rr", "3"]) == 2
+    assert "did you mean 'lora_r'" in capsys.readouterr().err
+
+
+def test_train_end_to_end_via_cli(setup, capsys):
+    root, model_dir, data = setup
+    out = root / "cli-run"
+    rc = cli.main(["train", "--base-model", str(model_dir), "--datasets", str(data), "--compute-dtype", "float32",
+                   "--lora-r", "4", "--micro-batch-size", "4", "--sequence-len", "64", "--max-steps", "12",
+                   "--learning-rate", "3e-3", "--warmup-steps", "0", "--eval-steps", "6", "--save-steps", "6",
+                   "--val-set-size", "8", "--output-dir", str(out), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "config.yaml"):
+        assert (out / name).exists(), name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000006", "step-0000012"]
+    recs = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 12 and all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in recs)
+    evals = [r["eval_loss"] for r in recs if "eval_loss" in r]
+    m = [row for row in text.splitlines() if row.startswith("eval loss:")][0]
+    before, after = map(float, m.split(":")[1].split("->"))
+    assert after < before and evals[-1] == pytest.approx(after, abs=1e-4)
+    assert "lowbit generate --model" in text and "lowbit merge --model" in text
+    # the saved adapter evaluates better than the base on the same data
+    rc = cli.main(["eval", "--model", str(model_dir), "--adapter", str(out), "--data", str(data), "--json",
+                   "--compute-dtype", "float32", "--sequence-len", "64"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0 and res["perplexity"] == pytest.approx(math.exp(res["loss"]))
+    cli.main(["eval", "--model", str(model_dir), "--data", str(data), "--json", "--compute-dtype", "float32",
+              "--sequence-len", "64"])
+    assert json.loads(capsys.readouterr().out)["loss"] > res["loss"]
+    # a second run into the same folder is refused
+    assert cli.main(["train", "--base-model", str(model_dir), "--datasets", str(data), "--output-dir", str(out),
+                     "--quiet"]) == 2
+    assert "already holds" in capsys.readouterr().err
+
+
+TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True)
+
+
+def test_cli_json(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    assert cli.main(["plan", str(tmp_path), "--json", "--gpu-memory", "8GB", "--max-batch"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is True and out["total_bytes"] == sum(out["items"].values()) and out["max_micro_batch_size"] > 1
+    assert cli.main(["plan", "mixtral-8x7b", "--gpu-memory", "48XB"]) == 2
+    assert "cannot read memory size" in capsys.readouterr().err
+
+
+def test_plan_of_a_config_file_is_the_run_train_would_do(setup, tmp_path, capsys):
+    from lowbit.planner.memory import plan_config
+
+    root, model_dir, data = setup
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(f"base_model: {model_dir}\ndatasets: {data}\nsequence_len: 96\nmicro_batch_size: 3\n"
+                        "lora_r: 4\nlora_target_modules: [q_proj, v_proj]\noptimizer: adamw_8bit\n")
+    assert cli.main(["train", str(cfg_file), "--micro-batch-size", "2", "--print-config"]) == 0
+    trained = load_config(cfg_file)
+    apply_overrides(trained, {"micro_batch_size": 2})
+    assert capsys.readouterr().out == config_to_yaml(trained)
+    assert cli.main(["plan", str(cfg_file), "--micro-batch-size", "2", "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = plan_config(trained, device="cpu").to_json()
+    assert out == json.loads(json.dumps(want))
+    s = out["settings"]
+    assert (s["sequence_len"], s["micro_batch_size"], s["lora_r"], s["optimizer"]) == (96, 2, 4, "adamw_8bit")
+    assert s["lora_target_modules"] == ["q_proj", "v_proj"]
+    # a model instead of a config file, with the same flags as train
+    assert cli.main(["plan", str(model_dir), "--sequence-len", "96", "--micro-batch-size", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["sequence_len"] == 96
+    assert cli.main(["plan", str(model_dir), "--sequence-lenn", "96"]) == 2
+    assert "did you mean 'sequence_len'" in capsys.readouterr().err
+
+
+def test_merge_works_on_a_model_folder_without_a_tokenizer(tiny, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny  # saved without tokenizer files
+    m = load(path, compute_dtype=torch.float32)
+    add_lora(m, r=4, verbose=False)
+    _randomize_lora(m)
+    save_adapter(m, tmp_path / "ad")
+    rc = cli.main(["merge", "--model", str(path), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "mg"),
+                   "--dtype", "fp32", "--compute-dtype", "float32", "--requantize"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "merge report" in text
+    assert not any((tmp_path / "mg" / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "mg", dtype=torch.float32)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, m(ids).logits, atol=1e-4)

@@ -1,0 +1,76 @@
+"""Memory planner arithmetic on hand-computed small cases; sizes; errors; the seed's headline."""
+
+
+import pytest
+
+from lowbit.errors import LowbitError
+from lowbit.planner.memory import GIB, largest, parse_size, plan
+
+TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True)
+
+
+def test_hand_computed_tiny_case():
+    p = plan(TINY, sequence_len=8, micro_batch_size=2, lora_r=4, blocksize=64, double_quant=True, optimizer="adamw",
+             device="cpu")
+    # per layer: q 64x64, k 64x32, v 64x32, o 64x64, gate/up 64x128, down 128x64
+    per_layer = 4096 + 2048 + 2048 + 4096 + 3 * 8192
+    n = 2 * per_layer                                             # 73,728 quantized parameters
+    assert p.items["quantized_weights"] == n // 2
+    blocks = 2 * (64 + 32 + 32 + 64 + 3 * 128)                    # one absmax byte per 64 values
+    nested = 2 * 7                                                 # each tensor has < 256 blocks: one nested absmax
+    assert p.items["quant_constants"] == blocks + 4 * nested + 4 * 14
+    # tied embedding + 2 norms/layer + final norm, bf16
+    assert p.items["unquantized_params"] == 2 * (256 * 64 + 5 * 64)
+    lora = 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    assert p.items["lora_params"] == p.items["gradients"] == 4 * lora
+    assert p.items["optimizer_state"] == 8 * lora
+    assert p.total_bytes == sum(p.items.values())
+
+
+def test_options_move_the_right_items():
+    base = plan(TINY, sequence_len=64, micro_batch_size=2, device="cpu")
+    nodq = plan(TINY, sequence_len=64, micro_batch_size=2, double_quant=False, device="cpu")
+    blocks = 2 * (64 + 32 + 32 + 64 + 3 * 128)
+    assert nodq.items["quant_constants"] == 4 * blocks                # float32 absmax: 0.5 bit/param
+    assert base.items["quant_constants"] == blocks + 4 * 14 + 4 * 14   # uint8 absmax + nested + offsets
+    assert plan(TINY, optimizer="adamw_8bit",
+                device="cpu").items["optimizer_state"] < base.items["optimizer_state"] / 3
+    paged = plan(TINY, optimizer="paged_adamw", device="cpu", page_bytes=1024)
+    assert paged.items["optimizer_state"] == 1024 and paged.host_bytes == base.items["optimizer_state"] - 1024
+    ckpt = plan(TINY, sequence_len=512, micro_batch_size=8, gradient_checkpointing=True, device="cpu")
+    assert ckpt.items["activations"] < plan(TINY, sequence_len=512, micro_batch_size=8,
+                                            device="cpu").items["activations"]
+    lora16 = plan(TINY, load_in_4bit=False, device="cpu")
+    assert lora16.items["quantized_weights"] == 0
+    assert lora16.items["unquantized_params"] > base.items["unquantized_params"]
+    doubled = plan(TINY, sequence_len=128, micro_batch_size=2, device="cpu").items["activations"]
+    assert doubled > 1.9 * plan(TINY, sequence_len=64, micro_batch_size=2, device="cpu").items["activations"]
+
+
+def test_parse_size():
+    assert parse_size("48GB") == 48 * GIB == parse_size("48GiB") == parse_size("48g") == parse_size(48)
+    assert parse_size("24000MB") == 24000 * 2**20
+    for bad in ("48XB", "", "-1GB", "GB"):
+        with pytest.raises(LowbitError):
+            parse_size(bad)
+
+
+def test_errors():
+    with pytest.raises(LowbitError, match="known family"):
+        plan("llama-7")
+    with pytest.raises(LowbitError, match="larger than"):
+        plan(TINY, lora_r=100)
+    with pytest.raises(LowbitError, match="positive"):
+        plan(TINY, sequence_len=-5)
+
+
+def test_seed_headline_65b_on_48gb():
+    kw = dict(sequence_len=512, micro_batch_size=1, lora_r=16, gradient_checkpointing=True,
+              optimizer="paged_adamw_8bit")
+    p = plan("llama-65b", device_memory="48GB", **kw)
+    assert p.fits and 30 * GIB < p.total_bytes < 48 * GIB
+    assert not plan("llama-65b", device_memory="24GB", **kw).fits
+    n = largest("llama-65b", "sequence_len", "48GB", **kw)
+    assert 512 <= n and plan("llama-65b", device_memory="48GB", **{**kw, "sequence_len": n}).fits
+    assert not plan("llama-65b", device_memory="48GB", **{**kw, "sequence_len": n + 1}).fits

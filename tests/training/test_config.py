@@ -1,0 +1,54 @@
+"""The training config: keys, types, hints, registries."""
+
+
+import pytest
+
+from lowbit.errors import LowbitError
+from lowbit.training.config import TrainConfig, apply_overrides, load_config
+
+
+def test_config_keys_types_and_hints(tmp_path):
+    cfg = TrainConfig()
+    with pytest.raises(LowbitError, match="did you mean 'learning_rate'"):
+        apply_overrides(cfg, {"learning_rat": 1})
+    with pytest.raises(LowbitError, match="lora_r expects an integer"):
+        apply_overrides(cfg, {"lora_r": "8"})
+    with pytest.raises(LowbitError, match="gradient_checkpointing expects true/false"):
+        apply_overrides(cfg, {"gradient_checkpointing": "maybe"}, from_string=True)
+    p = tmp_path / "c.yaml"
+    p.write_text("lora_r: 8\nlearning_rate: 1.0e-4\nlora_target_modules: [q_proj, v_proj]\n")
+    cfg = load_config(p)
+    assert cfg.lora_r == 8 and cfg.learning_rate == 1e-4 and cfg.lora_target_modules == ["q_proj", "v_proj"]
+    p.write_text("lora_r: [\n")
+    with pytest.raises(LowbitError, match="invalid YAML"):
+        load_config(p)
+    with pytest.raises(LowbitError, match="optimizer must be one of"):
+        TrainConfig(optimizer="sgd").validate()
+
+
+def test_unknown_names_are_errors_everywhere():
+    from lowbit.training.schedule import lr_lambda
+
+    with pytest.raises(LowbitError, match="lr_scheduler must be one of cosine, linear, constant, got 'cosin'"):
+        TrainConfig(lr_scheduler="cosin").validate()
+    with pytest.raises(LowbitError, match="lr_scheduler must be one of"):
+        lr_lambda("cosin", 0, 10)
+    with pytest.raises(LowbitError, match="blocksize must be a power of two"):
+        TrainConfig(blocksize=48).validate()
+    with pytest.raises(LowbitError, match="compute_dtype must be one of"):
+        TrainConfig(compute_dtype="fp8").validate()
+
+
+def test_config_changes_split_math_from_harmless():
+    from dataclasses import asdict
+
+    from lowbit.training.config import config_changes
+
+    old = TrainConfig()
+    new = TrainConfig(lora_r=32, datasets="chitchat", max_steps=10, logging_steps=5)
+    math_changes, harmless = config_changes(asdict(old), new)
+    assert math_changes == ["lora_r: 16 -> 32", "datasets: 'chatterbot' -> 'chitchat'"]
+    assert harmless == ["max_steps: 0 -> 10", "logging_steps: 1 -> 5"]
+    saved = asdict(old)
+    del saved["seed"]  # a checkpoint from an older version, without a newer key: its default is assumed
+    assert config_changes(saved, old) == ([], [])

@@ -1,0 +1,107 @@
+"""train(cfg) end to end on a tiny model: exact resume, accumulation, NaN stop, overwrite."""
+
+import json
+
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.training import loss as loss_mod
+from lowbit.training import recipe
+from lowbit.training.config import TrainConfig
+
+
+def _cfg(setup, out, **kw):
+    root, model_dir, data = setup
+    base = dict(base_model=str(model_dir), datasets=str(data), compute_dtype="float32", lora_r=4, lora_alpha=8,
+                micro_batch_size=4, sequence_len=64, max_steps=8, learning_rate=3e-3, warmup_steps=0,
+                eval_steps=4, save_steps=4, val_set_size=8, output_dir=str(root / out), lora_dropout=0.1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_8bit"])
+def test_resume_equals_uninterrupted(setup, monkeypatch, optimizer):
+    full = recipe.train(_cfg(setup, f"full-{optimizer}", optimizer=optimizer), progress=False, log=lambda *a: None)
+    ref = [json.loads(row) for row in (setup[0] / f"full-{optimizer}" / "metrics.jsonl").read_text().splitlines()]
+
+    # interrupt in the middle of step 6 (a Ctrl-C), then resume
+    calls = {"n": 0}
+    real = loss_mod.lm_loss
+
+    def flaky(model, batch, *a, **k):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 6:
+                raise KeyboardInterrupt
+        return real(model, batch, *a, **k)
+
+    monkeypatch.setattr(loss_mod, "lm_loss", flaky)
+    with pytest.raises(LowbitError, match="interrupted at step 5"):
+        recipe.train(_cfg(setup, f"resumed-{optimizer}", optimizer=optimizer), progress=False, log=lambda *a: None)
+    monkeypatch.setattr(loss_mod, "lm_loss", real)
+    out = setup[0] / f"resumed-{optimizer}"
+    assert (out / "checkpoints" / "step-0000005").exists()
+    res = recipe.train(_cfg(setup, f"resumed-{optimizer}", optimizer=optimizer), resume=True, progress=False,
+                          log=lambda *a: None)
+    got = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == list(range(1, 9))
+    for a, b in zip(got, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
+        assert a["lr"] == pytest.approx(b["lr"])
+    assert res["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-5)
+
+
+def test_grad_accumulation_checkpointing_and_schedulers(setup):
+    res = recipe.train(_cfg(setup, "ga", gradient_accumulation_steps=2, micro_batch_size=2,
+                            gradient_checkpointing=True,
+                               lr_scheduler="linear", max_steps=6, eval_steps=6, save_steps=6),
+                          progress=False, log=lambda *a: None)
+    assert res["eval_loss"] < res["base_eval_loss"]
+    recs = [json.loads(row) for row in (setup[0] / "ga" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in recs]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(3e-3)
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(setup, monkeypatch):
+    real = loss_mod.lm_loss
+    calls = {"n": 0}
+
+    def boom(model, batch, *a, **k):
+        s, n = real(model, batch, *a, **k)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 6:
+                return s * float("nan"), n
+        return s, n
+
+    monkeypatch.setattr(loss_mod, "lm_loss", boom)
+    with pytest.raises(LowbitError, match=r"step 6: loss is nan.*step-0000004"):
+        recipe.train(_cfg(setup, "nan"), progress=False, log=lambda *a: None)
+    assert (setup[0] / "nan" / "checkpoints" / "step-0000004" / "adapter_model.safetensors").exists()
+    assert not (setup[0] / "nan" / "adapter_model.safetensors").exists()
+
+
+def test_overwrite_replaces_run(setup):
+    recipe.train(_cfg(setup, "ow", max_steps=2, eval_steps=2, save_steps=2), progress=False, log=lambda *a: None)
+    with pytest.raises(LowbitError, match="already holds"):
+        recipe.train(_cfg(setup, "ow", max_steps=2), progress=False, log=lambda *a: None)
+    recipe.train(_cfg(setup, "ow", max_steps=3, eval_steps=3, save_steps=3), overwrite=True, progress=False,
+                 log=lambda *a: None)
+    assert sorted(p.name for p in (setup[0] / "ow" / "checkpoints").iterdir()) == ["step-0000003"]
+
+
+def test_resume_refuses_a_config_that_changes_the_math_and_reports_harmless_changes(setup):
+    recipe.train(_cfg(setup, "rc", max_steps=4, eval_steps=4, save_steps=2), progress=False, log=lambda *a: None)
+    out = setup[0] / "rc"
+    before = (out / "config.yaml").read_text()
+    with pytest.raises(LowbitError, match=r"cannot resume.*lora_r: 4 -> 8.*sequence_len: 64 -> 32"):
+        recipe.train(_cfg(setup, "rc", max_steps=6, lora_r=8, sequence_len=32), resume=True, progress=False,
+                     log=lambda *a: None)
+    assert (out / "config.yaml").read_text() == before, "a refused resume writes nothing"
+    said = []
+    res = recipe.train(_cfg(setup, "rc", max_steps=6, eval_steps=3, save_steps=2), resume=True, progress=False,
+                       log=said.append)
+    assert res["steps"] == 6
+    assert any("max_steps: 4 -> 6" in s and "eval_steps: 4 -> 3" in s for s in said), said
+    assert "max_steps: 6" in (out / "config.yaml").read_text()
