@@ -28,20 +28,25 @@ def _problem(seed=0, n=2048, d=64):
     return x, y
 
 
-def _fit(opt_fn, steps=60, seed=0):
-    torch.manual_seed(seed)
-    x, y = _problem()
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 96))
-    opt = opt_fn(list(model.parameters()))
+def _steps(model, opt, x, y, lo, hi):
+    """Regression steps lo..hi-1 on 64-row slices of (x, y); the losses."""
     losses = []
-    for i in range(steps):
+    for i in range(lo, hi):
         idx = torch.arange(i * 64, i * 64 + 64) % x.shape[0]
         loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return losses, model, opt
+    return losses
+
+
+def _fit(opt_fn, steps=60, seed=0):
+    torch.manual_seed(seed)
+    x, y = _problem()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 96))
+    opt = opt_fn(list(model.parameters()))
+    return _steps(model, opt, x, y, 0, steps), model, opt
 
 
 def test_32bit_equals_torch_adamw():
@@ -87,15 +92,7 @@ def test_state_survives_checkpoint_and_resume():
         opt = make(name, list(model.parameters()), lr=3e-3, budget_bytes=30_000, min_8bit_size=1024)
 
         def run(m, o, lo, hi):
-            out = []
-            for i in range(lo, hi):
-                idx = torch.arange(i * 64, i * 64 + 64) % x.shape[0]
-                loss = torch.nn.functional.mse_loss(m(x[idx]), y[idx])
-                loss.backward()
-                o.step()
-                o.zero_grad()
-                out.append(loss.item())
-            return out
+            return _steps(m, o, x, y, lo, hi)
 
         run(model, opt, 0, 10)
         sd_model, sd_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())

@@ -20,11 +20,11 @@ COMMANDS = {"train": "train", "plan": "plan", "eval": "eval", "generate": "gener
 
 
 def build_parser() -> Parser:
+    """The parser; ``parser.commands`` maps each command name to its own sub-parser."""
     p = Parser(prog="lowbit", description="QLoRA fine-tuning: NF4 + double quantization, LoRA, PEFT adapters.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
-    for name, module in COMMANDS.items():
-        mod = importlib.import_module(f".{module}", __name__)
-        mod.add_parser(sub, name) if module == "generate" else mod.add_parser(sub)
+    p.commands = {name: importlib.import_module(f".{module}", __name__).add_parser(sub, name)
+                  for name, module in COMMANDS.items()}
     return p
 
 
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
-        reject_unknown(extra, parser._subparsers._group_actions[0].choices[args.cmd])
+        reject_unknown(extra, parser.commands[args.cmd])
         return importlib.import_module(f".{COMMANDS[args.cmd]}", __name__).run(args) or 0
     except LowbitError as e:
         print(f"error: {e}", file=sys.stderr)

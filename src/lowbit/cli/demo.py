@@ -12,8 +12,8 @@ import time
 HELP = "fine-tune the built-in SmolLM2-135M on the built-in chatterbot corpus (what make demo runs)"
 
 
-def add_parser(sub):
-    p = sub.add_parser("demo", help=HELP, description=__doc__.splitlines()[0])
+def add_parser(sub, name):
+    p = sub.add_parser(name, help=HELP, description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--output-dir", default="runs/demo")
     return p

@@ -10,8 +10,8 @@ from .options import MODEL_KEYS, add_config_flags, config_from, load_model
 HELP = "loss and perplexity on a data file"
 
 
-def add_parser(sub):
-    p = sub.add_parser("eval", help=HELP, description="Loss and perplexity of the model (and adapter) on a data "
+def add_parser(sub, name):
+    p = sub.add_parser(name, help=HELP, description="Loss and perplexity of the model (and adapter) on a data "
                        "file, every record once.")
     p.add_argument("--adapter", help="PEFT adapter folder")
     p.add_argument("--force", action="store_true", help="apply an adapter trained on another base")

@@ -10,7 +10,7 @@ from .options import MODEL_KEYS, add_config_flags, config_from, load_model
 HELP = "generate text (chat template applied; no --prompt: read prompts from stdin)"
 
 
-def add_parser(sub, name="generate"):
+def add_parser(sub, name):
     p = sub.add_parser(name, help=HELP)
     p.add_argument("--adapter", help="PEFT adapter folder")
     p.add_argument("--force", action="store_true", help="apply an adapter trained on another base")

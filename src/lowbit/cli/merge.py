@@ -8,8 +8,8 @@ from .options import MODEL_KEYS, add_config_flags, config_from, load_model
 HELP = "fold an adapter into the dequantized base; write a plain HF folder"
 
 
-def add_parser(sub):
-    p = sub.add_parser("merge", help=HELP)
+def add_parser(sub, name):
+    p = sub.add_parser(name, help=HELP)
     p.add_argument("--adapter", required=True, help="PEFT adapter folder")
     p.add_argument("--force", action="store_true", help="apply an adapter trained on another base")
     p.add_argument("--out", required=True)

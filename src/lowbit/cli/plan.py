@@ -11,10 +11,10 @@ from .options import add_config_flags, config_from
 HELP = "will a run fit? itemised memory plan (same config file and flags as train)"
 
 
-def add_parser(sub):
+def add_parser(sub, name):
     from ..planner.catalog import known_families
 
-    p = sub.add_parser("plan", help=HELP, description="Itemised peak memory of a QLoRA run on one device.",
+    p = sub.add_parser(name, help=HELP, description="Itemised peak memory of a QLoRA run on one device.",
                        epilog=f"known model families: {', '.join(known_families())}")
     p.add_argument("target", nargs="?", help="a training config (.yaml), or a model: folder, config.json or a "
                    "known family name (default: the config's base_model)")
@@ -31,7 +31,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..errors import LowbitError
-    from ..planner.memory import PLAN_KEYS, largest, plan_config
+    from ..planner.memory import config_settings, largest, plan_config
 
     is_config = args.target is not None and Path(args.target).suffix.lower() in (".yaml", ".yml")
     cfg = config_from(args, args.target if is_config else None)
@@ -41,11 +41,9 @@ def run(args) -> int:
         raise LowbitError("--max-sequence-len / --max-micro-batch-size need --gpu-memory")
     p = plan_config(cfg, device_memory=args.gpu_memory, device=args.device)
     out = p.to_json()
-    kw = {k: getattr(cfg, k) for k in PLAN_KEYS}
-    kw.update(device=args.device, page_bytes=int(cfg.optimizer_budget_mb * 2**20))
     for flag, key in ((args.max_sequence_len, "sequence_len"), (args.max_micro_batch_size, "micro_batch_size")):
         if flag:
-            out[f"max_{key}"] = largest(cfg.base_model, key, args.gpu_memory, **kw)
+            out[f"max_{key}"] = largest(cfg.base_model, key, args.gpu_memory, **config_settings(cfg, args.device))
     if args.json:
         print(json.dumps(out))
         return 0

@@ -7,8 +7,8 @@ from .options import add_config_flags, config_from
 HELP = "write a 4-bit checkpoint transformers + bitsandbytes load as-is"
 
 
-def add_parser(sub):
-    p = sub.add_parser("quantize", help=HELP)
+def add_parser(sub, name):
+    p = sub.add_parser(name, help=HELP)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     add_config_flags(p, ("base_model", "quant_type", "blocksize", "double_quant", "trust_remote_code"),

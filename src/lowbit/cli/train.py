@@ -7,8 +7,8 @@ from .options import add_config_flags, config_from
 HELP = "fine-tune with QLoRA (every config key is a flag too: --lora-r 32)"
 
 
-def add_parser(sub):
-    p = sub.add_parser("train", help=HELP, description="Fine-tune. Every config key is a flag, e.g. --lora-r 32 "
+def add_parser(sub, name):
+    p = sub.add_parser(name, help=HELP, description="Fine-tune. Every config key is a flag, e.g. --lora-r 32 "
                        "--learning-rate 1e-4; flags override the YAML file.")
     p.add_argument("config", nargs="?", help="YAML config file")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")

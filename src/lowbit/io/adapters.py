@@ -20,6 +20,7 @@ from torch import nn
 
 from ..atomic import writing_dir, writing_file
 from ..errors import LowbitError
+from ..jsonfile import read_object
 from ..nn.lora import LoRALinear, add_lora, linear_module_names, lora_state_dict
 from .loader import base_info
 from .safetensors import open_safetensors
@@ -91,12 +92,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     cfg_path, w_path = path / ADAPTER_FILES[1], path / ADAPTER_FILES[0]
     if not cfg_path.exists():
         raise LowbitError(f"{path}: no adapter_config.json — not a PEFT adapter folder")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LowbitError(f"{cfg_path}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise LowbitError(f"{cfg_path}: expected a JSON object")
+    cfg = read_object(cfg_path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise LowbitError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
     if not w_path.exists():

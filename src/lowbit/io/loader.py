@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from ..dtypes import default_compute_dtype, name_of
 from ..errors import LowbitError
+from ..jsonfile import read_object
 from ..nn.fused import fuse_modules
 from ..nn.linear import Linear4bit
 from ..nn.lora import linear_module_names, output_head_names
@@ -87,12 +87,7 @@ def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, com
 def _read_config(folder: Path, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    try:
-        raw = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise LowbitError(f"{folder / 'config.json'}: invalid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise LowbitError(f"{folder / 'config.json'}: expected a JSON object")
+    raw = read_object(folder / "config.json")
     if raw.get("auto_map") and not trust_remote_code:
         raise LowbitError(f"{folder}: this model needs its own code (auto_map in config.json); "
                           "refused — pass trust_remote_code=True / --trust-remote-code if you trust it")

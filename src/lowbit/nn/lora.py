@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import LowbitError
 from ..quant.tensor import quantize
 from .linear import Linear4bit
+from .lora_options import ALL_LINEAR, LORA_INITS
 
 __all__ = ["LoRALinear", "add_lora", "lora_state_dict", "linear_module_names", "output_head_names", "loftq_init"]
 
@@ -99,7 +100,7 @@ def select_targets(model: nn.Module, target_modules: str | Iterable[str]) -> lis
     names = linear_module_names(model)
     heads = output_head_names(model)
     if isinstance(target_modules, str):
-        if target_modules == "all-linear":
+        if target_modules == ALL_LINEAR:
             chosen = [n for n in names if n not in heads]
         else:
             try:
@@ -109,7 +110,7 @@ def select_targets(model: nn.Module, target_modules: str | Iterable[str]) -> lis
             chosen = [n for n in names if rx.fullmatch(n)]
             if not chosen:
                 raise LowbitError(f"lora_target_modules: regex {target_modules!r} matches no linear layer; "
-                                 f"linear layers are named like: {', '.join(sorted(_short(names)))}")
+                                  f"linear layers are named like: {', '.join(sorted(_short(names)))}")
         return chosen
     targets = list(target_modules)
     if not targets:
@@ -120,7 +121,7 @@ def select_targets(model: nn.Module, target_modules: str | Iterable[str]) -> lis
         (chosen.extend(hit) if hit else unknown.append(t))
     if unknown:
         raise LowbitError(f"lora_target_modules: no linear layer named {', '.join(map(repr, unknown))}; "
-                         f"the model's linear layers are: {', '.join(sorted(_short(names)))}")
+                          f"the model's linear layers are: {', '.join(sorted(_short(names)))}")
     return sorted(set(chosen), key=names.index)
 
 
@@ -129,18 +130,18 @@ def _short(names: list[str]) -> set[str]:
 
 
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
-             target_modules: str | Iterable[str] = "all-linear", use_rslora: bool = False,
+             target_modules: str | Iterable[str] = ALL_LINEAR, use_rslora: bool = False,
              init: str = "default", loftq_iters: int = 1, verbose: bool = True,
              source_weight: Callable[[str], torch.Tensor] | None = None) -> list[str]:
     """Freeze ``model`` and wrap the chosen linear layers in ``LoRALinear``. Returns the wrapped names.
 
     ``init="loftq"`` needs ``source_weight``: layer name → its full-precision weight (e.g.
-    ``lowbit.io.loader.source_weights(model)``, which reads them from the checkpoint one at a time).
+    ``lowbit.io.SourceWeights(model)``, which reads them from the checkpoint one at a time).
     """
     if not isinstance(r, int) or r <= 0:
         raise LowbitError(f"lora_r must be a positive integer, got {r!r}")
-    if init not in ("default", "loftq"):
-        raise LowbitError(f"lora init must be 'default' or 'loftq', got {init!r}")
+    if init not in LORA_INITS:
+        raise LowbitError(f"lora init must be one of {', '.join(LORA_INITS)}, got {init!r}")
     targets = select_targets(model, target_modules)
     for p in model.parameters():
         p.requires_grad_(False)

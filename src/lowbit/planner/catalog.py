@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import LowbitError
+from ..jsonfile import read_object
 
 __all__ = ["known_families", "load_model_config"]
 
@@ -28,12 +29,6 @@ def load_model_config(model: str) -> dict:
     if p.is_dir():
         p = p / "config.json"
     if p.is_file():
-        try:
-            cfg = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LowbitError(f"{p}: invalid JSON ({e})") from None
-        if not isinstance(cfg, dict):
-            raise LowbitError(f"{p}: expected a JSON object")
-        return cfg
+        return read_object(p)
     raise LowbitError(f"unknown model {model!r}: not a folder or config.json, nor a known family "
                       f"({', '.join(known_families())})")

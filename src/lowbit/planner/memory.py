@@ -35,7 +35,7 @@ from ..optim.registry import check_optimizer
 from ..quant.spec import NESTED_BLOCKSIZE, QUANT_TYPES, check_blocksize, check_quant_type
 from .catalog import load_model_config
 
-__all__ = ["Plan", "plan", "plan_config", "largest", "parse_size", "PLAN_KEYS", "GIB"]
+__all__ = ["Plan", "plan", "plan_config", "config_settings", "largest", "parse_size", "PLAN_KEYS", "GIB"]
 
 GIB = 2**30
 HEADROOM = 0.05
@@ -215,10 +215,15 @@ def _overheads(items: dict, act: float, layer_act: float, gradient_checkpointing
             "framework_overhead": 32 << 20}
 
 
+def config_settings(cfg, device: str = "cuda") -> dict:
+    """``plan``'s keyword arguments for the run ``train(cfg)`` does (``cfg`` a ``TrainConfig``)."""
+    return {**{k: getattr(cfg, k) for k in PLAN_KEYS}, "device": device,
+            "page_bytes": int(cfg.optimizer_budget_mb * 2**20)}
+
+
 def plan_config(cfg, device_memory=None, device: str = "cuda") -> Plan:
-    """The plan of the run ``train(cfg)`` does (``cfg`` a ``TrainConfig``)."""
-    return plan(cfg.base_model, **{k: getattr(cfg, k) for k in PLAN_KEYS}, device_memory=device_memory,
-                device=device, page_bytes=int(cfg.optimizer_budget_mb * 2**20))
+    """The plan of the run ``train(cfg)`` does."""
+    return plan(cfg.base_model, **config_settings(cfg, device), device_memory=device_memory)
 
 
 def largest(model, what: str, device_memory, **kw) -> int:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ..atomic import writing_dir
-from ..errors import LowbitError
 from ..io.adapters import read_adapter, set_adapter_weights, write_adapter_files
+from ..jsonfile import read_object
 from .callbacks import Callback
 from .state import TrainState
 
@@ -33,10 +33,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def saved_config(ck: Path) -> dict:
     """The config a checkpoint was written with."""
-    try:
-        return json.loads((ck / "trainer_state.json").read_text()).get("config") or {}
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
-        raise LowbitError(f"{ck / 'trainer_state.json'}: unreadable checkpoint state ({e})") from None
+    return read_object(ck / "trainer_state.json").get("config") or {}
 
 
 class Checkpointer(Callback):
@@ -77,7 +74,7 @@ def load_checkpoint(ck: Path, model, optimizer) -> TrainState:
     from safetensors.torch import load_file
 
     set_adapter_weights(model, read_adapter(ck)[1], ck)
-    meta = json.loads((ck / "trainer_state.json").read_text())
+    meta = read_object(ck / "trainer_state.json")
     flat = load_file(str(ck / "trainer_state.safetensors"))
     sd = {"state": {}, "param_groups": meta["param_groups"]}
     for k, v in flat.items():

@@ -18,7 +18,7 @@ import yaml
 from ..data.formats import FORMATS
 from ..dtypes import DTYPES
 from ..errors import LowbitError
-from ..nn.lora_options import LORA_INITS
+from ..nn.lora_options import ALL_LINEAR, LORA_INITS
 from ..optim.registry import OPTIMIZERS
 from ..quant.spec import QUANT_TYPES, QuantSpec
 from .schedule import SCHEDULERS
@@ -40,7 +40,7 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0                   # 0 is fastest; 0.05–0.1 for small data sets
-    lora_target_modules: str | list = "all-linear"
+    lora_target_modules: str | list = ALL_LINEAR
     use_rslora: bool = False
     lora_init: str = "default"                  # nn.lora_options.LORA_INITS
     # data

@@ -43,6 +43,7 @@ def train_loop(model, optimizer, batches, *, steps: int, scheduler=None, state: 
         cb.on_train_begin(state)
     model.train()
     state.mark()
+    state.restart_clock()
     try:
         while state.step < steps:
             group = state.next_group(data, accumulation)

@@ -26,8 +26,8 @@ class TrainState:
     epoch: int = 0
     pos: int = 0
     history: dict = field(default_factory=lambda: {"eval": []})
-    tokens_seen: int = 0                                     # non-pad tokens since this process started
-    started: float = field(default_factory=time.perf_counter)
+    tokens_seen: int = 0                                     # non-pad tokens since the loop (re)started
+    started: float = field(default_factory=time.perf_counter)  # when it (re)started: tokens/s counts from here
     _mark: tuple | None = field(default=None, repr=False)
     _order: tuple[int, list] | None = field(default=None, repr=False)   # (epoch, that epoch's order)
 
@@ -45,6 +45,10 @@ class TrainState:
             group.append(data.batch(self.order(data)[self.pos]))
             self.pos += 1
         return group
+
+    def restart_clock(self) -> None:
+        """Throughput counts from now (a resumed run's tokens/s is this process's)."""
+        self.started, self.tokens_seen = time.perf_counter(), 0
 
     def mark(self) -> None:
         self._mark = (self.epoch, self.pos, torch.get_rng_state())
