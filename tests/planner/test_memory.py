@@ -74,3 +74,28 @@ def test_seed_headline_65b_on_48gb():
     n = largest("llama-65b", "sequence_len", "48GB", **kw)
     assert 512 <= n and plan("llama-65b", device_memory="48GB", **{**kw, "sequence_len": n}).fits
     assert not plan("llama-65b", device_memory="48GB", **{**kw, "sequence_len": n + 1}).fits
+
+
+def test_per_rank_plans_for_fsdp_and_ddp():
+    kw = dict(sequence_len=64, micro_batch_size=2, device="cpu")
+    one = plan(TINY, **kw)
+    assert plan(TINY, **kw, world_size=1, distributed="fsdp").items == one.items  # one process is one process
+    fsdp = plan(TINY, **kw, world_size=2, distributed="fsdp")
+    for k in ("quantized_weights", "quant_constants", "unquantized_params", "lora_params", "gradients",
+              "optimizer_state"):
+        assert fsdp.items[k] == -(-one.items[k] // 2), k
+    layer = (one.items["quantized_weights"] + one.items["quant_constants"]) / 2  # TINY has 2 layers
+    lora_layer = one.items["lora_params"] / 2
+    assert fsdp.items["fsdp_gathered"] == int(2 * layer + one.items["unquantized_params"] + 2 * lora_layer)
+    assert fsdp.items["activations"] == one.items["activations"]
+    ddp = plan(TINY, **kw, world_size=2, distributed="auto")
+    assert ddp.settings["distributed"] == "ddp" and ddp.items["ddp_gradient_buckets"] == one.items["gradients"]
+    with pytest.raises(LowbitError, match="distributed: none"):
+        plan(TINY, **kw, world_size=2, distributed="none")
+    with pytest.raises(LowbitError, match="world_size must be a positive integer"):
+        plan(TINY, **kw, world_size=0)
+    big = dict(sequence_len=512, micro_batch_size=1, gradient_checkpointing=True, optimizer="paged_adamw_8bit",
+               distributed="fsdp")
+    # the seed's setting on several 24 GB GPUs: more ranks, less of the 70B base each
+    assert not plan("llama-2-70b", **big, world_size=1, device_memory="24GB").fits
+    assert plan("llama-2-70b", **big, world_size=4, device_memory="24GB").fits

@@ -20,6 +20,8 @@ def add_parser(sub, name):
                    "known family name (default: the config's base_model)")
     p.add_argument("--gpu-memory", help="device memory, e.g. 48GB")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--world-size", type=int, default=1, help="processes torchrun will start (the plan is per rank; "
+                   "the config key distributed chooses ddp or fsdp)")
     p.add_argument("--max-sequence-len", "--max-seq-len", action="store_true",
                    help="print the largest sequence_len that fits")
     p.add_argument("--max-micro-batch-size", "--max-batch", action="store_true",
@@ -39,11 +41,12 @@ def run(args) -> int:
         cfg.base_model = args.target
     if (args.max_sequence_len or args.max_micro_batch_size) and args.gpu_memory is None:
         raise LowbitError("--max-sequence-len / --max-micro-batch-size need --gpu-memory")
-    p = plan_config(cfg, device_memory=args.gpu_memory, device=args.device)
+    p = plan_config(cfg, device_memory=args.gpu_memory, device=args.device, world_size=args.world_size)
     out = p.to_json()
     for flag, key in ((args.max_sequence_len, "sequence_len"), (args.max_micro_batch_size, "micro_batch_size")):
         if flag:
-            out[f"max_{key}"] = largest(cfg.base_model, key, args.gpu_memory, **config_settings(cfg, args.device))
+            settings = config_settings(cfg, args.device, args.world_size)
+            out[f"max_{key}"] = largest(cfg.base_model, key, args.gpu_memory, **settings)
     if args.json:
         print(json.dumps(out))
         return 0
@@ -51,7 +54,8 @@ def run(args) -> int:
     quant = f"{cfg.quant_type}{'+DQ' if cfg.double_quant else ''}" if cfg.load_in_4bit else "16-bit"
     print(f"{cfg.base_model}: sequence_len {cfg.sequence_len} x micro_batch_size {cfg.micro_batch_size}, {quant}, "
           f"LoRA r={cfg.lora_r} ({cfg.lora_target_modules}), {cfg.optimizer}, gradient_checkpointing "
-          f"{'on' if cfg.gradient_checkpointing else 'off'}, {s['compute_dtype']} on {args.device}\n")
+          f"{'on' if cfg.gradient_checkpointing else 'off'}, {s['compute_dtype']} on {args.device}"
+          + (f", per rank of {args.world_size} ({s['distributed']})" if args.world_size > 1 else "") + "\n")
     print(p.table())
     for key in ("sequence_len", "micro_batch_size"):
         if f"max_{key}" in out:

@@ -28,6 +28,8 @@ def run(args) -> int:
         print(config_to_yaml(cfg), end="")
         return 0
     res = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if res["rank"]:
+        return 0  # under torchrun, rank 0 reports
     out = res["output_dir"]
     print(f"\nadapter saved to {out} (PEFT format: adapter_config.json + adapter_model.safetensors)")
     if res["base_eval_loss"] is not None:

@@ -54,33 +54,34 @@ def _metadata(net: nn.Module) -> dict[str, str]:
             "lowbit_quant_type": str(info.quant.quant_type if info.quant else None)}
 
 
-def save_adapter(net: nn.Module, out: str | os.PathLike, overwrite: bool = True) -> Path:
+def save_adapter(net: nn.Module, out: str | os.PathLike, overwrite: bool = True,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as peft does.
 
     Into a new or adapter-only folder: the folder is built aside and renamed into place. Into a folder holding
     other things (a run's metrics and checkpoints): each of the two files is replaced atomically; the rest of
-    the folder is not touched.
+    the folder is not touched. ``tensors``: the adapter's tensors when already gathered (``lora_state_dict``).
     """
     out = Path(out)
     others = out.is_dir() and any(p.name not in ADAPTER_FILES for p in out.iterdir())
     if not others:
         with writing_dir(out, overwrite) as tmp:
-            write_adapter_files(net, tmp)
+            write_adapter_files(net, tmp, tensors=tensors)
         return out
     if not overwrite and any((out / f).exists() for f in ADAPTER_FILES):
         raise LowbitError(f"{out}: already holds an adapter (use --overwrite to replace it)")
     with writing_file(out / ADAPTER_FILES[0]) as weights, writing_file(out / ADAPTER_FILES[1]) as config:
-        write_adapter_files(net, weights.parent, weights.name, config.name)
+        write_adapter_files(net, weights.parent, weights.name, config.name, tensors=tensors)
     return out
 
 
 def write_adapter_files(net: nn.Module, folder: Path, weights: str = ADAPTER_FILES[0],
-                        config: str = ADAPTER_FILES[1]) -> None:
+                        config: str = ADAPTER_FILES[1], tensors: dict[str, torch.Tensor] | None = None) -> None:
     """The two adapter files, written into ``folder`` as they are (callers make it atomic)."""
     from safetensors.torch import save_file
 
     cfg = adapter_config(net)
-    save_file(lora_state_dict(net), str(folder / weights), metadata=_metadata(net))
+    save_file(lora_state_dict(net) if tensors is None else tensors, str(folder / weights), metadata=_metadata(net))
     (folder / config).write_text(json.dumps(cfg, indent=2) + "\n")
 
 

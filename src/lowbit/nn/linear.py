@@ -8,6 +8,8 @@ forward and backward (that is the memory QLoRA saves), and the frozen weight nev
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -15,7 +17,7 @@ from ..errors import LowbitError
 from ..quant.spec import QuantSpec
 from ..quant.tensor import QuantizedTensor, quantize
 
-__all__ = ["Linear4bit", "compute_dtype_for", "footprint_bytes"]
+__all__ = ["Linear4bit", "compute_dtype_for", "footprint_bytes", "parameter_counts", "STORAGE"]
 
 
 def compute_dtype_for(x: torch.Tensor, default: torch.dtype | None) -> torch.dtype:
@@ -48,9 +50,32 @@ class _Matmul4bit(torch.autograd.Function):
         return gx, None, gb, None
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What a Linear4bit's byte storage means (everything of the ``QuantizedTensor`` that is not a tensor)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    quant_type: str
+    double_quant: bool
+    nested_offset: float | None
+    nested_blocksize: int
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    """``t``'s bytes as a frozen uint8 parameter (a view: no copy; uint8 is never cast by ``.to(dtype)``)."""
+    return nn.Parameter(t.detach().contiguous().view(torch.uint8), requires_grad=False)
+
+
 class Linear4bit(nn.Module):
     """A linear layer whose weight is a frozen ``QuantizedTensor``.
 
+    The quantized weight is stored as frozen uint8 parameters — ``codes`` (packed, high nibble first),
+    ``absmax`` (uint8 codes with double quantization, else float32 bytes) and ``nested_absmax`` (float32 bytes) —
+    so that ``.to(device)``, DDP (replicates them) and FSDP2 (shards them, gathers them bit-exactly) see them,
+    and no dtype cast or float canonicalisation ever touches them. The code tables are non-persistent buffers.
+    ``weight`` is the ``QuantizedTensor`` view of that storage (no copies); assigning one re-registers it.
     ``compute_dtype``: the dtype the weight is dequantized to (None: follow the input / autocast).
     Saves and loads in the bitsandbytes layout (``weight``, ``weight.absmax``, …).
     """
@@ -59,10 +84,33 @@ class Linear4bit(nn.Module):
         super().__init__()
         if len(q.shape) != 2:
             raise LowbitError(f"Linear4bit: weight must be 2-D, got shape {tuple(q.shape)}")
-        self.weight = q
         self.out_features, self.in_features = q.shape
         self.compute_dtype = compute_dtype
+        self.weight = q
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @property
+    def weight(self) -> QuantizedTensor:
+        lay = self._layout
+        as_f32 = lambda t: t.view(torch.float32)
+        return QuantizedTensor(
+            self.codes, self.absmax if lay.double_quant else as_f32(self.absmax), lay.shape, lay.dtype, lay.blocksize,
+            lay.quant_type, as_f32(self.code), as_f32(self.nested_absmax) if lay.double_quant else None,
+            as_f32(self.nested_code) if lay.double_quant else None, lay.nested_offset, lay.nested_blocksize)
+
+    @weight.setter
+    def weight(self, q: QuantizedTensor) -> None:
+        self.codes = _frozen(q.packed)
+        self.absmax = _frozen(q.absmax if q.double_quant else q.absmax.float())
+        if q.double_quant:
+            self.nested_absmax = _frozen(q.nested_absmax.float())
+        else:
+            self.register_parameter("nested_absmax", None)
+        self.register_buffer("code", q.code.float().contiguous().view(torch.uint8), persistent=False)
+        nested = q.nested_code.float().contiguous().view(torch.uint8) if q.double_quant else None
+        self.register_buffer("nested_code", nested, persistent=False)
+        self._layout = _Layout(torch.Size(q.shape), q.dtype, q.blocksize, q.quant_type, q.double_quant,
+                               q.nested_offset, q.nested_blocksize)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec = QuantSpec(), compute_dtype=None) -> Linear4bit:
@@ -77,19 +125,16 @@ class Linear4bit(nn.Module):
         return self.weight.dequantize(dtype)
 
     def extra_repr(self) -> str:
-        q = self.weight
+        lay = self._layout
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"quant_type={q.quant_type}, blocksize={q.blocksize}, double_quant={q.double_quant}")
+                f"quant_type={lay.quant_type}, blocksize={lay.blocksize}, double_quant={lay.double_quant}")
 
-    def _apply(self, fn, recurse=True):
-        # .to(device) moves the packed codes; dtype casts (model.half()) leave them untouched.
-        probe = fn(torch.zeros(0))
-        if probe.device != self.weight.packed.device:
-            self.weight = self.weight.to(probe.device)
-        return super()._apply(fn, recurse)
+    def _storage(self) -> dict[str, torch.Tensor]:
+        return {k: v for k in STORAGE if (v := self._parameters.get(k)) is not None}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
         destination.update(self.weight.state_dict(prefix + "weight"))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -105,16 +150,35 @@ class Linear4bit(nn.Module):
                 self.weight = q
         elif strict:
             missing_keys.append(prefix + "weight")
+        # the byte storage is set above (its shapes follow the data type); the base class then loads the bias
+        state_dict.update({prefix + k: v for k, v in self._storage().items()})
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
 
+# a Linear4bit's frozen byte storage (parameters) — what footprint and parameter counts treat as the 4-bit weight
+STORAGE = ("codes", "absmax", "nested_absmax")
+
+
+def _quantized_storage_ids(net: nn.Module) -> set[int]:
+    return {id(t) for m in net.modules() if isinstance(m, Linear4bit)
+            for t in (*m._storage().values(), m.code, m.nested_code) if t is not None}
+
+
 def footprint_bytes(net: nn.Module) -> int:
-    """Bytes of weights a model holds: 4-bit layers by their packed size + constants, the rest as stored."""
-    seen, total = set(), 0
+    """Bytes of weights a model holds: 4-bit layers by their packed size + constants (``QuantizedTensor.nbytes``:
+    shared code tables not charged), the rest as stored; tied tensors once."""
+    seen, total = _quantized_storage_ids(net), 0
     for p in list(net.parameters()) + list(net.buffers()):
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel() * p.element_size()
-    total += sum(m.weight.nbytes for m in net.modules() if isinstance(m, Linear4bit))
-    return total
+    return total + sum(m.weight.nbytes for m in net.modules() if isinstance(m, Linear4bit))
+
+
+def parameter_counts(net: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters — a 4-bit weight counts by its number of elements, not its storage bytes."""
+    skip = _quantized_storage_ids(net)
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in net.parameters() if id(p) not in skip)
+    return trainable, total + sum(m.weight.numel for m in net.modules() if isinstance(m, Linear4bit))

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..quant.tensor import quantize
-from .linear import Linear4bit
+from .linear import Linear4bit, parameter_counts
 from .lora_options import ALL_LINEAR, LORA_INITS
 
 __all__ = ["LoRALinear", "add_lora", "lora_state_dict", "linear_module_names", "output_head_names", "loftq_init"]
@@ -152,10 +152,7 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
         if isinstance(base, LoRALinear):
             raise LowbitError(f"{name} already has a LoRA adapter")
         lora = LoRALinear(base, r, alpha, dropout, use_rslora)
-        dev = next((t.device for t in base.parameters()), None)
-        if dev is None and isinstance(base, Linear4bit):
-            dev = base.weight.packed.device
-        lora.to(dev or "cpu")
+        lora.to(next((t.device for t in base.parameters()), torch.device("cpu")))
         if init == "loftq":
             loftq_init(lora, source_weight(name) if source_weight is not None else None, loftq_iters)
         setattr(pmod, child, lora)
@@ -168,10 +165,7 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) — total counts a 4-bit weight by its number of elements."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    total += sum(m.weight.numel for m in model.modules() if isinstance(m, Linear4bit))
-    return trainable, total
+    return parameter_counts(model)
 
 
 @torch.no_grad()
@@ -204,10 +198,13 @@ def loftq_init(lora: LoRALinear, weight: torch.Tensor | None, iters: int = 1) ->
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors under peft's key names: ``base_model.model.<path>.lora_A.weight`` …"""
+    """Adapter tensors under peft's key names: ``base_model.model.<path>.lora_A.weight`` …, float32, whole
+    (a sharded FSDP tensor is gathered: then every rank must call this)."""
+    whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, LoRALinear):
-            out[f"base_model.model.{name}.lora_A.weight"] = mod.lora_A.weight.detach().float().contiguous()
-            out[f"base_model.model.{name}.lora_B.weight"] = mod.lora_B.weight.detach().float().contiguous()
+            for ab in ("lora_A", "lora_B"):
+                w = whole(getattr(mod, ab).weight.detach())
+                out[f"base_model.model.{name}.{ab}.weight"] = w.float().contiguous()
     return out

@@ -16,6 +16,9 @@ Paging (no CUDA unified memory): each page's state is copied host → device, up
 freed; the next page is prefetched on a side CUDA stream while the current one updates. On a CPU-only
 machine host and device are the same memory, and the same code path runs with real copies, so the
 pager's invariants (budget never exceeded, bytes in/out) are testable anywhere.
+
+Under FSDP2 a parameter is a sharded DTensor: each rank updates its own shard, with state for that shard only
+(8-bit blocks are blocks of the shard), so ``state_dict()`` holds plain per-rank tensors.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ class PagerStats:
             raise RuntimeError(f"pager over budget: {self.resident_bytes} > {self.budget_bytes} bytes")
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (FSDP2 DTensor) parameter or gradient; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class AdamW(torch.optim.Optimizer):
     """AdamW with ``bits`` = 32 or 8 state, and ``paged`` state kept off the device under ``budget_bytes``.
 
@@ -63,6 +71,7 @@ class AdamW(torch.optim.Optimizer):
             raise LowbitError("AdamW: lr, eps > 0; 0 <= betas < 1; weight_decay >= 0")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.bits, self.paged, self.min_8bit_size = bits, paged, min_8bit_size
+        self.local_state = True  # state covers this rank's shard of each parameter (plain tensors, never DTensors)
         per_elem = kind.element_bytes
         budget = budget_bytes or kind.default_budget_bytes()
         # a page must hold at least one block; two pages are resident while the next one prefetches
@@ -78,11 +87,11 @@ class AdamW(torch.optim.Optimizer):
         return p.device
 
     def _is8(self, p) -> bool:
-        return self.bits == 8 and p.numel() >= self.min_8bit_size
+        return self.bits == 8 and _local(p).numel() >= self.min_8bit_size
 
     def _init_state(self, p):
         st = self.state[p]
-        n, home = p.numel(), self._home(p)
+        n, home = _local(p).numel(), self._home(p)
         pin = home.type == "cpu" and p.device.type == "cuda"
         st["step"] = torch.zeros((), dtype=torch.float32)
         if self._is8(p):
@@ -149,12 +158,12 @@ class AdamW(torch.optim.Optimizer):
                     raise RuntimeError("AdamW does not support sparse gradients")
                 if not self.state[p]:
                     self._init_state(p)
-                st = self.state[p]
+                st, local = self.state[p], _local(p)
                 st["step"] += 1
                 t = float(st["step"])
                 bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-                flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
-                is8, n = self._is8(p), p.numel()
+                flat_p, flat_g = local.view(-1), _local(p.grad).reshape(-1)
+                is8, n = self._is8(p), local.numel()
                 step = self.page_elems if self.paged else n
                 bounds = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
                 nxt = self._fetch(self._slices(st, *bounds[0], is8), p.device)

@@ -16,6 +16,13 @@ Per item, for a LLaMA-style decoder (MoE: experts counted for weights, top-k for
                         on CPU measured here (≈0.75× activations, ≈9.5 layers with checkpointing), on GPU estimated
     framework overhead  CUDA context (GPU) or runtime buffers (CPU)
 
+Several ranks (``world_size``, ``distributed``), per rank:
+
+    ddp    everything as one process, plus gradient buckets (one more copy of the LoRA gradients)
+    fsdp   base, LoRA, gradients and optimizer state / N, plus what is all-gathered at once: two decoder layers
+           (the one computing and the one prefetched) and the root's parameters (embeddings, head, final norm),
+           which stay gathered for the whole step; activations as one process (each rank has its own micro-batch)
+
 Settings are spelled as the training config spells them (``sequence_len``, ``micro_batch_size``,
 ``lora_target_modules``, ``load_in_4bit``, …), so ``plan_config(cfg)`` plans exactly the run ``train(cfg)`` does.
 Imports no torch.
@@ -33,6 +40,7 @@ from ..nn.lora_options import ALL_LINEAR
 from ..nn.loss_chunk import loss_chunk_tokens
 from ..optim.registry import check_optimizer
 from ..quant.spec import NESTED_BLOCKSIZE, QUANT_TYPES, check_blocksize, check_quant_type
+from ..training.config import DISTRIBUTED
 from .catalog import load_model_config
 
 __all__ = ["Plan", "plan", "plan_config", "config_settings", "largest", "parse_size", "PLAN_KEYS", "GIB"]
@@ -41,7 +49,7 @@ GIB = 2**30
 HEADROOM = 0.05
 # the training config keys a plan depends on
 PLAN_KEYS = ("sequence_len", "micro_batch_size", "lora_r", "lora_target_modules", "load_in_4bit", "quant_type",
-             "double_quant", "blocksize", "optimizer", "gradient_checkpointing", "compute_dtype")
+             "double_quant", "blocksize", "optimizer", "gradient_checkpointing", "compute_dtype", "distributed")
 
 
 def parse_size(s: str | float | int) -> int:
@@ -133,8 +141,9 @@ def _targets(lora_target_modules, names: list[str]) -> set[str]:
 def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 1, lora_r: int = 16,
          lora_target_modules=ALL_LINEAR, load_in_4bit: bool = True, quant_type: str = "nf4", double_quant: bool = True,
          blocksize: int = 64, optimizer: str = "adamw", gradient_checkpointing: bool = False,
-         compute_dtype: str = "bfloat16", device_memory=None, device: str = "cuda", page_bytes: int = 0) -> Plan:
-    """The itemised peak memory of QLoRA training on one device (see the module docstring)."""
+         compute_dtype: str = "bfloat16", device_memory=None, device: str = "cuda", page_bytes: int = 0,
+         world_size: int = 1, distributed: str = "auto") -> Plan:
+    """The itemised peak memory of QLoRA training on one device (of ``world_size``; see the module docstring)."""
     for name, v in (("sequence_len", sequence_len), ("micro_batch_size", micro_batch_size), ("lora_r", lora_r)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise LowbitError(f"{name} must be a positive integer, got {v!r}")
@@ -170,6 +179,12 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     chunk = min(tokens, loss_chunk_tokens(f["vocab"]))
     items["logits_and_loss"] = chunk * f["vocab"] * 8 + tokens * f["h"] * 4  # chunked loss: bf16 + fp32 logits, grad
     items["transient_weight"] = 2 * max(a * b for _, a, b, _ in lin) * dbytes if load_in_4bit else 0
+    mode = _mode(distributed, world_size)
+    if mode == "fsdp":
+        _shard(items, world_size, f["L"], lora_layer=4 * lora / f["L"])
+        host = -(-host // world_size)
+    elif mode == "ddp":
+        items["ddp_gradient_buckets"] = items["gradients"]
     items.update(_overheads(items, act, tokens * per_layer_tok, gradient_checkpointing, device))
     total = sum(items.values())
     dev = parse_size(device_memory) if device_memory is not None else None
@@ -178,7 +193,8 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
                     lora_target_modules=lora_target_modules, load_in_4bit=load_in_4bit, quant_type=quant_type,
                     double_quant=double_quant, blocksize=blocksize, optimizer=optimizer,
                     gradient_checkpointing=gradient_checkpointing, compute_dtype=dtype, device=device,
-                    quantized_params=sum(a * b * c for _, a, b, c in lin), lora_params=lora)
+                    world_size=world_size, distributed=mode, quantized_params=sum(a * b * c for _, a, b, c in lin),
+                    lora_params=lora)
     return Plan(items, host, total, dev, fits, settings)
 
 
@@ -201,6 +217,28 @@ def _weights(lin, f: dict, dbytes: int, quant_type: str | None, double_quant: bo
     return items
 
 
+def _mode(distributed: str, world_size: int) -> str:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise LowbitError(f"world_size must be a positive integer, got {world_size!r}")
+    if distributed not in DISTRIBUTED:
+        raise LowbitError(f"distributed must be one of {', '.join(DISTRIBUTED)}, got {distributed!r}")
+    if world_size == 1:
+        return "none"
+    if distributed == "none":
+        raise LowbitError(f"world_size {world_size} with distributed: none: choose ddp or fsdp")
+    return "ddp" if distributed == "auto" else distributed
+
+
+def _shard(items: dict, n: int, layers: int, lora_layer: float) -> None:
+    """FSDP: the sharded items / n, plus the gathered copies (see the module docstring)."""
+    base_layer = (items["quantized_weights"] + items["quant_constants"]) / layers
+    root = items["unquantized_params"]
+    for k in ("quantized_weights", "quant_constants", "unquantized_params", "lora_params", "gradients",
+              "optimizer_state"):
+        items[k] = -(-items[k] // n)
+    items["fsdp_gathered"] = int(2 * base_layer + root + 2 * lora_layer)
+
+
 def _overheads(items: dict, act: float, layer_act: float, gradient_checkpointing: bool, device: str) -> dict:
     if device == "cuda":
         # CUDA context + caching-allocator slack; backward transients (activation gradients). Not yet measured
@@ -215,15 +253,16 @@ def _overheads(items: dict, act: float, layer_act: float, gradient_checkpointing
             "framework_overhead": 32 << 20}
 
 
-def config_settings(cfg, device: str = "cuda") -> dict:
-    """``plan``'s keyword arguments for the run ``train(cfg)`` does (``cfg`` a ``TrainConfig``)."""
+def config_settings(cfg, device: str = "cuda", world_size: int = 1) -> dict:
+    """``plan``'s keyword arguments for the run ``train(cfg)`` does (``cfg`` a ``TrainConfig``) on each of
+    ``world_size`` ranks."""
     return {**{k: getattr(cfg, k) for k in PLAN_KEYS}, "device": device,
-            "page_bytes": int(cfg.optimizer_budget_mb * 2**20)}
+            "page_bytes": int(cfg.optimizer_budget_mb * 2**20), "world_size": world_size}
 
 
-def plan_config(cfg, device_memory=None, device: str = "cuda") -> Plan:
-    """The plan of the run ``train(cfg)`` does."""
-    return plan(cfg.base_model, **config_settings(cfg, device), device_memory=device_memory)
+def plan_config(cfg, device_memory=None, device: str = "cuda", world_size: int = 1) -> Plan:
+    """The plan of the run ``train(cfg)`` does (per rank, under torchrun with ``world_size`` processes)."""
+    return plan(cfg.base_model, **config_settings(cfg, device, world_size), device_memory=device_memory)
 
 
 def largest(model, what: str, device_memory, **kw) -> int:

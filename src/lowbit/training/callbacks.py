@@ -32,12 +32,14 @@ class Callback:
 
 
 class Evaluator(Callback):
-    def __init__(self, model, valid, dtype, every: int, last_step: int):
-        self.model, self.valid, self.dtype, self.every, self.last = model, valid, dtype, every, last_step
+    """``run``: ``evaluate``'s keywords (dtype, loss_fn, world)."""
+
+    def __init__(self, model, valid, every: int, last_step: int, **run):
+        self.model, self.valid, self.every, self.last, self.run = model, valid, every, last_step, run
 
     def on_step_end(self, state, record):
         if state.step % self.every == 0 or state.step == self.last:
-            record["eval_loss"] = evaluate(self.model, self.valid, self.dtype)
+            record["eval_loss"] = evaluate(self.model, self.valid, **self.run)
             state.history["eval"].append([state.step, record["eval_loss"]])
 
 

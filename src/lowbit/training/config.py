@@ -23,7 +23,8 @@ from ..optim.registry import OPTIMIZERS
 from ..quant.spec import QUANT_TYPES, QuantSpec
 from .schedule import SCHEDULERS
 
-__all__ = ["TrainConfig", "load_config", "apply_overrides", "config_to_yaml", "config_changes", "RESUMABLE"]
+__all__ = ["TrainConfig", "load_config", "apply_overrides", "config_to_yaml", "config_changes", "RESUMABLE",
+           "DISTRIBUTED"]
 
 
 @dataclass
@@ -71,13 +72,16 @@ class TrainConfig:
     output_dir: str = "runs/lowbit"
     seed: int = 0
     tensorboard: bool = False
+    # several processes (torchrun --nproc-per-node N -m lowbit train …)
+    distributed: str = "auto"                   # auto | none | ddp | fsdp   (auto: ddp when WORLD_SIZE > 1)
+    ddp_timeout: int = 1800                     # seconds a collective may wait (a dead rank ends the run by then)
 
     def validate(self) -> TrainConfig:
         def bad(key, why):
             raise LowbitError(f"config: {key} {why}")
 
         for k in ("lora_r", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "blocksize",
-                  "eval_steps",
+                  "eval_steps", "ddp_timeout",
                   "save_steps", "logging_steps"):
             if getattr(self, k) <= 0:
                 bad(k, f"must be > 0, got {getattr(self, k)}")
@@ -104,14 +108,19 @@ class TrainConfig:
         return QuantSpec(self.quant_type, self.blocksize, self.double_quant) if self.load_in_4bit else None
 
 
+DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
+
 # the keys that name something, and the tables they name
 CHOICES = {"quant_type": tuple(QUANT_TYPES), "compute_dtype": ("auto", *DTYPES), "lora_init": tuple(LORA_INITS),
-           "dataset_format": ("auto", *FORMATS), "lr_scheduler": tuple(SCHEDULERS), "optimizer": tuple(OPTIMIZERS)}
+           "dataset_format": ("auto", *FORMATS), "lr_scheduler": tuple(SCHEDULERS), "optimizer": tuple(OPTIMIZERS),
+           "distributed": DISTRIBUTED}
 
 # keys a resumed run may change: they leave the arithmetic of every step the same (logging, evaluation and
 # checkpoint cadence, memory-only settings) or only say how long to go on (max_steps, num_epochs)
+# (the world size and distributed mode are checked on their own: a checkpoint resumes under the same ones)
 RESUMABLE = {"max_steps", "num_epochs", "eval_steps", "save_steps", "save_total_limit", "logging_steps",
-             "tensorboard", "output_dir", "gradient_checkpointing", "optimizer_budget_mb", "trust_remote_code"}
+             "tensorboard", "output_dir", "gradient_checkpointing", "optimizer_budget_mb", "trust_remote_code",
+             "distributed", "ddp_timeout"}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -2,10 +2,14 @@
 
     for step in state.step+1 .. steps:
         for each of `accumulation` micro-batches:
-            loss = Σ token losses / learned tokens in the whole group        (autocast in 16-bit dtypes)
+            loss = Σ token losses / learned tokens in the whole step      (autocast in 16-bit dtypes)
             loss.backward()
         clip gradients; optimizer.step(); scheduler.step()
         callbacks see the step's record (evaluation, metrics, progress, checkpoints)
+
+With several ranks (``world``, see ``distributed.py``) a step takes N·g micro-batches of the one order, rank r
+the r-th of every N; the learned tokens are counted over all ranks, and each rank's loss is scaled by N because
+DDP/FSDP average gradients — so the step equals one process's step over the same N·g micro-batches.
 
 A non-finite loss stops the run (``NonFiniteLoss``) before the optimizer applies it. Ctrl-C drops the
 half-accumulated step and rolls the state back to that step's start before ``KeyboardInterrupt`` propagates,
@@ -14,6 +18,7 @@ so a checkpoint written then resumes exactly. ``batches`` is a ``data.Batches`` 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -21,9 +26,10 @@ import torch
 from ..data.batching import as_batches
 from ..errors import LowbitError
 from . import loss as losses
+from .distributed import World
 from .state import TrainState
 
-__all__ = ["train_loop", "NonFiniteLoss"]
+__all__ = ["train_loop", "NonFiniteLoss", "learned_tokens"]
 
 
 class NonFiniteLoss(LowbitError):
@@ -32,11 +38,11 @@ class NonFiniteLoss(LowbitError):
 
 
 def train_loop(model, optimizer, batches, *, steps: int, scheduler=None, state: TrainState | None = None,
-               accumulation: int = 1, max_grad_norm: float = 1.0, dtype=None, loss_fn=None,
-               callbacks=()) -> TrainState:
+               accumulation: int = 1, max_grad_norm: float = 1.0, dtype=None, loss_fn=None, callbacks=(),
+               world: World | None = None) -> TrainState:
     """Train until ``state.step == steps``; returns the state. ``loss_fn(model, batch) -> (sum, tokens)``
     defaults to ``training.loss.lm_loss``."""
-    data, state = as_batches(batches), state or TrainState()
+    data, state, world = as_batches(batches), state or TrainState(), world or World()
     loss_fn = loss_fn or losses.lm_loss
     params = [p for p in model.parameters() if p.requires_grad]
     for cb in callbacks:
@@ -46,8 +52,9 @@ def train_loop(model, optimizer, batches, *, steps: int, scheduler=None, state: 
     state.restart_clock()
     try:
         while state.step < steps:
-            group = state.next_group(data, accumulation)
-            loss = _forward_backward(model, group, loss_fn, dtype)
+            keys = state.next_keys(data, accumulation * world.size)  # the same keys on every rank
+            group = [data.batch(k) for k in keys[world.rank :: world.size]]
+            loss, tokens = _forward_backward(model, group, loss_fn, dtype, world)
             if not math.isfinite(loss):
                 raise NonFiniteLoss(state.step + 1, loss)
             gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else None
@@ -56,7 +63,7 @@ def train_loop(model, optimizer, batches, *, steps: int, scheduler=None, state: 
             lr = optimizer.param_groups[0]["lr"]
             if scheduler is not None:
                 scheduler.step()
-            record = state.finish_step(data, loss, lr, gnorm, group)
+            record = state.finish_step(data, loss, lr, gnorm, tokens)
             for cb in callbacks:
                 cb.on_step_end(state, record)
     except KeyboardInterrupt:
@@ -69,13 +76,29 @@ def train_loop(model, optimizer, batches, *, steps: int, scheduler=None, state: 
     return state
 
 
-def _forward_backward(model, group: list[dict], loss_fn, dtype) -> float:
-    """Gradients of one optimizer step; the loss of each micro-batch is divided by the group's learned tokens."""
-    n_tok = max(1, sum(losses.answer_tokens(b) for b in group))
+def learned_tokens(group: list[dict], world: World) -> float:
+    """The step's learned tokens, counted over every rank: what each micro-batch's summed loss is divided by."""
+    return world.sum(sum(losses.answer_tokens(b) for b in group))[0]
+
+
+def _sync(model, last: bool):
+    """Reduce gradients only with the last micro-batch of a step (DDP ``no_sync``, FSDP2 gradient sync)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+    elif hasattr(model, "no_sync") and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _forward_backward(model, group: list[dict], loss_fn, dtype, world: World) -> tuple[float, int]:
+    """Gradients of one optimizer step; returns (loss per learned token, tokens seen), both over all ranks."""
+    n_tok = max(1.0, learned_tokens(group, world))
     total = 0.0
-    for b in group:
-        with losses.autocast(dtype):
-            s, _ = loss_fn(model, b)
-        (s / n_tok).backward()
+    for i, b in enumerate(group):
+        with _sync(model, i == len(group) - 1):
+            with losses.autocast(dtype):
+                s, _ = loss_fn(model, b)
+            (s * (world.size / n_tok)).backward()
         total += s.detach().item()
-    return total / n_tok
+    total, tokens = world.sum(total, sum(losses.tokens_in(b) for b in group))
+    return total / n_tok, int(tokens)

@@ -14,11 +14,12 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..data.formats import IGNORE
 from ..nn.cross_entropy import chunked_cross_entropy
 
-__all__ = ["lm_loss", "answer_tokens", "autocast"]
+__all__ = ["lm_loss", "answer_tokens", "tokens_in", "autocast", "LossModule", "module_loss"]
 
 
 def _split_head(model):
@@ -38,6 +39,12 @@ def _split_head(model):
 def answer_tokens(batch) -> int:
     """How many next-token predictions of ``batch`` are learned."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def tokens_in(batch) -> int:
+    """Non-pad tokens of ``batch`` (all of them without an attention mask)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def lm_loss(model, batch, chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
@@ -65,3 +72,20 @@ def autocast(dtype, device_type: str = "cpu"):
     if dtype in (None, torch.float32):
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=dtype)
+
+
+class LossModule(nn.Module):
+    """``lm_loss`` as a module: ``LossModule(model)(batch) -> (sum, tokens)``. DDP and FSDP only see what runs
+    inside the module they wrap, and the chunked loss calls the model's body and head itself."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
+        return lm_loss(self.model, batch)
+
+
+def module_loss(module: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """The loss function of a ``LossModule`` (or DDP/FSDP around one): call it."""
+    return module(batch)

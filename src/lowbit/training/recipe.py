@@ -27,13 +27,14 @@ from ..errors import LowbitError
 from ..io.adapters import save_adapter
 from ..io.loader import SourceWeights, load
 from ..io.tokenizer import load_tokenizer
-from ..nn.lora import add_lora, count_parameters
-from . import loss as losses
+from ..nn.lora import add_lora, count_parameters, lora_state_dict
 from .callbacks import Evaluator, MetricsLog, ProgressBar, TensorBoard
-from .checkpoint import Checkpointer, latest_checkpoint, load_checkpoint, saved_config
+from .checkpoint import Checkpointer, latest_checkpoint, load_adapter_weights, load_trainer_state, saved_meta
 from .config import TrainConfig, config_changes, config_to_yaml
+from .distributed import World, base_bytes, check_same_base, init_world, wrap
 from .evaluation import evaluate
 from .loop import NonFiniteLoss, train_loop
+from .loss import module_loss
 from .plot import plot_losses
 from .schedule import lr_lambda
 from .state import TrainState
@@ -45,41 +46,57 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "loss.png", "adapter_model.safetens
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> dict:
-    """Fine-tune as ``cfg`` says; returns the output folder, step count, eval losses, tokens/s, model, tokenizer."""
+    """Fine-tune as ``cfg`` says; returns the output folder, step count, eval losses, tokens/s, model, tokenizer.
+
+    Under torchrun every rank calls this; rank 0 logs and writes (see ``distributed.py``).
+    """
     cfg.validate()
+    world = init_world(cfg.distributed, cfg.ddp_timeout)
+    try:
+        return _train(cfg, world, resume, overwrite, progress, log if world.main else (lambda *a: None))
+    finally:
+        world.close()
+
+
+def _train(cfg: TrainConfig, world: World, resume: bool, overwrite: bool, progress: bool, log) -> dict:
     out = Path(cfg.output_dir)
-    ck = _prepare_output_dir(out, cfg, resume, overwrite, log)
+    ck = _prepare_output_dir(out, cfg, world, resume, overwrite, log)
     dtype = to_torch(cfg.compute_dtype)
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.base_model)
     batches, valid = load_data(cfg, tok, log)
     model = load_model(cfg, dtype, log)
-    total = total_steps(cfg, len(batches))
-    opt = optim.make(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+    check_same_base(model, world)
+    if ck is not None:
+        load_adapter_weights(ck, model)
+    trainer = wrap(model, world)
+    if world.mode == "fsdp":
+        per_rank = world.sum(base_bytes(model))[0] / world.size
+        log(f"fsdp over {world.size} ranks: {per_rank / 2**20:.2f} MiB of 4-bit base per rank")
+    total = total_steps(cfg, len(batches), world.size)
+    opt = optim.make(cfg.optimizer, [p for p in trainer.parameters() if p.requires_grad], lr=cfg.learning_rate,
                      weight_decay=cfg.weight_decay, budget_bytes=int(cfg.optimizer_budget_mb * 2**20))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total))
-    out.mkdir(parents=True, exist_ok=True)
-    with writing_file(out / "config.yaml") as tmp:
-        tmp.write_text(config_to_yaml(cfg))
     state = TrainState()
     if ck is not None:
-        state = load_checkpoint(ck, model, opt)
+        state = load_trainer_state(ck, opt, world)
         sched.last_epoch = state.step  # the optimizer's saved param groups already carry this step's lr
         log(f"resumed from {ck} at step {state.step}")
-    else:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    if world.main:
+        with writing_file(out / "config.yaml") as tmp:
+            tmp.write_text(config_to_yaml(cfg))
+        if ck is None:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+    run = dict(dtype=dtype, loss_fn=module_loss, world=world)
     if "base_eval_loss" not in state.history and valid is not None:
-        state.history["base_eval_loss"] = evaluate(model, valid, dtype)
+        state.history["base_eval_loss"] = evaluate(trainer, valid, **run)
         log(f"eval loss before training: {state.history['base_eval_loss']:.4f}")
-    checkpoints = Checkpointer(out, model, opt, cfg, total)
-    callbacks = [*([Evaluator(model, valid, dtype, cfg.eval_steps, total)] if valid is not None else []),
-                 MetricsLog(out / "metrics.jsonl", cfg.logging_steps),
-                 *([TensorBoard(out / "tensorboard", cfg.logging_steps, log)] if cfg.tensorboard else []),
-                 ProgressBar(total, progress), checkpoints]
+    checkpoints = Checkpointer(out, model, opt, cfg, total, world)
+    callbacks = [*([Evaluator(trainer, valid, cfg.eval_steps, total, **run)] if valid is not None else []),
+                 *(_reporters(cfg, out, total, progress, log) if world.main else []), checkpoints]
     try:
-        train_loop(model, opt, batches, steps=total, scheduler=sched, state=state,
-                   accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm, dtype=dtype,
-                   loss_fn=losses.lm_loss, callbacks=callbacks)
+        train_loop(trainer, opt, batches, steps=total, scheduler=sched, state=state, callbacks=callbacks,
+                   accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm, **run)
     except KeyboardInterrupt:
         saved = _save_uninterruptibly(checkpoints, state) if state.step else None
         raise LowbitError(f"interrupted at step {state.step}; checkpoint saved to {saved}. Continue with --resume") \
@@ -87,18 +104,28 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     except NonFiniteLoss as e:
         raise LowbitError(f"{e}; stopped. Last good checkpoint: {latest_checkpoint(out) or 'none'} "
                           "(try a lower learning_rate)") from None
-    save_adapter(model, out)
-    plot_losses(out, state.history.get("base_eval_loss"))
+    tensors = lora_state_dict(model)  # whole on every rank (gathered under FSDP); rank 0 writes
+    if world.main:
+        save_adapter(model, out, tensors=tensors)
+        plot_losses(out, state.history.get("base_eval_loss"))
     evals = state.history["eval"]
     return {"output_dir": str(out), "steps": state.step, "base_eval_loss": state.history.get("base_eval_loss"),
             "eval_loss": evals[-1][1] if evals else None, "tokens_per_s": state.tokens_per_s(), "model": model,
-            "tokenizer": tok}
+            "tokenizer": tok, "rank": world.rank, "world_size": world.size}
 
 
-def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
-    """``max_steps``, else enough optimizer steps for ``num_epochs`` passes."""
-    return cfg.max_steps or max(1, math.ceil(math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
-                                             * cfg.num_epochs))
+def _reporters(cfg: TrainConfig, out: Path, total: int, progress: bool, log) -> list:
+    """What rank 0 reports to: metrics.jsonl, TensorBoard (if asked), the progress bar."""
+    return [MetricsLog(out / "metrics.jsonl", cfg.logging_steps),
+            *([TensorBoard(out / "tensorboard", cfg.logging_steps, log)] if cfg.tensorboard else []),
+            ProgressBar(total, progress)]
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int, world_size: int = 1) -> int:
+    """``max_steps``, else enough optimizer steps for ``num_epochs`` passes (a step takes
+    ``gradient_accumulation_steps`` micro-batches on each of ``world_size`` ranks)."""
+    per_step = cfg.gradient_accumulation_steps * world_size
+    return cfg.max_steps or max(1, math.ceil(math.ceil(batches_per_epoch / per_step) * cfg.num_epochs))
 
 
 def load_data(cfg: TrainConfig, tok, log=print) -> tuple[Batches, Batches | None]:
@@ -142,13 +169,20 @@ def load_model(cfg: TrainConfig, dtype, log=print):
     return model
 
 
-def _prepare_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, log) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run), after checking the folder allows this run."""
+def _prepare_output_dir(out: Path, cfg: TrainConfig, world: World, resume: bool, overwrite: bool,
+                        log) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run), after checking the folder allows this run. Every
+    rank checks (and agrees); rank 0 alone deletes what --overwrite replaces."""
     if resume:
         ck = latest_checkpoint(out)
         if ck is None:
             raise LowbitError(f"{out}: --resume, but there is no checkpoint in {out / 'checkpoints'}")
-        math_changes, harmless = config_changes(saved_config(ck), cfg)
+        meta = saved_meta(ck)
+        was = (meta.get("world_size", 1), meta.get("distributed", "none"))
+        if was != (world.size, world.mode):
+            raise LowbitError(f"{ck}: written by {was[0]} process(es) ({was[1]}); resume it with the same "
+                              f"number and mode, not {world.size} ({world.mode})")
+        math_changes, harmless = config_changes(meta.get("config") or {}, cfg)
         if math_changes:
             raise LowbitError(f"{out}: cannot resume: the config differs from the checkpoint's in what the training "
                               f"computes ({'; '.join(math_changes)}); use the same settings, or --overwrite")
@@ -158,9 +192,11 @@ def _prepare_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: bo
     if not out.exists() or not any(out.iterdir()):
         return None
     if overwrite:
-        for name in RUN_FILES:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        if world.main:
+            for name in RUN_FILES:
+                p = out / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        world.barrier()
         return None
     saved = out / "config.yaml"
     what = "a different run" if saved.exists() and saved.read_text() != config_to_yaml(cfg) else "a run"

@@ -36,15 +36,16 @@ class TrainState:
             self._order = (self.epoch, data.order(self.epoch))
         return self._order[1]
 
-    def next_group(self, data, k: int) -> list[dict]:
-        """The next ``k`` micro-batches, moving to the next epoch where one ends."""
-        group = []
+    def next_keys(self, data, k: int) -> list:
+        """The keys of the next ``k`` micro-batches (``data.batch(key)`` makes one), moving to the next epoch
+        where one ends."""
+        keys = []
         for _ in range(k):
             if self.pos >= len(self.order(data)):
                 self.epoch, self.pos = self.epoch + 1, 0
-            group.append(data.batch(self.order(data)[self.pos]))
+            keys.append(self.order(data)[self.pos])
             self.pos += 1
-        return group
+        return keys
 
     def restart_clock(self) -> None:
         """Throughput counts from now (a resumed run's tokens/s is this process's)."""
@@ -59,12 +60,12 @@ class TrainState:
             self.epoch, self.pos, rng = self._mark
             torch.set_rng_state(rng)
 
-    def finish_step(self, data, loss: float, lr: float, grad_norm, group: list[dict]) -> dict:
-        """Count the step, move the rollback mark here, and return its metrics record."""
+    def finish_step(self, data, loss: float, lr: float, grad_norm, tokens: int) -> dict:
+        """Count the step (``tokens``: non-pad tokens it trained on), move the rollback mark here, and return its
+        metrics record."""
         self.step += 1
         self.mark()
-        self.tokens_seen += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                                for b in group)
+        self.tokens_seen += tokens
         return {"step": self.step, "epoch": self.epoch + self.pos / len(self.order(data)), "loss": loss, "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": self.tokens_per_s(), "time_s": time.perf_counter() - self.started}

@@ -1,0 +1,156 @@
+"""Several processes with torchrun and gloo on this CPU: DDP and FSDP2 equal one process over the same
+micro-batches; FSDP2 shards the 4-bit base; checkpoints resume exactly; a dead rank ends the run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.io.adapters import read_adapter
+from lowbit.training import recipe
+from lowbit.training.config import TrainConfig
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+@pytest.fixture(scope="module")
+def varied(setup):
+    """Chat data whose answers differ in length, so ranks hold unequal numbers of learned tokens."""
+    root, model_dir, _ = setup
+    g = torch.Generator().manual_seed(0)
+    words = "paris london rome berlin madrid lisbon vienna prague".split()
+    rows = []
+    for i in range(40):
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        answer = " ".join(words[int(j)] for j in torch.randint(0, len(words), (n,), generator=g))
+        rows.append({"messages": [{"role": "user", "content": f"name {n} cities {i}"},
+                                  {"role": "assistant", "content": answer}]})
+    data = root / "varied.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return model_dir, data
+
+
+def _cfg(model_dir, data, out, **kw):
+    base = dict(base_model=str(model_dir), datasets=str(data), compute_dtype="float32", lora_r=4, lora_alpha=8,
+                lora_dropout=0.0, micro_batch_size=2, gradient_accumulation_steps=2, sequence_len=64, max_steps=4,
+                learning_rate=3e-3, warmup_steps=0, eval_steps=4, save_steps=2, val_set_size=8, output_dir=str(out))
+    base.update(kw)
+    return base
+
+
+def _torchrun(cfg: dict, report: Path, opts: dict | None = None, nproc: int = 2, timeout: int = 300):
+    report.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER),
+           json.dumps(cfg), str(report), json.dumps(opts or {})]
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _close(a: Path, b: Path, rtol=1e-5, atol=1e-6) -> bool:
+    la, lb = _losses(a), _losses(b)
+    ta, tb = read_adapter(a)[1], read_adapter(b)[1]
+    same_losses = len(la) == len(lb) and all(x == pytest.approx(y, rel=rtol) for x, y in zip(la, lb))
+    return same_losses and set(ta) == set(tb) and all(torch.allclose(ta[k], tb[k], atol=atol, rtol=0) for k in ta)
+
+
+@pytest.fixture(scope="module")
+def single(varied, tmp_path_factory):
+    """One process, micro-batch 2 × accumulation 4: the reference for 2 ranks × accumulation 2."""
+    model_dir, data = varied
+    out = tmp_path_factory.mktemp("dist") / "single"
+    res = recipe.train(TrainConfig(**_cfg(model_dir, data, out, gradient_accumulation_steps=4)), progress=False,
+                       log=lambda *a: None)
+    return out, res
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process(varied, single, tmp_path, mode):
+    model_dir, data = varied
+    out = tmp_path / mode
+    cfg = _cfg(model_dir, data, out, distributed=mode, gradient_checkpointing=mode == "fsdp")
+    p = _torchrun(cfg, tmp_path / "report")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _close(out, single[0]), (_losses(out), _losses(single[0]))
+    reports = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert reports[0]["eval_loss"] == pytest.approx(single[1]["eval_loss"], rel=1e-5)
+    assert all(r["codes_equal_after_training"] for r in reports), "gathered codes must equal the originals"
+    total = reports[0]["full_base_bytes"]
+    if mode == "fsdp":  # each rank holds about half of the 4-bit base; together, all of it (plus padding)
+        local = [r["base_bytes"] for r in reports]
+        assert all(b <= total / 2 + 4096 for b in local) and total <= sum(local) <= total + 4096, (local, total)
+    else:
+        assert all(r["base_bytes"] == total for r in reports)
+    cks = sorted(x.name for x in (out / "checkpoints").iterdir())
+    assert cks == ["step-0000002", "step-0000004"], cks  # one folder per save, no leftovers from other ranks
+
+
+def test_per_rank_normalisation_breaks_the_equivalence(varied, single, tmp_path):
+    """The negative control: dividing by each rank's own tokens is not what one process computes."""
+    model_dir, data = varied
+    out = tmp_path / "wrong"
+    p = _torchrun(_cfg(model_dir, data, out, distributed="ddp"), tmp_path / "report",
+                  {"per_rank_normalisation": True})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not _close(out, single[0])
+
+
+def test_checkpoint_resume_equals_uninterrupted_and_loads_in_peft(varied, single, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir, data = varied
+    out = tmp_path / "resumed"
+    cfg = _cfg(model_dir, data, out, distributed="fsdp")
+    # kill -9 one rank in step 3 (its 5th training forward), after the step-2 checkpoint; torchrun ends the other
+    p = _torchrun(cfg, tmp_path / "r1", {"kill_rank": 1, "kill_at_call": 5})
+    assert p.returncode != 0 and sorted(x.name for x in (out / "checkpoints").iterdir()) == ["step-0000002"]
+    p = _torchrun(cfg, tmp_path / "r2", {"resume": True})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _close(out, single[0]), (_losses(out), _losses(single[0]))
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    PeftModel.from_pretrained(base, out)  # the adapter the ranks wrote is an ordinary PEFT adapter
+    # a different number of processes is refused, naming both
+    p = _torchrun({**cfg, "distributed": "auto"}, tmp_path / "r3", {"resume": True}, nproc=1)
+    assert p.returncode != 0 and "written by 2 process(es) (fsdp)" in p.stderr, p.stderr[-2000:]
+
+
+def test_a_dead_rank_ends_the_run(varied, tmp_path):
+    model_dir, data = varied
+    p = _torchrun(_cfg(model_dir, data, tmp_path / "dead", distributed="ddp", ddp_timeout=60), tmp_path / "report",
+                  {"kill_rank": 1, "kill_at_call": 3}, timeout=120)
+    assert p.returncode != 0
+    assert not (tmp_path / "report" / "rank0.json").exists(), "rank 0 must not finish as if nothing happened"
+
+
+def test_distributed_settings_need_torchrun(varied, tmp_path):
+    from lowbit.errors import LowbitError
+
+    model_dir, data = varied
+    with pytest.raises(LowbitError, match="distributed: fsdp needs several processes"):
+        recipe.train(TrainConfig(**_cfg(model_dir, data, tmp_path / "x", distributed="fsdp")), progress=False)
+
+
+@pytest.mark.slow
+def test_torchrun_lowbit_train_on_smollm2(tmp_path):
+    """What a user types: torchrun … -m lowbit train config.yaml, on the built-in model, FSDP over 2 processes."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"base_model: smollm2-135m\ndatasets: chatterbot\nmicro_batch_size: 4\nsequence_len: 128\n"
+                   f"max_steps: 6\neval_steps: 6\nsave_steps: 3\nval_set_size: 16\nlearning_rate: 3.0e-4\n"
+                   f"distributed: fsdp\noutput_dir: {tmp_path / 'run'}\n")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                        "lowbit", "train", str(cfg), "--quiet"], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("adapter saved to") == 1, "only rank 0 reports"
+    before, after = map(float, next(x for x in p.stdout.splitlines() if x.startswith("eval loss:"))[10:].split("->"))
+    assert after < before
+    assert "of 4-bit base per rank" in p.stdout
+    assert sorted(x.name for x in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
+    assert read_adapter(tmp_path / "run")[1], "the adapter is written"
