@@ -138,3 +138,19 @@ def test_8bit_tracks_float32_on_tiny_model_finetune(tmp_path):
         curves[bits] = out
     assert curves[32][-1] < 0.7 * curves[32][0]
     assert all(abs(a - b) <= 0.02 * b for a, b in zip(curves[8], curves[32])), (curves[8][-1], curves[32][-1])
+
+
+def test_paged_8bit_keeps_the_budget_with_float32_state_beside_8bit_state():
+    """An 8-bit optimizer keeps float32 state for small tensors: their pages must be sized for 8 bytes an
+    element, not 2 (this overran the budget before pages were sized per state width)."""
+    big, small = torch.nn.Parameter(torch.randn(8192)), torch.nn.Parameter(torch.randn(2048))
+    budget = 12_000
+    opt = AdamW([big, small], lr=1e-3, bits=8, paged=True, budget_bytes=budget, min_8bit_size=4096)
+    for _ in range(3):
+        (big.square().sum() + small.square().sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.state[big]["m_q"].dtype == torch.uint8 and opt.state[small]["m"].dtype == torch.float32
+    assert 0 < opt.stats.peak_resident_bytes <= budget and opt.stats.resident_bytes == 0
+    with pytest.raises(ValueError, match="budget of 1000 bytes is too small"):
+        AdamW([big], bits=8, paged=True, budget_bytes=1000)

@@ -27,6 +27,17 @@ def main():
             return real(model, batch, *a, **k)
 
         loss.lm_loss = dying
+    if opts.get("corrupt_rank") == rank:  # this rank's base differs from the others' by one code byte
+        load_model = recipe.load_model
+
+        def corrupted(*a, **k):
+            model = load_model(*a, **k)
+            codes = next(m for m in model.modules() if hasattr(m, "codes")).codes
+            with torch.no_grad():
+                codes.view(-1)[0] ^= 1
+            return model
+
+        recipe.load_model = corrupted
     distributed.World.close = lambda self: None  # keep the group for the checks below
     res = recipe.train(TrainConfig(**cfg), resume=opts.get("resume", False), progress=False)
     world = distributed.World(torch.distributed.get_rank(), torch.distributed.get_world_size())

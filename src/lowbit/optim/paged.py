@@ -72,10 +72,14 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.bits, self.paged, self.min_8bit_size = bits, paged, min_8bit_size
         self.local_state = True  # state covers this rank's shard of each parameter (plain tensors, never DTensors)
-        per_elem = kind.element_bytes
         budget = budget_bytes or kind.default_budget_bytes()
-        # a page must hold at least one block; two pages are resident while the next one prefetches
-        self.page_elems = max(BLOCK, (budget // 2 // (per_elem + 1)) // BLOCK * BLOCK)
+        if paged and budget < 2 * BLOCK * 9:
+            raise LowbitError(f"paged optimizer budget of {budget} bytes is too small: two pages of {BLOCK} "
+                              f"elements' float32 state need {2 * BLOCK * 9} (optimizer_budget_mb ≥ 0.005)")
+        # elements per page for 8-bit and for float32 state (small tensors of an 8-bit optimizer keep float32 state):
+        # two pages resident at once, each element's state plus a byte of margin for the block constants
+        self.page_elems = {is8: max(BLOCK, (budget // 2 // (width + 1)) // BLOCK * BLOCK)
+                           for is8, width in ((True, 2), (False, 8))}
         self.stats = PagerStats(budget_bytes=budget if paged else 0)
         self._codes = (dynamic_map(signed=True), dynamic_map(signed=False))
         self._stream = None
@@ -164,7 +168,7 @@ class AdamW(torch.optim.Optimizer):
                 bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
                 flat_p, flat_g = local.view(-1), _local(p.grad).reshape(-1)
                 is8, n = self._is8(p), local.numel()
-                step = self.page_elems if self.paged else n
+                step = self.page_elems[is8] if self.paged else n
                 bounds = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
                 nxt = self._fetch(self._slices(st, *bounds[0], is8), p.device)
                 for i, (lo, hi) in enumerate(bounds):
