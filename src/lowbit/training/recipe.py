@@ -98,6 +98,9 @@ def _train(cfg: TrainConfig, world: World, resume: bool, overwrite: bool, progre
         train_loop(trainer, opt, batches, steps=total, scheduler=sched, state=state, callbacks=callbacks,
                    accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm, **run)
     except KeyboardInterrupt:
+        if world.size > 1:  # the ranks were stopped at different points: no collective save now
+            raise LowbitError(f"interrupted; continue with --resume from the last checkpoint, "
+                              f"{latest_checkpoint(out) or 'none yet'}") from None
         saved = _save_uninterruptibly(checkpoints, state) if state.step else None
         raise LowbitError(f"interrupted at step {state.step}; checkpoint saved to {saved}. Continue with --resume") \
             from None
