@@ -6,10 +6,14 @@ configs and saved locally (tiny.py), so nothing is downloaded. Every random draw
 
 import json
 import logging
+import os
 import warnings
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter on CPU tensors (before Triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tiny import save_tiny, save_tiny_with_tokenizer
 

@@ -12,12 +12,14 @@ Quantizing works through the weight in chunks of whole blocks, so a 32000×4096 
 than a few MB of scratch beyond its input. Dequantizing has a pure-PyTorch reference
 (``dequantize_reference``: unpack nibbles, index the codebook, scale), a vectorised PyTorch path
 (``dequantize_torch``: one gather through a 256-entry byte→pair table, one broadcast multiply) and a C
-kernel (``csrc/dequant4.c``: one AVX-512 permute per 16 codes). ``dequantize`` is the one dispatch point
-every caller uses; see bench/quant.py for why the C kernel exists.
+kernel (``csrc/dequant4.c``: one AVX-512 permute per 16 codes) on CPU, and a Triton kernel
+(``triton_dequant.py``) on CUDA. ``dequantize`` is the one dispatch point every caller uses; see bench/quant.py
+for why the C kernel exists. All paths give the same bytes (tests/quant/).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -104,11 +106,14 @@ _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def dequantize(packed, absmax, code, blocksize, shape, dtype=torch.float32, out=None, nested=None) -> torch.Tensor:
-    """The one dispatch point: the C kernel (``native.py``) on CPU when it built, else the PyTorch path.
+    """The one dispatch point: the C kernel (``native.py``) on CPU when it built, the Triton kernel on CUDA when
+    Triton is installed, else the PyTorch path.
 
     ``nested``: ``(qabsmax, nested_absmax, nested_code, offset, nested_blocksize)`` when the block constants
-    are double-quantized (``absmax`` is then None); the kernel undoes both levels in one pass.
+    are double-quantized (``absmax`` is then None); the kernels undo both levels in one pass.
     """
+    if packed.device.type == "cuda" and _triton() is not None:
+        return _triton().dequantize(packed, absmax, code, blocksize, shape, dtype, out, nested)
     n = math.prod(shape)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=packed.device)
@@ -135,6 +140,16 @@ def dequantize(packed, absmax, code, blocksize, shape, dtype=torch.float32, out=
         qa, na, nc, offset, nbs = nested
         absmax = double_dequantize(qa, na, offset, nc, nbs)
     return dequantize_torch(packed, absmax, code, blocksize, shape, dtype, out)
+
+
+@functools.cache
+def _triton():
+    """The Triton kernel module, imported on first use on a CUDA tensor (None without Triton)."""
+    try:
+        from . import triton_dequant
+    except ImportError:
+        return None
+    return triton_dequant
 
 
 def dequantize_torch(packed, absmax, code, blocksize, shape, dtype=torch.float32, out=None) -> torch.Tensor:
