@@ -29,7 +29,7 @@ import torch
 
 from ..errors import LowbitError
 from ..quant.codebooks import dynamic_map
-from ..quant.double_quant import dequantize8, quantize8
+from ..quant.double_quant import dequantize8, quantize8, rounding_lut
 from .registry import BLOCK, MIN_8BIT_SIZE, OPTIMIZERS, check_optimizer
 
 __all__ = ["AdamW", "PagerStats", "make"]
@@ -82,6 +82,7 @@ class AdamW(torch.optim.Optimizer):
                            for is8, width in ((True, 2), (False, 8))}
         self.stats = PagerStats(budget_bytes=budget if paged else 0)
         self._codes = (dynamic_map(signed=True), dynamic_map(signed=False))
+        self._tables: dict = {}  # device → (signed map, unsigned map, their rounding tables): built once
         self._stream = None
 
     # ---- state storage --------------------------------------------------------------------------
@@ -184,7 +185,7 @@ class AdamW(torch.optim.Optimizer):
 
     def _update(self, p, g, s, is8, lr, b1, b2, eps, wd, bc1, bc2):
         if is8:
-            cm, cv = (c.to(p.device) for c in self._codes)
+            cm, cv, lm, lv = self._device_tables(p.device)
             m = dequantize8(s["m_q"], s["m_absmax"], cm, BLOCK)
             v = dequantize8(s["v_q"], s["v_absmax"], cv, BLOCK)
         else:
@@ -196,10 +197,17 @@ class AdamW(torch.optim.Optimizer):
         denom = (v / bc2).sqrt_().add_(eps)
         p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-lr / bc1)
         if is8:
-            for key, x, code in (("m", m, cm), ("v", v, cv)):
-                q, am = quantize8(x, code, BLOCK)
+            for key, x, code, lut in (("m", m, cm, lm), ("v", v, cv, lv)):
+                q, am = quantize8(x, code, BLOCK, lut=lut)
                 s[f"{key}_q"].copy_(q)
                 s[f"{key}_absmax"].copy_(am)
+
+    def _device_tables(self, device) -> tuple:
+        """The 8-bit maps and rounding tables on ``device``, copied there once, not per page."""
+        if device not in self._tables:
+            cm, cv = (c.to(device) for c in self._codes)
+            self._tables[device] = (cm, cv, rounding_lut(cm, device), rounding_lut(cv, device))
+        return self._tables[device]
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)

@@ -19,31 +19,32 @@ import torch
 from .codebooks import dynamic_map
 from .spec import NESTED_BLOCKSIZE
 
-__all__ = ["NESTED_BLOCKSIZE", "quantize8", "dequantize8", "double_quantize", "double_dequantize"]
+__all__ = ["NESTED_BLOCKSIZE", "quantize8", "dequantize8", "double_quantize", "double_dequantize", "rounding_lut"]
 
 
 _LUT_SIZE = 65536
-_luts: dict[bytes, torch.Tensor] = {}
+_luts: dict[tuple, torch.Tensor] = {}
 
 
-def _rounding_lut(code: torch.Tensor) -> torch.Tensor:
+def rounding_lut(code: torch.Tensor, device=None) -> torch.Tensor:
     """65536-entry table: a value in [-1, 1] discretised to 16 bits → index of the nearest code.
 
     This is how bitsandbytes 0.50 rounds to the 8-bit map on CPU (a lookup instead of a search), so the
     codes differ from exact nearest rounding only for values within ~1.5e-5 of a midpoint; we reproduce
-    it to stay byte-identical.
+    it to stay byte-identical. One table per codebook and device, built once (callers on a hot path keep it).
     """
-    key = code.detach().float().cpu().numpy().tobytes()
+    code = code.detach().float().cpu()
+    key = (code.numpy().tobytes(), str(device or "cpu"))
     lut = _luts.get(key)
     if lut is None:
         mid = 0.5 * (code[:-1] + code[1:])
         grid = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / (_LUT_SIZE - 1)
-        lut = _luts[key] = torch.searchsorted(mid, grid, right=False).to(torch.uint8)
+        lut = _luts[key] = torch.searchsorted(mid, grid, right=False).to(torch.uint8).to(device or "cpu")
     return lut
 
 
-def quantize8(x: torch.Tensor, code: torch.Tensor,
-              blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize8(x: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE,
+              lut: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise absmax quantization of ``x`` to uint8 indices into the sorted 256-entry ``code``.
 
     ``v = x · (1/absmax)``, then ``lut[trunc(((v+1)·0.5)·65535 + 0.5)]``; an all-zero block stores code 0.
@@ -56,7 +57,7 @@ def quantize8(x: torch.Tensor, code: torch.Tensor,
     inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
     v = torch.clamp(padded * inv.unsqueeze(1), -1.0, 1.0)
     idx = ((((v + 1.0) * 0.5) * (_LUT_SIZE - 1)) + 0.5).to(torch.int64)  # truncation, as in C
-    q = _rounding_lut(code.cpu()).to(idx.device)[idx]
+    q = (lut if lut is not None else rounding_lut(code, idx.device))[idx]
     q[absmax == 0] = 0
     return q.reshape(-1)[:n].view(x.shape), absmax
 
