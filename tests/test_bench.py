@@ -24,3 +24,21 @@ def test_retention_quick(tmp_path):
     assert res["methods"]["lora"]["retention_vs_lora"] == pytest.approx(1.0)
     assert (tmp_path / "retention.png").stat().st_size > 1000
     assert "| qlora-nf4" in (tmp_path / "retention.md").read_text()
+
+
+def test_gpu_bench_smoke(tmp_path):
+    """bench/gpu.py end to end on CPU (tiny shapes, Triton's interpreter): the GPU run fails for GPU reasons only."""
+    out = tmp_path / "gpu.json"
+    p = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke", "--out", str(out)], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res) >= {"dequant", "step7b", "headline"} and not any("error" in res[k] for k in
+                                                                      ("dequant", "step7b", "headline")), res
+    equal = res["dequant"]["byte_equal_with_bitsandbytes"]
+    assert equal and all(equal.values()), equal
+    assert {r["impl"] for r in res["dequant"]["rows"]} >= {"copy", "lowbit Triton", "bitsandbytes"}
+    assert res["step7b"]["lowbit"]["finite"] and res["step7b"]["peer"]["finite"]
+    # the same bytes in both stacks: the first losses agree closely
+    assert abs(res["step7b"]["lowbit"]["loss"] - res["step7b"]["peer"]["loss"]) < 0.05
+    assert res["headline"]["finite"] and res["headline"]["planner_predicted_bytes"] > 0

@@ -31,7 +31,7 @@ from .allocator import returning_allocator
 from .resolve import resolve_model
 from .safetensors import Reader
 
-__all__ = ["BaseInfo", "base_info", "load", "SourceWeights"]
+__all__ = ["BaseInfo", "base_info", "load", "SourceWeights", "params_on_meta"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def _read_config(folder: Path, trust_remote_code: bool):
 
 
 @contextlib.contextmanager
-def _params_on_meta():
+def params_on_meta():
     """Build modules with their parameters on the meta device (buffers stay real, e.g. rotary tables)."""
     old = nn.Module.register_parameter
 
@@ -120,7 +120,7 @@ def _skeleton(folder: Path, raw: dict, config, dtype, trust_remote_code: bool) -
     """transformers' model for ``config`` with every parameter on the meta device."""
     from transformers import AutoModelForCausalLM
 
-    with _params_on_meta():
+    with params_on_meta():
         try:
             net = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         except ValueError as e:
