@@ -112,7 +112,7 @@ def tokenize_records(records: list[Record], tok, fmt: str = "auto", sequence_len
     fmt = detect_format(records[0]) if fmt == "auto" else fmt
     segments = FORMATS[fmt][1]
     eos = tok.eos_token_id
-    samples, truncated, dropped = [], 0, 0
+    samples, truncated, dropped, why = [], 0, 0, None
     for rec in records:
         ids, labels = [], []
         for text, learned in segments(rec, tok):
@@ -124,14 +124,17 @@ def tokenize_records(records: list[Record], tok, fmt: str = "auto", sequence_len
         if eos is not None and eos not in ids[-2:]:  # a chat template already ends turns with EOS (+ newline)
             ids.append(eos)
             labels.append(eos)
+        learnable = any(x != IGNORE for x in labels[1:])
         if len(ids) > sequence_len:
             ids, labels = ids[:sequence_len], labels[:sequence_len]
             truncated += 1
         if all(x == IGNORE for x in labels[1:]):
-            dropped += 1  # nothing left to learn (the prompt alone fills sequence_len)
+            dropped += 1
+            why = why or (rec.where, f"is sequence_len={sequence_len} shorter than the prompts? this prompt "
+                          "fills it" if learnable else
+                          "it has nothing to learn (no assistant turn, or an empty answer)")
             continue
         samples.append((ids, labels))
     if not samples:
-        raise LowbitError(f"no usable samples: all {len(records)} records are empty after masking "
-                          f"(is sequence_len={sequence_len} shorter than the prompts?)")
+        raise LowbitError(f"{why[0]}: no usable samples in all {len(records)} records; this one: {why[1]}")
     return Tokenized(samples, truncated, dropped, fmt)

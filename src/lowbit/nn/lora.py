@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import LowbitError
 from ..quant.tensor import quantize
 from .linear import Linear4bit, parameter_counts
-from .lora_options import ALL_LINEAR, LORA_INITS
+from .lora_options import ALL_LINEAR, LORA_INITS, target_names
 
 __all__ = ["LoRALinear", "add_lora", "lora_state_dict", "linear_module_names", "output_head_names", "loftq_init"]
 
@@ -95,11 +95,12 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def select_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
-    """Resolve ``target_modules``: a list of names (the last part(s) of a module path, as peft matches),
-    a regex string matched against the full path, or ``"all-linear"`` (every linear layer but the head)."""
+    """Resolve ``target_modules`` (see ``lora_options``): names (the last part(s) of a module path, as peft
+    matches), a regex matched against the full path, or ``"all-linear"`` (every linear layer but the head)."""
     names = linear_module_names(model)
     heads = output_head_names(model)
-    if isinstance(target_modules, str):
+    targets = target_names(target_modules)
+    if targets is None:
         if target_modules == ALL_LINEAR:
             chosen = [n for n in names if n not in heads]
         else:
@@ -112,7 +113,6 @@ def select_targets(model: nn.Module, target_modules: str | Iterable[str]) -> lis
                 raise LowbitError(f"lora_target_modules: regex {target_modules!r} matches no linear layer; "
                                   f"linear layers are named like: {', '.join(sorted(_short(names)))}")
         return chosen
-    targets = list(target_modules)
     if not targets:
         raise LowbitError("lora_target_modules is empty")
     chosen, unknown = [], []

@@ -1,12 +1,16 @@
 """LoRA's named options (torch-free: the config and the planner read them).
 
-``lora_target_modules`` is ``ALL_LINEAR`` (every linear layer but the output head), a list of layer names (the
-last part(s) of a module path, as peft matches them), or a regular expression matched against the full path.
+``lora_target_modules`` is ``ALL_LINEAR`` (every linear layer but the output head), layer names (the last
+part(s) of a module path, as peft matches them: a list, or a string like ``q_proj`` or ``q_proj,v_proj``), or a
+regular expression matched against the full path (any other string). ``target_names`` tells the forms apart,
+for the training code and the planner alike.
 """
 
 from __future__ import annotations
 
-__all__ = ["ALL_LINEAR", "LORA_INITS"]
+import re
+
+__all__ = ["ALL_LINEAR", "LORA_INITS", "target_names"]
 
 ALL_LINEAR = "all-linear"
 
@@ -14,3 +18,12 @@ LORA_INITS = {
     "default": "A kaiming-uniform, B zero: training starts from the base model exactly",
     "loftq": "start from the quantization error: W ≈ deq(Q) + s·B·A (helps NF3/NF2)",
 }
+
+
+def target_names(targets) -> list[str] | None:
+    """The layer names ``targets`` lists, or None when it is ``ALL_LINEAR`` or a regular expression."""
+    if not isinstance(targets, str):
+        return [str(t) for t in targets]
+    if targets != ALL_LINEAR and re.fullmatch(r"\s*[\w.]+(\s*,\s*[\w.]+)*\s*", targets):
+        return [t.strip() for t in targets.split(",")]
+    return None

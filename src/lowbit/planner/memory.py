@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from ..dtypes import DTYPES, canonical, default_compute_dtype_name
 from ..errors import LowbitError
-from ..nn.lora_options import ALL_LINEAR
+from ..nn.lora_options import ALL_LINEAR, target_names
 from ..nn.loss_chunk import loss_chunk_tokens
 from ..optim.registry import check_optimizer
 from ..quant.spec import NESTED_BLOCKSIZE, QUANT_TYPES, check_blocksize, check_quant_type
@@ -120,18 +120,20 @@ def _linears(cfg: dict) -> tuple[list[tuple[str, int, int, int]], dict]:
 
 
 def _targets(lora_target_modules, names: list[str]) -> set[str]:
-    """The adapted layers, from the same spellings training takes: ``all-linear``, a list of names (or a
-    comma-separated string of them), or a regex over module paths like ``model.layers.0.self_attn.q_proj``."""
+    """The adapted layers, from the same spellings training takes (``nn.lora_options.target_names``):
+    ``all-linear``, names, or a regex over module paths like ``model.layers.0.self_attn.q_proj``."""
     if lora_target_modules == ALL_LINEAR:
         return set(names)
-    if isinstance(lora_target_modules, str) and not re.fullmatch(r"[\w,\s]+", lora_target_modules):
+    wanted = target_names(lora_target_modules)
+    if wanted is None:
         paths = {n: f"model.layers.0.{'self_attn' if n[0] in 'qkvo' else 'mlp'}.{n}" for n in names}
-        chosen = {n for n, p in paths.items() if re.fullmatch(lora_target_modules, p)}
+        try:
+            chosen = {n for n, p in paths.items() if re.fullmatch(lora_target_modules, p)}
+        except re.error as e:
+            raise LowbitError(f"lora_target_modules: invalid regex {lora_target_modules!r} ({e})") from None
         if not chosen:
             raise LowbitError(f"lora_target_modules: regex {lora_target_modules!r} matches no linear layer")
         return chosen
-    wanted = [t.strip() for t in lora_target_modules.split(",")] if isinstance(lora_target_modules, str) \
-        else list(lora_target_modules)
     unknown = [t for t in wanted if t.split(".")[-1] not in names]
     if unknown:
         raise LowbitError(f"lora_target_modules: unknown {unknown}; known: {', '.join(names)}")
@@ -185,7 +187,8 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
         host = -(-host // world_size)
     elif mode == "ddp":
         items["ddp_gradient_buckets"] = items["gradients"]
-    items.update(_overheads(items, act, tokens * per_layer_tok, gradient_checkpointing, device))
+    items.update(_overheads(items, act, tokens * per_layer_tok, tokens * f["L"] * per_layer_tok,
+                            gradient_checkpointing, device))
     total = sum(items.values())
     dev = parse_size(device_memory) if device_memory is not None else None
     fits = None if dev is None else total <= (1 - HEADROOM) * dev
@@ -239,7 +242,8 @@ def _shard(items: dict, n: int, layers: int, lora_layer: float) -> None:
     items["fsdp_gathered"] = int(2 * base_layer + root + 2 * lora_layer)
 
 
-def _overheads(items: dict, act: float, layer_act: float, gradient_checkpointing: bool, device: str) -> dict:
+def _overheads(items: dict, act: float, layer_act: float, act_without_checkpointing: float,
+               gradient_checkpointing: bool, device: str) -> dict:
     if device == "cuda":
         # CUDA context + caching-allocator slack; backward transients (activation gradients). Not yet measured
         # on a GPU here: an estimate.
@@ -248,9 +252,10 @@ def _overheads(items: dict, act: float, layer_act: float, gradient_checkpointing
                 "framework_overhead": int(0.75 * GIB)}
     # Measured on this CPU (bench/plan_validate.py): activation gradients in backward plus what glibc keeps after
     # freeing come to ≈0.75× the saved activations without checkpointing, ≈9.5 layers' activations with it
-    # (recomputed layers leave freed pages behind), plus ~32 MiB of runtime buffers.
-    return {"backward_and_allocator": int(9.5 * layer_act if gradient_checkpointing else 0.75 * act),
-            "framework_overhead": 32 << 20}
+    # (recomputed layers leave freed pages behind) — never more than without checkpointing, which a model of
+    # fewer layers would otherwise get — plus ~32 MiB of runtime buffers.
+    back = min(9.5 * layer_act, 0.75 * act_without_checkpointing) if gradient_checkpointing else 0.75 * act
+    return {"backward_and_allocator": int(back), "framework_overhead": 32 << 20}
 
 
 def config_settings(cfg, device: str = "cuda", world_size: int = 1) -> dict:
