@@ -15,6 +15,7 @@ def add_parser(sub, name):
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace the run in output_dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true", help="run even if the memory plan says it will not fit")
     add_config_flags(p)
     return p
 
@@ -27,7 +28,7 @@ def run(args) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    res = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    res = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, force=args.force)
     if res["rank"]:
         return 0  # under torchrun, rank 0 reports
     out = res["output_dir"]

@@ -1,7 +1,9 @@
 """Reading safetensors checkpoints one tensor at a time, with plain file reads (never unpickling).
 
-A header is checked before anything is read: its length must fit the file, every entry's dtype must be known
-and its byte range must lie inside the file. ``Reader`` reads a single-file or sharded (index.json)
+A header is checked before anything is read or allocated: its length must fit the file (and the format's
+100 MB limit), every entry must name a known dtype and a shape of non-negative integers, and its byte range must
+lie inside the file and hold exactly shape × dtype bytes — so a hostile or broken header cannot make lowbit
+allocate what the file does not contain. ``Reader`` reads a single-file or sharded (index.json)
 checkpoint tensor by tensor without a memory map — a mapped checkpoint counts every page it touched in the
 process's memory — optionally converting to another float dtype piece by piece.
 """
@@ -22,6 +24,7 @@ __all__ = ["ST_DTYPES", "read_header", "checkpoint_files", "Reader", "open_safet
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
+_ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in ST_DTYPES.items()}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -33,19 +36,34 @@ def read_header(path: Path) -> tuple[dict, int]:
                 raise ValueError("file shorter than its header")
             n = int.from_bytes(raw, "little")
             size = path.stat().st_size
-            if n <= 0 or 8 + n > size:
+            if n <= 0 or 8 + n > size or n > MAX_HEADER:
                 raise ValueError(f"header length {n} does not fit a {size}-byte file")
             header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise LowbitError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
     if not isinstance(header, dict):
         raise LowbitError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     for k, v in header.items():
-        a, b = v.get("data_offsets", (0, -1)) if isinstance(v, dict) else (0, -1)
-        if v.get("dtype") not in ST_DTYPES or b < a or 8 + n + b > size:
+        if not _entry_ok(v, 8 + n, size):
             raise LowbitError(f"{path}: corrupt safetensors entry {k!r}")
     return header, 8 + n
+
+
+MAX_HEADER = 100_000_000  # the format's own limit on the header's length
+
+
+def _entry_ok(v, base: int, size: int) -> bool:
+    """dtype known, shape of non-negative ints, offsets inside the file holding exactly shape × dtype bytes."""
+    if not isinstance(v, dict) or v.get("dtype") not in ST_DTYPES:
+        return False
+    shape, offsets = v.get("shape"), v.get("data_offsets")
+    ints = lambda xs, n=None: isinstance(xs, list) and (n is None or len(xs) == n) and \
+        all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+    if not ints(shape) or not ints(offsets, 2):
+        return False
+    a, b = offsets
+    return a <= b and base + b <= size and math.prod(shape) * _ITEMSIZE[v["dtype"]] == b - a
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -110,10 +128,7 @@ class Reader:
         meta = header[key]
         a, b = meta["data_offsets"]
         src = ST_DTYPES[meta["dtype"]]
-        numel = math.prod(meta["shape"])
-        esz = torch.empty(0, dtype=src).element_size()
-        if numel * esz != b - a:
-            raise LowbitError(f"{f}: tensor {key!r} has {b - a} bytes for shape {meta['shape']} {meta['dtype']}")
+        numel, esz = math.prod(meta["shape"]), _ITEMSIZE[meta["dtype"]]  # sizes checked by read_header
         fh = self._fh.get(f) or self._fh.setdefault(f, open(f, "rb"))
         fh.seek(base + a)
         dst = src if dtype is None or not src.is_floating_point else dtype

@@ -10,7 +10,10 @@ naming the keys; harmless ones (logging and checkpoint cadence, max_steps) are r
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -28,6 +31,7 @@ from ..io.adapters import save_adapter
 from ..io.loader import SourceWeights, load
 from ..io.tokenizer import load_tokenizer
 from ..nn.lora import add_lora, count_parameters, lora_state_dict
+from ..runlock import LOCK_NAME, RunLock
 from .callbacks import Evaluator, MetricsLog, ProgressBar, TensorBoard
 from .checkpoint import Checkpointer, latest_checkpoint, load_adapter_weights, load_trainer_state, saved_meta
 from .config import TrainConfig, config_changes, config_to_yaml
@@ -36,6 +40,7 @@ from .evaluation import evaluate
 from .loop import NonFiniteLoss, train_loop
 from .loss import module_loss
 from .plot import plot_losses
+from .preflight import advice, free_memory, preflight
 from .schedule import lr_lambda
 from .state import TrainState
 
@@ -45,22 +50,31 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "loss.png", "adapter_model.safetens
              "config.yaml", "tensorboard")
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print,
+          force: bool = False, callbacks=()) -> dict:
     """Fine-tune as ``cfg`` says; returns the output folder, step count, eval losses, tokens/s, model, tokenizer.
+    ``callbacks``: more ``training.callbacks.Callback``s, after lowbit's own (they see each step's record).
 
-    Under torchrun every rank calls this; rank 0 logs and writes (see ``distributed.py``).
+    The output folder is locked for the run (``runlock.py``); a run that the memory plan says will not fit is
+    refused before anything loads unless ``force`` (``preflight.py``). Under torchrun every rank calls this;
+    rank 0 locks, logs and writes (see ``distributed.py``).
     """
     cfg.validate()
     world = init_world(cfg.distributed, cfg.ddp_timeout)
+    log = log if world.main else (lambda *a: None)
     try:
-        return _train(cfg, world, resume, overwrite, progress, log if world.main else (lambda *a: None))
+        with RunLock(cfg.output_dir) if world.main else contextlib.nullcontext():
+            ck = _prepare_output_dir(Path(cfg.output_dir), cfg, world, resume, overwrite, log)
+            note = None if force else preflight(cfg, world.size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            if note:
+                log(note)
+            return _train(cfg, world, ck, progress, log, list(callbacks))
     finally:
         world.close()
 
 
-def _train(cfg: TrainConfig, world: World, resume: bool, overwrite: bool, progress: bool, log) -> dict:
+def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log, extra: list) -> dict:
     out = Path(cfg.output_dir)
-    ck = _prepare_output_dir(out, cfg, world, resume, overwrite, log)
     dtype = to_torch(cfg.compute_dtype)
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.base_model)
@@ -74,9 +88,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, overwrite: bool, progre
         per_rank = world.sum(base_bytes(model))[0] / world.size
         log(f"fsdp over {world.size} ranks: {per_rank / 2**20:.2f} MiB of 4-bit base per rank")
     total = total_steps(cfg, len(batches), world.size)
-    opt = optim.make(cfg.optimizer, [p for p in trainer.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                     weight_decay=cfg.weight_decay, budget_bytes=int(cfg.optimizer_budget_mb * 2**20))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total))
+    opt, sched = _optimizer(cfg, trainer, total)
     state = TrainState()
     if ck is not None:
         state = load_trainer_state(ck, opt, world)
@@ -85,15 +97,14 @@ def _train(cfg: TrainConfig, world: World, resume: bool, overwrite: bool, progre
     if world.main:
         with writing_file(out / "config.yaml") as tmp:
             tmp.write_text(config_to_yaml(cfg))
-        if ck is None:
-            (out / "metrics.jsonl").unlink(missing_ok=True)
+        _keep_metrics_up_to(out / "metrics.jsonl", state.step)
     run = dict(dtype=dtype, loss_fn=module_loss, world=world)
     if "base_eval_loss" not in state.history and valid is not None:
         state.history["base_eval_loss"] = evaluate(trainer, valid, **run)
         log(f"eval loss before training: {state.history['base_eval_loss']:.4f}")
     checkpoints = Checkpointer(out, model, opt, cfg, total, world)
     callbacks = [*([Evaluator(trainer, valid, cfg.eval_steps, total, **run)] if valid is not None else []),
-                 *(_reporters(cfg, out, total, progress, log) if world.main else []), checkpoints]
+                 *(_reporters(cfg, out, total, progress, log) if world.main else []), checkpoints, *extra]
     try:
         train_loop(trainer, opt, batches, steps=total, scheduler=sched, state=state, callbacks=callbacks,
                    accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm, **run)
@@ -107,6 +118,12 @@ def _train(cfg: TrainConfig, world: World, resume: bool, overwrite: bool, progre
     except NonFiniteLoss as e:
         raise LowbitError(f"{e}; stopped. Last good checkpoint: {latest_checkpoint(out) or 'none'} "
                           "(try a lower learning_rate)") from None
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise LowbitError(f"out of memory in step {state.step + 1}: {advice(cfg, int(0.7 * free_memory()[0]))}; "
+                          f"the last checkpoint, {latest_checkpoint(out) or 'none yet'}, is kept — continue with "
+                          "--resume after the change") from None
     tensors = lora_state_dict(model)  # whole on every rank (gathered under FSDP); rank 0 writes
     if world.main:
         save_adapter(model, out, tensors=tensors)
@@ -115,6 +132,13 @@ def _train(cfg: TrainConfig, world: World, resume: bool, overwrite: bool, progre
     return {"output_dir": str(out), "steps": state.step, "base_eval_loss": state.history.get("base_eval_loss"),
             "eval_loss": evals[-1][1] if evals else None, "tokens_per_s": state.tokens_per_s(), "model": model,
             "tokenizer": tok, "rank": world.rank, "world_size": world.size}
+
+
+def _optimizer(cfg: TrainConfig, trainer, total: int):
+    """The optimizer over the trainable (LoRA) parameters and its learning-rate schedule."""
+    opt = optim.make(cfg.optimizer, [p for p in trainer.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                     weight_decay=cfg.weight_decay, budget_bytes=int(cfg.optimizer_budget_mb * 2**20))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total))
 
 
 def _reporters(cfg: TrainConfig, out: Path, total: int, progress: bool, log) -> list:
@@ -175,7 +199,9 @@ def load_model(cfg: TrainConfig, dtype, log=print):
 def _prepare_output_dir(out: Path, cfg: TrainConfig, world: World, resume: bool, overwrite: bool,
                         log) -> Path | None:
     """The checkpoint to resume from (None for a fresh run), after checking the folder allows this run. Every
-    rank checks (and agrees); rank 0 alone deletes what --overwrite replaces."""
+    rank checks (and agrees); rank 0 alone deletes what --overwrite replaces, and what a killed run left."""
+    if world.main:
+        _remove_stale_temporaries(out)
     if resume:
         ck = latest_checkpoint(out)
         if ck is None:
@@ -192,7 +218,7 @@ def _prepare_output_dir(out: Path, cfg: TrainConfig, world: World, resume: bool,
         if harmless:
             log(f"resuming with changed settings: {'; '.join(harmless)}")
         return ck
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not any(p.name != LOCK_NAME for p in out.iterdir()):
         return None
     if overwrite:
         if world.main:
@@ -205,6 +231,31 @@ def _prepare_output_dir(out: Path, cfg: TrainConfig, world: World, resume: bool,
     what = "a different run" if saved.exists() and saved.read_text() != config_to_yaml(cfg) else "a run"
     raise LowbitError(f"{out}: output_dir already holds {what}; use --resume to continue it or --overwrite to "
                       "replace it")
+
+
+def _keep_metrics_up_to(path: Path, step: int) -> None:
+    """metrics.jsonl of a resumed run ends at its checkpoint's step (a killed run may have logged steps past its
+    last checkpoint, which the resumed run computes again); a fresh run starts it empty."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(errors="replace").splitlines() if step else ():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except (ValueError, AttributeError):  # a line cut short by a kill
+            continue
+    with writing_file(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporaries a killed run left behind (``.step-….tmp-…``, ``.….old-…``): this run holds the lock, so no
+    writer can be using them."""
+    for folder in (out, out / "checkpoints"):
+        for p in folder.glob(".*") if folder.is_dir() else ():
+            if ".tmp-" in p.name or ".old-" in p.name:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _save_uninterruptibly(checkpoints: Checkpointer, state: TrainState) -> Path:
