@@ -2,22 +2,44 @@
 
 import torch
 
+MOE_ARCHITECTURES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "granitemoe")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt2", "gpt_neox",
+                 "falcon", "starcoder2", "granite", "smollm3", *MOE_ARCHITECTURES)
+"""The decoder-only architectures lowbit is tested on (transformers model types), dense first, then MoE."""
+
 
 def tiny_config(arch="llama", **kw):
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+    """A 2-layer, 64-wide config of ``arch`` (a transformers model type); ``kw`` overrides its fields."""
+    import transformers as tf
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
-    common.update(kw)
-    if arch == "llama":
-        return LlamaConfig(**common)
-    if arch == "qwen2":
-        return Qwen2Config(**common)
-    if arch == "mistral":
-        return MistralConfig(**common)
+    extra = {
+        "qwen3": dict(head_dim=16),
+        "gemma2": dict(head_dim=16, sliding_window=16, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+        "gemma3_text": dict(head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+        "phi3": dict(pad_token_id=0, eos_token_id=2, partial_rotary_factor=0.5, tie_word_embeddings=False),
+        "olmo2": dict(pad_token_id=0, eos_token_id=2, tie_word_embeddings=False),
+        "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
+        "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                          decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False),
+        "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                          shared_expert_intermediate_size=64, tie_word_embeddings=False),
+        "olmoe": dict(num_experts=4, num_experts_per_tok=2, pad_token_id=0, eos_token_id=2, tie_word_embeddings=False),
+        "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
+        "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, pad_token_id=0, eos_token_id=2),
+        "gpt_neox": dict(eos_token_id=2, bos_token_id=1, tie_word_embeddings=False),
+        "falcon": dict(eos_token_id=2, bos_token_id=1, num_kv_heads=2, new_decoder_architecture=True),
+        "starcoder2": dict(eos_token_id=2, bos_token_id=1),
+        "smollm3": dict(pad_token_id=0, eos_token_id=2, bos_token_id=1),
+    }
     if arch == "gpt2":
-        return GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128)
-    raise ValueError(arch)
+        gpt2 = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
+        gpt2.update({k: v for k, v in kw.items() if k in ("vocab_size", "n_embd", "n_layer", "n_head")})
+        return tf.GPT2Config(**gpt2)
+    if arch not in ARCHITECTURES:
+        raise ValueError(arch)
+    return tf.AutoConfig.for_model(arch, **{**common, **extra.get(arch, {}), **kw})
 
 
 def save_tiny(path, arch="llama", seed=0, **kw):

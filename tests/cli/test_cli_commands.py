@@ -181,3 +181,14 @@ def test_merge_works_on_a_model_folder_without_a_tokenizer(tiny, tmp_path, capsy
     ids = _ids()
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, m(ids).logits, atol=1e-4)
+
+
+def test_plan_says_when_it_guesses_the_shapes(tmp_path, capsys):
+    cfg = dict(model_type="brand_new", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, vocab_size=256)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert cli.main(["plan", str(tmp_path), "--device", "cpu"]) == 0
+    assert "model type 'brand_new' is planned as a LLaMA-style decoder" in capsys.readouterr().out
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
+    assert cli.main(["plan", str(tmp_path), "--device", "cpu"]) == 0
+    assert "planned as a LLaMA-style" not in capsys.readouterr().out

@@ -36,8 +36,10 @@ def test_lora_bad_targets_and_ranks(tiny):
         add_lora(m, target_modules=["qproj"])
     with pytest.raises(ValueError, match="positive"):
         add_lora(m, r=0)
+    with pytest.raises(ValueError, match="lora_r=1000 is larger than every linear layer"):
+        add_lora(m, r=1000)  # all-linear leaves out layers narrower than r, but not all of them
     with pytest.raises(ValueError, match="larger than the layer"):
-        add_lora(m, r=1000)
+        add_lora(m, r=1000, target_modules="q_proj")
 
 
 def test_lora_starts_at_base_and_trains(tiny):

@@ -34,6 +34,7 @@ def add_parser(sub, name):
 def run(args) -> int:
     from ..errors import LowbitError
     from ..planner.memory import config_settings, largest, plan_config
+    from ..planner.shapes import KNOWN
 
     is_config = args.target is not None and Path(args.target).suffix.lower() in (".yaml", ".yml")
     cfg = config_from(args, args.target if is_config else None)
@@ -57,6 +58,9 @@ def run(args) -> int:
           f"{'on' if cfg.gradient_checkpointing else 'off'}, {s['compute_dtype']} on {args.device}"
           + (f", per rank of {args.world_size} ({s['distributed']})" if args.world_size > 1 else "") + "\n")
     print(p.table())
+    if s.get("model_type") not in KNOWN:
+        print(f"note: model type {s.get('model_type')!r} is planned as a LLaMA-style decoder (q/k/v/o, gate/up/down); "
+              "its own layer shapes are not known to the planner")
     for key in ("sequence_len", "micro_batch_size"):
         if f"max_{key}" in out:
             print(f"largest {key} that fits: {out[f'max_{key}']}")

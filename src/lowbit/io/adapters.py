@@ -3,6 +3,9 @@
     adapter_config.json          peft_type LORA, r, lora_alpha, lora_dropout, target_modules, use_rslora, …
     adapter_model.safetensors    base_model.model.<module path>.lora_A.weight (r × in), ….lora_B.weight (out × r)
 
+Expert adapters are written in peft's ``target_parameters`` form (``peft_experts.py``); LoRA over GPT-2's
+``Conv1D`` layers sets ``fan_in_fan_out`` as peft expects for them.
+
 The base an adapter was trained on (name and content fingerprint) goes into the safetensors header, where
 peft does not look — peft warns about unknown keys in adapter_config.json — and ``load_adapter`` refuses an
 adapter trained on another base unless forced.
@@ -21,8 +24,9 @@ from torch import nn
 from ..atomic import writing_dir, writing_file
 from ..errors import LowbitError
 from ..jsonfile import read_object
-from ..nn.lora import LoRALinear, add_lora, linear_module_names, lora_state_dict
+from ..nn.lora import LoRALinear, add_lora, is_conv1d, linear_module_names, lora_state_dict
 from .loader import base_info
+from .peft_experts import expert_targets, from_peft, to_peft
 from .safetensors import open_safetensors
 
 __all__ = ["ADAPTER_FILES", "adapter_config", "save_adapter", "write_adapter_files", "read_adapter", "load_adapter",
@@ -36,11 +40,17 @@ def adapter_config(net: nn.Module) -> dict:
     if not loras:
         raise LowbitError("the model has no LoRA adapters to save")
     first = next(iter(loras.values()))
-    targets = sorted({n.split(".")[-1] for n in loras})
+    experts = expert_targets(net)
+    params = [f"{mod}.{m}" for mod, mats in experts.items() for m in mats]
+    in_experts = tuple(f"{mod}." for mod in experts)
+    targets = sorted({n.split(".")[-1] for n in loras if not n.startswith(in_experts)})
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
         "lora_dropout": getattr(first.lora_dropout, "p", 0.0), "target_modules": targets,
-        "use_rslora": first.use_rslora, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        **({"target_parameters": params} if params else {}),
+        "use_rslora": first.use_rslora, "bias": "none",
+        "fan_in_fan_out": any(is_conv1d(m.base) or n in base_info(net).transposed for n, m in loras.items()),
+        "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "base_model_name_or_path": base_info(net).name,
         "revision": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
         "layers_pattern": None,
@@ -81,7 +91,8 @@ def write_adapter_files(net: nn.Module, folder: Path, weights: str = ADAPTER_FIL
     from safetensors.torch import save_file
 
     cfg = adapter_config(net)
-    save_file(lora_state_dict(net) if tensors is None else tensors, str(folder / weights), metadata=_metadata(net))
+    tensors, _ = to_peft(net, lora_state_dict(net) if tensors is None else tensors)
+    save_file(tensors, str(folder / weights), metadata=_metadata(net))
     (folder / config).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -115,6 +126,7 @@ def load_adapter(net: nn.Module, path: str | os.PathLike, force: bool = False, t
     if not force and want not in (None, "None") and have and want != have:
         raise LowbitError(f"{path}: adapter was trained on base {meta.get('lowbit_base_name')!r} (fingerprint "
                           f"{want}), not on {info.name!r} ({have}); use --force to apply it anyway")
+    tensors = from_peft(net, tensors, path)
     names = sorted({re.sub(r"^base_model\.model\.|\.lora_[AB](\.[A-Za-z0-9_]+)?\.weight$", "", k) for k in tensors})
     present = set(linear_module_names(net))
     missing = [n for n in names if n not in present]
@@ -139,6 +151,7 @@ def load_adapter(net: nn.Module, path: str | os.PathLike, force: bool = False, t
 def set_adapter_weights(net: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
     """Copy adapter tensors (peft key names, with or without the ``.default`` adapter name) into the model's
     LoRA layers, checking that every layer gets both matrices in the right shape."""
+    tensors = from_peft(net, tensors, path)
     for n, mod in net.named_modules():
         if not isinstance(mod, LoRALinear):
             continue

@@ -3,7 +3,8 @@
 The linear layers are written in bitsandbytes' state-dict layout (``weight``, ``weight.absmax``,
 ``weight.quant_map``, ``weight.nested_absmax``, …, see ``quant/tensor.py``) and ``config.json`` carries the
 ``quantization_config`` transformers reads (``quant_method: bitsandbytes``, ``load_in_4bit``, the quant type,
-double quantization, compute dtype, storage uint8). Tied parameters are written once.
+double quantization, compute dtype, storage uint8). Tied parameters are written once. Layers transformers +
+bitsandbytes keep in 16 bits (``nn.Linear`` subclasses; experts, see ``nn/experts.py``) are written as float.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..atomic import writing_dir
@@ -20,7 +22,20 @@ from ..nn.linear import Linear4bit
 from ..nn.lora import LoRALinear
 from .loader import base_info
 
-__all__ = ["save_quantized"]
+__all__ = ["save_quantized", "float_in_bitsandbytes"]
+
+
+def float_in_bitsandbytes(net: nn.Module) -> list[str]:
+    """The 4-bit layers of ``net`` that transformers + bitsandbytes would not quantize: it converts exactly
+    ``nn.Linear`` and ``Conv1D`` modules, not subclasses (Falcon's ``FalconLinear``)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(net.config)
+    kinds = {n: m for n, m in skeleton.named_modules()}
+    return [n for n, m in net.named_modules() if isinstance(m, Linear4bit) and n in kinds
+            and not (type(kinds[n]) is nn.Linear or isinstance(kinds[n], Conv1D))]
 
 
 def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
@@ -38,6 +53,11 @@ def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overw
         kinds = sorted(str(s) for s in specs)
         raise LowbitError(f"transformers + bitsandbytes read one of nf4/fp4 per model; this model has {kinds}")
     sd = {k: v.contiguous() for k, v in net.state_dict().items()}
+    for name in float_in_bitsandbytes(net):  # layers transformers + bitsandbytes keep in 16 bits: as float weights
+        layer = net.get_submodule(name)
+        for k in [k for k in sd if k.startswith(f"{name}.weight.")]:
+            del sd[k]
+        sd[f"{name}.weight"] = layer.dequantize(layer.compute_dtype or torch.float32).contiguous()
     ptrs = {}  # tied parameters (one storage, several names) are saved once; transformers re-ties them
     for k in list(sd):
         t = sd[k]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +23,15 @@ from torch import nn
 from ..dtypes import default_compute_dtype, name_of
 from ..errors import LowbitError
 from ..jsonfile import read_object
+from ..nn.experts import Experts
 from ..nn.fused import fuse_modules
 from ..nn.linear import Linear4bit
 from ..nn.lora import linear_module_names, output_head_names
 from ..quant.spec import QuantSpec
 from ..quant.tensor import QuantizedTensor, quantize
 from .allocator import returning_allocator
+from .checkpoint_names import CheckpointNames
+from .moe import expert_matrix, load_experts
 from .resolve import resolve_model
 from .safetensors import Reader
 
@@ -43,6 +47,7 @@ class BaseInfo:
     fingerprint: str | None = None   # digest of the base weights (the same for fp32/bf16/4-bit copies of one model)
     compute_dtype: str = "float32"
     quant: QuantSpec | None = None   # how the linear layers are stored; None: not quantized
+    transposed: frozenset = frozenset()  # layers that were GPT-2-style Conv1D (weight stored in × out)
 
 
 def base_info(net: nn.Module) -> BaseInfo:
@@ -70,17 +75,25 @@ def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, com
     net = _skeleton(folder, raw, config, dtype, trust_remote_code)
     heads = set(skip_modules) if skip_modules is not None else output_head_names(net)
     digests: dict[str, bytes] = {}
+    transposed: set[str] = set()
     with Reader(folder) as reader, returning_allocator():
+        names = CheckpointNames.for_model(net, reader)
+
+        def make_linear(key: str, w: torch.Tensor) -> nn.Module:
+            _fingerprint(digests, key, w)
+            return _frozen_linear(key, w, None, quant, dtype)
+
+        load_experts(net, reader, names, make_linear)
         if quant is not None or prequantized:
-            _quantize_linears(net, reader, quant, dtype, heads, digests, folder)
-        _materialize(net, reader, dtype, digests, folder)
+            transposed = _quantize_linears(net, reader, names, quant, dtype, heads, digests, folder)
+        _materialize(net, reader, names, dtype, digests, folder)
     fuse_modules(net)  # leaner backward for RMSNorm / SwiGLU; forward unchanged
     net.eval()
     stored = next((m.weight.spec for m in net.modules() if isinstance(m, Linear4bit)), None)
     fingerprint = raw.get("lowbit_fingerprint") or \
         hashlib.sha256(b"".join(digests[k] for k in sorted(digests))).hexdigest()[:16]
     net.lowbit_base = BaseInfo(name=str(model), path=str(folder), fingerprint=fingerprint,
-                               compute_dtype=name_of(dtype), quant=stored)
+                               compute_dtype=name_of(dtype), quant=stored, transposed=frozenset(transposed))
     return net.to(device) if device != "cpu" else net
 
 
@@ -89,13 +102,17 @@ def _read_config(folder: Path, trust_remote_code: bool):
 
     raw = read_object(folder / "config.json")
     if raw.get("auto_map") and not trust_remote_code:
-        raise LowbitError(f"{folder}: this model needs its own code (auto_map in config.json); "
+        arch = (raw.get("architectures") or [raw.get("model_type", "this model")])[0]
+        raise LowbitError(f"{folder}: {arch} needs its own code (auto_map in config.json); "
                           "refused — pass trust_remote_code=True / --trust-remote-code if you trust it")
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as e:
         raise LowbitError(f"{folder / 'config.json'}: unsupported model type {raw.get('model_type')!r} "
                           f"({str(e).splitlines()[0]})") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise LowbitError(f"{folder}: {raw.get('model_type')} is an encoder-decoder model; lowbit fine-tunes "
+                          "decoder-only causal language models")
     return raw, config
 
 
@@ -126,41 +143,56 @@ def _skeleton(folder: Path, raw: dict, config, dtype, trust_remote_code: bool) -
         except ValueError as e:
             raise LowbitError(f"{folder}: unsupported architecture {raw.get('architectures')} "
                               f"({str(e).splitlines()[0]})") from None
-    conv1d = [n for n, m in net.named_modules() if type(m).__name__ == "Conv1D"]
-    if conv1d:
-        raise LowbitError(f"{folder}: {raw.get('model_type')} uses GPT-2-style Conv1D layers ({conv1d[0]}, …), "
-                          "which lowbit does not quantize yet; use a model with nn.Linear layers (LLaMA, Qwen2, …)")
     return net
 
 
-def _quantize_linears(net, reader: Reader, quant: QuantSpec | None, dtype, heads: set, digests: dict, folder: Path):
+def _quantize_linears(net, reader: Reader, names: CheckpointNames, quant: QuantSpec | None, dtype, heads: set,
+                      digests: dict, folder: Path) -> set[str]:
     """Replace every linear layer but the heads by a ``Linear4bit``: read as stored when the checkpoint is in
-    bitsandbytes' layout, else quantized from its float weight (one weight in memory at a time)."""
+    bitsandbytes' layout, else quantized from its float weight (one weight in memory at a time). GPT-2-style
+    ``Conv1D`` layers (weight stored in × out) are quantized transposed, as transformers + bitsandbytes do;
+    their names are returned."""
+    transposed = set()
     for name in linear_module_names(net):
         mod = net.get_submodule(name)
-        if not isinstance(mod, nn.Linear) or name in heads:
+        conv = type(mod).__name__ == "Conv1D"
+        if not (isinstance(mod, nn.Linear) or conv) or name in heads:
             continue
-        key = f"{name}.weight"
+        key = names.key(f"{name}.weight")
         if any(f"{key}.quant_state.bitsandbytes__{t}" in reader for t in ("nf4", "fp4")):
             sd = {k: reader.get(k) for k in reader.files if k == key or k.startswith(key + ".")}
-            q = QuantizedTensor.from_state_dict(sd, key)
-            _fingerprint(digests, key, sd[key])
+            w, q = sd[key], QuantizedTensor.from_state_dict(sd, key)
         elif quant is None:
             continue  # a float weight in a partly quantized checkpoint: read as a plain parameter
-        elif key in reader:
-            w = reader.get(key)
-            _check_shape(key, w, (mod.out_features, mod.in_features))
-            _fingerprint(digests, key, w)
-            try:
-                q = quantize(w, quant)
-            except LowbitError as e:
-                raise LowbitError(f"{key}: {e}") from None
-            del w
         else:
-            raise LowbitError(f"{folder}: checkpoint has no tensor {key!r}")
-        bias = reader.get(f"{name}.bias").to(dtype) if mod.bias is not None and f"{name}.bias" in reader else None
+            w = reader.get(key)
+            out_in = tuple(mod.weight.shape[::-1]) if conv else (mod.out_features, mod.in_features)
+            _check_shape(key, w.t() if conv else w, out_in)
+            q = None
+        _fingerprint(digests, key, w)
+        bkey = names.key(f"{name}.bias")
+        bias = reader.get(bkey).to(dtype) if mod.bias is not None and bkey in reader else None
+        new = _frozen_linear(key, w.t() if conv else w, bias, quant, dtype) if q is None else \
+            Linear4bit(q, bias, compute_dtype=dtype)
         parent, _, child = name.rpartition(".")
-        setattr(net.get_submodule(parent) if parent else net, child, Linear4bit(q, bias, compute_dtype=dtype))
+        setattr(net.get_submodule(parent) if parent else net, child, new)
+        if conv:
+            transposed.add(name)
+    return transposed
+
+
+def _frozen_linear(key: str, w: torch.Tensor, bias, quant: QuantSpec | None, dtype) -> nn.Module:
+    """A frozen layer computing x·wᵀ (+ bias): 4-bit as ``quant`` says, or an ``nn.Linear`` in ``dtype``."""
+    if quant is None:
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype)
+        lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        return lin
+    try:
+        return Linear4bit(quantize(w.contiguous(), quant), bias, compute_dtype=dtype)
+    except LowbitError as e:
+        raise LowbitError(f"{key}: {e}") from None
 
 
 def _check_shape(key, t, shape):
@@ -176,7 +208,7 @@ def _fingerprint(digests: dict, key, t):
     digests[key] = hashlib.sha256(f"{key}{tuple(t.shape)}".encode() + sample.numpy().tobytes()).digest()
 
 
-def _materialize(net: nn.Module, reader: Reader, dtype, digests: dict, folder: Path):
+def _materialize(net: nn.Module, reader: Reader, names: CheckpointNames, dtype, digests: dict, folder: Path):
     """Fill every parameter still on meta from the checkpoint; tied parameters stay tied."""
     slots: dict[int, list[tuple[nn.Module, str, str]]] = {}
     for mname, mod in net.named_modules():
@@ -184,7 +216,7 @@ def _materialize(net: nn.Module, reader: Reader, dtype, digests: dict, folder: P
             if p is not None and p.device.type == "meta":
                 slots.setdefault(id(p), []).append((mod, pname, f"{mname}.{pname}" if mname else pname))
     for places in slots.values():
-        key = next((full for _, _, full in places if full in reader), None)
+        key = next((names.key(full) for _, _, full in places if names.key(full) in reader), None)
         if key is None:
             raise LowbitError(f"{folder}: checkpoint has no tensor {places[0][2]!r}")
         t = reader.get(key, dtype)
@@ -209,14 +241,19 @@ class SourceWeights:
         if info.path is None:
             raise LowbitError("the model was not loaded by lowbit: its full-precision weights cannot be found")
         self._reader = Reader(Path(info.path))
-        self._path = info.path
+        self._path, self._net, self._transposed = info.path, net, info.transposed
+        self._names = CheckpointNames.for_model(net, self._reader)
 
     def __call__(self, name: str) -> torch.Tensor:
-        key = f"{name}.weight"
+        expert = re.fullmatch(r"(.+)\.(\d+)\.(gate_up_proj|down_proj)", name)
+        if expert and isinstance(self._net.get_submodule(expert[1]), Experts):
+            return expert_matrix(self._reader, self._names, f"{expert[1]}.{expert[3]}", int(expert[2]))[1].float()
+        key = self._names.key(f"{name}.weight")
         if key not in self._reader or f"{key}.absmax" in self._reader:
             raise LowbitError(f"{self._path}: no full-precision weight for {name} (a 4-bit checkpoint has none; "
                               "loftq init needs a float checkpoint)")
-        return self._reader.get(key, torch.float32)
+        w = self._reader.get(key, torch.float32)
+        return w.t().contiguous() if name in self._transposed else w
 
     def __enter__(self):
         return self

@@ -16,38 +16,65 @@ from torch import nn
 
 from ..atomic import writing_dir
 from ..errors import LowbitError
+from ..nn.experts import Experts
 from ..nn.linear import Linear4bit
-from ..nn.lora import LoRALinear
+from ..nn.lora import LoRALinear, is_conv1d
 from ..quant.spec import QuantSpec
 from ..quant.tensor import quantize
+from .loader import base_info
 
 __all__ = ["dequantize_model", "merge", "merge_report"]
 
 
 @torch.no_grad()
 def dequantize_model(net: nn.Module, dtype: torch.dtype = torch.float32, merge_adapters: bool = False) -> nn.Module:
-    """Replace every 4-bit layer by an ``nn.Linear`` holding its dequantized weight (in place).
+    """Give ``net`` back transformers' own float layers (in place): every 4-bit layer becomes an ``nn.Linear``
+    (GPT-2's ``Conv1D`` where it was one) holding its dequantized weight, and per-expert layers become
+    transformers' fused experts again (unless they carry adapters that are kept).
 
     ``merge_adapters``: also fold each LoRA adapter into its layer (W + s·B·A), leaving a plain model.
     """
+    transposed = base_info(net).transposed if hasattr(net, "lowbit_base") else frozenset()
+    replaced: list[str] = []
     for name, mod in list(net.named_modules()):
+        if any(name.startswith(r + ".") for r in replaced):
+            continue  # inside a layer replaced already (the base of a merged LoRA layer)
         if isinstance(mod, LoRALinear) and merge_adapters:
             w, bias = mod.base_weight(torch.float32) + mod.delta_weight(), mod.base.bias
+            conv = is_conv1d(mod.base) or name in transposed
         elif isinstance(mod, Linear4bit):  # on its own, or the base of a LoRA layer we keep
-            w, bias = mod.dequantize(torch.float32), mod.bias
+            w, bias, conv = mod.dequantize(torch.float32), mod.bias, name in transposed
         else:
             continue
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype)
-        lin.weight.data.copy_(w)
-        if bias is not None:
-            lin.bias.data.copy_(bias)
-        lin.requires_grad_(False)
-        parent, _, child = name.rpartition(".")
-        setattr(net.get_submodule(parent) if parent else net, child, lin)
+        _replace(net, name, _float_layer(w, bias, dtype, conv))
+        replaced.append(name)
+    for name, mod in list(net.named_modules()):
+        if isinstance(mod, Experts) and not any(isinstance(m, LoRALinear) for m in mod.modules()):
+            _replace(net, name, mod.fused(dtype))
     for p in net.parameters():
         if p.is_floating_point() and p.dtype != dtype and not p.requires_grad:
             p.data = p.data.to(dtype)
     return net
+
+
+def _float_layer(w: torch.Tensor, bias, dtype, conv: bool) -> nn.Module:
+    """A frozen float layer computing x·wᵀ + bias: ``nn.Linear``, or GPT-2's ``Conv1D`` (weight stored wᵀ)."""
+    if conv:
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(w.shape[0], w.shape[1]).to(dtype)
+        layer.weight.data.copy_(w.t())
+    else:
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype)
+        layer.weight.data.copy_(w)
+    if bias is not None:
+        layer.bias.data.copy_(bias)
+    return layer.requires_grad_(False)
+
+
+def _replace(net: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, child, new)
 
 
 def merge(net: nn.Module, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, tokenizer=None,

@@ -121,6 +121,8 @@ class Reader:
     def get(self, key: str, dtype: torch.dtype | None = None, chunk_bytes: int = 16 << 20) -> torch.Tensor:
         """The tensor, optionally converted to ``dtype`` piece by piece (never a full-size copy in the file's
         dtype)."""
+        if key not in self.files:
+            raise LowbitError(f"checkpoint has no tensor {key!r}")
         f = self.files[key]
         header, base = self._headers[f]
         if key not in header:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fuse_modules"]
+__all__ = ["fuse_modules", "silu_mul"]
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -53,6 +53,11 @@ class _SiluMul(torch.autograd.Function):
         ga = g32 * b32 * s * (1 + a32 * (1 - s))
         gb = g32 * a32 * s
         return ga.to(a.dtype), gb.to(b.dtype)
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) · b, keeping only a and b for backward when gradients are on."""
+    return _SiluMul.apply(a, b) if torch.is_grad_enabled() else F.silu(a) * b
 
 
 def _norm_forward(self, x):

@@ -21,10 +21,12 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..quant.tensor import quantize
+from .experts import Experts
 from .linear import Linear4bit, parameter_counts
-from .lora_options import ALL_LINEAR, LORA_INITS, target_names
+from .lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, LORA_INITS, target_names
 
-__all__ = ["LoRALinear", "add_lora", "lora_state_dict", "linear_module_names", "output_head_names", "loftq_init"]
+__all__ = ["LoRALinear", "add_lora", "lora_state_dict", "linear_module_names", "output_head_names", "loftq_init",
+           "is_conv1d", "is_plain_linear", "expert_layer_names"]
 
 
 class LoRALinear(nn.Module):
@@ -33,7 +35,7 @@ class LoRALinear(nn.Module):
         if not isinstance(r, int) or r <= 0:
             raise LowbitError(f"lora_r must be a positive integer, got {r!r}")
         self.base = base
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = in_out(base)
         if r > min(self.in_features, self.out_features):
             raise LowbitError(f"lora_r={r} is larger than the layer ({self.out_features}x{self.in_features})")
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
@@ -66,10 +68,41 @@ class LoRALinear(nn.Module):
     def base_weight(self, dtype=torch.float32) -> torch.Tensor:
         if isinstance(self.base, Linear4bit):
             return self.base.dequantize(dtype)
-        return self.base.weight.detach().to(dtype)
+        w = self.base.weight.detach()
+        return (w.t() if is_conv1d(self.base) else w).to(dtype)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, rslora={self.use_rslora}"
+
+
+def in_out(mod: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a linear layer: nn.Linear, Linear4bit, LoRALinear or Conv1D (weight in × out)."""
+    return tuple(mod.weight.shape) if is_conv1d(mod) else (mod.in_features, mod.out_features)
+
+
+def is_conv1d(mod: nn.Module) -> bool:
+    """transformers' GPT-2-style Conv1D: a linear layer with its weight stored in × out."""
+    return type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None
+
+
+def is_plain_linear(mod: nn.Module) -> bool:
+    """An ``nn.Linear`` that computes x·Wᵀ + b. A subclass with a forward of its own is tried on two rows of
+    zeros (in eval mode, random state untouched): one returning something else — PhiMoE's router returns
+    routing decisions — stays as it is, in the compute dtype; Falcon's plain ``FalconLinear`` passes."""
+    if not isinstance(mod, nn.Linear):
+        return False
+    if type(mod).forward is nn.Linear.forward:
+        return True
+    was_training = mod.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            mod.train(False)
+            y = mod(torch.zeros(2, mod.in_features, dtype=mod.weight.dtype, device=mod.weight.device))
+        return isinstance(y, torch.Tensor) and tuple(y.shape) == (2, mod.out_features)
+    except Exception:  # whatever it needs, it is not a plain linear layer
+        return False
+    finally:
+        mod.train(was_training)
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -77,7 +110,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     names = []
     for name, mod in model.named_modules():
         inner = re.search(r"\.(lora_A|lora_B)$", name) or name.endswith(".base")  # the parts of a LoRA layer
-        if isinstance(mod, (nn.Linear, Linear4bit)) and not inner:
+        if (is_plain_linear(mod) or isinstance(mod, Linear4bit) or is_conv1d(mod)) and not inner:
             names.append(name)
     return names
 
@@ -94,15 +127,28 @@ def output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
-def select_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
+def expert_layer_names(model: nn.Module) -> set[str]:
+    """The linear layers inside mixture-of-experts experts (``experts.<e>.gate_up_proj`` and ``.down_proj``)."""
+    return {f"{name}.{sub}" for name, mod in model.named_modules() if isinstance(mod, Experts)
+            for sub, m in mod.named_modules() if isinstance(m, (nn.Linear, Linear4bit))}
+
+
+def select_targets(model: nn.Module, target_modules: str | Iterable[str], r: int = 1) -> list[str]:
     """Resolve ``target_modules`` (see ``lora_options``): names (the last part(s) of a module path, as peft
-    matches), a regex matched against the full path, or ``"all-linear"`` (every linear layer but the head)."""
+    matches), a regex matched against the full path, or ``"all-linear"`` (every linear layer but the head; and
+    but those narrower than the rank ``r``, such as Qwen-MoE's 1-wide shared-expert gate)."""
     names = linear_module_names(model)
     heads = output_head_names(model)
     targets = target_names(target_modules)
     if targets is None:
-        if target_modules == ALL_LINEAR:
-            chosen = [n for n in names if n not in heads]
+        if target_modules in (ALL_LINEAR, ALL_LINEAR_EXPERTS):
+            experts = set() if target_modules == ALL_LINEAR_EXPERTS else expert_layer_names(model)
+            chosen = [n for n in names if n not in heads and n not in experts]
+            fit = [n for n in chosen if min(in_out(model.get_submodule(n))) >= r]
+            if chosen and not fit:
+                widest = max(min(in_out(model.get_submodule(n))) for n in chosen)
+                raise LowbitError(f"lora_r={r} is larger than every linear layer (the widest allows r ≤ {widest})")
+            chosen = fit
         else:
             try:
                 rx = re.compile(target_modules)
@@ -142,7 +188,7 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
         raise LowbitError(f"lora_r must be a positive integer, got {r!r}")
     if init not in LORA_INITS:
         raise LowbitError(f"lora init must be one of {', '.join(LORA_INITS)}, got {init!r}")
-    targets = select_targets(model, target_modules)
+    targets = select_targets(model, target_modules, r)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in targets:

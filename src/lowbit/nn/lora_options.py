@@ -1,6 +1,8 @@
 """LoRA's named options (torch-free: the config and the planner read them).
 
-``lora_target_modules`` is ``ALL_LINEAR`` (every linear layer but the output head), layer names (the last
+``lora_target_modules`` is ``ALL_LINEAR`` (every linear layer but the output head and, in a mixture-of-experts
+model, the experts: attention and dense/shared MLPs), ``ALL_LINEAR_EXPERTS`` (also every expert's projections),
+layer names (the last
 part(s) of a module path, as peft matches them: a list, or a string like ``q_proj`` or ``q_proj,v_proj``), or a
 regular expression matched against the full path (any other string). ``target_names`` tells the forms apart,
 for the training code and the planner alike.
@@ -10,9 +12,10 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ALL_LINEAR", "LORA_INITS", "target_names"]
+__all__ = ["ALL_LINEAR", "ALL_LINEAR_EXPERTS", "LORA_INITS", "target_names"]
 
 ALL_LINEAR = "all-linear"
+ALL_LINEAR_EXPERTS = "all-linear+experts"
 
 LORA_INITS = {
     "default": "A kaiming-uniform, B zero: training starts from the base model exactly",
@@ -21,9 +24,9 @@ LORA_INITS = {
 
 
 def target_names(targets) -> list[str] | None:
-    """The layer names ``targets`` lists, or None when it is ``ALL_LINEAR`` or a regular expression."""
+    """The layer names ``targets`` lists, or None when it is a keyword (``ALL_LINEAR``…) or a regular expression."""
     if not isinstance(targets, str):
         return [str(t) for t in targets]
-    if targets != ALL_LINEAR and re.fullmatch(r"\s*[\w.]+(\s*,\s*[\w.]+)*\s*", targets):
+    if targets not in (ALL_LINEAR, ALL_LINEAR_EXPERTS) and re.fullmatch(r"\s*[\w.]+(\s*,\s*[\w.]+)*\s*", targets):
         return [t.strip() for t in targets.split(",")]
     return None

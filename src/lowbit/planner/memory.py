@@ -1,15 +1,17 @@
 """Memory planner: will QLoRA fine-tuning of a model fit on a device? An itemised estimate.
 
-Per item, for a LLaMA-style decoder (MoE: experts counted for weights, top-k for activations)::
+Per item, for a decoder whose linear layers ``shapes.py`` reads (MoE: all experts counted for weights, top-k for
+activations)::
 
     quantized weights   Σ linear numel · storage bits / 8 (quant.spec.QUANT_TYPES; NF3/NF2 use 4-bit nibbles today)
     quant constants     DQ: numel/blocksize bytes + 4·⌈blocks/256⌉ + 4 per tensor;  no DQ: 4·numel/blocksize
-    unquantized params  embeddings, output head (if untied), norms, router — compute dtype
+    unquantized params  embeddings, output head (if untied), norms, biases, routers — compute dtype
     LoRA params / grads r·(in+out) per adapted layer, float32 each
     optimizer state     AdamW 8 B/param; 8-bit 2 B + 8/256; paged: one page pair on the device, the rest on the host
-    activations         tokens · layers · (12h + 4·kv + 6·i·k + 2r·n_adapted + 4·heads) · dtype/2   (no checkpointing)
+    activations         tokens · layers · (12h + 4·kv + 6·i + 2r·n_adapted + 4·heads) · dtype/2   (no checkpointing)
                         tokens · (2h·layers + one layer's activations)                            (checkpointing)
-                        — coefficients counted from the tensors autograd saves in lowbit's own training step
+                        — coefficients counted from the tensors autograd saves in lowbit's own training step; i and
+                        n_adapted per token (MoE: the top-k experts' widths and adapters)
     logits / loss       one loss chunk (nn.loss_chunk): ≈8M logits × 8 B (bf16 logits, fp32 copy, bf16 gradient)
     transient weight    the largest dequantized weight, forward and backward
     backward+allocator  activation gradients during backward and memory the allocator keeps after freeing;
@@ -36,12 +38,13 @@ from dataclasses import dataclass, field
 
 from ..dtypes import DTYPES, canonical, default_compute_dtype_name
 from ..errors import LowbitError
-from ..nn.lora_options import ALL_LINEAR, target_names
+from ..nn.lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, target_names
 from ..nn.loss_chunk import loss_chunk_tokens
 from ..optim.registry import check_optimizer
 from ..quant.spec import NESTED_BLOCKSIZE, QUANT_TYPES, check_blocksize, check_quant_type
 from ..training.config import DISTRIBUTED
 from .catalog import load_model_config
+from .shapes import Layer, Shapes, shapes
 
 __all__ = ["Plan", "plan", "plan_config", "config_settings", "largest", "parse_size", "PLAN_KEYS", "GIB"]
 
@@ -104,40 +107,46 @@ def _fmt(n: int) -> str:
     return f"{n} B"
 
 
-def _linears(cfg: dict) -> tuple[list[tuple[str, int, int, int]], dict]:
-    """[(name, in, out, count)] of the decoder's linear layers, and shape facts."""
-    h, L = cfg["hidden_size"], cfg["num_hidden_layers"]
-    nh = cfg["num_attention_heads"]
-    nkv = cfg.get("num_key_value_heads") or nh
-    d = cfg.get("head_dim") or h // nh
-    i = cfg["intermediate_size"]
-    experts = cfg.get("num_local_experts") or 1
-    lin = [("q_proj", h, nh * d, L), ("k_proj", h, nkv * d, L), ("v_proj", h, nkv * d, L), ("o_proj", nh * d, h, L),
-           ("gate_proj", h, i, L * experts), ("up_proj", h, i, L * experts), ("down_proj", i, h, L * experts)]
-    facts = dict(h=h, L=L, nh=nh, kv=nkv * d, i=i, experts=experts, topk=cfg.get("num_experts_per_tok") or 1,
-                 vocab=cfg["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", False)))
-    return lin, facts
-
-
-def _targets(lora_target_modules, names: list[str]) -> set[str]:
-    """The adapted layers, from the same spellings training takes (``nn.lora_options.target_names``):
-    ``all-linear``, names, or a regex over module paths like ``model.layers.0.self_attn.q_proj``."""
-    if lora_target_modules == ALL_LINEAR:
-        return set(names)
+def _targets(lora_target_modules, layers: list[Layer], r: int) -> set[str]:
+    """The paths of the adapted layers, from the same spellings training takes (``nn.lora_options``):
+    ``all-linear`` (experts aside), ``all-linear+experts`` (both: but layers narrower than ``r``), names, or a
+    regex over module paths like ``model.layers.0.self_attn.q_proj`` or ``model.layers.0.mlp.experts.0.down_proj``."""
+    if lora_target_modules in (ALL_LINEAR, ALL_LINEAR_EXPERTS):
+        chosen = [x for x in layers if lora_target_modules == ALL_LINEAR_EXPERTS or not x.expert]
+        fit = {x.path for x in chosen if min(x.fan_in, x.fan_out) >= r}
+        if chosen and not fit:
+            widest = max(min(x.fan_in, x.fan_out) for x in chosen)
+            raise LowbitError(f"lora_r={r} is larger than every linear layer (the widest allows r ≤ {widest})")
+        return fit
     wanted = target_names(lora_target_modules)
     if wanted is None:
-        paths = {n: f"model.layers.0.{'self_attn' if n[0] in 'qkvo' else 'mlp'}.{n}" for n in names}
         try:
-            chosen = {n for n, p in paths.items() if re.fullmatch(lora_target_modules, p)}
+            chosen = {x.path for x in layers if re.fullmatch(lora_target_modules, x.path)}
         except re.error as e:
             raise LowbitError(f"lora_target_modules: invalid regex {lora_target_modules!r} ({e})") from None
         if not chosen:
             raise LowbitError(f"lora_target_modules: regex {lora_target_modules!r} matches no linear layer")
         return chosen
+    names = sorted({x.name for x in layers})
     unknown = [t for t in wanted if t.split(".")[-1] not in names]
     if unknown:
         raise LowbitError(f"lora_target_modules: unknown {unknown}; known: {', '.join(names)}")
-    return {t.split(".")[-1] for t in wanted}
+    return {x.path for x in layers if x.name in {t.split(".")[-1] for t in wanted}}
+
+
+def _layers(model: str | dict, lora_target_modules, lora_r: int) -> tuple[Shapes, list[tuple], set[str], str]:
+    """(shapes, [(path, in, out, count)], the adapted paths, the model type) of ``model`` (a name, folder or
+    config dict)."""
+    cfg = load_model_config(model) if isinstance(model, str) else model
+    try:
+        f = shapes(cfg)
+    except KeyError as e:
+        raise LowbitError(f"model config lacks {e.args[0]!r}") from None
+    targets = _targets(lora_target_modules, f.layers, lora_r)
+    for x in f.layers:
+        if x.path in targets and lora_r > min(x.fan_in, x.fan_out):
+            raise LowbitError(f"lora_r={lora_r} is larger than {x.name} ({x.fan_out}x{x.fan_in})")
+    return f, [(x.path, x.fan_in, x.fan_out, x.count) for x in f.layers], targets, cfg.get("model_type")
 
 
 def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 1, lora_r: int = 16,
@@ -155,16 +164,8 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     kind = check_optimizer(optimizer)
     dtype = canonical(compute_dtype, "compute_dtype", auto=True)
     dtype = default_compute_dtype_name(device) if dtype == "auto" else dtype
-    cfg = load_model_config(model) if isinstance(model, str) else model
-    try:
-        lin, f = _linears(cfg)
-    except KeyError as e:
-        raise LowbitError(f"model config lacks {e.args[0]!r}") from None
+    f, lin, targets, cfg_type = _layers(model, lora_target_modules, lora_r)
     dbytes = DTYPES[dtype]
-    targets = _targets(lora_target_modules, [n for n, *_ in lin])
-    for n, a, b, _ in lin:
-        if n in targets and lora_r > min(a, b):
-            raise LowbitError(f"lora_r={lora_r} is larger than {n} ({b}x{a})")
     items = _weights(lin, f, dbytes, quant_type if load_in_4bit else None, double_quant, blocksize)
     lora = sum(lora_r * (a + b) * c for n, a, b, c in lin if n in targets)
     items["lora_params"] = items["gradients"] = 4 * lora
@@ -172,22 +173,23 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     items["optimizer_state"] = min(state, page_bytes or kind.default_budget_bytes()) if kind.paged else state
     host = state - items["optimizer_state"]
     tokens = sequence_len * micro_batch_size
-    n_adapted = sum(1 for n, *_ in lin if n in targets)
-    per_layer_tok = (12 * f["h"] + 4 * f["kv"] + 6 * f["i"] * f["topk"] + 2 * lora_r * n_adapted + 4 * f["nh"] + 8) \
+    # adapted layers a token passes through per decoder layer (an expert's only when routed to it)
+    n_adapted = sum(x.count / f.L * (f.topk / f.experts if x.expert else 1) for x in f.layers if x.path in targets)
+    per_layer_tok = (12 * f.h + 4 * f.kv + 6 * f.mlp_per_token + 2 * lora_r * n_adapted + 4 * f.heads + 8) \
         * dbytes / 2
-    act = tokens * (2 * f["h"] * f["L"] * dbytes / 2 + per_layer_tok) if gradient_checkpointing \
-        else tokens * f["L"] * per_layer_tok
-    items["activations"] = int(act + tokens * (2 * f["h"] + 8) * dbytes / 2)
-    chunk = min(tokens, loss_chunk_tokens(f["vocab"]))
-    items["logits_and_loss"] = chunk * f["vocab"] * 8 + tokens * f["h"] * 4  # chunked loss: bf16 + fp32 logits, grad
+    act = tokens * (2 * f.h * f.L * dbytes / 2 + per_layer_tok) if gradient_checkpointing \
+        else tokens * f.L * per_layer_tok
+    items["activations"] = int(act + tokens * (2 * f.h + 8) * dbytes / 2)
+    chunk = min(tokens, loss_chunk_tokens(f.vocab))
+    items["logits_and_loss"] = chunk * f.vocab * 8 + tokens * f.h * 4  # chunked loss: bf16 + fp32 logits, grad
     items["transient_weight"] = 2 * max(a * b for _, a, b, _ in lin) * dbytes if load_in_4bit else 0
     mode = _mode(distributed, world_size)
     if mode == "fsdp":
-        _shard(items, world_size, f["L"], lora_layer=4 * lora / f["L"])
+        _shard(items, world_size, f.L, lora_layer=4 * lora / f.L)
         host = -(-host // world_size)
     elif mode == "ddp":
         items["ddp_gradient_buckets"] = items["gradients"]
-    items.update(_overheads(items, act, tokens * per_layer_tok, tokens * f["L"] * per_layer_tok,
+    items.update(_overheads(items, act, tokens * per_layer_tok, tokens * f.L * per_layer_tok,
                             gradient_checkpointing, device))
     total = sum(items.values())
     dev = parse_size(device_memory) if device_memory is not None else None
@@ -196,12 +198,12 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
                     lora_target_modules=lora_target_modules, load_in_4bit=load_in_4bit, quant_type=quant_type,
                     double_quant=double_quant, blocksize=blocksize, optimizer=optimizer,
                     gradient_checkpointing=gradient_checkpointing, compute_dtype=dtype, device=device,
-                    world_size=world_size, distributed=mode, quantized_params=sum(a * b * c for _, a, b, c in lin),
-                    lora_params=lora)
+                    world_size=world_size, distributed=mode, model_type=cfg_type,
+                    quantized_params=sum(a * b * c for _, a, b, c in lin), lora_params=lora)
     return Plan(items, host, total, dev, fits, settings)
 
 
-def _weights(lin, f: dict, dbytes: int, quant_type: str | None, double_quant: bool, blocksize: int) -> dict:
+def _weights(lin, f: Shapes, dbytes: int, quant_type: str | None, double_quant: bool, blocksize: int) -> dict:
     """The base: 4-bit codes and their constants (``quant_type`` None: linear layers in the compute dtype), and
     what is never quantized (embeddings, untied head, norms, MoE router)."""
     qnumel = sum(a * b * c for _, a, b, c in lin)
@@ -214,9 +216,7 @@ def _weights(lin, f: dict, dbytes: int, quant_type: str | None, double_quant: bo
             items["quant_constants"] = blocks + 4 * nested + 4 * sum(c for *_, c in lin)
         else:
             items["quant_constants"] = 4 * blocks
-    h, L, V = f["h"], f["L"], f["vocab"]
-    other = V * h * (1 if f["tied"] else 2) + (2 * L + 1) * h + (h * f["experts"] * L if f["experts"] > 1 else 0)
-    items["unquantized_params"] = other * dbytes + (0 if quant_type is not None else qnumel * dbytes)
+    items["unquantized_params"] = f.other_params * dbytes + (0 if quant_type is not None else qnumel * dbytes)
     return items
 
 
