@@ -31,8 +31,11 @@ def float_in_bitsandbytes(net: nn.Module) -> list[str]:
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(net.config)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(net.config)
+    except Exception:  # e.g. remote code: take every 4-bit layer for one transformers converts
+        return []
     kinds = {n: m for n, m in skeleton.named_modules()}
     return [n for n, m in net.named_modules() if isinstance(m, Linear4bit) and n in kinds
             and not (type(kinds[n]) is nn.Linear or isinstance(kinds[n], Conv1D))]

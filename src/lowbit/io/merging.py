@@ -35,9 +35,10 @@ def dequantize_model(net: nn.Module, dtype: torch.dtype = torch.float32, merge_a
     ``merge_adapters``: also fold each LoRA adapter into its layer (W + s·B·A), leaving a plain model.
     """
     transposed = base_info(net).transposed if hasattr(net, "lowbit_base") else frozenset()
-    replaced: list[str] = []
+    replaced: set[str] = set()
     for name, mod in list(net.named_modules()):
-        if any(name.startswith(r + ".") for r in replaced):
+        parts = name.split(".")
+        if any(".".join(parts[:i]) in replaced for i in range(1, len(parts))):
             continue  # inside a layer replaced already (the base of a merged LoRA layer)
         if isinstance(mod, LoRALinear) and merge_adapters:
             w, bias = mod.base_weight(torch.float32) + mod.delta_weight(), mod.base.bias
@@ -47,7 +48,7 @@ def dequantize_model(net: nn.Module, dtype: torch.dtype = torch.float32, merge_a
         else:
             continue
         _replace(net, name, _float_layer(w, bias, dtype, conv))
-        replaced.append(name)
+        replaced.add(name)
     for name, mod in list(net.named_modules()):
         if isinstance(mod, Experts) and not any(isinstance(m, LoRALinear) for m in mod.modules()):
             _replace(net, name, mod.fused(dtype))
