@@ -135,8 +135,9 @@ def expert_layer_names(model: nn.Module) -> set[str]:
 
 def select_targets(model: nn.Module, target_modules: str | Iterable[str], r: int = 1) -> list[str]:
     """Resolve ``target_modules`` (see ``lora_options``): names (the last part(s) of a module path, as peft
-    matches), a regex matched against the full path, or ``"all-linear"`` (every linear layer but the head; and
-    but those narrower than the rank ``r``, such as Qwen-MoE's 1-wide shared-expert gate)."""
+    matches), a regex matched against the full path, or a keyword: ``"all-linear"`` (every linear layer but the
+    head and the experts), ``"all-linear+experts"``. Keywords leave out layers narrower than the rank ``r``
+    (Qwen-MoE's 1-wide shared-expert gate)."""
     names = linear_module_names(model)
     heads = output_head_names(model)
     targets = target_names(target_modules)
