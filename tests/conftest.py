@@ -4,9 +4,12 @@ Tests mirror the package (tests/quant/ ↔ src/lowbit/quant/, …); the tiny mod
 configs and saved locally (tiny.py), so nothing is downloaded. Every random draw is seeded.
 """
 
+import atexit
 import json
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 
 import pytest
@@ -14,6 +17,11 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter on CPU tensors (before Triton loads)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# the `datasets` library's Arrow caches of the tests' little files go to a folder removed at exit (before it loads)
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="lowbit-test-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 from tiny import save_tiny, save_tiny_with_tokenizer
 

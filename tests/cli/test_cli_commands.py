@@ -120,6 +120,13 @@ def test_train_end_to_end_via_cli(setup, capsys):
     cli.main(["eval", "--model", str(model_dir), "--data", str(data), "--json", "--compute-dtype", "float32",
               "--sequence-len", "64"])
     assert json.loads(capsys.readouterr().out)["loss"] > res["loss"]
+    # the same rows as Parquet evaluate the same
+    import pandas as pd
+
+    pd.read_json(data, lines=True).to_parquet(root / "data.parquet")
+    cli.main(["eval", "--model", str(model_dir), "--adapter", str(out), "--data", str(root / "data.parquet"),
+              "--json", "--compute-dtype", "float32", "--sequence-len", "64"])
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(res["loss"], rel=1e-6)
     # a second run into the same folder is refused
     assert cli.main(["train", "--base-model", str(model_dir), "--datasets", str(data), "--output-dir", str(out),
                      "--quiet"]) == 2

@@ -111,7 +111,7 @@ def test_bad_records(tmp_path, tok):
     with pytest.raises(LowbitError, match=r"c\.jsonl:1: messages\[0\]"):
         tokenize_records(recs, tok)
     with pytest.raises(LowbitError, match="unknown data format"):
-        tokenize_records(recs, tok, fmt="sharegpt")
+        tokenize_records(recs, tok, fmt="vicuna")
     (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(LowbitError, match="not UTF-8"):
         load_records(tmp_path / "bin.jsonl")

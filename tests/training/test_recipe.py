@@ -20,10 +20,12 @@ def _cfg(setup, out, **kw):
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_8bit"])
-def test_resume_equals_uninterrupted(setup, monkeypatch, optimizer):
-    full = recipe.train(_cfg(setup, f"full-{optimizer}", optimizer=optimizer), progress=False, log=lambda *a: None)
-    ref = [json.loads(row) for row in (setup[0] / f"full-{optimizer}" / "metrics.jsonl").read_text().splitlines()]
+@pytest.mark.parametrize("optimizer,packing", [("adamw", False), ("paged_adamw_8bit", False), ("adamw", True)])
+def test_resume_equals_uninterrupted(setup, monkeypatch, optimizer, packing):
+    run = f"{optimizer}{'-packed' if packing else ''}"
+    full = recipe.train(_cfg(setup, f"full-{run}", optimizer=optimizer, sample_packing=packing), progress=False,
+                        log=lambda *a: None)
+    ref = [json.loads(row) for row in (setup[0] / f"full-{run}" / "metrics.jsonl").read_text().splitlines()]
 
     # interrupt in the middle of step 6 (a Ctrl-C), then resume
     calls = {"n": 0}
@@ -38,12 +40,13 @@ def test_resume_equals_uninterrupted(setup, monkeypatch, optimizer):
 
     monkeypatch.setattr(loss_mod, "lm_loss", flaky)
     with pytest.raises(LowbitError, match="interrupted at step 5"):
-        recipe.train(_cfg(setup, f"resumed-{optimizer}", optimizer=optimizer), progress=False, log=lambda *a: None)
+        recipe.train(_cfg(setup, f"resumed-{run}", optimizer=optimizer, sample_packing=packing), progress=False,
+                     log=lambda *a: None)
     monkeypatch.setattr(loss_mod, "lm_loss", real)
-    out = setup[0] / f"resumed-{optimizer}"
+    out = setup[0] / f"resumed-{run}"
     assert (out / "checkpoints" / "step-0000005").exists()
-    res = recipe.train(_cfg(setup, f"resumed-{optimizer}", optimizer=optimizer), resume=True, progress=False,
-                          log=lambda *a: None)
+    res = recipe.train(_cfg(setup, f"resumed-{run}", optimizer=optimizer, sample_packing=packing), resume=True,
+                       progress=False, log=lambda *a: None)
     got = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in got] == list(range(1, 9))
     for a, b in zip(got, ref):

@@ -23,20 +23,19 @@ def add_parser(sub, name):
 
 def run(args) -> int:
     from ..data.batching import Batches
-    from ..data.formats import tokenize_records
-    from ..data.records import load_splits
+    from ..data.sources import parse_sources
+    from ..data.table import source_tables
     from ..dtypes import to_torch
     from ..io.tokenizer import load_tokenizer
     from ..training.evaluation import evaluate
 
     cfg = config_from(args)
-    net = load_model(cfg, args.adapter, args.force)
     tok = load_tokenizer(cfg.base_model)
-    recs, _ = load_splits(cfg.datasets, 0)
-    data = tokenize_records(recs, tok, cfg.dataset_format, cfg.sequence_len)
-    loss = evaluate(net, Batches(data.samples, cfg.micro_batch_size, tok.pad_token_id), to_torch(cfg.compute_dtype))
-    res = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "samples": len(data.samples),
+    data = source_tables(parse_sources(cfg.datasets, cfg.dataset_format), tok, 0, sequence_len=cfg.sequence_len)
+    net = load_model(cfg, args.adapter, args.force)  # after the data: a bad file fails before the model loads
+    loss = evaluate(net, Batches(data.train, cfg.micro_batch_size, tok.pad_token_id), to_torch(cfg.compute_dtype))
+    res = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "samples": len(data.train),
            "truncated": data.truncated}
     print(json.dumps(res) if args.json else f"loss {loss:.4f}  perplexity {res['perplexity']:.2f}  "
-          f"({len(data.samples)} samples)")
+          f"({len(data.train)} samples)")
     return 0

@@ -12,12 +12,20 @@ import torch
 from ..errors import LowbitError
 from .formats import IGNORE
 
-__all__ = ["collate", "Batches", "FixedBatches", "as_batches"]
+__all__ = ["collate", "sample_lengths", "Batches", "FixedBatches", "as_batches"]
 
 
-def collate(samples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample; padding is masked by position (attention_mask 0, label -100)."""
-    n = max(len(s[0]) for s in samples)
+def sample_lengths(samples) -> list[int]:
+    """Token count of each sample: a token table's own (``data/table.py``), else counted."""
+    lengths = getattr(samples, "lengths", None)
+    return lengths.tolist() if lengths is not None else [len(s[0]) for s in samples]
+
+
+def collate(samples: list[tuple[list[int], list[int]]], pad_id: int, width: int | None = None
+            ) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample (or to ``width``); padding is masked by position (attention_mask 0, label
+    -100)."""
+    n = max(width or 0, max(len(s[0]) for s in samples))
     ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), n), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(samples), n), dtype=torch.long)
@@ -33,13 +41,16 @@ class Batches:
     ``batch(indices)`` collates them.
 
     ``group_by_length``: within each epoch, samples are shuffled, then sorted by length inside windows of
-    ``micro_batch_size × 64`` so batches carry little padding (sample packing without cross-attention
-    would need a block-diagonal mask that sdpa on CPU does not take; this gets most of the speed).
+    ``micro_batch_size × 64`` so batches carry little padding (``data/packing.py`` packs samples into full rows
+    instead). ``pad_to``: every batch padded to this width (Axolotl's ``pad_to_sequence_len``: fixed shapes, more
+    pad). ``samples``: a list of (ids, labels) or a ``data.table.TokenTable``.
     """
 
-    def __init__(self, samples, micro_batch_size: int, pad_id: int, seed: int = 0, group_by_length: bool = True):
+    def __init__(self, samples, micro_batch_size: int, pad_id: int, seed: int = 0, group_by_length: bool = True,
+                 pad_to: int | None = None):
         self.samples, self.mb, self.pad_id = samples, micro_batch_size, pad_id
-        self.seed, self.group = seed, group_by_length
+        self.seed, self.group, self.pad_to = seed, group_by_length, pad_to
+        self.lengths = sample_lengths(samples)
 
     def __len__(self) -> int:
         return -(-len(self.samples) // self.mb)
@@ -49,7 +60,7 @@ class Batches:
         perm = torch.randperm(len(self.samples), generator=g).tolist()
         if self.group:
             w = self.mb * 64
-            length = lambda j: len(self.samples[j][0])
+            length = self.lengths.__getitem__
             perm = [i for k in range(0, len(perm), w) for i in sorted(perm[k : k + w], key=length)]
         batches = [perm[k : k + self.mb] for k in range(0, len(perm), self.mb)]
         bperm = torch.randperm(len(batches), generator=g).tolist()
@@ -61,7 +72,7 @@ class Batches:
         return [list(range(i, min(i + self.mb, n))) for i in range(0, n, self.mb)]
 
     def batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        return collate([self.samples[i] for i in idx], self.pad_id)
+        return collate([self.samples[i] for i in idx], self.pad_id, self.pad_to)
 
 
 class FixedBatches:

@@ -1,10 +1,17 @@
 """Data formats: a record → token ids + loss labels. ``FORMATS`` is the one table of format names.
 
-    text         {"text": ...}                                   every token is learned
-    completions  {"prompt": ..., "completion": ...}              prompt masked, completion learned
-    chat         {"messages": [{"role": ..., "content": ...}]}   rendered with the tokenizer's chat template;
-                                                                 assistant turns learned, the rest masked
-    alpaca       {"instruction": ..., "input": ..., "output": ...}  Alpaca prompt masked, output learned
+    chat          {"messages": [{"role": ..., "content": ...}]}   rendered with the tokenizer's chat template;
+                                                                  assistant turns learned, the rest masked
+    sharegpt      {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}   as chat
+    completions   {"prompt": ..., "completion": ...}              prompt masked, completion learned
+    alpaca        {"instruction": ..., "input": ..., "output": ...}  Alpaca prompt masked, output learned
+    input_output  {"segments": [{"text": ..., "label": bool}]}    (Axolotl's template-free format) or
+                  {"input": ..., "output": ...}                   text pieces as they are; label true learned
+    text          {"text": ...}                                   every token is learned
+
+Column names and roles can be mapped per data source (``data/sources.py``): ``field_messages``,
+``message_property_mappings`` ({role: from, content: value}), ``roles`` ({user: [human], ...}),
+``roles_to_train``, ``field`` (text), ``field_instruction`` / ``field_input`` / ``field_output``.
 
 A record's format is detected from its keys (``auto``) or named. ``train_on_inputs=True`` learns the masked
 parts too. The end-of-sequence token is appended (when the rendering does not already end with it) and
@@ -18,82 +25,135 @@ from dataclasses import dataclass
 from ..errors import LowbitError
 from .records import Record
 
-__all__ = ["FORMATS", "IGNORE", "detect_format", "tokenize_records", "Tokenized"]
+__all__ = ["FORMATS", "IGNORE", "detect_format", "check_format", "tokenize_records", "tokenize_record", "Tokenized"]
 
 IGNORE = -100
 ALPACA = ("Below is an instruction that describes a task{x}. Write a response that appropriately completes the "
           "request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
+# ShareGPT's speaker names → chat roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+                  "system": "system", "tool": "tool"}
 
 
-def _need(rec: Record, fmt: str, *keys: str):
-    for k in keys:
-        if k not in rec.data:
-            raise LowbitError(f"{rec.where}: {fmt} record is missing field {k!r}")
-        if not isinstance(rec.data[k], str) and k != "messages":
-            raise LowbitError(f"{rec.where}: field {k!r} must be a string")
+def _str(rec: Record, fmt: str, key: str, optional: bool = False) -> str:
+    value = rec.data.get(key)
+    if value is None:
+        if optional:
+            return ""
+        raise LowbitError(f"{rec.where}: {fmt} record is missing field {key!r}")
+    if not isinstance(value, str):
+        raise LowbitError(f"{rec.where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
 
 
-def _text(rec: Record, tok) -> list[tuple[str, bool]]:
-    _need(rec, "text", "text")
-    return [(rec.data["text"], True)]
+def _text(rec: Record, tok, opts: dict) -> list[tuple[str, bool]]:
+    return [(_str(rec, "text", opts.get("field", "text")), True)]
 
 
-def _completions(rec: Record, tok) -> list[tuple[str, bool]]:
-    _need(rec, "completions", "prompt", "completion")
-    return [(rec.data["prompt"], False), (rec.data["completion"], True)]
+def _completions(rec: Record, tok, opts: dict) -> list[tuple[str, bool]]:
+    return [(_str(rec, "completions", "prompt"), False), (_str(rec, "completions", "completion"), True)]
 
 
-def _alpaca(rec: Record, tok) -> list[tuple[str, bool]]:
-    d = rec.data
-    _need(rec, "alpaca", "instruction", "output")
-    inp = d.get("input") or ""
-    if not isinstance(inp, str):
-        raise LowbitError(f"{rec.where}: field 'input' must be a string")
+def _alpaca(rec: Record, tok, opts: dict) -> list[tuple[str, bool]]:
+    instruction = _str(rec, "alpaca", opts.get("field_instruction", "instruction"))
+    inp = _str(rec, "alpaca", opts.get("field_input", "input"), optional=True)
+    output = _str(rec, "alpaca", opts.get("field_output", "output"))
     prompt = ALPACA.format(x=", paired with an input that provides further context" if inp else "",
-                           instruction=d["instruction"], input=f"### Input:\n{inp}\n\n" if inp else "")
-    return [(prompt, False), (d["output"], True)]
+                           instruction=instruction, input=f"### Input:\n{inp}\n\n" if inp else "")
+    return [(prompt, False), (output, True)]
 
 
-def _chat(rec: Record, tok) -> list[tuple[str, bool]]:
-    """The conversation rendered turn by turn; each assistant turn (after its generation prompt) is learned."""
-    _need(rec, "chat", "messages")
-    msgs = rec.data["messages"]
+def _input_output(rec: Record, tok, opts: dict) -> list[tuple[str, bool]]:
+    segs = rec.data.get("segments")
+    if segs is None:
+        return [(_str(rec, "input_output", "input"), False), (_str(rec, "input_output", "output"), True)]
+    if not isinstance(segs, list) or not segs:
+        raise LowbitError(f"{rec.where}: 'segments' must be a non-empty list")
+    out = []
+    for i, seg in enumerate(segs):
+        if not isinstance(seg, dict) or not isinstance(seg.get("text"), str) or \
+                not isinstance(seg.get("label", True), bool):
+            raise LowbitError(f"{rec.where}: segments[{i}] needs a string 'text' and a true/false 'label'")
+        out.append((seg["text"], seg.get("label", True) is not False))
+    return out
+
+
+def _messages(rec: Record, opts: dict, sharegpt: bool) -> list[dict]:
+    """The record's conversation as [{"role", "content"}], column names and roles mapped."""
+    key = opts.get("field_messages", "conversations" if sharegpt else "messages")
+    mapping = opts.get("message_property_mappings") or {}
+    role_key = mapping.get("role", opts.get("message_field_role", "from" if sharegpt else "role"))
+    content_key = mapping.get("content", opts.get("message_field_content", "value" if sharegpt else "content"))
+    roles = {src: dst for dst, srcs in (opts.get("roles") or {}).items()
+             for src in ([srcs] if isinstance(srcs, str) else srcs)}
+    msgs = rec.data.get(key)
+    if msgs is None:
+        raise LowbitError(f"{rec.where}: {'sharegpt' if sharegpt else 'chat'} record is missing field {key!r}")
     if not isinstance(msgs, list) or not msgs:
-        raise LowbitError(f"{rec.where}: 'messages' must be a non-empty list")
+        raise LowbitError(f"{rec.where}: {key!r} must be a non-empty list")
+    out = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise LowbitError(f"{rec.where}: messages[{i}] needs string fields 'role' and 'content'")
+        if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or not isinstance(m.get(content_key), str):
+            raise LowbitError(f"{rec.where}: {key}[{i}] needs string fields {role_key!r} and {content_key!r}")
+        role = m[role_key]
+        role = roles.get(role, SHAREGPT_ROLES.get(role) if sharegpt and not roles else role)
+        if role is None:
+            raise LowbitError(f"{rec.where}: {key}[{i}].{role_key}: unknown speaker {m[role_key]!r} (expected "
+                              f"{', '.join(SHAREGPT_ROLES)}; map others with 'roles')")
+        out.append({"role": role, "content": m[content_key]})
+    return out
+
+
+def _chat(rec: Record, tok, opts: dict, sharegpt: bool = False) -> list[tuple[str, bool]]:
+    """The conversation rendered turn by turn; each turn of a trained role (assistant unless ``roles_to_train``
+    says otherwise), after its generation prompt, is learned."""
+    msgs = _messages(rec, opts, sharegpt)
+    trained = set(opts.get("roles_to_train") or ["assistant"])
     if not getattr(tok, "chat_template", None):
         raise LowbitError(f"{rec.where}: chat data needs a tokenizer with a chat template")
     pieces, prev = [], ""
-    for i, m in enumerate(msgs):
-        if m["role"] == "assistant":
-            head = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            if head.startswith(prev):
-                pieces.append((head[len(prev):], False))
-                prev = head
-        full = tok.apply_chat_template(msgs[: i + 1], tokenize=False)
-        if not full.startswith(prev):
-            raise LowbitError(f"{rec.where}: the chat template does not render messages incrementally")
-        pieces.append((full[len(prev):], m["role"] == "assistant"))
-        prev = full
+    try:
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant" and m["role"] in trained:
+                head = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
+                if head.startswith(prev):
+                    pieces.append((head[len(prev):], False))
+                    prev = head
+            full = tok.apply_chat_template(msgs[: i + 1], tokenize=False)
+            if not full.startswith(prev):
+                raise LowbitError(f"{rec.where}: the chat template does not render messages incrementally")
+            pieces.append((full[len(prev):], m["role"] in trained))
+            prev = full
+    except LowbitError:
+        raise
+    except Exception as e:  # the template's own checks (jinja raise_exception: roles must alternate, …)
+        raise LowbitError(f"{rec.where}: the chat template refused this conversation ({str(e).splitlines()[0]})"
+                          ) from None
     return pieces
 
 
-# name → (the keys that identify it, record → [(text, learned), ...]); detection tries them in this order
+def _sharegpt(rec: Record, tok, opts: dict) -> list[tuple[str, bool]]:
+    return _chat(rec, tok, opts, sharegpt=True)
+
+
+# name → (key sets that identify it — any one will do —, record → [(text, learned), ...]); detection tries them
+# in this order
 FORMATS = {
-    "chat": (("messages",), _chat),
-    "completions": (("prompt", "completion"), _completions),
-    "alpaca": (("instruction", "output"), _alpaca),
-    "text": (("text",), _text),
+    "chat": ((("messages",),), _chat),
+    "sharegpt": ((("conversations",),), _sharegpt),
+    "completions": ((("prompt", "completion"),), _completions),
+    "alpaca": ((("instruction", "output"),), _alpaca),
+    "input_output": ((("segments",), ("input", "output")), _input_output),
+    "text": ((("text",),), _text),
 }
 
 
 def detect_format(rec: Record) -> str:
-    for name, (keys, _) in FORMATS.items():
-        if all(k in rec.data for k in keys):
+    for name, (alternatives, _) in FORMATS.items():
+        if any(all(rec.data.get(k) is not None for k in keys) for keys in alternatives):
             return name
-    expected = " / ".join("+".join(keys) for keys, _ in FORMATS.values())
+    expected = " / ".join("+".join(keys) for alternatives, _ in FORMATS.values() for keys in alternatives)
     raise LowbitError(f"{rec.where}: cannot tell the format from keys {sorted(rec.data)}; expected one of {expected}")
 
 
@@ -105,34 +165,48 @@ class Tokenized:
     fmt: str
 
 
-def tokenize_records(records: list[Record], tok, fmt: str = "auto", sequence_len: int = 512,
-                     train_on_inputs: bool = False) -> Tokenized:
+def tokenize_record(rec: Record, tok, fmt: str, sequence_len: int, train_on_inputs: bool = False,
+                    opts: dict | None = None) -> tuple[list[int], list[int], bool, str | None]:
+    """(input_ids, labels, truncated, why dropped) of one record in format ``fmt``; a dropped record (nothing
+    left to learn) has empty ids and the reason."""
+    ids, labels = [], []
+    for text, learned in FORMATS[fmt][1](rec, tok, opts or {}):
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if (learned or train_on_inputs) else [IGNORE] * len(piece)
+    if fmt == "text" and tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
+        ids, labels = [tok.bos_token_id, *ids], [IGNORE, *labels]
+    eos = tok.eos_token_id
+    if eos is not None and eos not in ids[-2:]:  # a chat template already ends turns with EOS (+ newline)
+        ids.append(eos)
+        labels.append(eos)
+    learnable = any(x != IGNORE for x in labels[1:])
+    truncated = len(ids) > sequence_len
+    ids, labels = ids[:sequence_len], labels[:sequence_len]
+    if all(x == IGNORE for x in labels[1:]):
+        return [], [], truncated, (f"is sequence_len={sequence_len} shorter than the prompts? this prompt fills it"
+                                   if learnable else "it has nothing to learn (no assistant turn, or an empty answer)")
+    return ids, labels, truncated, None
+
+
+def check_format(fmt: str) -> None:
     if fmt != "auto" and fmt not in FORMATS:
         raise LowbitError(f"unknown data format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
+
+
+def tokenize_records(records: list[Record], tok, fmt: str = "auto", sequence_len: int = 512,
+                     train_on_inputs: bool = False, opts: dict | None = None) -> Tokenized:
+    """Every record tokenized (in memory: for small data, evaluation files and tests; training reads through
+    ``data/table.py``)."""
+    check_format(fmt)
     fmt = detect_format(records[0]) if fmt == "auto" else fmt
-    segments = FORMATS[fmt][1]
-    eos = tok.eos_token_id
     samples, truncated, dropped, why = [], 0, 0, None
     for rec in records:
-        ids, labels = [], []
-        for text, learned in segments(rec, tok):
-            piece = tok(text, add_special_tokens=False)["input_ids"]
-            ids += piece
-            labels += piece if (learned or train_on_inputs) else [IGNORE] * len(piece)
-        if fmt == "text" and tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
-            ids, labels = [tok.bos_token_id, *ids], [IGNORE, *labels]
-        if eos is not None and eos not in ids[-2:]:  # a chat template already ends turns with EOS (+ newline)
-            ids.append(eos)
-            labels.append(eos)
-        learnable = any(x != IGNORE for x in labels[1:])
-        if len(ids) > sequence_len:
-            ids, labels = ids[:sequence_len], labels[:sequence_len]
-            truncated += 1
-        if all(x == IGNORE for x in labels[1:]):
+        ids, labels, cut, reason = tokenize_record(rec, tok, fmt, sequence_len, train_on_inputs, opts)
+        truncated += cut
+        if reason:
             dropped += 1
-            why = why or (rec.where, f"is sequence_len={sequence_len} shorter than the prompts? this prompt "
-                          "fills it" if learnable else
-                          "it has nothing to learn (no assistant turn, or an empty answer)")
+            why = why or (rec.where, reason)
             continue
         samples.append((ids, labels))
     if not samples:

@@ -16,11 +16,13 @@ from pathlib import Path
 import yaml
 
 from ..data.formats import FORMATS
+from ..data.sources import parse_sources
 from ..dtypes import DTYPES
 from ..errors import LowbitError
 from ..nn.lora_options import ALL_LINEAR, LORA_INITS
 from ..optim.registry import OPTIMIZERS
 from ..quant.spec import QUANT_TYPES, QuantSpec
+from .axolotl import AXOLOTL_KEYS, optimizer_name, translate
 from .schedule import SCHEDULERS
 
 __all__ = ["TrainConfig", "load_config", "apply_overrides", "config_to_yaml", "config_changes", "RESUMABLE",
@@ -50,7 +52,10 @@ class TrainConfig:
     val_set_size: float = 0.05
     sequence_len: int = 512
     train_on_inputs: bool = False
-    sample_packing: bool = False
+    sample_packing: bool = False                # several samples per row, each attending only to itself
+    group_by_length: bool = True                # unpacked: batch samples of similar length (little padding)
+    pad_to_sequence_len: bool = False           # unpacked: pad every batch to sequence_len (fixed shapes)
+    dataset_processes: int = 0                  # tokenizing processes (0: 2 for 20,000 rows or more, else 1)
     # optimisation
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 1
@@ -67,6 +72,8 @@ class TrainConfig:
     # bookkeeping
     eval_steps: int = 50
     save_steps: int = 100
+    evals_per_epoch: int = 0                    # > 0: eval_steps from the epoch's length (Axolotl's key)
+    saves_per_epoch: int = 0                    # > 0: save_steps likewise
     save_total_limit: int = 2
     logging_steps: int = 1
     output_dir: str = "runs/lowbit"
@@ -88,8 +95,8 @@ class TrainConfig:
         for k in ("learning_rate", "num_epochs"):
             if getattr(self, k) <= 0:
                 bad(k, f"must be > 0, got {getattr(self, k)}")
-        for k in ("max_steps", "warmup_steps", "weight_decay", "max_grad_norm", "lora_dropout", "val_set_size",
-                  "optimizer_budget_mb"):
+        for k in ("max_steps", "warmup_steps", "evals_per_epoch", "saves_per_epoch", "weight_decay", "max_grad_norm",
+                  "lora_dropout", "val_set_size", "optimizer_budget_mb"):
             if getattr(self, k) < 0:
                 bad(k, f"must be >= 0, got {getattr(self, k)}")
         for k, ok in CHOICES.items():
@@ -97,8 +104,11 @@ class TrainConfig:
                 bad(k, f"must be one of {', '.join(ok)}, got {getattr(self, k)!r}")
         if self.lora_dropout >= 1:
             bad("lora_dropout", f"must be < 1, got {self.lora_dropout}")
+        if self.dataset_processes < 0:
+            bad("dataset_processes", f"must be >= 0, got {self.dataset_processes}")
         try:
             self.quant_spec()
+            parse_sources(self.datasets, self.dataset_format)
         except LowbitError as e:
             raise LowbitError(f"config: {e}") from None
         return self
@@ -120,7 +130,7 @@ CHOICES = {"quant_type": tuple(QUANT_TYPES), "compute_dtype": ("auto", *DTYPES),
 # (the world size and distributed mode are checked on their own: a checkpoint resumes under the same ones)
 RESUMABLE = {"max_steps", "num_epochs", "eval_steps", "save_steps", "save_total_limit", "logging_steps",
              "tensorboard", "output_dir", "gradient_checkpointing", "optimizer_budget_mb", "trust_remote_code",
-             "distributed", "ddp_timeout"}
+             "distributed", "ddp_timeout", "dataset_processes", "evals_per_epoch", "saves_per_epoch"}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -171,10 +181,16 @@ def _unknown(key: str) -> LowbitError:
 
 
 def apply_overrides(cfg: TrainConfig, values: dict, from_string: bool = False) -> TrainConfig:
+    """Set keys from a mapping (a YAML file, flags); Axolotl's own spellings (``training/axolotl.py``) translate."""
     for key, value in values.items():
         k = key.replace("-", "_")
+        if k not in _FIELDS and k in AXOLOTL_KEYS:
+            apply_overrides(cfg, translate(k, value), from_string)
+            continue
         if k not in _FIELDS:
             raise _unknown(key)
+        if k == "optimizer" and isinstance(value, str):
+            value = optimizer_name(value)
         setattr(cfg, k, _coerce(k, value, from_string))
     return cfg
 

@@ -42,22 +42,31 @@ def answer_tokens(batch) -> int:
 
 
 def tokens_in(batch) -> int:
-    """Non-pad tokens of ``batch`` (all of them without an attention mask)."""
+    """Non-pad tokens of ``batch``: a packed batch's own count, else by the attention mask (all without one)."""
+    if "tokens" in batch:
+        return int(batch["tokens"])
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def _inputs(batch) -> dict:
+    """What the model is called with: a packed batch (``position_ids``, no mask) without a cache, so transformers
+    builds its block-diagonal mask from the position restarts."""
+    if batch.get("position_ids") is not None:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
 
 
 def lm_loss(model, batch, chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
     """(sum of next-token losses, number of learned tokens) — see the module docstring."""
     labels = batch["labels"][:, 1:].reshape(-1)
     n = int((labels != IGNORE).sum())
-    mask = batch.get("attention_mask")
     body, head = _split_head(model)
     if body is None:
-        out = model(input_ids=batch["input_ids"], attention_mask=mask)
+        out = model(**_inputs(batch))
         logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float()
         return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum"), n
-    h = body(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+    h = body(**_inputs(batch)).last_hidden_state
     h = h[:, :-1].reshape(-1, h.shape[-1])
     keep = labels != IGNORE
     h, labels = h[keep], labels[keep]

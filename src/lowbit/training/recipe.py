@@ -11,6 +11,7 @@ naming the keys; harmless ones (logging and checkpoint cadence, max_steps) are r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -23,8 +24,9 @@ import torch
 from .. import optim
 from ..atomic import writing_file
 from ..data.batching import Batches
-from ..data.formats import tokenize_records
-from ..data.records import load_splits
+from ..data.packing import PackedBatches
+from ..data.sources import parse_sources
+from ..data.table import source_tables
 from ..dtypes import to_torch
 from ..errors import LowbitError
 from ..io.adapters import save_adapter
@@ -88,6 +90,7 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
         per_rank = world.sum(base_bytes(model))[0] / world.size
         log(f"fsdp over {world.size} ranks: {per_rank / 2**20:.2f} MiB of 4-bit base per rank")
     total = total_steps(cfg, len(batches), world.size)
+    cfg = per_epoch_cadence(cfg, len(batches), world.size, log)
     opt, sched = _optimizer(cfg, trainer, total)
     state = TrainState()
     if ck is not None:
@@ -148,6 +151,16 @@ def _reporters(cfg: TrainConfig, out: Path, total: int, progress: bool, log) -> 
             ProgressBar(total, progress)]
 
 
+def per_epoch_cadence(cfg: TrainConfig, batches_per_epoch: int, world_size: int = 1, log=print) -> TrainConfig:
+    """``evals_per_epoch`` / ``saves_per_epoch`` (Axolotl's keys) as ``eval_steps`` / ``save_steps``."""
+    per_epoch = math.ceil(batches_per_epoch / (cfg.gradient_accumulation_steps * world_size))
+    changes = {k: max(1, per_epoch // getattr(cfg, n)) for k, n in (("eval_steps", "evals_per_epoch"),
+                                                                 ("save_steps", "saves_per_epoch")) if getattr(cfg, n)}
+    if changes:
+        log(", ".join(f"{k} = {v}" for k, v in changes.items()) + f" (an epoch is {per_epoch} steps)")
+    return dataclasses.replace(cfg, **changes)
+
+
 def total_steps(cfg: TrainConfig, batches_per_epoch: int, world_size: int = 1) -> int:
     """``max_steps``, else enough optimizer steps for ``num_epochs`` passes (a step takes
     ``gradient_accumulation_steps`` micro-batches on each of ``world_size`` ranks)."""
@@ -155,25 +168,24 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int, world_size: int = 1) -
     return cfg.max_steps or max(1, math.ceil(math.ceil(batches_per_epoch / per_step) * cfg.num_epochs))
 
 
-def load_data(cfg: TrainConfig, tok, log=print) -> tuple[Batches, Batches | None]:
-    """Train and held-out batches: records from every source in ``datasets``, tokenized by format."""
-    sources = cfg.datasets if isinstance(cfg.datasets, list) else [cfg.datasets]
-    train_recs, val_recs = [], []
-    for src in sources:
-        tr, va = load_splits(src, cfg.val_set_size, cfg.seed)
-        train_recs += tr
-        val_recs += va
-    train = tokenize_records(train_recs, tok, cfg.dataset_format, cfg.sequence_len, cfg.train_on_inputs)
-    valid = tokenize_records(val_recs, tok, cfg.dataset_format, cfg.sequence_len, cfg.train_on_inputs) \
-        if val_recs else None
-    log(f"data: {len(train.samples)} train / {len(valid.samples) if valid else 0} valid samples ({train.fmt}); "
-        f"{train.truncated} truncated to {cfg.sequence_len} tokens, {train.dropped} dropped (nothing to learn)")
-    if cfg.sample_packing:
-        log("sample_packing: packing without cross-sample attention needs a block-diagonal mask this attention "
-            "implementation does not take; using length-grouped batches instead")
+def load_data(cfg: TrainConfig, tok, log=print) -> tuple[Batches | PackedBatches, Batches | None]:
+    """Train and held-out batches: every source in ``datasets`` read and tokenized by its own format (cached),
+    mixed; with ``sample_packing`` the training samples share rows (held-out ones are evaluated one per row)."""
+    data = source_tables(parse_sources(cfg.datasets, cfg.dataset_format), tok, cfg.val_set_size, cfg.seed,
+                         cfg.sequence_len, cfg.train_on_inputs, cfg.dataset_processes)
+    train, valid = data.train, data.valid
     pad = tok.pad_token_id
-    return (Batches(train.samples, cfg.micro_batch_size, pad, cfg.seed),
-            Batches(valid.samples, cfg.micro_batch_size, pad, cfg.seed) if valid else None)
+    batches = PackedBatches(train, cfg.micro_batch_size, pad, cfg.sequence_len, cfg.seed) if cfg.sample_packing \
+        else Batches(train, cfg.micro_batch_size, pad, cfg.seed, cfg.group_by_length,
+                     cfg.sequence_len if cfg.pad_to_sequence_len else None)
+    packed = f"; packed into {len(batches.rows)} rows of {cfg.sequence_len} " \
+             f"({100 * train.real_tokens() / (len(batches.rows) * cfg.sequence_len):.0f}% full)" \
+        if cfg.sample_packing else ""
+    fmts = ", ".join(dict.fromkeys(data.formats))
+    log(f"data: {len(train)} train / {len(valid) if valid else 0} valid samples ({fmts}); {data.truncated} "
+        f"truncated to {cfg.sequence_len} tokens, {data.dropped} dropped (nothing to learn)"
+        f"{packed}")
+    return batches, Batches(valid, cfg.micro_batch_size, pad, cfg.seed) if valid else None
 
 
 def load_model(cfg: TrainConfig, dtype, log=print):

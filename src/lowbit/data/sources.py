@@ -1,0 +1,119 @@
+"""What ``datasets:`` names: a built-in name, a file or folder, or Axolotl's list of ``{path, type, …}`` entries —
+each entry read and formatted on its own, then mixed.
+
+    datasets: chatterbot                       # a built-in, a .jsonl/.json/.parquet/.csv file, or a folder
+    datasets:
+      - path: data/train.jsonl
+        type: chat_template                    # Axolotl's names, or lowbit's (data/formats.py)
+        field_messages: conversations
+        message_property_mappings: {role: from, content: value}
+      - path: more.parquet
+        type: alpaca
+        weight: 0.5                            # lowbit's: take half of it (2.0: twice), after the split
+        limit: 1000                            # lowbit's: at most this many training records
+
+``TYPE_ALIASES`` maps Axolotl's type names onto ``FORMATS``. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from ..errors import LowbitError
+from .formats import FORMATS
+
+__all__ = ["DataSource", "parse_sources", "TYPE_ALIASES", "SOURCE_KEYS"]
+
+# Axolotl's dataset ``type`` names → lowbit's format names
+TYPE_ALIASES = {"chat_template": "chat", "sharegpt": "sharegpt", "alpaca": "alpaca", "completion": "text",
+                "pretrain": "text", "input_output": "input_output", "text": "text"}
+
+# the keys an entry may have: Axolotl's (the ones that change what is read) and lowbit's weight / limit
+SOURCE_KEYS = ("path", "type", "split", "ds_type", "data_files", "field", "field_messages",
+               "message_property_mappings", "message_field_role", "message_field_content", "roles",
+               "roles_to_train", "field_instruction", "field_input", "field_output", "weight", "limit")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    path: str
+    fmt: str = "auto"               # a FORMATS name or "auto"
+    split: str | None = None        # a folder's train / valid file
+    ds_type: str | None = None      # force the reader: json | parquet | csv
+    fields: dict = field(default_factory=dict)   # column and role mappings (formats.py reads them)
+    weight: float = 1.0
+    limit: int | None = None
+    label: str = ""                 # how error messages name this entry ("datasets[1]")
+
+    @property
+    def key(self) -> tuple:
+        """What the tokenized result depends on (for the tokenization cache)."""
+        return self.path, self.fmt, self.ds_type, sorted((k, repr(v)) for k, v in self.fields.items())
+
+
+def _format_name(value, where: str) -> str:
+    if value in FORMATS or value == "auto":
+        return value
+    if value in TYPE_ALIASES:
+        return TYPE_ALIASES[value]
+    names = sorted({*FORMATS, *TYPE_ALIASES})
+    near = difflib.get_close_matches(str(value), names, n=1)
+    raise LowbitError(f"{where}.type: unknown {value!r}; choose one of {', '.join(names)}"
+                      + (f" — did you mean {near[0]!r}?" if near else ""))
+
+
+def _entry(d: dict, where: str, default_fmt: str) -> DataSource:
+    for k in d:
+        if k not in SOURCE_KEYS:
+            near = difflib.get_close_matches(str(k), SOURCE_KEYS, n=1)
+            raise LowbitError(f"{where}: unknown key {k!r}" + (f" — did you mean {near[0]!r}?" if near else
+                                                               f"; an entry takes {', '.join(SOURCE_KEYS)}"))
+    path = d.get("path", d.get("data_files"))
+    if isinstance(path, list) and len(path) == 1:
+        path = path[0]
+    if not isinstance(path, str) or not path:
+        raise LowbitError(f"{where}.path: a file, folder or built-in name is needed")
+    fields = {k: d[k] for k in SOURCE_KEYS[5:15] if k in d}
+    for k in ("field", "field_messages", "message_field_role", "message_field_content", "field_instruction",
+              "field_input", "field_output"):
+        if k in fields and not isinstance(fields[k], str):
+            raise LowbitError(f"{where}.{k}: expects a column name, got {fields[k]!r}")
+    for k in ("message_property_mappings", "roles"):
+        if k in fields and not isinstance(fields[k], dict):
+            raise LowbitError(f"{where}.{k}: expects a mapping, got {fields[k]!r}")
+    if "roles_to_train" in fields and not (isinstance(fields["roles_to_train"], list)
+                                           and all(isinstance(r, str) for r in fields["roles_to_train"])):
+        raise LowbitError(f"{where}.roles_to_train: expects a list of role names")
+    weight = d.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+        raise LowbitError(f"{where}.weight: expects a number > 0, got {weight!r}")
+    limit = d.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise LowbitError(f"{where}.limit: expects an integer > 0, got {limit!r}")
+    ds_type = d.get("ds_type")
+    if ds_type is not None and ds_type not in ("json", "parquet", "csv"):
+        raise LowbitError(f"{where}.ds_type: expects json, parquet or csv, got {ds_type!r}")
+    split = d.get("split")
+    if split is not None and split not in ("train", "valid", "validation", "test"):
+        raise LowbitError(f"{where}.split: expects train, valid, validation or test, got {split!r}")
+    return DataSource(path, _format_name(d.get("type", default_fmt), where), split, ds_type, fields, float(weight),
+                      limit, where)
+
+
+def parse_sources(datasets, default_fmt: str = "auto") -> list[DataSource]:
+    """``datasets`` (a string, a comma list, or Axolotl's list of strings / mappings) as ``DataSource`` entries;
+    ``default_fmt`` (``dataset_format``) applies where an entry names no type."""
+    items = datasets if isinstance(datasets, list) else [datasets]
+    if not items:
+        raise LowbitError("config: datasets is empty")
+    out = []
+    for i, item in enumerate(items):
+        where = f"datasets[{i}]" if isinstance(datasets, list) else "datasets"
+        if isinstance(item, str):
+            out.append(DataSource(item, _format_name(default_fmt, "dataset_format"), label=where))
+        elif isinstance(item, dict):
+            out.append(_entry(item, where, default_fmt))
+        else:
+            raise LowbitError(f"{where}: expects a path, a built-in name or a mapping with 'path', got {item!r}")
+    return out
