@@ -42,3 +42,15 @@ def test_bad_entries_name_the_entry_and_key(entry, message):
 def test_config_checks_datasets_before_anything_loads():
     with pytest.raises(LowbitError, match=r"^config: datasets\[1\]\.type: unknown 'chatml'"):
         TrainConfig(datasets=["chatterbot", {"path": "a.jsonl", "type": "chatml"}]).validate()
+
+
+def test_axolotl_local_file_spellings():
+    (a,) = parse_sources([{"path": "json", "data_files": "data/train.jsonl", "type": "alpaca"}])
+    assert (a.path, a.ds_type, a.fmt) == ("data/train.jsonl", "json", "alpaca")
+    (b,) = parse_sources([{"path": "parquet", "data_files": ["x.parquet"], "chat_template": "tokenizer_default",
+                           "train_on_eos": "turn"}])
+    assert (b.path, b.ds_type) == ("x.parquet", "parquet")
+    with pytest.raises(LowbitError, match=r"datasets\[0\]\.data_files: one file per entry"):
+        parse_sources([{"path": "json", "data_files": ["a.jsonl", "b.jsonl"]}])
+    with pytest.raises(LowbitError, match=r"datasets\[0\]\.conversation: lowbit renders chats with the tokenizer"):
+        parse_sources([{"path": "a.jsonl", "type": "sharegpt", "conversation": "chatml"}])

@@ -159,8 +159,10 @@ def test_bad_parquet_and_csv_rows_are_named(tmp_path, tok):
     pd.DataFrame(rows).to_csv(tmp_path / "a.csv", index=False)
     with pytest.raises(LowbitError, match=r"a\.csv: row 4: alpaca record is missing field 'output'"):
         _load([{"path": str(tmp_path / "a.csv"), "type": "alpaca"}], tok)
-    with pytest.raises(LowbitError, match=r"datasets\[0\]: data not found: nowhere\.jsonl"):
+    with pytest.raises(LowbitError, match=r"datasets\[0\]: data not found: nowhere\.jsonl \(a \.jsonl.*chitchat\)$"):
         _load([{"path": "nowhere.jsonl"}], tok)
+    with pytest.raises(LowbitError, match=r"data not found: tatsu-lab/alpaca .* hub data sets are not fetched"):
+        _load([{"path": "tatsu-lab/alpaca", "type": "alpaca"}], tok)
 
 
 def test_errors_from_tokenizing_processes_still_name_the_line(tmp_path, tok):

@@ -32,7 +32,12 @@ TYPE_ALIASES = {"chat_template": "chat", "sharegpt": "sharegpt", "alpaca": "alpa
 # the keys an entry may have: Axolotl's (the ones that change what is read) and lowbit's weight / limit
 SOURCE_KEYS = ("path", "type", "split", "ds_type", "data_files", "field", "field_messages",
                "message_property_mappings", "message_field_role", "message_field_content", "roles",
-               "roles_to_train", "field_instruction", "field_input", "field_output", "weight", "limit")
+               "roles_to_train", "field_instruction", "field_input", "field_output", "weight", "limit",
+               "chat_template", "conversation", "train_on_eos")
+READER_NAMES = ("json", "parquet", "csv")  # the datasets library's file readers (ds_type)
+# the keys formats.py reads (column names and role mappings)
+FIELD_KEYS = ("field", "field_messages", "message_property_mappings", "message_field_role", "message_field_content",
+              "roles", "roles_to_train", "field_instruction", "field_input", "field_output")
 
 
 @dataclass(frozen=True)
@@ -69,12 +74,21 @@ def _entry(d: dict, where: str, default_fmt: str) -> DataSource:
             near = difflib.get_close_matches(str(k), SOURCE_KEYS, n=1)
             raise LowbitError(f"{where}: unknown key {k!r}" + (f" — did you mean {near[0]!r}?" if near else
                                                                f"; an entry takes {', '.join(SOURCE_KEYS)}"))
-    path = d.get("path", d.get("data_files"))
-    if isinstance(path, list) and len(path) == 1:
-        path = path[0]
+    path, files, ds_type = d.get("path"), d.get("data_files"), d.get("ds_type")
+    if isinstance(files, list):
+        if len(files) != 1:
+            raise LowbitError(f"{where}.data_files: one file per entry here; give each file its own entry")
+        files = files[0]
+    if path in READER_NAMES and files:  # Axolotl's "path: json, data_files: file.jsonl"
+        path, ds_type = files, ds_type or path
+    path = path or files
     if not isinstance(path, str) or not path:
         raise LowbitError(f"{where}.path: a file, folder or built-in name is needed")
-    fields = {k: d[k] for k in SOURCE_KEYS[5:15] if k in d}
+    for k, ok in (("chat_template", ("tokenizer_default",)), ("conversation", ()), ("train_on_eos", ("turn",))):
+        if k in d and d[k] not in ok:
+            raise LowbitError(f"{where}.{k}: lowbit renders chats with the tokenizer's own template and learns "
+                              f"each trained turn's end-of-turn token; {d[k]!r} is not supported")
+    fields = {k: d[k] for k in FIELD_KEYS if k in d}
     for k in ("field", "field_messages", "message_field_role", "message_field_content", "field_instruction",
               "field_input", "field_output"):
         if k in fields and not isinstance(fields[k], str):
@@ -91,8 +105,7 @@ def _entry(d: dict, where: str, default_fmt: str) -> DataSource:
     limit = d.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise LowbitError(f"{where}.limit: expects an integer > 0, got {limit!r}")
-    ds_type = d.get("ds_type")
-    if ds_type is not None and ds_type not in ("json", "parquet", "csv"):
+    if ds_type is not None and ds_type not in READER_NAMES:
         raise LowbitError(f"{where}.ds_type: expects json, parquet or csv, got {ds_type!r}")
     split = d.get("split")
     if split is not None and split not in ("train", "valid", "validation", "test"):

@@ -84,8 +84,11 @@ def _files(src: DataSource) -> tuple[Path, Path | None]:
     if not p.exists():
         from .builtin import BUILTIN_DATASETS
 
+        looks_like_hub = src.path.count("/") == 1 and not src.path.startswith((".", "/")) and \
+            Path(src.path).suffix.lower() not in READERS  # "owner/name"
+        hub = " — hub data sets are not fetched: download the files and give their path" if looks_like_hub else ""
         raise LowbitError(f"{src.label}: data not found: {src.path} (a .jsonl/.json/.parquet/.csv file, a folder, or "
-                          f"one of: {', '.join(BUILTIN_DATASETS)})")
+                          f"one of: {', '.join(BUILTIN_DATASETS)}){hub}")
     if p.is_file():
         if (src.ds_type is None and p.suffix.lower() not in READERS):
             raise LowbitError(f"{p}: unknown data file type (expected {', '.join(READERS)}, or set ds_type)")
