@@ -84,6 +84,37 @@ def tiny_tokenizer(path=None):
     return tok
 
 
+def tiny_spm_tokenizer(path=None):
+    """A LLaMA-2 / Mistral-style tokenizer (byte-fallback BPE over "▁"-joined text, <s> prepended), 390 ids,
+    trained here: what SentencePiece models become as transformers fast tokenizers."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    corpus = ["what is the capital of france", "the capital of france is paris", "hello how are you today",
+              "mistral and llama use sentencepiece", "numbers like 12345 and 2024"] * 20
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       show_progress=False))
+    spec = json.loads(tk.to_str())  # the 256 byte tokens are ordinary vocabulary after the specials, as in LLaMA's
+    learned = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])[3:]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    vocab.update({t: 259 + k for k, (t, _) in enumerate(learned)})
+    spec["model"]["vocab"] = vocab
+    tk = Tokenizer.from_str(json.dumps(spec))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = CHATML
+    if path is not None:
+        tok.save_pretrained(path)
+    return tok
+
+
 def save_tiny_with_tokenizer(path, arch="llama", **kw):
     tok = tiny_tokenizer()
     model = save_tiny(path, arch, vocab_size=len(tok), **kw)

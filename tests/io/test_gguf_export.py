@@ -91,6 +91,42 @@ def test_metadata_and_vocabulary_as_llama_cpp_reads_them(tmp_path):
     assert kinds["blk.0.attn_q.weight"] == "Q4_0" and "output.weight" not in kinds  # tied: llama.cpp reuses token_embd
 
 
+TEXTS = ["hello world", "what is the capital of france?", "café 2024, naïve — ok", "line one\nline two",
+         "mistral llama 12345", "日本語"]
+# (runs of spaces are left to the llama.cpp check, test_gguf_llama_cpp.py: transformers' own GGUF reader rebuilds
+# LLaMA tokenizers with a Metaspace pre-tokenizer that folds a leading run of spaces differently from the original)
+
+
+def spm_export(tmp_path):
+    """A tiny LLaMA with a LLaMA-2-style (byte-fallback BPE) tokenizer, exported: (gguf path, tokenizer)."""
+    from tiny import save_tiny, tiny_spm_tokenizer
+
+    tok = tiny_spm_tokenizer(tmp_path / "m")
+    save_tiny(tmp_path / "m", "llama", vocab_size=len(tok))
+    export_gguf(_adapted(tmp_path / "m"), tmp_path / "spm.gguf", load_tokenizer(tmp_path / "m"), "f16",
+                progress=False)
+    return tmp_path / "spm.gguf", tok
+
+
+def test_sentencepiece_style_vocabulary_reads_back_as_the_same_tokenizer(tmp_path):
+    """LLaMA 2 / Mistral tokenizers go out as llama.cpp's "llama" model (scores = −merge rank, BYTE tokens); the
+    tokenizer transformers rebuilds from the GGUF alone splits text exactly as the original."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    path, tok = spm_export(tmp_path)
+    f = {k: v.contents() for k, v in gguf.GGUFReader(path).fields.items() if k.startswith("tokenizer.")}
+    assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.add_space_prefix"] is True
+    types, scores, tokens = f["tokenizer.ggml.token_type"], f["tokenizer.ggml.scores"], f["tokenizer.ggml.tokens"]
+    assert sum(t == gguf.TokenType.BYTE for t in types) == 256 and types[tok.unk_token_id] == gguf.TokenType.UNKNOWN
+    assert f["tokenizer.ggml.add_bos_token"] is True and tokens[tok.bos_token_id] == "<s>"
+    merged = tok.convert_ids_to_tokens(tok("hello")["input_ids"])[1]
+    assert scores[tok.convert_tokens_to_ids(merged)] < 0  # made by a merge: ranked
+    back = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in TEXTS:
+        assert back(text)["input_ids"] == tok(text)["input_ids"], text
+
+
 def test_pre_tokenizer_names():
     digits = {"type": "Digits", "individual_digits": True}
     byte_level = {"type": "ByteLevel", "use_regex": True}

@@ -3,7 +3,8 @@ SmolLM2 after a short fine-tune, exported by ``lowbit export`` (f16, with an Oll
 llama.cpp; its greedy continuations of three prompts equal transformers' on the merged model (up to a near-tie, where
 transformers' own two best tokens are within 0.02 logits; every position is also compared teacher-forced), its held-out
 perplexity is within 1 % of transformers'; and lowbit's quantized files are byte for byte what llama.cpp's own
-quantizer makes of lowbit's f32 file."""
+quantizer makes of lowbit's f32 file. A LLaMA-2 / Mistral-style (SentencePiece) vocabulary tokenizes in
+llama.cpp exactly as in transformers."""
 
 import subprocess
 import sys
@@ -67,3 +68,15 @@ def test_llama_cpp_runs_the_export_like_transformers(tmp_path):
     texts = bench.held_out(tok, n=20)
     mine, theirs = bench.perplexity(bench.torch_logits(merged), texts), bench.perplexity(run, texts)
     assert abs(theirs / mine - 1) < 0.01, (mine, theirs)
+
+
+def test_llama_cpp_tokenizes_a_sentencepiece_style_export_like_transformers(tmp_path):
+    """A LLaMA-2 / Mistral-style tokenizer (byte-fallback BPE), exported as llama.cpp's "llama" vocabulary: llama.cpp
+    splits text into the same ids as transformers, runs of spaces, digits, accents and bytes included."""
+    from llama_cpp import Llama
+    from test_gguf_export import TEXTS, spm_export
+
+    path, tok = spm_export(tmp_path)
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for text in [*TEXTS, "  two  spaces", "tab\there", " leading space", "ünïcödé ✓ 🙂"]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text

@@ -35,6 +35,7 @@ def run(args) -> int:
     from ..io.gguf_arch import gguf_arch
     from ..io.gguf_export import export_gguf
     from ..io.gguf_types import check_gguf_type
+    from ..io.gguf_vocab import check_vocab
     from ..io.ollama import modelfile
     from ..io.resolve import resolve_model
     from ..io.tokenizer import load_tokenizer
@@ -50,6 +51,7 @@ def run(args) -> int:
     folder = resolve_model(cfg.base_model)
     gguf_arch(AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code))  # refuse before loading
     tok = load_tokenizer(cfg.base_model)
+    check_vocab(tok)  # refuse before loading
     if cfg.compute_dtype == "auto":
         cfg.compute_dtype = "float32"  # norms and embeddings unrounded; the matrices merge in float32 anyway
     net = load_model(cfg, args.adapter, args.force)
