@@ -92,6 +92,18 @@ def test_two_ranks_equal_one_process(varied, single, tmp_path, mode):
     assert cks == ["step-0000002", "step-0000004"], cks  # one folder per save, no leftovers from other ranks
 
 
+def test_packed_rows_on_two_ranks_equal_one_process(varied, tmp_path):
+    """sample_packing under DDP: the ranks share each step's packed micro-batches as one process would run them."""
+    model_dir, data = varied
+    one = tmp_path / "one"
+    recipe.train(TrainConfig(**_cfg(model_dir, data, one, gradient_accumulation_steps=4, sample_packing=True)),
+                 progress=False, log=lambda *a: None)
+    two = tmp_path / "two"
+    p = _torchrun(_cfg(model_dir, data, two, distributed="ddp", sample_packing=True), tmp_path / "report")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _close(two, one), (_losses(two), _losses(one))
+
+
 def test_per_rank_normalisation_breaks_the_equivalence(varied, single, tmp_path):
     """The negative control: dividing by each rank's own tokens is not what one process computes."""
     model_dir, data = varied
