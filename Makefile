@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/plan_validate.py
 	$(BIN)/python bench/retention.py
+	$(BIN)/python bench/calibration.py --readme
 	$(BIN)/python bench/architectures.py --readme
 	$(BIN)/python bench/data.py --readme
 	$(BIN)/python bench/packing.py --readme

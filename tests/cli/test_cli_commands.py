@@ -48,6 +48,31 @@ def test_quantize_command(tiny_cli, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+def test_quantize_with_gptq_calibration_is_a_plain_bitsandbytes_checkpoint(tiny_cli, tmp_path, capsys):
+    """--calibrate re-rounds the codes under the model's inputs on the data; the grid (absmax, double quant) and
+    the layout stay round-to-nearest's, so transformers + bitsandbytes load it and get lowbit's floats."""
+    from transformers import AutoModelForCausalLM
+
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": f"hello how are you today {i} the capital of france is paris"})
+                            + "\n" for i in range(24)))
+    plain, calibrated = tmp_path / "rtn", tmp_path / "gptq"
+    assert cli.main(["quantize", "--model", str(tiny_cli / "model"), "--out", str(plain)]) == 0
+    assert cli.main(["quantize", "--model", str(tiny_cli / "model"), "--out", str(calibrated), "--calibrate",
+                     str(data), "--samples", "16"]) == 0
+    assert "GPTQ rounding on 16 samples" in capsys.readouterr().out
+    a = load(plain, compute_dtype=torch.float32).model.layers[0].mlp.down_proj
+    b = load(calibrated, compute_dtype=torch.float32).model.layers[0].mlp.down_proj
+    assert torch.equal(a.absmax, b.absmax) and not torch.equal(a.codes, b.codes)
+    import bitsandbytes.functional as F
+
+    hf = AutoModelForCausalLM.from_pretrained(calibrated, dtype=torch.float32).model.layers[0].mlp.down_proj.weight
+    assert torch.equal(F.dequantize_4bit(hf.data, hf.quant_state).float(), b.dequantize(torch.float32))
+    assert cli.main(["quantize", "--model", str(tiny_cli / "model"), "--out", str(tmp_path / "x"), "--calibrate",
+                     str(tmp_path / "missing.jsonl")]) == 2
+    assert "data not found" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_generate_command_streams(tiny_cli, capsys):
     rc = cli.main(["generate", "--model", str(tiny_cli / "model"), "--adapter", str(tiny_cli / "adapter"), "--prompt",
                    "hello how are you", "--max-new-tokens", "5", "--compute-dtype", "float32"])

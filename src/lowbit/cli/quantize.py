@@ -1,7 +1,11 @@
-"""``lowbit quantize --model M --out DIR``: a 4-bit checkpoint that transformers + bitsandbytes load as it is."""
+"""``lowbit quantize --model M --out DIR [--calibrate DATA [--method gptq]]``: a 4-bit checkpoint that
+transformers + bitsandbytes load as it is; with ``--calibrate``, its codes are chosen by GPTQ's error-compensating
+rounding under the model's inputs on DATA (the same grid, so still a plain bitsandbytes checkpoint — train on it
+with ``base_model: DIR``)."""
 
 from __future__ import annotations
 
+from ..quant.spec import CALIBRATIONS
 from .options import add_config_flags, config_from
 
 HELP = "write a 4-bit checkpoint transformers + bitsandbytes load as-is"
@@ -11,12 +15,17 @@ def add_parser(sub, name):
     p = sub.add_parser(name, help=HELP)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
-    add_config_flags(p, ("base_model", "quant_type", "blocksize", "double_quant", "trust_remote_code"),
-                     required=("base_model",))
+    p.add_argument("--calibrate", metavar="DATA", help="calibration data (a file, folder or built-in name, as "
+                   "datasets takes it): choose the codes by GPTQ's rounding instead of round-to-nearest")
+    p.add_argument("--method", default="gptq", choices=[c for c in CALIBRATIONS if c != "none"])
+    p.add_argument("--samples", type=int, default=256, help="calibration samples (default 256)")
+    add_config_flags(p, ("base_model", "quant_type", "blocksize", "double_quant", "trust_remote_code",
+                         "sequence_len", "dataset_format"), required=("base_model",))
     return p
 
 
 def run(args) -> int:
+    from ..io.calibration import calibrate_gptq
     from ..io.export import save_quantized
     from ..io.loader import load
     from ..io.tokenizer import load_tokenizer
@@ -24,9 +33,28 @@ def run(args) -> int:
 
     cfg = config_from(args)
     spec = cfg.quant_spec()
+    tok = load_tokenizer(cfg.base_model, required=args.calibrate is not None)
+    batches = _calibration(args, cfg, tok) if args.calibrate else None  # a bad file fails before the model loads
     net = load(cfg.base_model, spec, trust_remote_code=cfg.trust_remote_code)
-    tok = load_tokenizer(cfg.base_model, required=False)
+    how = "round to nearest"
+    if batches:
+        calibrate_gptq(net, batches)
+        how = f"GPTQ rounding on {sum(len(b['input_ids']) for b in batches)} samples of {args.calibrate}"
     out = save_quantized(net, args.out, tokenizer=tok, overwrite=args.overwrite)
-    print(f"wrote {out}: {spec}, {footprint_bytes(net) / 2**20:.1f} MiB of weights "
+    print(f"wrote {out}: {spec}, {how}, {footprint_bytes(net) / 2**20:.1f} MiB of weights "
           "(loadable with transformers + bitsandbytes)")
     return 0
+
+
+def _calibration(args, cfg, tok) -> list:
+    """The first ``--samples`` samples of ``--calibrate`` in a seeded order, in batches of 8."""
+    from ..data.batching import Batches
+    from ..data.sources import parse_sources
+    from ..data.table import source_tables
+    from ..errors import LowbitError
+
+    if args.samples <= 0:
+        raise LowbitError(f"--samples must be > 0, got {args.samples}")
+    data = source_tables(parse_sources(args.calibrate, cfg.dataset_format), tok, 0, sequence_len=cfg.sequence_len)
+    batches = Batches(data.train, 8, tok.pad_token_id, seed=1)
+    return [batches.batch(idx) for idx in batches.order(0)[: max(1, args.samples // 8)]]

@@ -16,9 +16,16 @@ from dataclasses import dataclass
 
 from ..errors import LowbitError
 
-__all__ = ["QuantType", "QUANT_TYPES", "QuantSpec", "NESTED_BLOCKSIZE", "check_blocksize", "check_quant_type"]
+__all__ = ["QuantType", "QUANT_TYPES", "QuantSpec", "NESTED_BLOCKSIZE", "check_blocksize", "check_quant_type",
+           "CALIBRATIONS"]
 
 NESTED_BLOCKSIZE = 256  # constants per nested absmax (bitsandbytes' double quantization)
+
+# how the codes of a 4-bit weight are chosen (the grid — absmax and double quantization — is the same for all)
+CALIBRATIONS = {
+    "none": "round to nearest (bitsandbytes' own choice)",
+    "gptq": "GPTQ's error-compensating rounding under calibration inputs (quant/gptq.py)",
+}
 
 
 @dataclass(frozen=True)
