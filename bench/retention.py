@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, peak_rss_bytes, table, update_readme
 
-METHODS = ["full", "lora", "qlora-nf4", "qlora-fp4", "qlora-int4", "qlora-nf3", "qlora-nf3-init", "qlora-nf2",
-           "qlora-nf2-init", "peer-bnb-nf4"]
+METHODS = ["full", "lora", "qlora-nf4", "qlora-nf4-gptq", "qlora-fp4", "qlora-int4", "qlora-nf3", "qlora-nf3-init",
+           "qlora-nf2", "qlora-nf2-init", "peer-bnb-nf4"]
 TOPIC_PROMPT = "Which topic is this question about? Answer with one word.\n{q}"
 
 
@@ -127,6 +127,8 @@ def worker(method: str, task: Path, steps: int, seed: int) -> dict:
     if method.startswith("qlora") or method == "lora":
         if method == "lora":
             cfg.load_in_4bit = False
+        elif method == "qlora-nf4-gptq":  # lowbit quantize --calibrate on the training dialogues, then QLoRA on it
+            cfg.base_model = _gptq_base(task, tok, seed)
         else:
             parts = method.split("-")
             cfg.quant_type = parts[1]
@@ -170,6 +172,22 @@ def worker(method: str, task: Path, steps: int, seed: int) -> dict:
     return {"method": method, "eval_loss": loss, "base_eval_loss": base_loss, "accuracy": acc,
             "peak_rss_bytes": peak_rss_bytes(), "footprint_bytes": footprint, "tokens_per_s": tps,
             "wall_s": time.perf_counter() - t0}
+
+
+def _gptq_base(task: Path, tok, seed: int, samples: int = 256) -> str:
+    """An NF4 + DQ checkpoint of SmolLM2 whose codes GPTQ chose under 256 training dialogues (what
+    ``lowbit quantize --calibrate`` writes)."""
+    from lowbit.data import Batches, load_records, tokenize_records
+    from lowbit.dtypes import default_compute_dtype
+    from lowbit.io.calibration import calibrate_gptq
+    from lowbit.io.export import save_quantized
+    from lowbit.io.loader import load
+
+    rows = tokenize_records(load_records(task / "train.jsonl"), tok, "chat", 256).samples
+    order = Batches(rows, 8, tok.pad_token_id, seed + 1)
+    net = load("smollm2-135m", compute_dtype=default_compute_dtype())  # embeddings and norms as qlora-nf4 has them
+    calibrate_gptq(net, [order.batch(idx) for idx in order.order(0)[: samples // 8]], log=lambda *a: None)
+    return str(save_quantized(net, Path(tempfile.mkdtemp()) / "gptq", tokenizer=tok))
 
 
 def base_loss(task: Path) -> float:
