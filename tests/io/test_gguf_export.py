@@ -189,3 +189,23 @@ def test_refusals_and_atomic_write(tmp_path, monkeypatch):
         export_gguf(net, tmp_path / "keep.gguf", tok, "f16", progress=False)
     assert (tmp_path / "keep.gguf").read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".keep")] == []
+
+
+def test_a_gguf_read_back_is_converted_once_per_content(tmp_path, monkeypatch):
+    """lowbit reads GGUF through a cached conversion keyed by content: the same file at another path (another
+    venv, another clone) reuses it; a different file gets its own."""
+    import shutil
+
+    from lowbit.io.gguf import gguf_to_folder
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    path, _ = spm_export(tmp_path)  # (a tokenizer transformers' GGUF reader rebuilds; see the SentencePiece test)
+    (tmp_path / "b").mkdir()
+    shutil.copy(path, tmp_path / "b" / path.name)
+    first = gguf_to_folder(path, "x")
+    assert gguf_to_folder(tmp_path / "b" / path.name, "x") == first
+    net = _adapted(tmp_path / "m")
+    randomize_lora(net, seed=5)
+    export_gguf(net, tmp_path / "c" / "x.gguf", load_tokenizer(tmp_path / "m"), "f16", progress=False)
+    assert gguf_to_folder(tmp_path / "c" / "x.gguf", "x") != first
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 2

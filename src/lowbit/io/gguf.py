@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp's format) in: converted once, with transformers, to a cached safetensors folder.
 
-The folder is named by the file's path, size and modification time, written to a temporary name and renamed,
-so a second process (or a second run) reuses it and an interrupted conversion leaves nothing behind.
+The folder is named by the file's content (size and sampled bytes, not its path: the built-in model installed in
+a fresh virtual environment reuses the conversion), written to a temporary name and renamed, so a second process
+(or a second run) reuses it and an interrupted conversion leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -18,10 +19,22 @@ from ..errors import LowbitError
 __all__ = ["gguf_to_folder"]
 
 
+def _content_key(path: Path, sample: int = 1 << 20) -> str:
+    """A key for the file's content, not its place: size, first and last MiB and one from the middle (the same
+    model installed in another virtual environment or clone reuses its conversion; reading it all would cost
+    seconds for a multi-GB file)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for at in sorted({0, max(0, size // 2 - sample // 2), max(0, size - sample)}):
+            f.seek(at)
+            h.update(f.read(sample))
+    return h.hexdigest()[:12]
+
+
 def gguf_to_folder(gguf: Path, name: str) -> Path:
     """The cached safetensors folder for ``gguf`` (converting it the first time)."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    key = _content_key(gguf)
     out = cache_root() / "models" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{key}"
     if (out / "config.json").exists():
         return out
