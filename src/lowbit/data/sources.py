@@ -25,9 +25,8 @@ from .formats import FORMATS
 
 __all__ = ["DataSource", "parse_sources", "TYPE_ALIASES", "SOURCE_KEYS"]
 
-# Axolotl's dataset ``type`` names → lowbit's format names
-TYPE_ALIASES = {"chat_template": "chat", "sharegpt": "sharegpt", "alpaca": "alpaca", "completion": "text",
-                "pretrain": "text", "input_output": "input_output", "text": "text"}
+# Axolotl's dataset ``type`` names that are not lowbit's own format names (data/formats.py FORMATS) → lowbit's
+TYPE_ALIASES = {"chat_template": "chat", "completion": "text", "pretrain": "text"}
 
 # the keys an entry may have: Axolotl's (the ones that change what is read) and lowbit's weight / limit
 SOURCE_KEYS = ("path", "type", "split", "ds_type", "data_files", "field", "field_messages",
@@ -119,7 +118,7 @@ def parse_sources(datasets, default_fmt: str = "auto") -> list[DataSource]:
     ``default_fmt`` (``dataset_format``) applies where an entry names no type."""
     items = datasets if isinstance(datasets, list) else [datasets]
     if not items:
-        raise LowbitError("config: datasets is empty")
+        raise LowbitError("datasets is empty")
     out = []
     for i, item in enumerate(items):
         where = f"datasets[{i}]" if isinstance(datasets, list) else "datasets"
