@@ -37,7 +37,7 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     torch.set_num_threads(2)
-    from lowbit.data.batching import Batches
+    from lowbit.data.batching import Batches, sample_batches
     from lowbit.data.sources import parse_sources
     from lowbit.data.table import source_tables
     from lowbit.io.calibration import calibrate_gptq
@@ -49,8 +49,7 @@ def main() -> int:
     tok = load_tokenizer("smollm2-135m")
     data = source_tables(parse_sources("chatterbot"), tok, 0.05, 0, 256)
     valid = Batches(data.valid, 8, tok.pad_token_id)
-    calib = Batches(data.train, 8, tok.pad_token_id, seed=1)
-    calib_batches = [calib.batch(idx) for idx in calib.order(0)[: args.samples // 8]]
+    calib_batches = sample_batches(data.train, tok.pad_token_id, args.samples)
     rows = []
     for name, spec in [("16-bit (bf16)", None), ("NF4 + DQ, round to nearest", QuantSpec()),
                        ("NF4 + DQ, GPTQ rounding", QuantSpec())]:

@@ -177,16 +177,16 @@ def worker(method: str, task: Path, steps: int, seed: int) -> dict:
 def _gptq_base(task: Path, tok, seed: int, samples: int = 256) -> str:
     """An NF4 + DQ checkpoint of SmolLM2 whose codes GPTQ chose under 256 training dialogues (what
     ``lowbit quantize --calibrate`` writes)."""
-    from lowbit.data import Batches, load_records, tokenize_records
+    from lowbit.data import load_records, tokenize_records
+    from lowbit.data.batching import sample_batches
     from lowbit.dtypes import default_compute_dtype
     from lowbit.io.calibration import calibrate_gptq
     from lowbit.io.export import save_quantized
     from lowbit.io.loader import load
 
     rows = tokenize_records(load_records(task / "train.jsonl"), tok, "chat", 256).samples
-    order = Batches(rows, 8, tok.pad_token_id, seed + 1)
     net = load("smollm2-135m", compute_dtype=default_compute_dtype())  # embeddings and norms as qlora-nf4 has them
-    calibrate_gptq(net, [order.batch(idx) for idx in order.order(0)[: samples // 8]], log=lambda *a: None)
+    calibrate_gptq(net, sample_batches(rows, tok.pad_token_id, samples, seed + 1), log=lambda *a: None)
     return str(save_quantized(net, Path(tempfile.mkdtemp()) / "gptq", tokenizer=tok))
 
 

@@ -48,7 +48,7 @@ def run(args) -> int:
 
 def _calibration(args, cfg, tok) -> list:
     """The first ``--samples`` samples of ``--calibrate`` in a seeded order, in batches of 8."""
-    from ..data.batching import Batches
+    from ..data.batching import sample_batches
     from ..data.sources import parse_sources
     from ..data.table import source_tables
     from ..errors import LowbitError
@@ -56,5 +56,4 @@ def _calibration(args, cfg, tok) -> list:
     if args.samples <= 0:
         raise LowbitError(f"--samples must be > 0, got {args.samples}")
     data = source_tables(parse_sources(args.calibrate, cfg.dataset_format), tok, 0, sequence_len=cfg.sequence_len)
-    batches = Batches(data.train, 8, tok.pad_token_id, seed=1)
-    return [batches.batch(idx) for idx in batches.order(0)[: max(1, args.samples // 8)]]
+    return sample_batches(data.train, tok.pad_token_id, args.samples)

@@ -12,7 +12,7 @@ import torch
 from ..errors import LowbitError
 from .formats import IGNORE
 
-__all__ = ["collate", "sample_lengths", "Batches", "FixedBatches", "as_batches"]
+__all__ = ["collate", "sample_lengths", "Batches", "FixedBatches", "as_batches", "sample_batches"]
 
 
 def sample_lengths(samples) -> list[int]:
@@ -73,6 +73,13 @@ class Batches:
 
     def batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
         return collate([self.samples[i] for i in idx], self.pad_id, self.pad_to)
+
+
+def sample_batches(samples, pad_id: int, count: int, seed: int = 1, size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """About ``count`` samples (at least one batch) in ``Batches``' seeded order for epoch 0, as ready batches of
+    ``size`` — what a calibration pass reads."""
+    b = Batches(samples, size, pad_id, seed)
+    return [b.batch(idx) for idx in b.order(0)[: max(1, count // size)]]
 
 
 class FixedBatches:

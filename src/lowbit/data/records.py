@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import LowbitError
 
-__all__ = ["Record", "load_records", "load_splits"]
+__all__ = ["Record", "load_records", "load_splits", "held_out_rows"]
 
 
 @dataclass
@@ -80,12 +80,20 @@ def load_splits(source: str | Path, val_set_size: float | int = 0.05,
             raise LowbitError(f"data not found: {s} (a .jsonl/.json file, a folder, or one of: "
                               f"{', '.join(BUILTIN_DATASETS)})")
         recs = load_records(p)
+    train, held = held_out_rows(len(recs), val_set_size, seed)
+    return [recs[i] for i in train], [recs[i] for i in held]
+
+
+def held_out_rows(n: int, val_set_size: float | int, seed: int, label: str = "") -> tuple[list[int], list[int]]:
+    """(training rows, held-out rows) of ``n`` records, each in file order: a fraction (or, when ≥ 1, a number)
+    of the rows held out, chosen by ``seed`` — the one fixed split every reader uses."""
     if not val_set_size:
-        return recs, []
-    n_val = int(val_set_size) if val_set_size >= 1 else max(1, round(len(recs) * float(val_set_size)))
-    if n_val >= len(recs):
-        raise LowbitError(f"val_set_size={val_set_size} leaves no training data ({len(recs)} records)")
-    order = list(range(len(recs)))
-    random.Random(seed).shuffle(order)  # a fixed held-out split
-    val = set(order[:n_val])
-    return [r for i, r in enumerate(recs) if i not in val], [recs[i] for i in sorted(val)]
+        return list(range(n)), []
+    n_val = int(val_set_size) if val_set_size >= 1 else max(1, round(n * float(val_set_size)))
+    if n_val >= n:
+        raise LowbitError(f"{label + ': ' if label else ''}val_set_size={val_set_size} leaves no training data "
+                          f"({n} records)")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_val])
+    return [i for i in range(n) if i not in held], sorted(held)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from ..errors import LowbitError
 from .formats import detect_format, tokenize_record
-from .records import Record, load_records
+from .records import Record, held_out_rows, load_records
 from .sources import DataSource
 
 __all__ = ["TokenTable", "source_tables", "READERS"]
@@ -189,18 +188,9 @@ def _builtin(src: DataSource, tok, sequence_len: int, train_on_inputs: bool):
 
 
 def _split(n: int, val_set_size: float, seed: int, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, held-out rows): a fixed held-out share (a fraction, or a number of rows when ≥ 1) chosen by
-    ``seed``."""
-    if not val_set_size:
-        return np.arange(n), np.arange(0)
-    n_val = int(val_set_size) if val_set_size >= 1 else max(1, round(n * float(val_set_size)))
-    if n_val >= n:
-        raise LowbitError(f"{label}: val_set_size={val_set_size} leaves no training data ({n} records)")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    held = np.zeros(n, dtype=bool)
-    held[order[:n_val]] = True
-    return np.flatnonzero(~held), np.flatnonzero(held)
+    """(train rows, held-out rows) as arrays: the records' own split (``records.held_out_rows``)."""
+    train, held = held_out_rows(n, val_set_size, seed, label)
+    return np.asarray(train, dtype=np.int64), np.asarray(held, dtype=np.int64)
 
 
 def _weigh(rows: np.ndarray, src: DataSource, seed: int) -> np.ndarray:
