@@ -80,6 +80,26 @@ def dequant_speed(n: int, r: int) -> tuple[list[dict], dict]:
     return rows, speed
 
 
+def kbit_speed(n: int, r: int) -> tuple[list[dict], dict]:
+    """Dequantize into a reused buffer (what the 4-bit layer does) for each storage width: NF4, NF3, NF2 + DQ."""
+    torch.manual_seed(0)
+    w = torch.randn(n, n) * 0.02
+    rows, res = [], {}
+    for dt in (torch.float32, torch.bfloat16):
+        name = str(dt).split(".")[-1]
+        out, src = torch.empty(n, n, dtype=dt), torch.empty(n, n, dtype=dt)
+        nbytes = out.numel() * out.element_size()
+        copy_gbs = nbytes / timeit(lambda: out.copy_(src), r) / 1e9
+        for qt in ("nf4", "nf3", "nf2"):
+            q = lowbit.quantize(w.to(dt), qt)
+            gbs = nbytes / timeit(lambda: q.dequantize(dt, out=out), r) / 1e9
+            rows.append({"dtype": name, "type": qt, "stored_bits/param": round(q.bits_per_param, 3),
+                         "dequant_GB/s": round(gbs, 1), "% of copy": round(100 * gbs / copy_gbs)})
+            res.setdefault(name, {})[qt] = {"dequantize_GBps": gbs, "copy_GBps": copy_gbs,
+                                            "bits_per_param": q.bits_per_param}
+    return rows, res
+
+
 def layer_speed(r: int) -> tuple[list[dict], dict]:
     """Forward + backward (to the input) of one frozen 4-bit layer, bf16, TOKENS tokens."""
     import bitsandbytes as bnb
@@ -132,6 +152,9 @@ def main() -> None:
     speed_md = table(rows, ["dtype", "impl", "quantize_ms", "dequant_ms", "dequant_GB/s", "% of copy"])
     print(f"NF4 + double quant, {n}x{n}, {machine()}; native kernel: {'yes' if native.kernel() else 'no'}\n")
     print(speed_md)
+    krows, kbit = kbit_speed(n, args.repeats)
+    kbit_md = table(krows, ["dtype", "type", "stored_bits/param", "dequant_GB/s", "% of copy"])
+    print(f"\nDequantize into a reused buffer, by storage width (C kernel), {n}x{n}\n\n{kbit_md}")
     lrows, layers = layer_speed(args.repeats)
     layer_md = table(lrows, ["weight", "impl", "fwd+bwd_ms"])
     print(f"\nOne 4-bit layer, forward + backward, bf16, {TOKENS} tokens\n\n{layer_md}")
@@ -156,10 +179,13 @@ def main() -> None:
               f"{v['lowbit_vs_matmuls']:.2f}x the matmuls' time" for k, v in layers.items()]
     print("\n" + "\n".join(lines))
     if n == 4096:
-        update_readme("quant", f"{speed_md}\n\nOne 4-bit layer, forward + backward (gradient to the input), bf16, "
+        update_readme("quant", f"{speed_md}\n\nDequantize into a reused buffer by storage width (NF3: 8 codes in 3 "
+                      f"bytes, NF2: 4 per byte; C kernel):\n\n{kbit_md}\n\n"
+                      f"One 4-bit layer, forward + backward (gradient to the input), bf16, "
                       f"{TOKENS} tokens:\n\n{layer_md}\n\n{'; '.join(lines)}.\n\nRelative Frobenius error on a "
                       f"Gaussian 4096×1024 weight, blocksize 64:\n\n{err_md}")
-    path = write_json("quant", {"machine": machine(), "size": n, "speed": speed, "layers": layers, "errors": errors})
+    path = write_json("quant", {"machine": machine(), "size": n, "speed": speed, "kbit": kbit, "layers": layers,
+                                 "errors": errors})
     print(f"\nwrote {path}")
 
 

@@ -1,7 +1,7 @@
 """The Triton dequantize kernel — in Triton's interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET=1 where
 there is no GPU), compiled on a GPU: byte-identical to the C kernel and the PyTorch reference for every
-4-bit-stored codebook, fp32/bf16/fp16 output, any shape, partial last block, blocksizes 32…4096, with and without
-double quantization. On a GPU also byte-identical to bitsandbytes' CUDA kernel."""
+codebook (4-, 3- and 2-bit packing), fp32/bf16/fp16 output, any shape, partial last block, blocksizes 32…4096,
+with and without double quantization. On a GPU also byte-identical to bitsandbytes' CUDA kernel."""
 
 import os
 

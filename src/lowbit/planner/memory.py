@@ -3,7 +3,7 @@
 Per item, for a decoder whose linear layers ``shapes.py`` reads (MoE: all experts counted for weights, top-k for
 activations)::
 
-    quantized weights   Σ linear numel · storage bits / 8 (quant.spec.QUANT_TYPES; NF3/NF2 use 4-bit nibbles today)
+    quantized weights   Σ packed bytes of each linear (quant.spec: NF4 4 bits, NF3 3, NF2 2 per weight)
     quant constants     DQ: numel/blocksize bytes + 4·⌈blocks/256⌉ + 4 per tensor;  no DQ: 4·numel/blocksize
     unquantized params  embeddings, output head (if untied), norms, biases, routers — compute dtype
     LoRA params / grads r·(in+out) per adapted layer, float32 each
@@ -41,7 +41,7 @@ from ..errors import LowbitError
 from ..nn.lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, target_names
 from ..nn.loss_chunk import loss_chunk_tokens
 from ..optim.registry import check_optimizer
-from ..quant.spec import NESTED_BLOCKSIZE, QUANT_TYPES, check_blocksize, check_quant_type
+from ..quant.spec import NESTED_BLOCKSIZE, QUANT_TYPES, check_blocksize, check_quant_type, packed_bytes
 from ..training.config import DISTRIBUTED
 from .catalog import load_model_config
 from .shapes import Layer, Shapes, shapes
@@ -209,7 +209,8 @@ def _weights(lin, f: Shapes, dbytes: int, quant_type: str | None, double_quant: 
     qnumel = sum(a * b * c for _, a, b, c in lin)
     items = {"quantized_weights": 0, "quant_constants": 0}
     if quant_type is not None:
-        items["quantized_weights"] = qnumel * QUANT_TYPES[quant_type].storage_bits // 8
+        bits = QUANT_TYPES[quant_type].storage_bits
+        items["quantized_weights"] = sum(c * packed_bytes(a * b, bits) for _, a, b, c in lin)
         blocks = sum(c * math.ceil(a * b / blocksize) for _, a, b, c in lin)
         if double_quant:
             nested = sum(c * math.ceil(math.ceil(a * b / blocksize) / NESTED_BLOCKSIZE) for _, a, b, c in lin)

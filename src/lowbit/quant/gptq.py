@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 
 from .codebooks import quant_order
+from .packing import pack_codes
+from .spec import QUANT_TYPES
 from .tensor import QuantizedTensor, quantize
 
 __all__ = ["second_moment", "gptq_quantize"]
@@ -28,14 +30,6 @@ def second_moment(x: torch.Tensor) -> torch.Tensor:
     """H = XᵀX / n of calibration inputs ``x`` (…, in_features), in float64."""
     x = x.reshape(-1, x.shape[-1]).double()
     return x.T @ x / max(1, x.shape[0])
-
-
-def _pack(codes: torch.Tensor) -> torch.Tensor:
-    """Codes (row-major) → bitsandbytes' bytes: first of each pair in the high nibble, a spare 0 nibble if odd."""
-    flat = codes.reshape(-1)
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    return ((flat[0::2] << 4) | flat[1::2]).view(-1, 1)
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
@@ -64,5 +58,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, quant_type: str = "nf4
             w1[:, j + 1:] -= e[:, None] * u[i1 + j, i1 + j + 1: i2][None, :]
             err[:, j] = e
         wk[:, i2:] -= err @ u[i1:i2, i2:]
-    return QuantizedTensor(_pack(codes), rtn.absmax, rtn.shape, rtn.dtype, blocksize, quant_type, rtn.code,
+    bits = QUANT_TYPES[quant_type].storage_bits
+    zero = int(order[torch.bucketize(torch.zeros(1), midpoints)])
+    return QuantizedTensor(pack_codes(codes, bits, pad=zero).view(-1, 1), rtn.absmax, rtn.shape, rtn.dtype,
+                           blocksize, quant_type, rtn.code,
                            rtn.nested_absmax, rtn.nested_code, rtn.nested_offset)

@@ -1,4 +1,4 @@
-"""Build-at-first-use loader for the C dequantize kernel (``csrc/dequant4.c``).
+"""Build-at-first-use loader for the C dequantize kernel (``csrc/dequant.c``).
 
 The kernel is compiled once per machine with the system C compiler (``-O3 -march=native -fopenmp``) into
 ``$LOWBIT_CACHE`` (default ``~/.cache/lowbit/kernels``), named by a hash of the source and the compiler
@@ -19,7 +19,7 @@ from pathlib import Path
 from ..atomic import writing_file
 from ..cache import cache_root
 
-_SRC = Path(__file__).with_name("csrc") / "dequant4.c"
+_SRC = Path(__file__).with_name("csrc") / "dequant.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
 
 
@@ -32,7 +32,7 @@ def kernel():
         return None
     src = _SRC.read_bytes()
     tag = hashlib.sha256(src + " ".join([cc, *_FLAGS, os.uname().machine]).encode()).hexdigest()[:16]
-    out = cache_root() / "kernels" / f"dequant4-{tag}.so"
+    out = cache_root() / "kernels" / f"dequant-{tag}.so"
     try:
         if not out.exists():
             with writing_file(out) as tmp_so:
@@ -41,7 +41,7 @@ def kernel():
         lib = ctypes.CDLL(str(out))
     except (OSError, subprocess.SubprocessError):
         return None
-    lib.lowbit_dequant4.restype = ctypes.c_int
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.lowbit_dequant4.argtypes = [p, p, p, p, p, ctypes.c_float, i64, p, p, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.lowbit_dequant.restype = ctypes.c_int
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.lowbit_dequant.argtypes = [p, p, p, p, p, ctypes.c_float, i64, p, p, i64, i64, i32, i32, i32]
     return lib

@@ -1,20 +1,22 @@
-"""4-bit NormalFloat storage: blockwise absmax quantization of a weight to k-bit codes, two per byte.
+"""Blockwise absmax quantization of a weight to k-bit codes (NF4 and the other data types of ``spec.QUANT_TYPES``).
 
 Math (bitsandbytes' layout, for any codebook from ``codebooks``)::
 
     flatten w row-major; split into blocks of B elements (the last one may be shorter, no padding)
     absmax_b = max |w_i| over block b                      (float32, one per block)
-    q_i      = argmin_c |w_i / absmax_b - code[c]|         (nearest code: bucketize on the 15 midpoints)
-    byte_j   = q_{2j} << 4 | q_{2j+1}                      (first element in the HIGH nibble)
+    q_i      = argmin_c |w_i / absmax_b - code[c]|         (nearest code: bucketize on the midpoints)
+    bytes    = pack(q, bits)                               (``packing.py``: 4-bit codes two per byte, high
+                                                            nibble first, as bitsandbytes; NF3 8 per 3 bytes;
+                                                            NF2 4 per byte)
     ŵ_i      = code[q_i] · absmax_b                        (dequantize, float32, then cast)
 
 Quantizing works through the weight in chunks of whole blocks, so a 32000×4096 matrix never needs more
 than a few MB of scratch beyond its input. Dequantizing has a pure-PyTorch reference
-(``dequantize_reference``: unpack nibbles, index the codebook, scale), a vectorised PyTorch path
-(``dequantize_torch``: one gather through a 256-entry byte→pair table, one broadcast multiply) and a C
-kernel (``csrc/dequant4.c``: one AVX-512 permute per 16 codes) on CPU, and a Triton kernel
-(``triton_dequant.py``) on CUDA. ``dequantize`` is the one dispatch point every caller uses; see bench/quant.py
-for why the C kernel exists. All paths give the same bytes (tests/quant/).
+(``dequantize_reference``: unpack the codes, index the codebook, scale), a vectorised PyTorch path
+(``dequantize_torch``: one gather through a byte→values table, one broadcast multiply; NF3 unpacks first) and a
+C kernel (``csrc/dequant.c``: one AVX-512 permute per 16 codes) on CPU, and Triton kernels
+(``triton_dequant.py``) on CUDA. ``dequantize`` is the one dispatch point every caller uses; see
+bench/quant.py for why the C kernel exists. All paths give the same bytes (tests/quant/).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import torch
 
 from . import native
 from .codebooks import quant_order
+from .packing import pack_codes, unpack_codes
+from .spec import PACKING, QUANT_TYPES, packed_bytes
 
-__all__ = ["quantize_blockwise", "dequantize", "dequantize_torch", "dequantize_reference", "FLOAT_DTYPES"]
+__all__ = ["quantize_blockwise", "code_bits", "dequantize", "dequantize_torch", "dequantize_reference", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK = 1 << 20  # elements per quantization chunk
@@ -50,55 +54,62 @@ def _absmax_and_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor,
 
 def quantize_blockwise(w: torch.Tensor, quant_type: str = "nf4",
                        blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``w`` to packed 4-bit codes.
+    """Quantize ``w`` to packed k-bit codes (``QUANT_TYPES[quant_type].storage_bits`` bits each).
 
-    Returns ``(packed, absmax)``: ``packed`` uint8 of shape ``((n+1)//2, 1)``, ``absmax`` float32 ``(blocks,)``.
+    Returns ``(packed, absmax)``: ``packed`` uint8 of shape ``(packed_bytes(n, bits), 1)``, ``absmax`` float32
+    ``(blocks,)``. Spare slots of the last byte group hold the code of 0.0, as in bitsandbytes.
     Input validation (dtype, finiteness, emptiness) is the caller's (``lowbit.quantize``).
     """
     midpoints, order = quant_order(quant_type)
+    bits = QUANT_TYPES[quant_type].storage_bits
+    per, nbytes = PACKING[bits]
     identity = bool(torch.equal(order, torch.arange(len(order), dtype=torch.uint8)))
+    zero = int(order[torch.bucketize(torch.zeros(1), midpoints)])
     flat = w.reshape(-1)
     n = flat.numel()
     nblocks = -(-n // blocksize)
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    packed = torch.empty(packed_bytes(n, bits), dtype=torch.uint8)
     absmax = torch.empty(nblocks, dtype=torch.float32)
-    step = max(1, _CHUNK // blocksize) * blocksize  # whole blocks per chunk (always even)
+    step = max(1, _CHUNK // blocksize) * blocksize  # whole blocks per chunk (a multiple of every group size)
     for start in range(0, n, step):
         chunk = flat[start : start + step].float()
         am, scaled = _absmax_and_scale(chunk, blocksize)
         absmax[start // blocksize : start // blocksize + am.numel()] = am
-        if scaled.numel() % 2:  # odd total: the spare low nibble holds the code of 0.0, as in bnb
-            scaled = torch.cat([scaled, scaled.new_zeros(1)])
         q = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
         if not identity:
             q = order[q.long()]
-        packed[start // 2 : start // 2 + q.numel() // 2] = (q[0::2] << 4) | q[1::2]
+        p = pack_codes(q, bits, pad=zero)
+        packed[start // per * nbytes : start // per * nbytes + p.numel()] = p
     return packed.view(-1, 1), absmax
 
 
+def code_bits(code: torch.Tensor) -> int:
+    """Bits per stored code for a codebook of this size (16 entries or 15 → 4, 8 → 3, 4 → 2)."""
+    return max(2, (int(code.numel()) - 1).bit_length())
+
+
 def dequantize_reference(packed, absmax, code, blocksize, shape, dtype=torch.float32) -> torch.Tensor:
-    """Reference path: unpack nibbles, look up the codebook, scale each block, cast."""
+    """Reference path: unpack the codes, look up the codebook, scale each block, cast."""
     n = math.prod(shape)
-    p = packed.reshape(-1)
-    q = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:n].long()
+    q = unpack_codes(packed, code_bits(code), n).long()
     vals = code.float().to(packed.device)[q]
     block = torch.arange(n, device=packed.device) // blocksize
     return (vals * absmax.float()[block]).to(dtype).reshape(shape)
 
 
-_pair_tables: dict[bytes, torch.Tensor] = {}
+_byte_tables: dict[bytes, torch.Tensor] = {}
 
 
-def _pair_table(code: torch.Tensor) -> torch.Tensor:
-    """256×2 table: byte b → (code[b >> 4], code[b & 15])."""
+def _byte_table(code: torch.Tensor) -> torch.Tensor:
+    """256×k table: byte b → the values of the k codes it holds (4-bit: k = 2, 2-bit: k = 4), first code first."""
     key = code.detach().float().cpu().numpy().tobytes()
-    t = _pair_tables.get(key)
+    t = _byte_tables.get(key)
     if t is None:
-        b = torch.arange(256)
+        bits = code_bits(code)
         c = torch.zeros(16, dtype=torch.float32)
         c[: code.numel()] = code.float()
-        t = torch.stack([c[b >> 4], c[b & 15]], dim=1).contiguous()
-        _pair_tables[key] = t
+        t = c[unpack_codes(torch.arange(256, dtype=torch.uint8), bits, 256 * 8 // bits).long()]
+        t = _byte_tables[key] = t.view(256, 8 // bits).contiguous()
     return t
 
 
@@ -107,11 +118,13 @@ _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 def dequantize(packed, absmax, code, blocksize, shape, dtype=torch.float32, out=None, nested=None) -> torch.Tensor:
     """The one dispatch point: the C kernel (``native.py``) on CPU when it built, the Triton kernel on CUDA when
-    Triton is installed, else the PyTorch path.
+    Triton is installed, else the PyTorch path. The code
+    width follows from the codebook's size (``code_bits``).
 
     ``nested``: ``(qabsmax, nested_absmax, nested_code, offset, nested_blocksize)`` when the block constants
     are double-quantized (``absmax`` is then None); the kernels undo both levels in one pass.
     """
+    bits = code_bits(code)
     if packed.device.type == "cuda" and _triton() is not None:
         return _triton().dequantize(packed, absmax, code, blocksize, shape, dtype, out, nested)
     n = math.prod(shape)
@@ -130,8 +143,8 @@ def dequantize(packed, absmax, code, blocksize, shape, dtype=torch.float32, out=
             qa, na, nc, offset, nbs = nested
             qa, na, nc = qa.contiguous(), na.float().contiguous(), nc.float().contiguous()
             args = (None, qa.data_ptr(), na.data_ptr(), nc.data_ptr(), float(offset), nbs)
-        rc = lib.lowbit_dequant4(p.data_ptr(), *args, c.data_ptr(), out.data_ptr(), n, blocksize, _KINDS[dtype],
-                                 torch.get_num_threads())
+        rc = lib.lowbit_dequant(p.data_ptr(), *args, c.data_ptr(), out.data_ptr(), n, blocksize, bits,
+                                _KINDS[dtype], torch.get_num_threads())
         if rc == 0:
             return out
     if nested is not None:
@@ -153,12 +166,14 @@ def _triton():
 
 
 def dequantize_torch(packed, absmax, code, blocksize, shape, dtype=torch.float32, out=None) -> torch.Tensor:
-    """Vectorised PyTorch path: ``table[packed]`` (one gather), times the block's absmax (one multiply)."""
+    """Vectorised PyTorch path: ``table[packed]`` (one gather; NF3's 3-byte groups are unpacked first), times the
+    block's absmax (one multiply)."""
     n = math.prod(shape)
-    table = _pair_table(code).to(packed.device)
-    vals = table[packed.reshape(-1).long()].view(-1)  # (2·bytes,) float32
-    if n % 2:
-        vals = vals[:n]
+    if code_bits(code) == 3:
+        vals = code.float().to(packed.device)[unpack_codes(packed, 3, n).long()]
+    else:
+        table = _byte_table(code).to(packed.device)
+        vals = table[packed.reshape(-1).long()].view(-1)[:n]  # (codes per byte · bytes,) float32
     absmax = absmax.float()
     rem = n % blocksize
     full = n - rem

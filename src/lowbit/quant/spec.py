@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..errors import LowbitError
 
 __all__ = ["QuantType", "QUANT_TYPES", "QuantSpec", "NESTED_BLOCKSIZE", "check_blocksize", "check_quant_type",
-           "CALIBRATIONS"]
+           "CALIBRATIONS", "PACKING", "packed_bytes"]
 
 NESTED_BLOCKSIZE = 256  # constants per nested absmax (bitsandbytes' double quantization)
 
@@ -31,7 +31,7 @@ CALIBRATIONS = {
 @dataclass(frozen=True)
 class QuantType:
     bits: int                  # information bits per code (NF3: 3)
-    storage_bits: int          # bits one code takes in memory (NF3/NF2 are stored in 4-bit nibbles for now)
+    storage_bits: int          # bits one code takes in memory (its byte layout: quant/packing.py)
     bitsandbytes: bool         # transformers + bitsandbytes load a checkpoint of this type
     about: str
 
@@ -40,9 +40,20 @@ QUANT_TYPES = {
     "nf4": QuantType(4, 4, True, "4-bit NormalFloat: normal quantiles (the QLoRA default)"),
     "fp4": QuantType(4, 4, True, "4-bit float E2M1, bitsandbytes' layout"),
     "int4": QuantType(4, 4, False, "symmetric integers -7..7"),
-    "nf3": QuantType(3, 4, False, "3-bit NormalFloat"),
-    "nf2": QuantType(2, 4, False, "2-bit NormalFloat"),
+    "nf3": QuantType(3, 3, False, "3-bit NormalFloat, 8 codes in 3 bytes"),
+    "nf2": QuantType(2, 2, False, "2-bit NormalFloat, 4 codes per byte"),
 }
+
+
+# how codes of each storage width lie in bytes (quant/packing.py): bits → (codes per group, bytes per group)
+PACKING = {4: (2, 1), 3: (8, 3), 2: (4, 1)}
+assert all(t.storage_bits in PACKING for t in QUANT_TYPES.values())
+
+
+def packed_bytes(n: int, bits: int) -> int:
+    """Bytes that ``n`` codes of ``bits`` bits take (the last group padded)."""
+    codes, nbytes = PACKING[bits]
+    return -(-n // codes) * nbytes
 
 
 def check_quant_type(quant_type: str, what: str = "quant_type") -> str:

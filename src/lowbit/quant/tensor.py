@@ -2,13 +2,18 @@
 
 State-dict layout (identical to what transformers + bitsandbytes save for a 4-bit weight)::
 
-    weight                                   uint8   ((n+1)//2, 1)   packed codes, high nibble first
+    weight                                   uint8   (packed_bytes(n, bits), 1)   packed codes (``packing.py``;
+                                             4-bit: ((n+1)//2, 1), high nibble first)
     weight.absmax                            uint8 with double quant (float32 without)   (blocks,)
     weight.quant_map                         float32 (16,)           the codebook
     weight.nested_absmax                     float32 (ceil(blocks/256),)        [double quant only]
     weight.nested_quant_map                  float32 (256,)          signed dynamic map  [double quant only]
     weight.quant_state.bitsandbytes__<type>  uint8   UTF-8 JSON of quant_type, blocksize, dtype, shape
                                              (+ nested_blocksize, nested_dtype, nested_offset)
+
+NF3 and NF2 (lowbit's own; bitsandbytes does not load them) use the same keys, ``quant_type`` ``nf3``/``nf2``, a
+3-bit or 2-bit packing and ``"code_bits"`` in the JSON. A file without ``code_bits`` for those types is from
+before lowbit packed them densely (one code per nibble); it loads and is repacked.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from ..errors import LowbitError
 from .codebooks import bits_of, codebook
 from .double_quant import NESTED_BLOCKSIZE, double_dequantize, double_quantize
 from .nf4 import FLOAT_DTYPES, dequantize, quantize_blockwise
-from .spec import QUANT_TYPES, QuantSpec
+from .packing import pack_codes, unpack_codes
+from .spec import QUANT_TYPES, QuantSpec, packed_bytes
 
 __all__ = ["QuantizedTensor", "quantize"]
 
@@ -75,7 +81,7 @@ class QuantizedTensor:
 
     @property
     def info_bits(self) -> int:
-        """Bits of information per code (3 for NF3, which is stored one code per 4-bit nibble)."""
+        """Bits per code (3 for NF3: eight codes in three bytes)."""
         return bits_of(self.quant_type)
 
     def __repr__(self) -> str:
@@ -108,6 +114,8 @@ class QuantizedTensor:
     def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
         meta = {"quant_type": self.quant_type, "blocksize": self.blocksize, "dtype": _DTYPE_NAMES[self.dtype],
                 "shape": list(self.shape)}
+        if QUANT_TYPES[self.quant_type].storage_bits != 4:
+            meta["code_bits"] = QUANT_TYPES[self.quant_type].storage_bits
         sd = {prefix: self.packed, f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": self.code}
         if self.double_quant:
             sd[f"{prefix}.nested_absmax"] = self.nested_absmax
@@ -141,9 +149,17 @@ class QuantizedTensor:
             raise LowbitError(f"{qs_keys[0]}: unsupported dtype {meta.get('dtype')!r}")
         blocksize = int(meta["blocksize"])
         n = math.prod(shape)
+        bits = QUANT_TYPES[qt].storage_bits
+        if meta.get("code_bits", bits) != bits:
+            raise LowbitError(f"{qs_keys[0]}: code_bits {meta['code_bits']!r} does not fit quant_type {qt!r} "
+                              f"({bits} bits)")
         packed = sd[prefix].view(torch.uint8).reshape(-1, 1)
-        if packed.numel() != (n + 1) // 2:
-            raise LowbitError(f"{prefix}: {packed.numel()} packed bytes do not hold shape {tuple(shape)}")
+        if bits != 4 and "code_bits" not in meta and packed.numel() == (n + 1) // 2:  # one code per nibble
+            zero = int(sd[f"{prefix}.quant_map"].float().abs().argmin())  # spare slots: the code of 0.0
+            packed = pack_codes(unpack_codes(packed, 4, n), bits, pad=zero).view(-1, 1)
+        if packed.numel() != packed_bytes(n, bits):
+            raise LowbitError(f"{prefix}: {packed.numel()} packed bytes do not hold shape {tuple(shape)} of "
+                              f"{bits}-bit codes (expected {packed_bytes(n, bits)})")
         absmax = sd[f"{prefix}.absmax"]
         if absmax.numel() != -(-n // blocksize):
             raise LowbitError(f"{prefix}.absmax: {absmax.numel()} constants, expected {-(-n // blocksize)}")

@@ -1,13 +1,17 @@
-"""The Triton dequantize kernel for 4-bit-stored codebooks (NF4, FP4, INT4, NF3, NF2): the GPU path behind the
-one dispatch point (``nf4.dequantize``), byte-identical to the PyTorch reference and the C kernel.
+"""The Triton dequantize kernels: the GPU path behind the one dispatch point (``nf4.dequantize``), byte-identical
+to the PyTorch reference and the C kernel.
 
-One program takes ``BYTES`` packed bytes → 2·``BYTES`` outputs::
+4-bit codes (NF4, FP4, INT4): one program takes ``BYTES`` packed bytes → 2·``BYTES`` outputs::
 
     hi, lo   = byte >> 4, byte & 15                      (the first element is the high nibble)
     absmax   = absmax[e // blocksize]                    without double quantization, else
     absmax   = code8[qabsmax[b]] · nested[b // 256]      then  + offset   (two roundings, as bitsandbytes: the
                                                          kernel is launched with FP fusion off, so no FMA)
     out[e]   = code[nibble] · absmax                     (float32), then cast to the output dtype
+
+3-bit and 2-bit codes (NF3, NF2; layouts in ``packing.py``): one program takes ``2·BYTES`` outputs, each reading
+the byte(s) its code lies in (3 bits: the group's three bytes → a 24-bit word, ``(word >> 21 - 3·(e mod 8)) & 7``;
+2 bits: ``(byte >> 6 - 2·(e mod 4)) & 3``), then the same scale and store.
 
 The bfloat16 cast rounds to nearest-even with integer operations on the float32 bits, because the Triton
 interpreter (``TRITON_INTERPRET=1``, which the tests use on CPU tensors) truncates; on a GPU the same code
@@ -26,6 +30,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from .nf4 import code_bits
 
 __all__ = ["dequantize"]
 
@@ -50,7 +56,35 @@ def _dequant4(packed, absmax, qabsmax, nested, ncode, offset, code, out, n_bytes
         a = tl.load(absmax + blk, mask=inside, other=0.0)
     vals = tl.interleave(hi * a, lo * a)  # element 2i, then 2i+1
     e = tl.program_id(0) * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+    _store(out, e, vals, e < n, KIND)
+
+
+@triton.jit
+def _dequant_k(packed, absmax, qabsmax, nested, ncode, offset, code, out, n,
+               BITS: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOUBLE: tl.constexpr,
+               KIND: tl.constexpr, ELEMS: tl.constexpr):
+    e = tl.program_id(0) * ELEMS + tl.arange(0, ELEMS)
     keep = e < n
+    if BITS == 3:
+        g = (e >> 3) * 3
+        word = (tl.load(packed + g, mask=keep, other=0).to(tl.int32) << 16) \
+            | (tl.load(packed + g + 1, mask=keep, other=0).to(tl.int32) << 8) \
+            | tl.load(packed + g + 2, mask=keep, other=0).to(tl.int32)
+        q = (word >> (21 - 3 * (e & 7))) & 7
+    else:
+        q = (tl.load(packed + (e >> 2), mask=keep, other=0).to(tl.int32) >> (6 - 2 * (e & 3))) & 3
+    blk = e // BLOCKSIZE
+    if DOUBLE:
+        qa = tl.load(qabsmax + blk, mask=keep, other=0).to(tl.int32)
+        a = tl.load(ncode + qa, mask=keep, other=0.0) * tl.load(nested + blk // NESTED, mask=keep, other=0.0)
+        a = a + offset
+    else:
+        a = tl.load(absmax + blk, mask=keep, other=0.0)
+    _store(out, e, tl.load(code + q, mask=keep, other=0.0) * a, keep, KIND)
+
+
+@triton.jit
+def _store(out, e, vals, keep, KIND: tl.constexpr):
     if KIND == 0:
         tl.store(out + e, vals, mask=keep)
     elif KIND == 1:  # bfloat16, round to nearest-even on the bits (out is viewed as int16)
@@ -94,8 +128,13 @@ def dequantize(packed, absmax, code, blocksize, shape, dtype=torch.float32, out=
         args = (dummy, qa.contiguous(), na.float().contiguous(), _on(nc, device, "nested"), float(offset))
         double = True
     p = packed.contiguous().view(-1)
-    grid = (triton.cdiv(p.numel(), BYTES),)
     extra = {} if device.type == "cpu" else {"enable_fp_fusion": False}  # no a·b + c fused into an FMA on a GPU
-    _dequant4[grid](p, *args, c, target, p.numel(), n, BLOCKSIZE=blocksize, NESTED=nbs, DOUBLE=double,
-                    KIND=_KINDS[dtype], BYTES=BYTES, **extra)
+    bits = code_bits(code)
+    if bits == 4:
+        _dequant4[(triton.cdiv(p.numel(), BYTES),)](p, *args, c, target, p.numel(), n, BLOCKSIZE=blocksize,
+                                                     NESTED=nbs, DOUBLE=double, KIND=_KINDS[dtype], BYTES=BYTES,
+                                                     **extra)
+    else:
+        _dequant_k[(triton.cdiv(n, 2 * BYTES),)](p, *args, c, target, n, BITS=bits, BLOCKSIZE=blocksize, NESTED=nbs,
+                                                 DOUBLE=double, KIND=_KINDS[dtype], ELEMS=2 * BYTES, **extra)
     return out
