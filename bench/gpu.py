@@ -1,9 +1,9 @@
 """The prepared GPU check: one script, ≤ 8 minutes on one H200, JSON written after every phase (a timeout still
 returns the phases that finished), tables printed at the end.
 
-    dequant    dequantize GB/s (bf16 out) at 4096², 11008×4096, 22016×8192: lowbit's Triton kernel vs
-               bitsandbytes' CUDA kernel vs lowbit's PyTorch path vs a copy of the same bytes; byte equality with
-               bitsandbytes on those and an odd shape (fp32, bf16, fp16)
+    dequant    dequantize GB/s (bf16 out) at 4096², 11008×4096, 22016×8192: lowbit's Triton kernel (NF4, and the
+               3-/2-bit packed NF3, NF2) vs bitsandbytes' CUDA kernel vs lowbit's PyTorch path vs a copy of the
+               same bytes; byte equality with bitsandbytes on those and an odd shape (fp32, bf16, fp16)
     step7b     a LLaMA-7B-shaped model with random 4-bit weights (the same bytes for both): one QLoRA step (r=16
                all-linear, checkpointing, 8-bit AdamW, 4 × 1024 tokens): tokens/s and max_memory_allocated,
                lowbit vs transformers + bitsandbytes + peft
@@ -111,6 +111,9 @@ def phase_dequant(sizes: dict, device: str) -> dict:
              "lowbit Triton": _time(lambda: _triton(q, torch.bfloat16, out), device),
              "lowbit PyTorch path": _time(lambda: nf4.dequantize_torch(q.packed, am, q.code, 64, q.shape,
                                                                       torch.bfloat16, out), device)}
+        for qt in ("nf3", "nf2"):  # 3- and 2-bit packing (the Triton kernel that unpacks them)
+            qk = lowbit.quantize(w.cpu(), qt).to(device)
+            t[f"lowbit Triton {qt}"] = _time(lambda qk=qk: _triton(qk, torch.bfloat16, out), device)
         if bnb is not None:
             bp, st = bnb.functional.quantize_4bit(w.to(torch.bfloat16), quant_type="nf4", compress_statistics=True)
             t["bitsandbytes"] = _time(lambda: bnb.functional.dequantize_4bit(bp, st), device)

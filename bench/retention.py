@@ -1,5 +1,8 @@
 """The QLoRA write-up's table, measured: full fine-tuning vs LoRA vs QLoRA (NF4/FP4/INT4/NF3/NF2, with and
-without quantization-aware init) vs transformers + bitsandbytes + peft, on SmolLM2-135M-Instruct.
+without quantization-aware init or calibration) vs transformers + bitsandbytes + peft, on SmolLM2-135M-Instruct.
+
+Method names: ``qlora-<type>[-<calibration>][-init]`` — calibration one of quant.spec.CALIBRATIONS (the run's
+``quant_calibration`` on 256 of its training dialogues), ``-init`` LoftQ's initialisation.
 
 Task (real data from the chatterbot-corpus PyPI package, fixed split, seed 0):
   * Q→A dialogue: held-out loss on the answer tokens (the quality measure; retention is computed from it);
@@ -8,8 +11,9 @@ Every method sees the same batches in the same order for the same number of step
 Each method runs in its own process (peak RSS per method). The peer is evaluated only after training
 (an eval-mode forward before training corrupts bitsandbytes' CPU weights: DESIGN.md §5).
 
-    python bench/retention.py            # full table, ~30-40 min on 2 cores
+    python bench/retention.py            # full table, ~60-80 min on 2 cores
     python bench/retention.py --quick    # smoke test: 2 methods, a few steps
+    python bench/retention.py --pre-only --merge   # only the pre-training loss and bits/param of each method
 Writes bench/results/retention.json, retention.md, retention.png and the README section between markers.
 """
 
@@ -28,8 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, peak_rss_bytes, table, update_readme
 
-METHODS = ["full", "lora", "qlora-nf4", "qlora-nf4-gptq", "qlora-fp4", "qlora-int4", "qlora-nf3", "qlora-nf3-init",
-           "qlora-nf2", "qlora-nf2-init", "peer-bnb-nf4"]
+METHODS = ["full", "lora", "qlora-nf4", "qlora-nf4-init", "qlora-nf4-gptq", "qlora-nf4-awq", "qlora-nf4-both",
+           "qlora-fp4", "qlora-int4", "qlora-nf3", "qlora-nf3-init", "qlora-nf3-both", "qlora-nf2", "qlora-nf2-init",
+           "qlora-nf2-both", "peer-bnb-nf4"]
 TOPIC_PROMPT = "Which topic is this question about? Answer with one word.\n{q}"
 
 
@@ -127,15 +132,18 @@ def worker(method: str, task: Path, steps: int, seed: int) -> dict:
     if method.startswith("qlora") or method == "lora":
         if method == "lora":
             cfg.load_in_4bit = False
-        elif method == "qlora-nf4-gptq":  # lowbit quantize --calibrate on the training dialogues, then QLoRA on it
-            cfg.base_model = _gptq_base(task, tok, seed)
         else:
             parts = method.split("-")
             cfg.quant_type = parts[1]
             cfg.lora_init = "loftq" if parts[-1] == "init" else "default"
+            cfg.quant_calibration = parts[2] if len(parts) > 2 and parts[2] != "init" else "none"
+            if steps == 0:  # --pre-only: the base's held-out loss as training would start from it
+                cfg.max_steps = 1
         res = train(cfg, overwrite=True, progress=False, log=lambda *a: None)
         net, base_loss, loss = res["model"], res["base_eval_loss"], res["eval_loss"]
         tps = res["tokens_per_s"]
+        if steps == 0:
+            return {"method": method, "pre_train_loss": base_loss, "bits_per_param": _bits_per_param(net)}
     else:  # full fine-tuning, or the reference stack; same batches, same schedule
         train_rows = tokenize_records(load_records(task / "train.jsonl"), tok, "chat", cfg.sequence_len)
         valid_rows = tokenize_records(load_records(task / "valid.jsonl"), tok, "chat", cfg.sequence_len)
@@ -149,6 +157,8 @@ def worker(method: str, task: Path, steps: int, seed: int) -> dict:
             params = list(net.parameters())
             lr = 3e-5  # full fine-tuning wants a 10x smaller step than LoRA
             base_loss = evaluate(net, vb, dtype)
+            if steps == 0:
+                return {"method": method, "pre_train_loss": base_loss, "bits_per_param": 32.0}
         else:
             from peft import LoraConfig, get_peft_model
             from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -160,6 +170,8 @@ def worker(method: str, task: Path, steps: int, seed: int) -> dict:
             params = [p for p in net.parameters() if p.requires_grad]
             lr = cfg.learning_rate
             base_loss = None  # never an eval-mode forward before training
+            if steps == 0:
+                return {"method": method, "pre_train_loss": None, "bits_per_param": _bits_per_param(net)}
         opt = torch.optim.AdamW(params, lr=lr, foreach=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, steps))
         # lowbit's own loop, handed the peer's model: the same batches, loss normalisation, clipping and schedule
@@ -171,23 +183,23 @@ def worker(method: str, task: Path, steps: int, seed: int) -> dict:
         t.numel() * t.element_size() for t in list(net.parameters()) + list(net.buffers()))
     return {"method": method, "eval_loss": loss, "base_eval_loss": base_loss, "accuracy": acc,
             "peak_rss_bytes": peak_rss_bytes(), "footprint_bytes": footprint, "tokens_per_s": tps,
-            "wall_s": time.perf_counter() - t0}
+            "wall_s": time.perf_counter() - t0, "pre_train_loss": base_loss,
+            "bits_per_param": _bits_per_param(net) if method != "full" else 32.0}
 
 
-def _gptq_base(task: Path, tok, seed: int, samples: int = 256) -> str:
-    """An NF4 + DQ checkpoint of SmolLM2 whose codes GPTQ chose under 256 training dialogues (what
-    ``lowbit quantize --calibrate`` writes)."""
-    from lowbit.data import load_records, tokenize_records
-    from lowbit.data.batching import sample_batches
-    from lowbit.dtypes import default_compute_dtype
-    from lowbit.io.calibration import calibrate_gptq
-    from lowbit.io.export import save_quantized
-    from lowbit.io.loader import load
+def _bits_per_param(net) -> float:
+    """Stored bits per weight of the frozen base's linear layers (codes + constants; 16 for a 16-bit base)."""
+    from lowbit.nn.linear import Linear4bit
 
-    rows = tokenize_records(load_records(task / "train.jsonl"), tok, "chat", 256).samples
-    net = load("smollm2-135m", compute_dtype=default_compute_dtype())  # embeddings and norms as qlora-nf4 has them
-    calibrate_gptq(net, sample_batches(rows, tok.pad_token_id, samples, seed + 1), log=lambda *a: None)
-    return str(save_quantized(net, Path(tempfile.mkdtemp()) / "gptq", tokenizer=tok))
+    mods = [m for m in net.modules() if isinstance(m, Linear4bit)]
+    if mods:
+        return 8 * sum(m.weight.nbytes for m in mods) / sum(m.weight.numel for m in mods)
+    peer = [m for m in net.modules() if type(m).__name__ == "Linear4bit"]  # bitsandbytes' layer
+    if peer:
+        size = lambda m: m.weight.numel() + m.weight.quant_state.absmax.numel() * \
+            m.weight.quant_state.absmax.element_size() + 4 * m.weight.quant_state.state2.absmax.numel() + 4
+        return 8 * sum(size(m) for m in peer) / sum(m.in_features * m.out_features for m in peer)
+    return 16.0
 
 
 def base_loss(task: Path) -> float:
@@ -223,6 +235,8 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="add these runs to the methods/seeds already in retention.json")
     ap.add_argument("--report-only", action="store_true", help="rebuild table, chart and README from retention.json")
+    ap.add_argument("--pre-only", action="store_true",
+                    help="add each method's pre-training held-out loss and bits/param to retention.json (no training)")
     ap.add_argument("--worker", nargs=4)
     a = ap.parse_args()
     if a.report_only:
@@ -238,6 +252,9 @@ def main() -> None:
     steps = 4 if a.quick else a.steps
     task = Path(tempfile.mkdtemp()) / "task"
     info = build_task(task)
+    if a.pre_only:
+        pre_only(Path(a.results), task, a.methods.split(",") if a.methods else None)
+        return
     seeds = [int(x) for x in a.seeds.split(",")]
     runs: dict[str, list[dict]] = {}
     results = Path(a.results)
@@ -247,17 +264,12 @@ def main() -> None:
     if old:
         for m, e in old["methods"].items():
             base_eval = old["base"]["eval_loss"] if m in ("full", "lora") else None
-            runs[m] = e.get("per_seed") or [{**e, "seed": e["seeds"][0], "base_eval_loss": base_eval}]
+            runs[m] = [{"pre_train_loss": e.get("pre_train_loss"), "bits_per_param": e.get("bits_per_param"), **x}
+                       for x in e.get("per_seed") or [{**e, "seed": e["seeds"][0], "base_eval_loss": base_eval}]]
     for m in methods:
         for seed in seeds:
             t = time.time()
-            p = subprocess.run([sys.executable, __file__, "--worker", m, str(task), str(steps), str(seed)],
-                               capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            line = [row for row in p.stdout.splitlines() if row.startswith("RESULT ")]
-            if p.returncode or not line:
-                print(f"{m} seed {seed} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
-                sys.exit(1)
-            r = {**json.loads(line[0][7:]), "seed": seed}
+            r = _run(m, task, steps, seed)
             runs[m] = [x for x in runs.get(m, []) if x["seed"] != seed] + [r]
             print(f"{m} seed {seed}: eval loss {r['eval_loss']:.4f}, accuracy {r['accuracy']:.3f} "
                   f"({time.time() - t:.0f} s)",
@@ -280,13 +292,37 @@ def main() -> None:
             if ref_name in res and base - res[ref_name]["eval_loss"] > 0:
                 entry[f"retention_vs_{ref_name}"] = (base - r["eval_loss"]) / (base - res[ref_name]["eval_loss"])
         entry["seeds"] = sorted(x["seed"] for x in runs[m])
+        for k in ("pre_train_loss", "bits_per_param"):  # the same for every seed (the base, before training)
+            entry[k] = next((x[k] for x in runs[m] if x.get(k) is not None), None)
         entry["per_seed"] = [{k: x.get(k) for k in ("seed", "eval_loss", "accuracy", "peak_rss_bytes",
-                                                    "footprint_bytes",
-                                                    "tokens_per_s", "wall_s")} for x in runs[m]]
+                                                    "footprint_bytes", "tokens_per_s", "wall_s", "pre_train_loss",
+                                                    "bits_per_param")} for x in runs[m]]
         out["methods"][m] = entry
     results.mkdir(parents=True, exist_ok=True)
     (results / "retention.json").write_text(json.dumps(out, indent=2) + "\n")
     report(out, results, readme=not a.quick and results.resolve() == RESULTS.resolve())
+
+
+def _run(method: str, task: Path, steps: int, seed: int) -> dict:
+    p = subprocess.run([sys.executable, __file__, "--worker", method, str(task), str(steps), str(seed)],
+                       capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    line = [row for row in p.stdout.splitlines() if row.startswith("RESULT ")]
+    if p.returncode or not line:
+        print(f"{method} seed {seed} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
+        sys.exit(1)
+    return {**json.loads(line[0][7:]), "seed": seed}
+
+
+def pre_only(results: Path, task: Path, methods: list[str] | None) -> None:
+    """Fill in pre_train_loss and bits_per_param of the methods in retention.json (the base as training starts
+    from it: quantized, calibrated, LoftQ-initialised), without training."""
+    out = json.loads((results / "retention.json").read_text())
+    for m in methods or list(out["methods"]):
+        r = _run(m, task, 0, 0)
+        out["methods"][m].update(pre_train_loss=r["pre_train_loss"], bits_per_param=r["bits_per_param"])
+        print(f"{m}: pre-training loss {r['pre_train_loss']}, {r['bits_per_param']:.3f} bits/param", flush=True)
+    (results / "retention.json").write_text(json.dumps(out, indent=2) + "\n")
+    report(out, results, readme=results.resolve() == RESULTS.resolve())
 
 
 def _mean(rs: list[dict]) -> dict:
@@ -310,6 +346,8 @@ def report(out: dict, results: Path, readme: bool) -> str:
     rows = [{"method": m, "seeds": len(e.get("seeds", [0])), "eval_loss": f"{e['eval_loss']:.4f}{sd(e, 'eval_loss')}",
              "topic_acc": f"{e['accuracy']:.3f}{sd(e, 'accuracy')}",
              "retention_vs_full": pct(e, "retention_vs_full"), "retention_vs_lora": pct(e, "retention_vs_lora"),
+             "bits/param": f"{e['bits_per_param']:.2f}" if e.get("bits_per_param") else "not measured",
+             "loss_before_training": f"{e['pre_train_loss']:.4f}" if e.get("pre_train_loss") else "—",
              "weights_MiB": round(e["footprint_bytes"] / 2**20), "peak_RSS_MiB": round(e["peak_rss_bytes"] / 2**20),
              "tokens/s": round(e["tokens_per_s"])} for m, e in out["methods"].items()]
     b = out["budget"]
@@ -317,9 +355,13 @@ def report(out: dict, results: Path, readme: bool) -> str:
           f"{out['base']['accuracy']:.3f}. Budget: {b['steps']} steps × {b['micro_batch_size']} sequences "
           f"(≤ {b['sequence_len']} "
           f"tokens), the same batches for every method (per seed); mean ± standard deviation where several seeds ran; "
-          f"lr 3e-4 (LoRA/QLoRA/peer), 3e-5 (full), cosine.\n\n"
-          + table(rows, ["method", "seeds", "eval_loss", "topic_acc", "retention_vs_full", "retention_vs_lora",
-                         "weights_MiB",
+          f"lr 3e-4 (LoRA/QLoRA/peer), 3e-5 (full), cosine. bits/param: stored bits per weight of the frozen "
+          f"linear layers (codes + block constants); loss_before_training: the held-out loss of the model training "
+          f"starts from (quantized, calibrated, LoftQ-initialised) — the pure cost of the data type and its "
+          f"preparation; the peer's is not taken (an eval-mode forward before training corrupts bitsandbytes' CPU "
+          f"weights), its bytes are qlora-nf4's.\n\n"
+          + table(rows, ["method", "seeds", "bits/param", "loss_before_training", "eval_loss", "topic_acc",
+                         "retention_vs_full", "retention_vs_lora", "weights_MiB",
                          "peak_RSS_MiB", "tokens/s"]))
     (results / "retention.md").write_text(md + "\n")
     print("\n" + md)

@@ -19,11 +19,13 @@ def test_retention_quick(tmp_path):
     assert set(res) >= {"base", "budget", "methods"} and set(res["methods"]) == {"lora", "qlora-nf4"}
     for m in res["methods"].values():
         assert {"eval_loss", "accuracy", "retention_vs_lora", "peak_rss_bytes", "footprint_bytes", "tokens_per_s",
-                "seeds"} <= set(m)
-        assert 0 <= m["accuracy"] <= 1 and m["eval_loss"] > 0
+                "seeds", "pre_train_loss", "bits_per_param"} <= set(m)
+        assert 0 <= m["accuracy"] <= 1 and m["eval_loss"] > 0 and m["pre_train_loss"] > m["eval_loss"]
     assert res["methods"]["lora"]["retention_vs_lora"] == pytest.approx(1.0)
+    assert res["methods"]["lora"]["bits_per_param"] == 16 and 4.1 < res["methods"]["qlora-nf4"]["bits_per_param"] < 4.2
     assert (tmp_path / "retention.png").stat().st_size > 1000
-    assert "| qlora-nf4" in (tmp_path / "retention.md").read_text()
+    md = (tmp_path / "retention.md").read_text()
+    assert "| qlora-nf4" in md and "bits/param" in md and "loss_before_training" in md
 
 
 def test_gpu_bench_smoke(tmp_path):

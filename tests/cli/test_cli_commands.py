@@ -60,7 +60,7 @@ def test_quantize_with_gptq_calibration_is_a_plain_bitsandbytes_checkpoint(tiny_
     assert cli.main(["quantize", "--model", str(tiny_cli / "model"), "--out", str(plain)]) == 0
     assert cli.main(["quantize", "--model", str(tiny_cli / "model"), "--out", str(calibrated), "--calibrate",
                      str(data), "--samples", "16"]) == 0
-    assert "GPTQ rounding on 16 samples" in capsys.readouterr().out
+    assert "gptq calibration on 16 samples" in capsys.readouterr().out
     a = load(plain, compute_dtype=torch.float32).model.layers[0].mlp.down_proj
     b = load(calibrated, compute_dtype=torch.float32).model.layers[0].mlp.down_proj
     assert torch.equal(a.absmax, b.absmax) and not torch.equal(a.codes, b.codes)

@@ -45,3 +45,23 @@ def test_reads_checkpoint_saved_by_transformers_bnb(tmp_path, tiny):
     ours = load(path, compute_dtype=F32)
     for name in ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]:
         assert torch.equal(m.get_submodule(name).weight.packed, ours.get_submodule(name).weight.packed)
+
+
+def test_nf3_and_nf2_checkpoints_are_lowbit_own_and_load_back(tmp_path, tiny):
+    """Types bitsandbytes lacks are saved in the same layout with quant_method 'lowbit', densely packed."""
+    from lowbit.quant.spec import QuantSpec
+
+    path, _ = tiny
+    for qt, bits in (("nf3", 3), ("nf2", 2)):
+        m = load(path, QuantSpec(qt), compute_dtype=F32)
+        save_quantized(m, tmp_path / qt)
+        qc = json.loads((tmp_path / qt / "config.json").read_text())["quantization_config"]
+        assert qc["quant_method"] == "lowbit" and qc["bnb_4bit_quant_type"] == qt
+        m2 = load(tmp_path / qt, compute_dtype=F32)
+        w, w2 = m.model.layers[0].mlp.down_proj.weight, m2.model.layers[0].mlp.down_proj.weight
+        assert w2.quant_type == qt and w2.packed.numel() == w.numel * bits // 8
+        assert torch.equal(w2.packed, w.packed)
+        ids = _ids()
+        with torch.no_grad():
+            assert torch.equal(m2(ids).logits, m(ids).logits)
+        assert base_info(m2).fingerprint == base_info(m).fingerprint

@@ -1,14 +1,14 @@
-"""``lowbit quantize --model M --out DIR [--calibrate DATA [--method gptq]]``: a 4-bit checkpoint that
-transformers + bitsandbytes load as it is; with ``--calibrate``, its codes are chosen by GPTQ's error-compensating
-rounding under the model's inputs on DATA (the same grid, so still a plain bitsandbytes checkpoint — train on it
-with ``base_model: DIR``)."""
+"""``lowbit quantize --model M --out DIR [--calibrate DATA [--method gptq|awq|both]]``: a 4-bit checkpoint that
+transformers + bitsandbytes load as it is; with ``--calibrate``, its weights are calibrated under the model's inputs
+on DATA — GPTQ's error-compensating rounding on the same grid, AWQ's activation-aware scales folded into the norms,
+or both — and it is still a plain bitsandbytes checkpoint (train on it with ``base_model: DIR``)."""
 
 from __future__ import annotations
 
 from ..quant.spec import CALIBRATIONS
 from .options import add_config_flags, config_from
 
-HELP = "write a 4-bit checkpoint transformers + bitsandbytes load as-is"
+HELP = "write a 4-bit checkpoint transformers + bitsandbytes load as-is (NF3/NF2: lowbit's own)"
 
 
 def add_parser(sub, name):
@@ -16,8 +16,9 @@ def add_parser(sub, name):
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--calibrate", metavar="DATA", help="calibration data (a file, folder or built-in name, as "
-                   "datasets takes it): choose the codes by GPTQ's rounding instead of round-to-nearest")
-    p.add_argument("--method", default="gptq", choices=[c for c in CALIBRATIONS if c != "none"])
+                   "datasets takes it): calibrate the 4-bit weights under the model's inputs on it")
+    p.add_argument("--method", default="gptq", choices=[c for c in CALIBRATIONS if c != "none"],
+                   help="; ".join(f"{k}: {v}" for k, v in CALIBRATIONS.items() if k != "none"))
     p.add_argument("--samples", type=int, default=256, help="calibration samples (default 256)")
     add_config_flags(p, ("base_model", "quant_type", "blocksize", "double_quant", "trust_remote_code",
                          "sequence_len", "dataset_format"), required=("base_model",))
@@ -25,7 +26,7 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    from ..io.calibration import calibrate_gptq
+    from ..io.calibration import calibrate
     from ..io.export import save_quantized
     from ..io.loader import load
     from ..io.tokenizer import load_tokenizer
@@ -38,11 +39,12 @@ def run(args) -> int:
     net = load(cfg.base_model, spec, trust_remote_code=cfg.trust_remote_code)
     how = "round to nearest"
     if batches:
-        calibrate_gptq(net, batches)
-        how = f"GPTQ rounding on {sum(len(b['input_ids']) for b in batches)} samples of {args.calibrate}"
+        calibrate(net, batches, args.method)
+        how = f"{args.method} calibration on {sum(len(b['input_ids']) for b in batches)} samples of {args.calibrate}"
     out = save_quantized(net, args.out, tokenizer=tok, overwrite=args.overwrite)
-    print(f"wrote {out}: {spec}, {how}, {footprint_bytes(net) / 2**20:.1f} MiB of weights "
-          "(loadable with transformers + bitsandbytes)")
+    who = "transformers + bitsandbytes and lowbit" if spec.info.bitsandbytes else \
+        f"lowbit (bitsandbytes has no {spec.quant_type})"
+    print(f"wrote {out}: {spec}, {how}, {footprint_bytes(net) / 2**20:.1f} MiB of weights (loadable with {who})")
     return 0
 
 

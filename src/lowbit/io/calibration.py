@@ -1,10 +1,14 @@
-"""Calibrated 4-bit weights for a loaded model (#14, first part): GPTQ-style rounding of every 4-bit linear
-layer on round-to-nearest's grid (``quant/gptq.py``), so the model stays an ordinary bitsandbytes NF4 checkpoint.
+"""Calibrated 4-bit weights for a loaded model (#14): the model stays an ordinary 4-bit checkpoint.
 
-    1. run the 4-bit model over calibration batches; at each ``Linear4bit`` accumulate H = Σ xᵀx / n of its
-       inputs (the inputs as the quantized layers before it make them, as sequential GPTQ sees them)
-    2. re-round each layer's full-precision weight (read again from the checkpoint, one layer at a time) with
-       error compensation under its H
+``calibrate(net, batches, method)`` with a method of ``quant.spec.CALIBRATIONS``:
+
+    1. run the 4-bit model over calibration batches; at each ``Linear4bit`` accumulate H = Σ xᵀx / n and
+       m = Σ|x| / n of its inputs (as the quantized layers before it make them, as sequential GPTQ sees them)
+    2. awq:  choose per-channel scales and fold them into the norms / previous layers (``awq_fold.py``), then
+             round the scaled full-precision weights to nearest
+       gptq: re-round each layer's full-precision weight (read again from the checkpoint, one layer at a time)
+             with error compensation under its H (``quant/gptq.py``), on round-to-nearest's grid
+       both: awq, then a second pass for the scaled model's H, then gptq on the scaled weights
 
 Memory: the model, one H per layer (in²·8 bytes: 2.6 MB for SmolLM2's 576-wide inputs) and one float32 weight.
 """
@@ -19,26 +23,37 @@ from torch import nn
 from ..errors import LowbitError
 from ..nn.linear import Linear4bit
 from ..quant.gptq import gptq_quantize
+from ..quant.spec import CALIBRATIONS
+from ..quant.tensor import quantize
+from .awq_fold import fold_awq
 from .loader import SourceWeights
 
-__all__ = ["input_second_moments", "calibrate_gptq"]
+__all__ = ["input_statistics", "calibrate", "calibrate_gptq", "calibrate_awq"]
 
 
-def input_second_moments(net: nn.Module, batches) -> dict[str, torch.Tensor]:
-    """name → H (float64) of the inputs every ``Linear4bit`` of ``net`` sees over ``batches`` (dicts with
-    ``input_ids`` and optionally ``attention_mask``; padded positions are left out)."""
+def input_statistics(net: nn.Module, batches) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name → (H, m): second moment (float64, in×in) and mean magnitude (float32, in) of the inputs every
+    ``Linear4bit`` of ``net`` sees over ``batches`` (dicts with ``input_ids`` and optionally ``attention_mask``;
+    padded positions are left out). A batch's xᵀx is a float32 product (exact inputs, ≤ a few thousand tokens),
+    summed in float64; layers that read the same tensor (q/k/v, gate/up) share one product per batch."""
     sums: dict[str, torch.Tensor] = {}
+    abs_sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     keep: list[torch.Tensor | None] = [None]
+    last: list = [None, None]  # the input tensor seen last, and its (xᵀx, Σ|x|, tokens)
 
     def hook(name):
         def add(_mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            if keep[0] is not None:
-                x = x[keep[0]]
-            x = x.double()
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            if args[0] is not last[0]:
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                if keep[0] is not None:
+                    x = x[keep[0]]
+                x = x.float()
+                last[:] = [args[0], ((x.T @ x).double(), x.abs().sum(0).double(), x.shape[0])]
+            h, a, n = last[1]
+            sums[name] = sums.get(name, 0) + h
+            abs_sums[name] = abs_sums.get(name, 0) + a
+            counts[name] = counts.get(name, 0) + n
         return add
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in net.named_modules() if isinstance(m, Linear4bit)]
@@ -50,22 +65,53 @@ def input_second_moments(net: nn.Module, batches) -> dict[str, torch.Tensor]:
                 mask = b.get("attention_mask")
                 keep[0] = mask.reshape(-1).bool() if mask is not None else None
                 net(input_ids=b["input_ids"], attention_mask=mask)
+                last[:] = [None, None]
     finally:
         for h in handles:
             h.remove()
-    return {n: s / max(1, counts[n]) for n, s in sums.items()}
+    return {n: (s / max(1, counts[n]), (abs_sums[n] / max(1, counts[n])).float()) for n, s in sums.items()}
 
 
-def calibrate_gptq(net: nn.Module, batches, damp: float = 0.01, log=print) -> int:
-    """Re-round every 4-bit linear layer of ``net`` (loaded by lowbit from a full-precision checkpoint) with GPTQ's
-    error compensation under its calibration inputs. Returns the number of layers changed."""
-    hessians = input_second_moments(net, batches)
-    layers = {n: m for n, m in net.named_modules() if isinstance(m, Linear4bit) and n in hessians}
+def calibrate(net: nn.Module, batches, method: str = "gptq", log=print) -> None:
+    """Calibrate every 4-bit layer of ``net`` (loaded by lowbit from a full-precision checkpoint) in place."""
+    if method not in CALIBRATIONS or method == "none":
+        raise LowbitError(f"calibration method must be one of {', '.join(m for m in CALIBRATIONS if m != 'none')}, "
+                          f"got {method!r}")
+    batches = list(batches)
     with SourceWeights(net) as source:
-        for name, mod in layers.items():
-            old = mod.weight  # the checkpoint's dtype first, as round-to-nearest quantized it
-            q = gptq_quantize(source(name).to(old.dtype), hessians[name], old.quant_type, old.blocksize,
-                              old.double_quant, damp)
-            mod.weight = dataclasses.replace(q, dtype=old.dtype)
-    log(f"calibration: {len(layers)} layers re-rounded (GPTQ on the NF4 grid)")
+        weights = source
+        if method in ("awq", "both"):
+            weights = calibrate_awq(net, batches, source, log)
+        if method in ("gptq", "both"):
+            calibrate_gptq(net, batches, log=log, weights=weights)
+
+
+def calibrate_gptq(net: nn.Module, batches, damp: float = 0.01, log=print, weights=None) -> int:
+    """Re-round every 4-bit linear layer of ``net`` with GPTQ's error compensation under its calibration inputs.
+    ``weights``: name → full-precision weight (default: read from the checkpoint ``net`` was loaded from).
+    Returns the number of layers changed."""
+    if weights is None:
+        with SourceWeights(net) as source:
+            return calibrate_gptq(net, batches, damp, log, source)
+    stats = input_statistics(net, batches)
+    layers = {n: m for n, m in net.named_modules() if isinstance(m, Linear4bit) and n in stats}
+    for name, mod in layers.items():
+        old = mod.weight  # the checkpoint's dtype first, as round-to-nearest quantized it
+        q = gptq_quantize(weights(name).to(old.dtype), stats[name][0], old.quant_type, old.blocksize,
+                          old.double_quant, damp)
+        mod.weight = dataclasses.replace(q, dtype=old.dtype)
+    log(f"calibration: {len(layers)} layers re-rounded (GPTQ on the {old.quant_type} grid)")
     return len(layers)
+
+
+def calibrate_awq(net: nn.Module, batches, source, log=print, grid: int = 20):
+    """Fold activation-aware scales into ``net`` (norms, biases) and round its scaled 4-bit layers to nearest.
+    Returns the scaled full-precision weights (name → float32), for GPTQ to round next (method "both")."""
+    stats = input_statistics(net, batches)
+    spec = next(m.weight.spec for m in net.modules() if isinstance(m, Linear4bit))
+    scaled = fold_awq(net, stats, source, spec, grid, log)
+    for name in sorted(scaled.cols.keys() | scaled.rows.keys()):
+        mod = net.get_submodule(name)
+        old = mod.weight
+        mod.weight = dataclasses.replace(quantize(scaled(name).to(old.dtype), old.spec), dtype=old.dtype)
+    return scaled

@@ -20,6 +20,7 @@ from ..atomic import writing_dir
 from ..errors import LowbitError
 from ..nn.linear import Linear4bit
 from ..nn.lora import LoRALinear
+from ..quant.spec import LOWBIT_QUANT_METHOD
 from .loader import base_info
 
 __all__ = ["save_quantized", "float_in_bitsandbytes"]
@@ -42,7 +43,9 @@ def float_in_bitsandbytes(net: nn.Module) -> list[str]:
 
 
 def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write ``net`` (4-bit layers, no adapters) as a checkpoint transformers + bitsandbytes load."""
+    """Write ``net`` (4-bit layers, no adapters) as a checkpoint transformers + bitsandbytes load (NF4, FP4), or,
+    for the types bitsandbytes does not have (NF3, NF2, INT4), in the same layout with ``quant_method: lowbit``:
+    lowbit loads it, transformers refuses it by name."""
     from safetensors.torch import save_file
 
     q = [m for m in net.modules() if isinstance(m, Linear4bit)]
@@ -52,9 +55,9 @@ def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overw
         raise LowbitError("the model carries LoRA adapters: save them with save_adapter, or merge first")
     specs = {m.weight.spec for m in q}
     spec = next(iter(specs))
-    if len(specs) > 1 or not spec.info.bitsandbytes:
+    if len(specs) > 1:
         kinds = sorted(str(s) for s in specs)
-        raise LowbitError(f"transformers + bitsandbytes read one of nf4/fp4 per model; this model has {kinds}")
+        raise LowbitError(f"a checkpoint holds one 4-bit type per model; this model has {kinds}")
     sd = {k: v.contiguous() for k, v in net.state_dict().items()}
     for name in float_in_bitsandbytes(net):  # layers transformers + bitsandbytes keep in 16 bits: as float weights
         layer = net.get_submodule(name)
@@ -70,8 +73,9 @@ def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overw
             ptrs[(t.data_ptr(), t.shape)] = k
     info = base_info(net)
     cfg = net.config.to_dict()
+    method = "bitsandbytes" if spec.info.bitsandbytes else LOWBIT_QUANT_METHOD
     cfg["quantization_config"] = {
-        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "_load_in_4bit": True,
+        "quant_method": method, "load_in_4bit": True, "load_in_8bit": False, "_load_in_4bit": True,
         "_load_in_8bit": False, "bnb_4bit_quant_type": spec.quant_type, "bnb_4bit_use_double_quant": spec.double_quant,
         "bnb_4bit_compute_dtype": info.compute_dtype, "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": None,
         "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}

@@ -27,7 +27,7 @@ from ..nn.experts import Experts
 from ..nn.fused import fuse_modules
 from ..nn.linear import Linear4bit
 from ..nn.lora import linear_module_names, output_head_names
-from ..quant.spec import QuantSpec
+from ..quant.spec import LOWBIT_QUANT_METHOD, QUANT_TYPES, QuantSpec
 from ..quant.tensor import QuantizedTensor, quantize
 from .allocator import returning_allocator
 from .checkpoint_names import CheckpointNames
@@ -66,10 +66,11 @@ def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, com
     raw, config = _read_config(folder, trust_remote_code)
     dtype = compute_dtype or default_compute_dtype(device)
     qc = raw.get("quantization_config") or {}
-    prequantized = qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+    prequantized = (qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))) or \
+        qc.get("quant_method") == LOWBIT_QUANT_METHOD
     if qc and not prequantized:
-        raise LowbitError(f"{folder}: checkpoint quantized with {qc.get('quant_method')!r}; lowbit reads float or "
-                          "bitsandbytes 4-bit checkpoints")
+        raise LowbitError(f"{folder}: checkpoint quantized with {qc.get('quant_method')!r}; lowbit reads float, "
+                          "bitsandbytes 4-bit or its own NF3/NF2 checkpoints")
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     net = _skeleton(folder, raw, config, dtype, trust_remote_code)
@@ -159,7 +160,7 @@ def _quantize_linears(net, reader: Reader, names: CheckpointNames, quant: QuantS
         if not (isinstance(mod, nn.Linear) or conv) or name in heads:
             continue
         key = names.key(f"{name}.weight")
-        if any(f"{key}.quant_state.bitsandbytes__{t}" in reader for t in ("nf4", "fp4")):
+        if any(f"{key}.quant_state.bitsandbytes__{t}" in reader for t in QUANT_TYPES):
             sd = {k: reader.get(k) for k in reader.files if k == key or k.startswith(key + ".")}
             w, q = sd[key], QuantizedTensor.from_state_dict(sd, key)
         elif quant is None:

@@ -217,8 +217,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 @torch.no_grad()
 def loftq_init(lora: LoRALinear, weight: torch.Tensor | None, iters: int = 1) -> None:
-    """LoftQ-style start: W ≈ deq(Q) + s·B·A, from the layer's full-precision ``weight``; re-quantizes the base
-    each round (same data type, blocksize and double quantization)."""
+    """LoftQ-style start: W ≈ deq(Q) + s·B·A, from the layer's full-precision ``weight``. The first round keeps
+    the base's own codes (round-to-nearest's, or a calibration's: ``io/calibration.py``); each further round
+    re-quantizes W − s·B·A (same data type, blocksize and double quantization)."""
     base = lora.base
     if not isinstance(base, Linear4bit):
         raise LowbitError("loftq init is for quantized (4-bit) layers; a full-precision base has no error to absorb")
@@ -231,8 +232,8 @@ def loftq_init(lora: LoRALinear, weight: torch.Tensor | None, iters: int = 1) ->
         raise LowbitError(f"loftq init: weight of shape {tuple(w.shape)} for a layer of shape {tuple(q0.shape)}")
     r, s = lora.r, lora.scaling
     residual_fit = torch.zeros_like(w)
-    for _ in range(max(1, iters)):
-        q = quantize(w - residual_fit, q0.spec)
+    for i in range(max(1, iters)):
+        q = q0 if i == 0 else quantize(w - residual_fit, q0.spec)
         err = w - q.dequantize(torch.float32)
         u, sv, vh = torch.linalg.svd(err, full_matrices=False)
         root = sv[:r].sqrt()

@@ -17,14 +17,18 @@ from dataclasses import dataclass
 from ..errors import LowbitError
 
 __all__ = ["QuantType", "QUANT_TYPES", "QuantSpec", "NESTED_BLOCKSIZE", "check_blocksize", "check_quant_type",
-           "CALIBRATIONS", "PACKING", "packed_bytes"]
+           "CALIBRATIONS", "PACKING", "packed_bytes", "LOWBIT_QUANT_METHOD"]
 
 NESTED_BLOCKSIZE = 256  # constants per nested absmax (bitsandbytes' double quantization)
+# config.json's quantization_config.quant_method for checkpoints of types bitsandbytes does not have (io/export.py)
+LOWBIT_QUANT_METHOD = "lowbit"
 
 # how the codes of a 4-bit weight are chosen (the grid — absmax and double quantization — is the same for all)
 CALIBRATIONS = {
     "none": "round to nearest (bitsandbytes' own choice)",
     "gptq": "GPTQ's error-compensating rounding under calibration inputs (quant/gptq.py)",
+    "awq": "activation-aware per-channel scales folded into the norms / previous layers (quant/awq.py)",
+    "both": "awq's scales, then gptq's rounding of the scaled weights",
 }
 
 

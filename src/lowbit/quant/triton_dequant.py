@@ -48,12 +48,7 @@ def _dequant4(packed, absmax, qabsmax, nested, ncode, offset, code, out, n_bytes
     hi = tl.load(code + (b >> 4), mask=inside, other=0.0)
     lo = tl.load(code + (b & 15), mask=inside, other=0.0)
     blk = (2 * i) // BLOCKSIZE  # both nibbles of a byte share a block: blocksizes are even
-    if DOUBLE:
-        q = tl.load(qabsmax + blk, mask=inside, other=0).to(tl.int32)
-        a = tl.load(ncode + q, mask=inside, other=0.0) * tl.load(nested + blk // NESTED, mask=inside, other=0.0)
-        a = a + offset
-    else:
-        a = tl.load(absmax + blk, mask=inside, other=0.0)
+    a = _scale(blk, inside, absmax, qabsmax, nested, ncode, offset, NESTED, DOUBLE)
     vals = tl.interleave(hi * a, lo * a)  # element 2i, then 2i+1
     e = tl.program_id(0) * (2 * BYTES) + tl.arange(0, 2 * BYTES)
     _store(out, e, vals, e < n, KIND)
@@ -73,14 +68,20 @@ def _dequant_k(packed, absmax, qabsmax, nested, ncode, offset, code, out, n,
         q = (word >> (21 - 3 * (e & 7))) & 7
     else:
         q = (tl.load(packed + (e >> 2), mask=keep, other=0).to(tl.int32) >> (6 - 2 * (e & 3))) & 3
-    blk = e // BLOCKSIZE
+    a = _scale(e // BLOCKSIZE, keep, absmax, qabsmax, nested, ncode, offset, NESTED, DOUBLE)
+    _store(out, e, tl.load(code + q, mask=keep, other=0.0) * a, keep, KIND)
+
+
+@triton.jit
+def _scale(blk, keep, absmax, qabsmax, nested, ncode, offset, NESTED: tl.constexpr, DOUBLE: tl.constexpr):
+    """Block ``blk``'s absmax: stored, or double-quantized (two float32 roundings, no FMA)."""
     if DOUBLE:
-        qa = tl.load(qabsmax + blk, mask=keep, other=0).to(tl.int32)
-        a = tl.load(ncode + qa, mask=keep, other=0.0) * tl.load(nested + blk // NESTED, mask=keep, other=0.0)
+        q = tl.load(qabsmax + blk, mask=keep, other=0).to(tl.int32)
+        a = tl.load(ncode + q, mask=keep, other=0.0) * tl.load(nested + blk // NESTED, mask=keep, other=0.0)
         a = a + offset
     else:
         a = tl.load(absmax + blk, mask=keep, other=0.0)
-    _store(out, e, tl.load(code + q, mask=keep, other=0.0) * a, keep, KIND)
+    return a
 
 
 @triton.jit

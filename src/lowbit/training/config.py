@@ -21,7 +21,7 @@ from ..dtypes import DTYPES
 from ..errors import LowbitError
 from ..nn.lora_options import ALL_LINEAR, LORA_INITS
 from ..optim.registry import OPTIMIZERS
-from ..quant.spec import QUANT_TYPES, QuantSpec
+from ..quant.spec import CALIBRATIONS, QUANT_TYPES, QuantSpec
 from .axolotl import AXOLOTL_KEYS, optimizer_name, translate
 from .schedule import SCHEDULERS
 
@@ -37,6 +37,8 @@ class TrainConfig:
     quant_type: str = "nf4"                     # quant.spec.QUANT_TYPES
     double_quant: bool = True
     blocksize: int = 64
+    quant_calibration: str = "none"             # quant.spec.CALIBRATIONS: calibrate the 4-bit base on the training
+    quant_calibration_samples: int = 256        # data first (saved to output_dir/base)
     compute_dtype: str = "auto"                 # auto | dtypes.DTYPES
     trust_remote_code: bool = False
     # adapter
@@ -106,6 +108,13 @@ class TrainConfig:
             bad("lora_dropout", f"must be < 1, got {self.lora_dropout}")
         if self.dataset_processes < 0:
             bad("dataset_processes", f"must be >= 0, got {self.dataset_processes}")
+        if self.quant_calibration != "none":
+            if not self.load_in_4bit:
+                bad("quant_calibration", "needs load_in_4bit: true (there is no 4-bit base to calibrate)")
+            if self.lora_init == "loftq":
+                bad("quant_calibration", "and lora_init: loftq both choose the base's codes; use one of them")
+            if self.quant_calibration_samples <= 0:
+                bad("quant_calibration_samples", f"must be > 0, got {self.quant_calibration_samples}")
         try:
             self.quant_spec()
             parse_sources(self.datasets, self.dataset_format)
@@ -121,7 +130,8 @@ class TrainConfig:
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 
 # the keys that name something, and the tables they name
-CHOICES = {"quant_type": tuple(QUANT_TYPES), "compute_dtype": ("auto", *DTYPES), "lora_init": tuple(LORA_INITS),
+CHOICES = {"quant_type": tuple(QUANT_TYPES), "quant_calibration": tuple(CALIBRATIONS),
+           "compute_dtype": ("auto", *DTYPES), "lora_init": tuple(LORA_INITS),
            "dataset_format": ("auto", *FORMATS), "lr_scheduler": tuple(SCHEDULERS), "optimizer": tuple(OPTIMIZERS),
            "distributed": DISTRIBUTED}
 

@@ -2,6 +2,7 @@
 
     output_dir/  adapter_config.json, adapter_model.safetensors   the result (PEFT format)
                  config.yaml, metrics.jsonl, loss.png, checkpoints/step-…/
+                 base/   with quant_calibration: the calibrated 4-bit base the adapter belongs to
 
 ``resume`` continues from the newest checkpoint; its saved config is compared with this one first: a change
 that alters the math (model, quantization, LoRA shape, data, sequence length, batch, optimizer, …) is refused,
@@ -34,6 +35,7 @@ from ..io.loader import SourceWeights, load
 from ..io.tokenizer import load_tokenizer
 from ..nn.lora import add_lora, count_parameters, lora_state_dict
 from ..runlock import LOCK_NAME, RunLock
+from .calibrated_base import BASE_DIR, calibrated_base
 from .callbacks import Evaluator, MetricsLog, ProgressBar, TensorBoard
 from .checkpoint import Checkpointer, latest_checkpoint, load_adapter_weights, load_trainer_state, saved_meta
 from .config import TrainConfig, config_changes, config_to_yaml
@@ -49,7 +51,7 @@ from .state import TrainState
 __all__ = ["train", "load_data", "load_model", "total_steps"]
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "loss.png", "adapter_model.safetensors", "adapter_config.json",
-             "config.yaml", "tensorboard")
+             "config.yaml", "tensorboard", BASE_DIR)
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print,
@@ -81,7 +83,7 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.base_model)
     batches, valid = load_data(cfg, tok, log)
-    model = load_model(cfg, dtype, log)
+    model = load_model(cfg, dtype, log, calibrated_base(cfg, out, batches.samples, tok, dtype, world, log))
     check_same_base(model, world)
     if ck is not None:
         load_adapter_weights(ck, model)
@@ -188,9 +190,11 @@ def load_data(cfg: TrainConfig, tok, log=print) -> tuple[Batches | PackedBatches
     return batches, Batches(valid, cfg.micro_batch_size, pad, cfg.seed) if valid else None
 
 
-def load_model(cfg: TrainConfig, dtype, log=print):
-    """The base (quantized while it streams in) with LoRA adapters on the configured layers."""
-    model = load(cfg.base_model, cfg.quant_spec(), compute_dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None):
+    """The base (quantized while it streams in; ``base``: another folder holding it, e.g. the calibrated one)
+    with LoRA adapters on the configured layers."""
+    model = load(base or cfg.base_model, cfg.quant_spec(), compute_dtype=dtype,
+                 trust_remote_code=cfg.trust_remote_code)
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
                 use_rslora=cfg.use_rslora, init=cfg.lora_init, verbose=False)
     if cfg.lora_init == "loftq":
@@ -200,7 +204,7 @@ def load_model(cfg: TrainConfig, dtype, log=print):
         add_lora(model, **lora)
     trainable, total = count_parameters(model)
     spec = cfg.quant_spec()
-    log(f"model: {cfg.base_model} ({f'4-bit {spec}' if spec else 'unquantized'}, compute "
+    log(f"model: {base or cfg.base_model} ({f'4-bit {spec}' if spec else 'unquantized'}, compute "
         f"{str(dtype).split('.')[-1]}); LoRA r={cfg.lora_r}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%)")
     if cfg.gradient_checkpointing:

@@ -1,0 +1,65 @@
+"""quant_calibration: the run calibrates its 4-bit base on its own training data once, writes it to
+output_dir/base, trains on exactly those bytes, records it as the adapter's base, and a resume reuses it."""
+
+import json
+
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.io.adapters import load_adapter
+from lowbit.io.loader import load
+from lowbit.nn.linear import Linear4bit
+from lowbit.training import recipe
+from lowbit.training.config import TrainConfig
+
+
+def _cfg(setup, out, **kw):
+    root, model_dir, data = setup
+    return TrainConfig(**{**dict(base_model=str(model_dir), datasets=str(data), compute_dtype="float32", lora_r=4,
+                                 lora_alpha=8, micro_batch_size=4, sequence_len=64, max_steps=4, learning_rate=3e-3,
+                                 warmup_steps=0, eval_steps=2, save_steps=2, val_set_size=8,
+                                 output_dir=str(root / out), quant_calibration="both",
+                                 quant_calibration_samples=16), **kw})
+
+
+def _codes(net):
+    return {n.removesuffix(".base"): (m.codes.clone(), m.absmax.clone()) for n, m in net.named_modules()
+            if isinstance(m, Linear4bit)}  # a LoRA layer holds its 4-bit layer as .base
+
+
+def test_run_trains_on_its_calibrated_base_and_resume_reuses_it(setup):
+    logs = []
+    res = recipe.train(_cfg(setup, "cal"), progress=False, log=logs.append)
+    out = setup[0] / "cal"
+    base = out / "base"
+    assert any("calibrated base (both on 16 training samples" in line for line in logs)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    saved = load(base, compute_dtype=torch.float32)
+    plain = load(setup[1], compute_dtype=torch.float32)
+    trained = _codes(res["model"])
+    assert trained.keys() == _codes(saved).keys()
+    assert all(torch.equal(trained[n][0], c) and torch.equal(trained[n][1], a) for n, (c, a) in _codes(saved).items())
+    assert any(not torch.equal(trained[n][0], c) for n, (c, _) in _codes(plain).items())  # not the plain RTN base
+    # the adapter applies to the calibrated base and gives the trained model's logits
+    load_adapter(saved, out)
+    ids = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(saved(input_ids=ids).logits, res["model"].eval()(input_ids=ids).logits, atol=1e-5)
+    # resume: the base is not made again (same file, no calibration log line)
+    stamp = (base / "model.safetensors").stat().st_mtime_ns
+    logs.clear()
+    recipe.train(_cfg(setup, "cal", max_steps=6), resume=True, progress=False, log=logs.append)
+    assert (base / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not any("calibrated base" in line for line in logs)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"load_in_4bit": False}, "quant_calibration needs load_in_4bit"),
+    ({"lora_init": "loftq"}, "quant_calibration and lora_init: loftq"),
+    ({"quant_calibration": "smoothquant"}, "quant_calibration must be one of none, gptq, awq, both"),
+    ({"quant_calibration_samples": 0}, "quant_calibration_samples must be > 0"),
+])
+def test_bad_calibration_settings_are_refused(setup, kw, msg):
+    with pytest.raises(LowbitError, match=msg):
+        _cfg(setup, "bad", **kw).validate()
