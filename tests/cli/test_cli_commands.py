@@ -73,6 +73,42 @@ def test_quantize_with_gptq_calibration_is_a_plain_bitsandbytes_checkpoint(tiny_
     assert "data not found" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("method", ["awq", "both"])
+def test_quantize_with_awq_is_an_ordinary_checkpoint_transformers_runs(tiny_cli, tmp_path, capsys, method):
+    """AWQ's scales live in the saved norm weights and 4-bit layers: transformers + bitsandbytes compute the
+    same logits as lowbit on the saved folder, and they differ from the round-to-nearest model's."""
+    from transformers import AutoModelForCausalLM
+
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": f"hello how are you today {i} the capital of france is paris"})
+                            + "\n" for i in range(24)))
+    out = tmp_path / method
+    assert cli.main(["quantize", "--model", str(tiny_cli / "model"), "--out", str(out), "--calibrate", str(data),
+                     "--samples", "16", "--method", method, "--compute-dtype", "float32"]) == 0
+    assert f"{method} calibration on 16 samples" in capsys.readouterr().out
+    ours = load(out, compute_dtype=torch.float32)
+    plain = load(tiny_cli / "model", compute_dtype=torch.float32)
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not torch.equal(ours.state_dict()[norm], plain.state_dict()[norm])  # the scales were folded in
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).train()  # bnb's CPU eval path: DESIGN §5
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids).logits, atol=1e-4)
+    # the folder records what it was rounded from: the float model's weights with AWQ's scales
+    assert json.loads((out / "config.json").read_text())["lowbit_calibration"]["method"] == method
+    from lowbit import quantize
+    from lowbit.io.loader import SourceWeights
+
+    with SourceWeights(ours) as src:
+        for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"):
+            layer = ours.get_submodule(name)
+            rtn = quantize(src(name), layer.weight.spec)
+            if method == "awq":  # round to nearest of exactly those weights
+                assert torch.equal(rtn.packed, layer.weight.packed), name
+            else:  # GPTQ moved codes on the same grid
+                assert torch.equal(rtn.absmax, layer.weight.absmax), name
+
+
 def test_generate_command_streams(tiny_cli, capsys):
     rc = cli.main(["generate", "--model", str(tiny_cli / "model"), "--adapter", str(tiny_cli / "adapter"), "--prompt",
                    "hello how are you", "--max-new-tokens", "5", "--compute-dtype", "float32"])

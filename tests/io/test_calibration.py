@@ -102,8 +102,13 @@ def test_statistics_leave_padding_out(tmp_path):
                for k in padded)
 
 
-def test_unknown_method_is_refused(tmp_path):
-    save_tiny(tmp_path, "llama")
-    net = load(tmp_path, compute_dtype=torch.float32)
+def test_unknown_method_and_unfoldable_model_are_refused(tmp_path):
+    save_tiny(tmp_path / "llama", "llama")
+    net = load(tmp_path / "llama", compute_dtype=torch.float32)
     with pytest.raises(ValueError, match="calibration method must be one of gptq, awq, both"):
         calibrate(net, _batches(1, 0), "smoothquant")
+    save_tiny(tmp_path / "gpt2", "gpt2")
+    gpt2 = load(tmp_path / "gpt2", compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="awq: this model has no place to fold scales into"):
+        calibrate(gpt2, _batches(1, 0), "awq")
+    assert calibrate_gptq(gpt2, _batches(2, 0), log=lambda *a: None) > 0  # GPTQ needs no folding

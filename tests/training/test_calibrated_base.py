@@ -54,9 +54,30 @@ def test_run_trains_on_its_calibrated_base_and_resume_reuses_it(setup):
     assert not any("calibrated base" in line for line in logs)
 
 
+def test_loftq_on_a_calibrated_base_starts_from_its_error(setup):
+    """LoftQ on the calibrated base: its adapters absorb W − deq(Q_calibrated), W the weights the base was rounded
+    from (AWQ-scaled: the record in output_dir/base says how), so the start is closer to the float model."""
+    from lowbit.io.loader import SourceWeights
+    from lowbit.nn.lora import LoRALinear
+
+    cfg = _cfg(setup, "cal-loftq", lora_init="loftq", max_steps=1)
+    recipe.train(cfg, progress=False, log=lambda *a: None)
+    base = setup[0] / "cal-loftq" / "base"
+    assert (base / "calibration.safetensors").exists()
+    start = recipe.load_model(cfg, torch.float32, lambda *a: None, base=str(base))  # as the run began
+    net = load(base, compute_dtype=torch.float32)
+    with SourceWeights(net) as src:
+        assert src.cols and src.rows  # AWQ's scales, recorded
+        for name, mod in start.named_modules():
+            if isinstance(mod, LoRALinear):
+                w = src(name)
+                q = net.get_submodule(name).dequantize()
+                fit = q + mod.scaling * mod.lora_B.weight.detach() @ mod.lora_A.weight.detach()
+                assert (w - fit).norm() < 0.97 * (w - q).norm(), name
+
+
 @pytest.mark.parametrize("kw,msg", [
     ({"load_in_4bit": False}, "quant_calibration needs load_in_4bit"),
-    ({"lora_init": "loftq"}, "quant_calibration and lora_init: loftq"),
     ({"quant_calibration": "smoothquant"}, "quant_calibration must be one of none, gptq, awq, both"),
     ({"quant_calibration_samples": 0}, "quant_calibration_samples must be > 0"),
 ])

@@ -20,12 +20,13 @@ def add_parser(sub, name):
     p.add_argument("--method", default="gptq", choices=[c for c in CALIBRATIONS if c != "none"],
                    help="; ".join(f"{k}: {v}" for k, v in CALIBRATIONS.items() if k != "none"))
     p.add_argument("--samples", type=int, default=256, help="calibration samples (default 256)")
-    add_config_flags(p, ("base_model", "quant_type", "blocksize", "double_quant", "trust_remote_code",
-                         "sequence_len", "dataset_format"), required=("base_model",))
+    add_config_flags(p, ("base_model", "quant_type", "blocksize", "double_quant", "compute_dtype",
+                         "trust_remote_code", "sequence_len", "dataset_format"), required=("base_model",))
     return p
 
 
 def run(args) -> int:
+    from ..dtypes import to_torch
     from ..io.calibration import calibrate
     from ..io.export import save_quantized
     from ..io.loader import load
@@ -36,7 +37,9 @@ def run(args) -> int:
     spec = cfg.quant_spec()
     tok = load_tokenizer(cfg.base_model, required=args.calibrate is not None)
     batches = _calibration(args, cfg, tok) if args.calibrate else None  # a bad file fails before the model loads
-    net = load(cfg.base_model, spec, trust_remote_code=cfg.trust_remote_code)
+    # the compute dtype is also the one the norms and embeddings are saved in
+    dtype = to_torch(cfg.compute_dtype)
+    net = load(cfg.base_model, spec, compute_dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     how = "round to nearest"
     if batches:
         calibrate(net, batches, args.method)

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import LowbitError
 from ..nn.linear import Linear4bit
 from ..quant.awq import search_scales
+from .calibration_record import scaled_weight
 
 __all__ = ["Scaled", "awq_groups", "fold_awq"]
 
@@ -36,12 +38,7 @@ class Scaled:
     cols: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __call__(self, name: str) -> torch.Tensor:
-        w = self.source(name).float()
-        if name in self.cols:
-            w = w * self.cols[name]
-        if name in self.rows:
-            w = w / self.rows[name][:, None]
-        return w
+        return scaled_weight(self.source(name).float(), name, self.rows, self.cols)
 
 
 @dataclass
@@ -108,7 +105,11 @@ def fold_awq(net: nn.Module, stats: dict, source, spec, grid: int = 20, log=prin
     float weights the 4-bit layers must now be quantized from (the caller re-quantizes them)."""
     scaled = Scaled(source)
     gain = []
-    for g in awq_groups(net):
+    groups = awq_groups(net)
+    if not groups:
+        raise LowbitError("awq: this model has no place to fold scales into (it needs LLaMA-shaped decoder layers: "
+                          "q/k/v/o and gate/up/down projections after RMS norms); use method gptq")
+    for g in groups:
         if any(n not in stats for n in g.layers):
             continue
         h, mean_abs = stats[g.layers[0]]

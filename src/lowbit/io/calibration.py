@@ -25,7 +25,8 @@ from ..nn.linear import Linear4bit
 from ..quant.gptq import gptq_quantize
 from ..quant.spec import CALIBRATIONS
 from ..quant.tensor import quantize
-from .awq_fold import fold_awq
+from .awq_fold import Scaled, fold_awq
+from .calibration_record import CalibrationRecord
 from .loader import SourceWeights
 
 __all__ = ["input_statistics", "calibrate", "calibrate_gptq", "calibrate_awq"]
@@ -73,7 +74,8 @@ def input_statistics(net: nn.Module, batches) -> dict[str, tuple[torch.Tensor, t
 
 
 def calibrate(net: nn.Module, batches, method: str = "gptq", log=print) -> None:
-    """Calibrate every 4-bit layer of ``net`` (loaded by lowbit from a full-precision checkpoint) in place."""
+    """Calibrate every 4-bit layer of ``net`` (loaded by lowbit from a full-precision checkpoint) in place.
+    ``net.lowbit_calibration`` then records how (``calibration_record.py``; ``save_quantized`` writes it)."""
     if method not in CALIBRATIONS or method == "none":
         raise LowbitError(f"calibration method must be one of {', '.join(m for m in CALIBRATIONS if m != 'none')}, "
                           f"got {method!r}")
@@ -84,6 +86,10 @@ def calibrate(net: nn.Module, batches, method: str = "gptq", log=print) -> None:
             weights = calibrate_awq(net, batches, source, log)
         if method in ("gptq", "both"):
             calibrate_gptq(net, batches, log=log, weights=weights)
+        mul = lambda a, b: {k: a.get(k, 1) * b.get(k, 1) for k in a.keys() | b.keys()}
+        new = weights if isinstance(weights, Scaled) else Scaled(source)  # scales on top of the source's own
+        net.lowbit_calibration = CalibrationRecord(method, source.path, mul(source.rows, new.rows),
+                                                   mul(source.cols, new.cols))
 
 
 def calibrate_gptq(net: nn.Module, batches, damp: float = 0.01, log=print, weights=None) -> int:

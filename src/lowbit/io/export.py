@@ -21,6 +21,7 @@ from ..errors import LowbitError
 from ..nn.linear import Linear4bit
 from ..nn.lora import LoRALinear
 from ..quant.spec import LOWBIT_QUANT_METHOD
+from .calibration_record import CONFIG_KEY, CalibrationRecord
 from .loader import base_info
 
 __all__ = ["save_quantized", "float_in_bitsandbytes"]
@@ -80,8 +81,14 @@ def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overw
         "bnb_4bit_compute_dtype": info.compute_dtype, "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": None,
         "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
     cfg["lowbit_fingerprint"] = info.fingerprint
+    record = getattr(net, "lowbit_calibration", None) or \
+        (CalibrationRecord.read(Path(info.path), info.calibration) if info.calibration else None)
+    if record is not None:
+        cfg[CONFIG_KEY] = record.config_entry()
     with writing_dir(out, overwrite) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if record is not None:
+            record.save(tmp)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

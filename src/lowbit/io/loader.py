@@ -30,6 +30,7 @@ from ..nn.lora import linear_module_names, output_head_names
 from ..quant.spec import LOWBIT_QUANT_METHOD, QUANT_TYPES, QuantSpec
 from ..quant.tensor import QuantizedTensor, quantize
 from .allocator import returning_allocator
+from .calibration_record import CONFIG_KEY, CalibrationRecord, scaled_weight
 from .checkpoint_names import CheckpointNames
 from .moe import expert_matrix, load_experts
 from .resolve import resolve_model
@@ -48,6 +49,7 @@ class BaseInfo:
     compute_dtype: str = "float32"
     quant: QuantSpec | None = None   # how the linear layers are stored; None: not quantized
     transposed: frozenset = frozenset()  # layers that were GPT-2-style Conv1D (weight stored in × out)
+    calibration: dict | None = None  # a calibrated checkpoint's record: method, float source (calibration_record)
 
 
 def base_info(net: nn.Module) -> BaseInfo:
@@ -94,7 +96,8 @@ def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, com
     fingerprint = raw.get("lowbit_fingerprint") or \
         hashlib.sha256(b"".join(digests[k] for k in sorted(digests))).hexdigest()[:16]
     net.lowbit_base = BaseInfo(name=str(model), path=str(folder), fingerprint=fingerprint,
-                               compute_dtype=name_of(dtype), quant=stored, transposed=frozenset(transposed))
+                               compute_dtype=name_of(dtype), quant=stored, transposed=frozenset(transposed),
+                               calibration=raw.get(CONFIG_KEY))
     return net.to(device) if device != "cpu" else net
 
 
@@ -232,6 +235,8 @@ def _materialize(net: nn.Module, reader: Reader, names: CheckpointNames, dtype, 
 class SourceWeights:
     """The full-precision weights of a loaded model's checkpoint, read one layer at a time (for LoftQ init,
     which needs the weight before rounding; keeping them all in memory would cost the model in float32).
+    For a checkpoint lowbit calibrated, the weights it was rounded from: its float source's, with the
+    calibration's scales (``calibration_record.py``).
 
         with SourceWeights(net) as src:
             add_lora(net, init="loftq", source_weight=src)      # src("model.layers.0.mlp.up_proj") → float32
@@ -241,8 +246,17 @@ class SourceWeights:
         info = base_info(net)
         if info.path is None:
             raise LowbitError("the model was not loaded by lowbit: its full-precision weights cannot be found")
-        self._reader = Reader(Path(info.path))
-        self._path, self._net, self._transposed = info.path, net, info.transposed
+        path = info.path
+        self.rows: dict[str, torch.Tensor] = {}
+        self.cols: dict[str, torch.Tensor] = {}
+        if info.calibration:
+            rec = CalibrationRecord.read(Path(info.path), info.calibration)
+            path, self.rows, self.cols = rec.source, rec.rows, rec.cols
+            if not (Path(path) / "config.json").is_file():
+                raise LowbitError(f"{info.path} was calibrated from {path}, which is not there any more: its float "
+                                  "weights are needed (LoftQ init, calibration)")
+        self._reader = Reader(Path(path))
+        self.path, self._net, self._transposed = str(path), net, info.transposed
         self._names = CheckpointNames.for_model(net, self._reader)
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -251,10 +265,10 @@ class SourceWeights:
             return expert_matrix(self._reader, self._names, f"{expert[1]}.{expert[3]}", int(expert[2]))[1].float()
         key = self._names.key(f"{name}.weight")
         if key not in self._reader or f"{key}.absmax" in self._reader:
-            raise LowbitError(f"{self._path}: no full-precision weight for {name} (a 4-bit checkpoint has none; "
-                              "loftq init needs a float checkpoint)")
+            raise LowbitError(f"{self.path}: no full-precision weight for {name} (a 4-bit checkpoint has none; "
+                              "LoftQ init and calibration need a float checkpoint)")
         w = self._reader.get(key, torch.float32)
-        return w.t().contiguous() if name in self._transposed else w
+        return scaled_weight(w.t().contiguous() if name in self._transposed else w, name, self.rows, self.cols)
 
     def __enter__(self):
         return self

@@ -111,8 +111,6 @@ class TrainConfig:
         if self.quant_calibration != "none":
             if not self.load_in_4bit:
                 bad("quant_calibration", "needs load_in_4bit: true (there is no 4-bit base to calibrate)")
-            if self.lora_init == "loftq":
-                bad("quant_calibration", "and lora_init: loftq both choose the base's codes; use one of them")
             if self.quant_calibration_samples <= 0:
                 bad("quant_calibration_samples", f"must be > 0, got {self.quant_calibration_samples}")
         try:
