@@ -26,7 +26,8 @@ def render(rows: list[dict], n_valid: int, n_calib: int) -> str:
     return table(shown, list(rows[0])) + (
         f"\n\nSmolLM2-135M-Instruct, bf16 compute, {n_valid} held-out chatterbot dialogues; calibrated on "
         f"{n_calib} training dialogues (their inputs to each 4-bit layer), 2 threads. GPTQ: damping 0.01, "
-        "round-to-nearest's double-quantized scales kept. AWQ: 21-point grid of α per group, scales folded into "
+        "round-to-nearest's double-quantized scales kept. AWQ: α per group on a 21-point grid searched coarse to "
+        "fine (at most 12 points tried), scales folded into "
         "the RMSNorm weights and into v_proj / up_proj rows. Every NF4 row is a plain bitsandbytes checkpoint.")
 
 
