@@ -1,4 +1,5 @@
-"""Code packing: the documented byte layouts, round trips, and NF3/NF2 taking 3 and 2 bits of real storage."""
+"""Code packing (quant/packing.py; tests/data/test_packing.py is sample packing): the documented byte layouts,
+round trips, and NF3/NF2 taking 3 and 2 bits of real storage."""
 
 import json
 
