@@ -69,6 +69,8 @@ def test_dense_state_dict_round_trip_and_legacy_nibbles(qt):
         dtype=torch.uint8)}
     with pytest.raises(ValueError, match="code_bits"):
         lowbit.QuantizedTensor.from_state_dict(bad, "w")
+    with pytest.raises(ValueError, match="codes do not fit quant_type"):
+        lowbit.QuantizedTensor.from_state_dict({**sd, "w.quant_map": codebooks.codebook("nf4")}, "w")
 
 
 def test_planner_counts_real_bits():

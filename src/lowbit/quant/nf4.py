@@ -118,8 +118,7 @@ _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 def dequantize(packed, absmax, code, blocksize, shape, dtype=torch.float32, out=None, nested=None) -> torch.Tensor:
     """The one dispatch point: the C kernel (``native.py``) on CPU when it built, the Triton kernel on CUDA when
-    Triton is installed, else the PyTorch path. The code
-    width follows from the codebook's size (``code_bits``).
+    Triton is installed, else the PyTorch path. The code width follows from the codebook's size (``code_bits``).
 
     ``nested``: ``(qabsmax, nested_absmax, nested_code, offset, nested_blocksize)`` when the block constants
     are double-quantized (``absmax`` is then None); the kernels undo both levels in one pass.

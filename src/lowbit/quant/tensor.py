@@ -27,7 +27,7 @@ import torch
 from ..errors import LowbitError
 from .codebooks import bits_of, codebook
 from .double_quant import NESTED_BLOCKSIZE, double_dequantize, double_quantize
-from .nf4 import FLOAT_DTYPES, dequantize, quantize_blockwise
+from .nf4 import FLOAT_DTYPES, code_bits, dequantize, quantize_blockwise
 from .packing import pack_codes, unpack_codes
 from .spec import QUANT_TYPES, QuantSpec, packed_bytes
 
@@ -153,6 +153,9 @@ class QuantizedTensor:
         if meta.get("code_bits", bits) != bits:
             raise LowbitError(f"{qs_keys[0]}: code_bits {meta['code_bits']!r} does not fit quant_type {qt!r} "
                               f"({bits} bits)")
+        if code_bits(sd[f"{prefix}.quant_map"]) != bits:
+            raise LowbitError(f"{prefix}.quant_map: {sd[f'{prefix}.quant_map'].numel()} codes do not fit quant_type "
+                              f"{qt!r} ({bits}-bit codes)")
         packed = sd[prefix].view(torch.uint8).reshape(-1, 1)
         if bits != 4 and "code_bits" not in meta and packed.numel() == (n + 1) // 2:  # one code per nibble
             zero = int(sd[f"{prefix}.quant_map"].float().abs().argmin())  # spare slots: the code of 0.0
