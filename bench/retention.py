@@ -11,7 +11,7 @@ Every method sees the same batches in the same order for the same number of step
 Each method runs in its own process (peak RSS per method). The peer is evaluated only after training
 (an eval-mode forward before training corrupts bitsandbytes' CPU weights: DESIGN.md §5).
 
-    python bench/retention.py            # full table, ~60-80 min on 2 cores
+    python bench/retention.py            # full table (one seed), ~100 min on 2 cores
     python bench/retention.py --quick    # smoke test: 2 methods, a few steps
     python bench/retention.py --pre-only --merge   # only the pre-training loss and bits/param of each method
 Writes bench/results/retention.json, retention.md, retention.png and the README section between markers.
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, peak_rss_bytes, table, update_readme
 
 METHODS = ["full", "lora", "qlora-nf4", "qlora-nf4-init", "qlora-nf4-gptq", "qlora-nf4-awq", "qlora-nf4-both",
-           "qlora-fp4", "qlora-int4", "qlora-nf3", "qlora-nf3-init", "qlora-nf3-both", "qlora-nf2", "qlora-nf2-init",
-           "qlora-nf2-both", "peer-bnb-nf4"]
+           "qlora-nf4-awq-init", "qlora-fp4", "qlora-int4", "qlora-nf3", "qlora-nf3-init", "qlora-nf3-gptq",
+           "qlora-nf3-awq-init", "qlora-nf2", "qlora-nf2-init", "qlora-nf2-gptq", "qlora-nf2-awq-init", "peer-bnb-nf4"]
 TOPIC_PROMPT = "Which topic is this question about? Answer with one word.\n{q}"
 
 
