@@ -23,7 +23,7 @@ import torch
 
 from .spec import QUANT_TYPES, check_quant_type
 
-__all__ = ["codebook", "quant_order", "dynamic_map", "CODEBOOKS", "bits_of"]
+__all__ = ["codebook", "quant_order", "zero_code", "dynamic_map", "CODEBOOKS", "bits_of"]
 
 
 def _normal_float(bits: int, offset: float | None = None) -> torch.Tensor:
@@ -96,6 +96,13 @@ def quant_order(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort(code)
     s = code[order]
     return (s[:-1] + s[1:]) / 2, order.to(torch.uint8)
+
+
+@functools.cache
+def zero_code(quant_type: str) -> int:
+    """The code round-to-nearest gives 0.0 (what spare slots of a packed byte group hold, as in bitsandbytes)."""
+    midpoints, order = quant_order(quant_type)
+    return int(order[torch.bucketize(torch.zeros(1), midpoints)])
 
 
 @functools.cache

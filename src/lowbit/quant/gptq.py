@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .codebooks import quant_order
+from .codebooks import quant_order, zero_code
 from .packing import pack_codes
 from .spec import QUANT_TYPES
 from .tensor import QuantizedTensor, quantize
@@ -58,8 +58,6 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, quant_type: str = "nf4
             w1[:, j + 1:] -= e[:, None] * u[i1 + j, i1 + j + 1: i2][None, :]
             err[:, j] = e
         wk[:, i2:] -= err @ u[i1:i2, i2:]
-    bits = QUANT_TYPES[quant_type].storage_bits
-    zero = int(order[torch.bucketize(torch.zeros(1), midpoints)])
-    return QuantizedTensor(pack_codes(codes, bits, pad=zero).view(-1, 1), rtn.absmax, rtn.shape, rtn.dtype,
-                           blocksize, quant_type, rtn.code,
+    packed = pack_codes(codes, QUANT_TYPES[quant_type].storage_bits, pad=zero_code(quant_type)).view(-1, 1)
+    return QuantizedTensor(packed, rtn.absmax, rtn.shape, rtn.dtype, blocksize, quant_type, rtn.code,
                            rtn.nested_absmax, rtn.nested_code, rtn.nested_offset)

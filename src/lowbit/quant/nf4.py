@@ -27,7 +27,7 @@ import math
 import torch
 
 from . import native
-from .codebooks import quant_order
+from .codebooks import quant_order, zero_code
 from .packing import pack_codes, unpack_codes
 from .spec import PACKING, QUANT_TYPES, packed_bytes
 
@@ -64,7 +64,6 @@ def quantize_blockwise(w: torch.Tensor, quant_type: str = "nf4",
     bits = QUANT_TYPES[quant_type].storage_bits
     per, nbytes = PACKING[bits]
     identity = bool(torch.equal(order, torch.arange(len(order), dtype=torch.uint8)))
-    zero = int(order[torch.bucketize(torch.zeros(1), midpoints)])
     flat = w.reshape(-1)
     n = flat.numel()
     nblocks = -(-n // blocksize)
@@ -78,7 +77,7 @@ def quantize_blockwise(w: torch.Tensor, quant_type: str = "nf4",
         q = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
         if not identity:
             q = order[q.long()]
-        p = pack_codes(q, bits, pad=zero)
+        p = pack_codes(q, bits, pad=zero_code(quant_type))
         packed[start // per * nbytes : start // per * nbytes + p.numel()] = p
     return packed.view(-1, 1), absmax
 
