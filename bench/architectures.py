@@ -41,10 +41,20 @@ COLUMNS = ("load", "train", "peft round trip", "merge", "bnb-format save")
 ATOL = 1e-4  # float32 logits of the same weights computed two ways
 
 
+INT8_ROW = "all-linear, 8-bit base"  # the row that stores the base as LLM.int8 (load_in_8bit) instead of NF4
+
+
 def rows() -> list[tuple[str, str]]:
-    """(architecture, LoRA targets): every architecture with all-linear; MoE also with every expert."""
+    """(architecture, LoRA targets): every architecture with all-linear; MoE also with every expert; LLaMA also on
+    an 8-bit base."""
     out = [(a, "all-linear") for a in ARCHITECTURES]
-    return out + [(a, "all-linear+experts") for a in MOE_ARCHITECTURES]
+    return out + [(a, "all-linear+experts") for a in MOE_ARCHITECTURES] + [("llama", INT8_ROW)]
+
+
+def _quant(targets: str):
+    from lowbit.quant.spec import QuantSpec
+
+    return QuantSpec("int8", double_quant=False) if targets == INT8_ROW else QuantSpec()
 
 
 def _quiet():
@@ -72,7 +82,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = ATOL) -> N
         raise AssertionError(f"{what}: logits differ by {err:.2e} (max abs; allowed {atol:g})")
 
 
-def _reference(src: Path, net) -> torch.nn.Module:
+def _reference(src: Path, net, quant=None) -> torch.nn.Module:
     """transformers' own model of ``src`` holding ``net``'s weights dequantized (adapters left out)."""
     from transformers import AutoModelForCausalLM
 
@@ -80,7 +90,8 @@ def _reference(src: Path, net) -> torch.nn.Module:
     from lowbit.io.merging import dequantize_model
 
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    plain = dequantize_model(load(src, compute_dtype=torch.float32))
+    plain = dequantize_model(load(src, quant, compute_dtype=torch.float32) if quant else
+                             load(src, compute_dtype=torch.float32))
     missing, unexpected = ref.load_state_dict(plain.state_dict(), strict=False)
     if missing or unexpected:
         raise AssertionError(f"dequantized model's tensors differ from transformers': missing {missing[:2]}, "
@@ -104,6 +115,25 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8) if a.is_floating_point()
                                                                      else a, b.view(torch.uint8)
                                                                      if b.is_floating_point() else b)
+
+
+def check_load_int8(src: Path, ids) -> str:
+    """Every 8-bit matrix holds bitsandbytes' Int8Params bytes (int8 codes and SCB) of its checkpoint weight."""
+    import bitsandbytes as bnb
+
+    from lowbit.io.loader import SourceWeights, load
+    from lowbit.nn.linear8bit import Linear8bit
+
+    quant = _quant(INT8_ROW)
+    net = load(src, quant, compute_dtype=torch.float32)
+    layers = {n: m for n, m in net.named_modules() if isinstance(m, Linear8bit)}
+    with SourceWeights(net) as source:
+        for name, layer in layers.items():
+            p = bnb.nn.Int8Params(source(name), requires_grad=False, has_fp16_weights=False)._quantize("cpu")
+            if not (torch.equal(p.data, layer.codes) and torch.equal(p.SCB, layer.SCB)):
+                raise AssertionError(f"{name}: 8-bit state differs from bitsandbytes'")
+    _close(_logits(net, ids), _logits(_reference(src, net, quant), ids), "8-bit model vs transformers")
+    return f"✓ {len(layers)} 8-bit matrices"
 
 
 def check_load(src: Path, ids) -> str:
@@ -130,7 +160,9 @@ def check_train(src: Path, data: Path, out: Path, targets: str, ids) -> tuple[st
     from lowbit.training.config import TrainConfig
     from lowbit.training.recipe import train
 
-    cfg = TrainConfig(base_model=str(src), datasets=str(data), lora_r=4, lora_alpha=8, lora_target_modules=targets,
+    int8 = targets == INT8_ROW
+    cfg = TrainConfig(base_model=str(src), datasets=str(data), lora_r=4, lora_alpha=8,
+                      lora_target_modules="all-linear" if int8 else targets, load_in_8bit=int8, load_in_4bit=not int8,
                       sequence_len=64, micro_batch_size=4, max_steps=12, learning_rate=3e-3, warmup_steps=2,
                       eval_steps=12, save_steps=100, val_set_size=0.125, output_dir=str(out), compute_dtype="float32")
     with contextlib.redirect_stdout(io.StringIO()):
@@ -141,36 +173,67 @@ def check_train(src: Path, data: Path, out: Path, targets: str, ids) -> tuple[st
     return f"✓ held-out {before:.2f} → {after:.2f}", Path(res["output_dir"]), _logits(res["model"], ids)
 
 
-def _adapted(src: Path, adapter: Path):
+def _adapted(src: Path, adapter: Path, quant=None):
     from lowbit.io.adapters import load_adapter
     from lowbit.io.loader import load
 
-    return load_adapter(load(src, compute_dtype=torch.float32), adapter)
+    return load_adapter(load(src, quant, compute_dtype=torch.float32) if quant else
+                        load(src, compute_dtype=torch.float32), adapter)
 
 
-def check_peft(src: Path, adapter: Path, ids, want: torch.Tensor, tmp: Path) -> str:
+def check_peft(src: Path, adapter: Path, ids, want: torch.Tensor, tmp: Path, quant=None) -> str:
     """``want``: the trained model's logits."""
     from peft import PeftModel
 
-    net = _adapted(src, adapter)
+    net = _adapted(src, adapter, quant)
     _close(_logits(net, ids), want, "lowbit reloading its adapter vs the trained model")
-    peft_model = PeftModel.from_pretrained(_reference(src, net), adapter)
+    peft_model = PeftModel.from_pretrained(_reference(src, net, quant), adapter)
     _close(_logits(peft_model, ids), want, "peft on transformers vs the trained model")
     resaved = tmp / "peft-resaved"
     peft_model.save_pretrained(resaved)
-    _close(_logits(_adapted(src, resaved), ids), want, "lowbit on peft's re-save vs the trained model")
+    _close(_logits(_adapted(src, resaved, quant), ids), want, "lowbit on peft's re-save vs the trained model")
     kind = json.loads((adapter / "adapter_config.json").read_text())
     return "✓" + (" (experts as peft target_parameters)" if kind.get("target_parameters") else "")
 
 
-def check_merge(src: Path, adapter: Path, ids, want: torch.Tensor, tmp: Path) -> str:
+def check_merge(src: Path, adapter: Path, ids, want: torch.Tensor, tmp: Path, quant=None) -> str:
     from transformers import AutoModelForCausalLM
 
     from lowbit.io.merging import merge
 
-    merge(_adapted(src, adapter), tmp / "merged", dtype=torch.float32)
+    merge(_adapted(src, adapter, quant), tmp / "merged", dtype=torch.float32)
     _close(_logits(AutoModelForCausalLM.from_pretrained(tmp / "merged"), ids), want, "merged vs the trained model")
     return "✓"
+
+
+def check_bnb_save_int8(src: Path, ids, tmp: Path) -> str:
+    """transformers + bitsandbytes load the 8-bit folder: every Linear8bitLt holds lowbit's int8 codes and SCB; its
+    logits are lowbit's up to bitsandbytes' int8 matmul (activations quantized to int8 too: < 5 %)."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.io.export import save_quantized
+    from lowbit.io.loader import load
+    from lowbit.nn.linear8bit import Linear8bit
+
+    net = load(src, _quant(INT8_ROW), compute_dtype=torch.float32)
+    want = _logits(net, ids)
+    save_quantized(net, tmp / "bnb8")
+    bq, info = AutoModelForCausalLM.from_pretrained(tmp / "bnb8", output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:
+        raise AssertionError(f"transformers + bitsandbytes: {bad}")
+    ours = {n: m for n, m in net.named_modules() if isinstance(m, Linear8bit)}
+    theirs = {n: m for n, m in bq.named_modules() if type(m).__name__ == "Linear8bitLt"}
+    if set(theirs) != set(ours):
+        raise AssertionError(f"8-bit layers differ: {sorted(set(theirs) ^ set(ours))[:2]}")
+    for n, m in theirs.items():
+        if not (torch.equal(m.weight.data, ours[n].codes) and torch.equal(m.weight.SCB, ours[n].SCB)):
+            raise AssertionError(f"{n}: bitsandbytes holds other bytes than lowbit")
+    rel = ((_logits(bq, ids) - want).norm() / want.norm()).item()
+    if not rel < 5e-2:
+        raise AssertionError(f"bitsandbytes' int8 logits differ from lowbit's by {100 * rel:.2f}%")
+    _close(_logits(load(tmp / "bnb8", compute_dtype=torch.float32), ids), want, "lowbit reloading its export")
+    return f"✓ {len(theirs)} bnb 8-bit layers (int8 matmul: logits {100 * rel:.1f} % apart)"
 
 
 def check_bnb_save(src: Path, ids, tmp: Path) -> str:
@@ -237,7 +300,8 @@ def check(arch: str, targets: str, tmp: Path) -> dict:
         except Exception as e:  # a ✗ names the reason; the other columns still run
             row[name] = f"✗ {type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
-    column("load", lambda: check_load(src, ids))
+    quant = _quant(targets) if targets == INT8_ROW else None
+    column("load", lambda: check_load_int8(src, ids) if quant else check_load(src, ids))
 
     def train_column():
         nonlocal adapter, want
@@ -245,10 +309,12 @@ def check(arch: str, targets: str, tmp: Path) -> dict:
         return text
 
     column("train", train_column)
-    for name, fn in (("peft round trip", lambda: check_peft(src, adapter, ids, want, tmp)),
-                     ("merge", lambda: check_merge(src, adapter, ids, want, tmp))):
+    for name, fn in (("peft round trip", lambda: check_peft(src, adapter, ids, want, tmp, quant)),
+                     ("merge", lambda: check_merge(src, adapter, ids, want, tmp, quant))):
         column(name, fn if adapter is not None else lambda: (_ for _ in ()).throw(RuntimeError("no adapter")))
-    if targets == "all-linear":
+    if targets == INT8_ROW:
+        column("bnb-format save", lambda: check_bnb_save_int8(src, ids, tmp))
+    elif targets == "all-linear":
         column("bnb-format save", lambda: check_bnb_save(src, ids, tmp))
     else:
         row["bnb-format save"] = "(as above: no adapter involved)"

@@ -3,9 +3,11 @@
 import torch
 
 MOE_ARCHITECTURES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "granitemoe")
+HYBRID_ARCHITECTURES = ("falcon_h1", "granitemoehybrid", "nemotron_h", "lfm2")
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt2", "gpt_neox",
-                 "falcon", "starcoder2", "granite", "smollm3", *MOE_ARCHITECTURES)
-"""The decoder-only architectures lowbit is tested on (transformers model types), dense first, then MoE."""
+                 "falcon", "starcoder2", "granite", "smollm3", *HYBRID_ARCHITECTURES, *MOE_ARCHITECTURES)
+"""The decoder-only architectures lowbit is tested on (transformers model types): dense, hybrid attention /
+state-space (Mamba or short-convolution mixers), then MoE."""
 
 
 def tiny_config(arch="llama", **kw):
@@ -32,6 +34,15 @@ def tiny_config(arch="llama", **kw):
         "falcon": dict(eos_token_id=2, bos_token_id=1, num_kv_heads=2, new_decoder_architecture=True),
         "starcoder2": dict(eos_token_id=2, bos_token_id=1),
         "smollm3": dict(pad_token_id=0, eos_token_id=2, bos_token_id=1),
+        "falcon_h1": dict(mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1,
+                          mamba_expand=1, mamba_chunk_size=16, head_dim=16, pad_token_id=0, eos_token_id=2),
+        "granitemoehybrid": dict(layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16,
+                                 mamba_d_state=8, mamba_n_groups=1, mamba_expand=1, mamba_chunk_size=16,
+                                 num_local_experts=0, shared_intermediate_size=128, pad_token_id=0, eos_token_id=2),
+        "nemotron_h": dict(hybrid_override_pattern="M*-", num_hidden_layers=3, mamba_num_heads=4, mamba_head_dim=16,
+                           ssm_state_size=8, n_groups=1, chunk_size=16, head_dim=16, pad_token_id=0, eos_token_id=2),
+        "lfm2": dict(layer_types=["conv", "full_attention"], conv_L_cache=3, block_ff_dim=128,
+                     block_auto_adjust_ff_dim=False, pad_token_id=0, eos_token_id=2),
     }
     if arch == "gpt2":
         gpt2 = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)

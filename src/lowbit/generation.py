@@ -21,15 +21,17 @@ def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
 
 @torch.no_grad()
 def generate(net: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, chat: bool = True, stream: bool = False, seed: int | None = 0) -> str:
-    """The model's continuation of ``prompt`` (only the new text)."""
+             top_p: float = 1.0, chat: bool = True, stream: bool = False, seed: int | None = 0,
+             stop_ids: list[int] | None = None) -> str:
+    """The model's continuation of ``prompt`` (only the new text); ``stop_ids``: tokens that end it (default: EOS)."""
     from transformers import TextStreamer
 
     text = chat_prompt(tokenizer, prompt) if chat else prompt
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(next(net.parameters()).device)
     if seed is not None:
         torch.manual_seed(seed)
-    kw = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    kw = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+          **({"eos_token_id": stop_ids} if stop_ids else {})}
     if temperature > 0:
         kw.update(temperature=temperature, top_p=top_p)
     else:

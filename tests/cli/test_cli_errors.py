@@ -39,7 +39,7 @@ def _cases(bad, setup):
     return [
         (["train", str(bad / "bad.yaml")], "bad.yaml:2: invalid YAML"),
         (["train", str(bad / "list.yaml")], "expected a mapping"),
-        (["train", "--lora-r", "many"], "lora_r expects int"),
+        (["train", "--lora-r", "many"], "lora_r expects an integer"),
         (["train", "--lora-rr", "3"], "did you mean"),
         (["train", "--quant-type", "nf5"], "invalid choice"),
         (["train", "--base-model", str(bad / "fake-model"), "--datasets", str(data), "--output-dir",

@@ -52,5 +52,9 @@ def test_axolotl_local_file_spellings():
     assert (b.path, b.ds_type) == ("x.parquet", "parquet")
     with pytest.raises(LowbitError, match=r"datasets\[0\]\.data_files: one file per entry"):
         parse_sources([{"path": "json", "data_files": ["a.jsonl", "b.jsonl"]}])
-    with pytest.raises(LowbitError, match=r"datasets\[0\]\.conversation: lowbit renders chats with the tokenizer"):
-        parse_sources([{"path": "a.jsonl", "type": "sharegpt", "conversation": "chatml"}])
+    (c,) = parse_sources([{"path": "a.jsonl", "type": "sharegpt", "conversation": "chatml"}])
+    assert c.fields["chat_template"] == "chatml"  # older Axolotl's name for the entry's template
+    with pytest.raises(LowbitError, match=r"datasets\[0\]\.chat_template: unknown template 'vicuna_v1.1'"):
+        parse_sources([{"path": "a.jsonl", "type": "sharegpt", "conversation": "vicuna_v1.1"}])
+    with pytest.raises(LowbitError, match=r"datasets\[0\]\.train_on_eos: lowbit learns each trained turn"):
+        parse_sources([{"path": "a.jsonl", "type": "sharegpt", "train_on_eos": "all"}])

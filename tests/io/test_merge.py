@@ -34,3 +34,35 @@ def test_merge_writes_plain_hf_folder(tmp_path, tiny):
         m2 = load(path, compute_dtype=F32)
         add_lora(m2, r=4, verbose=False)
         merge(m2, tmp_path / "merged")
+
+
+def test_float32_merge_carries_what_was_never_quantized_exactly(tmp_path, tiny):
+    """lowbit merge --dtype fp32: embeddings, head and norms are the source checkpoint's bytes, not rounded through a
+    16-bit compute dtype; the merged logits equal peft's merge on transformers' dequantized model."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lowbit import cli
+    from lowbit.io.adapters import save_adapter
+    from lowbit.io.merging import dequantize_model
+
+    path, _ = tiny
+    m = load(path, compute_dtype=torch.float32)
+    add_lora(m, r=4, alpha=8, verbose=False)
+    _randomize_lora(m)
+    save_adapter(m, tmp_path / "ad")
+    assert cli.main(["merge", "--model", str(path), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "mg"),
+                     "--dtype", "fp32", "--compute-dtype", "bf16"]) == 0
+    merged, src = load_file(str(tmp_path / "mg" / "model.safetensors")), load_file(str(path / "model.safetensors"))
+    for k in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
+        assert merged[k].dtype == torch.float32 and torch.equal(merged[k], src[k]), k
+    base = tmp_path / "deq"
+    dequantize_model(load(path, compute_dtype=torch.float32), torch.float32).save_pretrained(base)
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                    tmp_path / "ad").merge_and_unload()
+    ids = torch.randint(4, 200, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "mg").eval()(ids).logits
+        want = ref.eval()(ids).logits
+    assert ((got - want).norm() / want.norm()).item() < 1e-6

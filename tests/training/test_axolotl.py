@@ -100,14 +100,27 @@ def _write(tmp_path, d):
 
 
 @pytest.mark.parametrize("d,message", [
-    ({"load_in_8bit": True}, "load_in_8bit: an 8-bit base is not lowbit's"),
-    ({"adapter": "ia3"}, "adapter: lowbit trains qlora or lora adapters, got 'ia3'"),
-    ({"wandb_project": "x"}, "wandb_project: Weights & Biases is not built in"),
-    ({"deepspeed": "zero2.json"}, "deepspeed: lowbit runs several processes with torchrun"),
-    ({"chat_template": "chatml"}, "chat_template: lowbit renders chats with the tokenizer's own template"),
-    ({"special_tokens": {"pad_token": "<pad>"}}, "special_tokens: lowbit keeps the tokenizer's own"),
-    ({"bf16": "yes"}, "bf16: expects true, false or auto"),
+    ({"load_in_8bit": True, "load_in_4bit": True}, "load_in_8bit and load_in_4bit are both true"),
+    ({"adapter": "ia3"}, "adapter: 'ia3' — lowbit trains LoRA adapters"),
+    ({"adapter": "qlora", "load_in_4bit": False}, "adapter: qlora needs a 4-bit base"),
+    ({"deepspeed": "zero2.json"}, "deepspeed: 'zero2.json' — DeepSpeed is not used"),
+    ({"gptq": True}, "gptq: True — GPTQ-quantized bases are not read"),
+    ({"relora": True}, "relora: True — ReLoRA is not built in"),
+    ({"tokenizer_use_mistral_common": True}, "tokenizer_use_mistral_common: True — mistral-common tokenizers"),
+    ({"chat_template": "nosuch"}, "chat_template: unknown template 'nosuch'"),
+    ({"chat_template": "jinja"}, "jinja needs the template in chat_template_jinja"),
+    ({"chat_template": "llava"}, "'llava' is a format for images or audio"),
+    ({"special_tokens": {"mask_token": "<m>"}}, "special_tokens: unknown 'mask_token'"),
+    ({"plugins": ["axolotl.integrations.kd.KDPlugin"]}, "plugins: 'axolotl.integrations.kd.KDPlugin' — lowbit has no"),
+    ({"lr_scheduler": "one_cycle"}, "lr_scheduler: 'one_cycle' — lowbit schedules cosine"),
+    ({"warmup_steps": 5, "warmup_ratio": 0.1}, "warmup_steps and warmup_ratio are both set"),
+    ({"adam_eps": 1e-5}, "unknown key 'adam_eps' — did you mean 'adam_epsilon'"),
+    ({"context_parapllel_size": 2}, "unknown key 'context_parapllel_size' — did you mean 'context_parallel_size'"),
+    ({"context_parallel_size": 2}, "context_parallel_size: 2 — context / tensor parallelism is not built in"),
+    ({"gradient_checkpointing": "offload_disk"}, "'offload_disk' — checkpoints are kept in host memory"),
+    ({"bf16": "yes"}, "bf16: 'yes' — expects true, false or auto"),
     ({"evals_per_epoch": -1}, "evals_per_epoch must be >= 0"),
+    ({"learning_rate": "fast"}, "learning_rate expects a number, got 'fast'"),
 ])
 def test_what_lowbit_does_not_do_is_refused_in_one_line(tmp_path, d, message):
     with pytest.raises(LowbitError, match=message.replace("(", r"\(")) as e:

@@ -12,9 +12,11 @@ def test_config_keys_types_and_hints(tmp_path):
     with pytest.raises(LowbitError, match="did you mean 'learning_rate'"):
         apply_overrides(cfg, {"learning_rat": 1})
     with pytest.raises(LowbitError, match="lora_r expects an integer"):
-        apply_overrides(cfg, {"lora_r": "8"})
-    with pytest.raises(LowbitError, match="gradient_checkpointing expects true/false"):
-        apply_overrides(cfg, {"gradient_checkpointing": "maybe"}, from_string=True)
+        apply_overrides(cfg, {"lora_r": "eight"})
+    with pytest.raises(LowbitError, match="gradient_checkpointing must be one of false, true, offload"):
+        apply_overrides(cfg, {"gradient_checkpointing": "maybe"}, from_string=True).validate()
+    with pytest.raises(LowbitError, match="double_quant expects true/false"):
+        apply_overrides(TrainConfig(), {"double_quant": "maybe"}, from_string=True)
     p = tmp_path / "c.yaml"
     p.write_text("lora_r: 8\nlearning_rate: 1.0e-4\nlora_target_modules: [q_proj, v_proj]\n")
     cfg = load_config(p)
@@ -29,7 +31,8 @@ def test_config_keys_types_and_hints(tmp_path):
 def test_unknown_names_are_errors_everywhere():
     from lowbit.training.schedule import lr_lambda
 
-    with pytest.raises(LowbitError, match="lr_scheduler must be one of cosine, linear, constant, got 'cosin'"):
+    with pytest.raises(LowbitError, match="lr_scheduler must be one of cosine, linear, constant, "
+                                          "constant_with_warmup, got 'cosin'"):
         TrainConfig(lr_scheduler="cosin").validate()
     with pytest.raises(LowbitError, match="lr_scheduler must be one of"):
         lr_lambda("cosin", 0, 10)

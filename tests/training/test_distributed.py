@@ -101,7 +101,9 @@ def test_packed_rows_on_two_ranks_equal_one_process(varied, tmp_path):
     two = tmp_path / "two"
     p = _torchrun(_cfg(model_dir, data, two, distributed="ddp", sample_packing=True), tmp_path / "report")
     assert p.returncode == 0, p.stderr[-3000:]
-    assert _close(two, one), (_losses(two), _losses(one))
+    # the ranks' gradients add as (g1+g3)+(g2+g4), one process's as ((g1+g2)+g3)+g4: float32 rounding that Adam's
+    # normalisation carries into the factors at ~1e-6 after 4 steps (measured 1.01e-6 here, every run)
+    assert _close(two, one, atol=2e-6), (_losses(two), _losses(one))
 
 
 def test_per_rank_normalisation_breaks_the_equivalence(varied, single, tmp_path):
@@ -164,12 +166,14 @@ def test_ranks_with_different_bases_are_refused(varied, tmp_path):
     assert p.returncode != 0 and "the ranks loaded different base models" in p.stderr, p.stderr[-2000:]
 
 
-def test_distributed_settings_need_torchrun(varied, tmp_path):
-    from lowbit.errors import LowbitError
-
+def test_distributed_settings_in_one_process_train_as_one_process(varied, single, tmp_path):
+    """distributed: fsdp (Axolotl's fsdp keys) without torchrun: one process's run, said so."""
     model_dir, data = varied
-    with pytest.raises(LowbitError, match="distributed: fsdp needs several processes"):
-        recipe.train(TrainConfig(**_cfg(model_dir, data, tmp_path / "x", distributed="fsdp")), progress=False)
+    said = []
+    cfg = _cfg(model_dir, data, tmp_path / "x", distributed="fsdp", gradient_accumulation_steps=4)
+    recipe.train(TrainConfig(**cfg), progress=False, log=said.append)
+    assert any("distributed: fsdp in one process: nothing to share or shard" in s for s in said)
+    assert _close(tmp_path / "x", single[0])
 
 
 @pytest.mark.slow

@@ -26,11 +26,11 @@ def run(args) -> int:
     from ..data.sources import parse_sources
     from ..data.table import source_tables
     from ..dtypes import to_torch
-    from ..io.tokenizer import load_tokenizer
+    from ..io.tokenizer import tokenizer_for
     from ..training.evaluation import evaluate
 
     cfg = config_from(args)
-    tok = load_tokenizer(cfg.base_model)
+    tok = tokenizer_for(cfg.base_model, args.adapter)
     data = source_tables(parse_sources(cfg.datasets, cfg.dataset_format), tok, 0, sequence_len=cfg.sequence_len)
     net = load_model(cfg, args.adapter, args.force)  # after the data: a bad file fails before the model loads
     loss = evaluate(net, Batches(data.train, cfg.micro_batch_size, tok.pad_token_id), to_torch(cfg.compute_dtype))

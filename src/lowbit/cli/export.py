@@ -38,7 +38,7 @@ def run(args) -> int:
     from ..io.gguf_vocab import check_vocab
     from ..io.ollama import modelfile
     from ..io.resolve import resolve_model
-    from ..io.tokenizer import load_tokenizer
+    from ..io.tokenizer import tokenizer_for
 
     cfg = config_from(args)
     out = Path(args.out)
@@ -50,7 +50,7 @@ def run(args) -> int:
             raise LowbitError(f"{path}: exists (use --overwrite to replace it)")
     folder = resolve_model(cfg.base_model)
     gguf_arch(AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code))  # refuse before loading
-    tok = load_tokenizer(cfg.base_model)
+    tok = tokenizer_for(cfg.base_model, args.adapter)
     check_vocab(tok)  # refuse before loading
     if cfg.compute_dtype == "auto":
         cfg.compute_dtype = "float32"  # norms and embeddings unrounded; the matrices merge in float32 anyway

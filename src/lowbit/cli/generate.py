@@ -25,14 +25,16 @@ def add_parser(sub, name):
 
 def run(args) -> int:
     from ..generation import generate
-    from ..io.tokenizer import load_tokenizer
+    from ..io.tokenizer import end_token_ids, tokenizer_for
 
     cfg = config_from(args)
     net = load_model(cfg, args.adapter, args.force)
-    tok = load_tokenizer(cfg.base_model)
+    tok = tokenizer_for(cfg.base_model, args.adapter)
+    stops = end_token_ids(tok, args.adapter)
 
     def answer(prompt):
-        generate(net, tok, prompt, args.max_new_tokens, args.temperature, args.top_p, chat=not args.raw, stream=True)
+        generate(net, tok, prompt, args.max_new_tokens, args.temperature, args.top_p, chat=not args.raw, stream=True,
+                 stop_ids=stops)
 
     if args.prompt:
         answer(args.prompt)

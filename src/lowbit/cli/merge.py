@@ -26,14 +26,17 @@ def run(args) -> int:
     from ..io.export import save_quantized
     from ..io.loader import load
     from ..io.merging import merge, merge_report
-    from ..io.tokenizer import load_tokenizer
+    from ..io.tokenizer import tokenizer_for
     from ..quant.spec import QuantSpec
 
     cfg = config_from(args)
     dtype = canonical(args.dtype, "--dtype")
     quant = QuantSpec(cfg.quant_type, cfg.blocksize, cfg.double_quant)
+    # what is never quantized (embeddings, head, norms) is read straight into the output dtype: a float32 merge
+    # carries them exactly, not rounded through a 16-bit compute dtype
+    cfg.compute_dtype = dtype
     net = load_model(cfg, args.adapter, args.force)
-    tok = load_tokenizer(cfg.base_model, required=False)
+    tok = tokenizer_for(cfg.base_model, args.adapter, required=False)
     report = merge_report(net, tok, quant) if args.requantize else None
     out = merge(net, args.out, dtype=to_torch(dtype), tokenizer=tok, overwrite=args.overwrite)
     print(f"merged model written to {out} ({dtype}); load it with transformers.AutoModelForCausalLM.from_pretrained")

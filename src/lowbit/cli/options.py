@@ -44,7 +44,8 @@ def add_config_flags(parser: argparse.ArgumentParser, keys=None, required=()) ->
         f = FIELDS[key]
         kw = dict(dest=key, default=argparse.SUPPRESS, required=key in required, help=f"default: {f.default!r}")
         if key in CHOICES:
-            kw.update(choices=CHOICES[key], help=f"{', '.join(CHOICES[key])} (default: {f.default!r})")
+            names = [str(c).lower() if isinstance(c, bool) else c for c in CHOICES[key]]
+            kw.update(choices=names, help=f"{', '.join(names)} (default: {f.default!r})")
         if isinstance(f.default, bool):
             kw.update(nargs="?", const="true", metavar="true|false")
         group.add_argument(_flag(key), *ALIASES.get(key, ()), **kw)
@@ -67,9 +68,10 @@ def reject_unknown(extra: list[str], parser: argparse.ArgumentParser) -> None:
     raise LowbitError(f"{parser.prog}: unknown flag {flag}{hint}")
 
 
-def config_from(args: argparse.Namespace, config_file=None) -> TrainConfig:
-    """The training config: defaults, then the YAML file (if any), then the flags given."""
-    cfg = load_config(config_file)
+def config_from(args: argparse.Namespace, config_file=None, report=None) -> TrainConfig:
+    """The training config: defaults, then the YAML file (if any), then the flags given. ``report``
+    (``training.axolotl.Report``) collects what the file's Axolotl keys became."""
+    cfg = load_config(config_file, report)
     apply_overrides(cfg, {k: getattr(args, k) for k in FIELDS if hasattr(args, k)}, from_string=True)
     return cfg.validate()
 

@@ -19,7 +19,6 @@ def add_parser(sub, name):
     p.add_argument("target", nargs="?", help="a training config (.yaml), or a model: folder, config.json or a "
                    "known family name (default: the config's base_model)")
     p.add_argument("--gpu-memory", help="device memory, e.g. 48GB")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--world-size", type=int, default=1, help="processes torchrun will start (the plan is per rank; "
                    "the config key distributed chooses ddp or fsdp)")
     p.add_argument("--max-sequence-len", "--max-seq-len", action="store_true",
@@ -38,6 +37,7 @@ def run(args) -> int:
 
     is_config = args.target is not None and Path(args.target).suffix.lower() in (".yaml", ".yml")
     cfg = config_from(args, args.target if is_config else None)
+    args.device = "cpu" if cfg.device == "cpu" else "cuda"  # the config's device; auto plans for a GPU
     if args.target is not None and not is_config and not hasattr(args, "base_model"):
         cfg.base_model = args.target
     if (args.max_sequence_len or args.max_micro_batch_size) and args.gpu_memory is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from .options import add_config_flags, config_from
 
 HELP = "fine-tune with QLoRA (every config key is a flag too: --lora-r 32)"
@@ -21,10 +23,14 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
+    from ..training.axolotl import Report
     from ..training.config import config_to_yaml
     from ..training.recipe import train
 
-    cfg = config_from(args, args.config)
+    report = Report()
+    cfg = config_from(args, args.config, report)
+    for line in report.lines():
+        print(line, file=sys.stderr if args.print_config else sys.stdout)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0

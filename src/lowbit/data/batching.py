@@ -21,11 +21,13 @@ def sample_lengths(samples) -> list[int]:
     return lengths.tolist() if lengths is not None else [len(s[0]) for s in samples]
 
 
-def collate(samples: list[tuple[list[int], list[int]]], pad_id: int, width: int | None = None
-            ) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample (or to ``width``); padding is masked by position (attention_mask 0, label
-    -100)."""
+def collate(samples: list[tuple[list[int], list[int]]], pad_id: int, width: int | None = None,
+            multiple_of: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample (or to ``width``; then up to a multiple of ``multiple_of``); padding is
+    masked by position (attention_mask 0, label -100)."""
     n = max(width or 0, max(len(s[0]) for s in samples))
+    if multiple_of > 1:
+        n = -(-n // multiple_of) * multiple_of
     ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), n), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(samples), n), dtype=torch.long)
@@ -43,19 +45,23 @@ class Batches:
     ``group_by_length``: within each epoch, samples are shuffled, then sorted by length inside windows of
     ``micro_batch_size × 64`` so batches carry little padding (``data/packing.py`` packs samples into full rows
     instead). ``pad_to``: every batch padded to this width (Axolotl's ``pad_to_sequence_len``: fixed shapes, more
-    pad). ``samples``: a list of (ids, labels) or a ``data.table.TokenTable``.
+    pad); ``multiple_of``: widths rounded up to a multiple of it. ``shuffle=False``: samples in file order every
+    epoch (Axolotl's ``curriculum_sampling``). ``samples``: a list of (ids, labels) or a ``data.table.TokenTable``.
     """
 
     def __init__(self, samples, micro_batch_size: int, pad_id: int, seed: int = 0, group_by_length: bool = True,
-                 pad_to: int | None = None):
+                 pad_to: int | None = None, shuffle: bool = True, multiple_of: int = 0):
         self.samples, self.mb, self.pad_id = samples, micro_batch_size, pad_id
         self.seed, self.group, self.pad_to = seed, group_by_length, pad_to
+        self.shuffle, self.multiple_of = shuffle, multiple_of
         self.lengths = sample_lengths(samples)
 
     def __len__(self) -> int:
         return -(-len(self.samples) // self.mb)
 
     def order(self, epoch: int) -> list[list[int]]:
+        if not self.shuffle:
+            return self.sequential()
         g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
         perm = torch.randperm(len(self.samples), generator=g).tolist()
         if self.group:
@@ -72,7 +78,7 @@ class Batches:
         return [list(range(i, min(i + self.mb, n))) for i in range(0, n, self.mb)]
 
     def batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        return collate([self.samples[i] for i in idx], self.pad_id, self.pad_to)
+        return collate([self.samples[i] for i in idx], self.pad_id, self.pad_to, self.multiple_of)
 
 
 def sample_batches(samples, pad_id: int, count: int, seed: int = 1, size: int = 8) -> list[dict[str, torch.Tensor]]:

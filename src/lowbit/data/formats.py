@@ -92,16 +92,26 @@ def _messages(rec: Record, opts: dict, sharegpt: bool) -> list[dict]:
         raise LowbitError(f"{rec.where}: {'sharegpt' if sharegpt else 'chat'} record is missing field {key!r}")
     if not isinstance(msgs, list) or not msgs:
         raise LowbitError(f"{rec.where}: {key!r} must be a non-empty list")
+    thinking, think_key = opts.get("field_thinking"), opts.get("template_thinking_key") or "reasoning_content"
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or not isinstance(m.get(content_key), str):
             raise LowbitError(f"{rec.where}: {key}[{i}] needs string fields {role_key!r} and {content_key!r}")
         role = m[role_key]
-        role = roles.get(role, SHAREGPT_ROLES.get(role) if sharegpt and not roles else role)
+        # Axolotl's default speaker names (human → user, gpt → assistant) unless the entry maps roles itself
+        role = roles.get(role, role) if roles else SHAREGPT_ROLES.get(role, None if sharegpt else role)
         if role is None:
             raise LowbitError(f"{rec.where}: {key}[{i}].{role_key}: unknown speaker {m[role_key]!r} (expected "
                               f"{', '.join(SHAREGPT_ROLES)}; map others with 'roles')")
-        out.append({"role": role, "content": m[content_key]})
+        if role == "system" and opts.get("drop_system_message"):
+            continue
+        msg = {"role": role, "content": m[content_key]}
+        if thinking and isinstance(m.get(thinking), str):
+            msg[think_key] = m[thinking]
+        out.append(msg)
+    system = opts.get("default_system_message")
+    if system and not any(m["role"] == "system" for m in out):
+        out.insert(0, {"role": "system", "content": system})
     return out
 
 
@@ -110,20 +120,30 @@ def _chat(rec: Record, tok, opts: dict, sharegpt: bool = False) -> list[tuple[st
     says otherwise), after its generation prompt, is learned."""
     msgs = _messages(rec, opts, sharegpt)
     trained = set(opts.get("roles_to_train") or ["assistant"])
-    if not getattr(tok, "chat_template", None):
-        raise LowbitError(f"{rec.where}: chat data needs a tokenizer with a chat template")
+    kw = dict(opts.get("chat_template_kwargs") or {})
+    if opts.get("chat_template"):  # this entry's own template (Axolotl's per-dataset chat_template)
+        from .chat_templates import resolve_chat_template
+
+        kw["chat_template"] = resolve_chat_template(opts["chat_template"], opts.get("chat_template_jinja", ""), tok,
+                                                    f"{rec.where}: chat_template")
+    if not kw.get("chat_template") and not getattr(tok, "chat_template", None):
+        raise LowbitError(f"{rec.where}: chat data needs a tokenizer with a chat template (or chat_template: NAME)")
     pieces, prev = [], ""
     try:
         for i, m in enumerate(msgs):
-            if m["role"] == "assistant" and m["role"] in trained:
-                head = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
-                if head.startswith(prev):
-                    pieces.append((head[len(prev):], False))
-                    prev = head
-            full = tok.apply_chat_template(msgs[: i + 1], tokenize=False)
+            full = tok.apply_chat_template(msgs[: i + 1], tokenize=False, **kw)
             if not full.startswith(prev):
                 raise LowbitError(f"{rec.where}: the chat template does not render messages incrementally")
-            pieces.append((full[len(prev):], m["role"] in trained))
+            start = len(prev)
+            if m["role"] == "assistant" and m["role"] in trained and i:
+                # what the generation prompt shares with the rendered answer is prompt, not learned (a template may
+                # render an answer differently from its generation prompt: Qwen3's thinking blocks)
+                head = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True, **kw)
+                cut = next((k for k, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
+                if cut > start:
+                    pieces.append((full[start:cut], False))
+                    start = cut
+            pieces.append((full[start:], m["role"] in trained))
             prev = full
     except LowbitError:
         raise
@@ -169,8 +189,9 @@ def tokenize_record(rec: Record, tok, fmt: str, sequence_len: int, train_on_inpu
                     opts: dict | None = None) -> tuple[list[int], list[int], bool, str | None]:
     """(input_ids, labels, truncated, why dropped) of one record in format ``fmt``; a dropped record (nothing
     left to learn) has empty ids and the reason."""
+    opts = opts or {}
     ids, labels = [], []
-    for text, learned in FORMATS[fmt][1](rec, tok, opts or {}):
+    for text, learned in FORMATS[fmt][1](rec, tok, opts):
         piece = tok(text, add_special_tokens=False)["input_ids"]
         ids += piece
         labels += piece if (learned or train_on_inputs) else [IGNORE] * len(piece)
@@ -182,6 +203,13 @@ def tokenize_record(rec: Record, tok, fmt: str, sequence_len: int, train_on_inpu
         labels.append(eos)
     learnable = any(x != IGNORE for x in labels[1:])
     truncated = len(ids) > sequence_len
+    if truncated and opts.get("excess_length_strategy") == "raise":
+        raise LowbitError(f"{rec.where}: {len(ids)} tokens, longer than sequence_len={sequence_len} "
+                          "(excess_length_strategy: raise)")
+    if truncated and opts.get("excess_length_strategy") == "drop":
+        return [], [], False, f"longer than sequence_len={sequence_len} (excess_length_strategy: drop)"
+    if len(ids) < (opts.get("min_sample_len") or 0):
+        return [], [], False, f"shorter than min_sample_len={opts['min_sample_len']} tokens"
     ids, labels = ids[:sequence_len], labels[:sequence_len]
     if all(x == IGNORE for x in labels[1:]):
         return [], [], truncated, (f"is sequence_len={sequence_len} shorter than the prompts? this prompt fills it"

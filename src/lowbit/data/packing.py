@@ -71,16 +71,20 @@ def collate_packed(rows: list[list[tuple[list[int], list[int]]]], pad_id: int) -
 
 class PackedBatches:
     """``Batches`` with packed rows: ``order(epoch)`` lists each micro-batch's row indices, ``batch(rows)``
-    collates them. ``samples``: a list of (ids, labels) or a ``data.table.TokenTable``."""
+    collates them (``shuffle=False``: rows in order every epoch). ``samples``: a list of (ids, labels) or a
+    ``data.table.TokenTable``."""
 
-    def __init__(self, samples, micro_batch_size: int, pad_id: int, sequence_len: int, seed: int = 0):
-        self.samples, self.mb, self.pad_id, self.seed = samples, micro_batch_size, pad_id, seed
+    def __init__(self, samples, micro_batch_size: int, pad_id: int, sequence_len: int, seed: int = 0,
+                 shuffle: bool = True):
+        self.samples, self.mb, self.pad_id, self.seed, self.shuffle = samples, micro_batch_size, pad_id, seed, shuffle
         self.rows = pack_rows(sample_lengths(samples), sequence_len, seed)
 
     def __len__(self) -> int:
         return -(-len(self.rows) // self.mb)
 
     def order(self, epoch: int) -> list[list[int]]:
+        if not self.shuffle:
+            return self.sequential()
         g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
         perm = torch.randperm(len(self.rows), generator=g).tolist()
         return [perm[k : k + self.mb] for k in range(0, len(perm), self.mb)]

@@ -18,9 +18,11 @@ each entry read and formatted on its own, then mixed.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 
 from ..errors import LowbitError
+from .chat_templates import check_chat_template
 from .formats import FORMATS
 
 __all__ = ["DataSource", "parse_sources", "TYPE_ALIASES", "SOURCE_KEYS"]
@@ -32,11 +34,15 @@ TYPE_ALIASES = {"chat_template": "chat", "completion": "text", "pretrain": "text
 SOURCE_KEYS = ("path", "type", "split", "ds_type", "data_files", "field", "field_messages",
                "message_property_mappings", "message_field_role", "message_field_content", "roles",
                "roles_to_train", "field_instruction", "field_input", "field_output", "weight", "limit",
-               "chat_template", "conversation", "train_on_eos")
+               "chat_template", "chat_template_jinja", "conversation", "train_on_eos", "train_on_eot",
+               "field_thinking", "template_thinking_key", "drop_system_message")
 READER_NAMES = ("json", "parquet", "csv")  # the datasets library's file readers (ds_type)
 # the keys formats.py reads (column names and role mappings)
 FIELD_KEYS = ("field", "field_messages", "message_property_mappings", "message_field_role", "message_field_content",
-              "roles", "roles_to_train", "field_instruction", "field_input", "field_output")
+              "roles", "roles_to_train", "field_instruction", "field_input", "field_output", "chat_template",
+              "chat_template_jinja", "field_thinking", "template_thinking_key", "drop_system_message")
+# Axolotl's split names → the part of a folder lowbit reads; a slice follows HF datasets' syntax: train[:10%]
+SPLIT_NAMES = ("train", "valid", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class DataSource:
     @property
     def key(self) -> tuple:
         """What the tokenized result depends on (for the tokenization cache)."""
-        return self.path, self.fmt, self.ds_type, sorted((k, repr(v)) for k, v in self.fields.items())
+        return self.path, self.fmt, self.ds_type, self.split, sorted((k, repr(v)) for k, v in self.fields.items())
 
 
 def _format_name(value, where: str) -> str:
@@ -83,13 +89,23 @@ def _entry(d: dict, where: str, default_fmt: str) -> DataSource:
     path = path or files
     if not isinstance(path, str) or not path:
         raise LowbitError(f"{where}.path: a file, folder or built-in name is needed")
-    for k, ok in (("chat_template", ("tokenizer_default",)), ("conversation", ()), ("train_on_eos", ("turn",))):
-        if k in d and d[k] not in ok:
-            raise LowbitError(f"{where}.{k}: lowbit renders chats with the tokenizer's own template and learns "
-                              f"each trained turn's end-of-turn token; {d[k]!r} is not supported")
-    fields = {k: d[k] for k in FIELD_KEYS if k in d}
+    for k in ("train_on_eos", "train_on_eot"):
+        if d.get(k) not in ("turn", None):
+            raise LowbitError(f"{where}.{k}: lowbit learns each trained turn's end-of-turn token (turn); "
+                              f"{d[k]!r} is not supported")
+    fields = {k: d[k] for k in FIELD_KEYS if k in d and d[k] is not None}
+    if d.get("conversation") is not None:  # older Axolotl's name for the entry's chat format
+        fields.setdefault("chat_template", d["conversation"])
+    if isinstance(fields.get("chat_template"), str):
+        try:
+            check_chat_template(fields["chat_template"], fields.get("chat_template_jinja", ""))
+        except LowbitError as e:
+            raise LowbitError(f"{where}.{e!s}") from None
+    if fields.get("chat_template") in ("tokenizer_default",):
+        del fields["chat_template"]
     for k in ("field", "field_messages", "message_field_role", "message_field_content", "field_instruction",
-              "field_input", "field_output"):
+              "field_input", "field_output", "chat_template", "chat_template_jinja", "field_thinking",
+              "template_thinking_key"):
         if k in fields and not isinstance(fields[k], str):
             raise LowbitError(f"{where}.{k}: expects a column name, got {fields[k]!r}")
     for k in ("message_property_mappings", "roles"):
@@ -107,8 +123,9 @@ def _entry(d: dict, where: str, default_fmt: str) -> DataSource:
     if ds_type is not None and ds_type not in READER_NAMES:
         raise LowbitError(f"{where}.ds_type: expects json, parquet or csv, got {ds_type!r}")
     split = d.get("split")
-    if split is not None and split not in ("train", "valid", "validation", "test"):
-        raise LowbitError(f"{where}.split: expects train, valid, validation or test, got {split!r}")
+    if split is not None and not re.fullmatch(r"(train|valid|validation|test)(\[-?\d*%?:-?\d*%?\])?", str(split)):
+        raise LowbitError(f"{where}.split: expects train, valid, validation or test, optionally sliced as "
+                          f"datasets does (train[:10%], train[100:200]), got {split!r}")
     return DataSource(path, _format_name(d.get("type", default_fmt), where), split, ds_type, fields, float(weight),
                       limit, where)
 

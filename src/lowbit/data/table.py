@@ -25,7 +25,7 @@ from .formats import detect_format, tokenize_record
 from .records import Record, held_out_rows, load_records
 from .sources import DataSource
 
-__all__ = ["TokenTable", "source_tables", "READERS"]
+__all__ = ["TokenTable", "source_tables", "READERS", "deduplicate"]
 
 READERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "validation", "val", "test"),
@@ -52,6 +52,26 @@ class TokenTable:
 
     def real_tokens(self) -> int:
         return int(self.lengths.sum())
+
+
+def deduplicate(table: TokenTable) -> TokenTable:
+    """``table`` without the samples whose tokens and labels repeat an earlier one's (Axolotl's
+    ``dataset_exact_deduplication``, on what is trained)."""
+    seen, rows, lengths = set(), [], []
+    k = 0
+    for part, part_rows in zip(table.parts, table.rows):
+        keep = []
+        for r in part_rows:
+            row = part[int(r)]
+            digest = hashlib.sha256(np.asarray(row["input_ids"] + [-1] + row["labels"], dtype=np.int64).tobytes()
+                                    ).digest()
+            if digest not in seen:
+                seen.add(digest)
+                keep.append(r)
+                lengths.append(table.lengths[k])
+            k += 1
+        rows.append(np.asarray(keep, dtype=np.int64))
+    return TokenTable(table.parts, rows, np.asarray(lengths, dtype=table.lengths.dtype))
 
 
 class RowRef:
@@ -95,12 +115,21 @@ def _files(src: DataSource) -> tuple[Path, Path | None]:
     found = {}
     for split, names in (("train", SPLIT_NAMES["train"]), ("valid", SPLIT_NAMES["valid"])):
         found[split] = next((p / f"{n}{ext}" for n in names for ext in READERS if (p / f"{n}{ext}").exists()), None)
-    if src.split in ("valid", "validation", "test"):  # Axolotl's split: which part of the folder is read
+    if _split_name(src.split) in ("valid", "validation", "test"):  # Axolotl's split: which part of a folder
         found = {"train": found["valid"], "valid": None}
     if found["train"] is None:
         raise LowbitError(f"{p}: a data folder needs a train file ({', '.join('train' + e for e in READERS)}) and "
                           "optionally a valid one")
     return found["train"], found["valid"]
+
+
+def _split_name(split: str | None) -> str | None:
+    return split.split("[", 1)[0] if split else None
+
+
+def _split_slice(split: str | None) -> str:
+    """The ``[start:end]`` of a split like ``train[:10%]`` (HF datasets' slicing), or ''."""
+    return "[" + split.split("[", 1)[1] if split and "[" in split else ""
 
 
 def _root_message(e: BaseException) -> str:
@@ -110,15 +139,16 @@ def _root_message(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:300]
 
 
-def _read(path: Path, ds_type: str | None):
-    """The file as an Arrow-backed ``datasets.Dataset`` (cached by ``datasets``; memory-mapped)."""
+def _read(path: Path, ds_type: str | None, part: str = ""):
+    """The file as an Arrow-backed ``datasets.Dataset`` (cached by ``datasets``; memory-mapped); ``part``: a slice
+    of its rows as ``datasets`` spells it (``[:10%]``)."""
     import datasets
 
     kind = ds_type or READERS[path.suffix.lower()]
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors come back as ours, in one line
     try:
-        return datasets.load_dataset(kind, data_files=str(path), split="train")
+        return datasets.load_dataset(kind, data_files=str(path), split="train" + part)
     except Exception as e:  # pyarrow / pandas / datasets raise many kinds; find the line ourselves where we can
         if kind == "json":
             load_records(path)  # raises the one-line error naming the line when the JSON itself is broken
@@ -232,8 +262,8 @@ def source_tables(sources: list[DataSource], tok, val_set_size: float = 0.05, se
             pairs = [(*_builtin(src, tok, sequence_len, train_on_inputs), "train", None)]
         else:
             train_file, valid_file = _files(src)
-            pairs = [(*_tokenize(_read(f, src.ds_type), f, src, tok, src.fmt, sequence_len, train_on_inputs,
-                                 processes), kind, f)
+            pairs = [(*_tokenize(_read(f, src.ds_type, _split_slice(src.split) if kind == "train" else ""), f, src,
+                                 tok, src.fmt, sequence_len, train_on_inputs, processes), kind, f)
                      for f, kind in ((train_file, "train"), (valid_file, "valid")) if f is not None]
         for table, fmt, kind, path in pairs:
             lengths = table.data.column("length").to_numpy()

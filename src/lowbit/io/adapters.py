@@ -25,12 +25,15 @@ from ..atomic import writing_dir, writing_file
 from ..errors import LowbitError
 from ..jsonfile import read_object
 from ..nn.lora import LoRALinear, add_lora, is_conv1d, linear_module_names, lora_state_dict
+from ..nn.trainable import TrainableRows, trainable_rows, trained_modules
 from .loader import base_info
 from .peft_experts import expert_targets, from_peft, to_peft
 from .safetensors import open_safetensors
 
 __all__ = ["ADAPTER_FILES", "adapter_config", "save_adapter", "write_adapter_files", "read_adapter", "load_adapter",
-           "set_adapter_weights"]
+           "set_adapter_weights", "adapter_tensors"]
+
+ROWS_KEY = "token_adapter.trainable_tokens_delta"  # peft's name for trained embedding rows
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -51,17 +54,59 @@ def adapter_config(net: nn.Module) -> dict:
         "use_rslora": first.use_rslora, "bias": "none",
         "fan_in_fan_out": any(is_conv1d(m.base) or n in base_info(net).transposed for n, m in loras.items()),
         "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None, "base_model_name_or_path": base_info(net).name,
+        "init_lora_weights": True, "modules_to_save": trained_modules(net) or None,
+        "trainable_token_indices": _row_config(net), "ensure_weight_tying": _tied_and_trained(net),
+        "base_model_name_or_path": base_info(net).name,
         "revision": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
         "layers_pattern": None,
     }
 
 
+def _row_config(net: nn.Module) -> dict | None:
+    """peft's ``trainable_token_indices``: {embed_tokens: rows, lm_head: rows (an untied head only)}."""
+    out = {}
+    for path, m in trainable_rows(net).items():
+        shared = path != _first_owner(net, m.delta)
+        if not shared:
+            out[path.rsplit(".", 1)[-1]] = m.indices.tolist()
+    return out or None
+
+
+def _tied_and_trained(net: nn.Module) -> bool:
+    """The embeddings are tied to the head and trained whole: lowbit keeps one trained matrix, and tells peft to keep
+    the tie too (``ensure_weight_tying``; peft ties trained rows by itself)."""
+    emb = net.get_input_embeddings() if hasattr(net, "get_input_embeddings") else None
+    tied = bool(getattr(getattr(net, "config", None), "tie_word_embeddings", False))
+    return tied and isinstance(emb, nn.Embedding) and emb.weight.requires_grad
+
+
+def _first_owner(net: nn.Module, delta) -> str:
+    return next(p for p, m in net.named_modules() if isinstance(m, TrainableRows) and m.delta is delta)
+
+
+def adapter_tensors(net: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything an adapter holds, under peft's key names: LoRA's factors (``lora_state_dict``), trained
+    embedding rows (``<path>.token_adapter.trainable_tokens_delta``) and modules trained whole (``<path>.<param>``);
+    whole tensors (gathered under FSDP: every rank must call this)."""
+    whole = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().contiguous().clone()
+    out = lora_state_dict(net)
+    for path, m in trainable_rows(net).items():
+        if path == _first_owner(net, m.delta):
+            out[f"base_model.model.{path}.{ROWS_KEY}"] = whole(m.delta)
+    for path in trained_modules(net):
+        for leaf, t in net.get_submodule(path)._parameters.items():
+            if t is not None:
+                out[f"base_model.model.{path}.{leaf}"] = whole(t)
+    return out
+
+
 def _metadata(net: nn.Module) -> dict[str, str]:
-    """Which base the adapter was trained on (safetensors header strings)."""
+    """Which base the adapter was trained on, and its vocabulary size (safetensors header strings)."""
     info = base_info(net)
+    emb = net.get_input_embeddings() if hasattr(net, "get_input_embeddings") else None
     return {"format": "pt", "lowbit_base_name": str(info.name), "lowbit_base_fingerprint": str(info.fingerprint),
-            "lowbit_quant_type": str(info.quant.quant_type if info.quant else None)}
+            "lowbit_quant_type": str(info.quant.quant_type if info.quant else None),
+            **({"lowbit_vocab_size": str(emb.weight.shape[0])} if emb is not None else {})}
 
 
 def save_adapter(net: nn.Module, out: str | os.PathLike, overwrite: bool = True,
@@ -70,7 +115,7 @@ def save_adapter(net: nn.Module, out: str | os.PathLike, overwrite: bool = True,
 
     Into a new or adapter-only folder: the folder is built aside and renamed into place. Into a folder holding
     other things (a run's metrics and checkpoints): each of the two files is replaced atomically; the rest of
-    the folder is not touched. ``tensors``: the adapter's tensors when already gathered (``lora_state_dict``).
+    the folder is not touched. ``tensors``: the adapter's tensors when already gathered (``adapter_tensors``).
     """
     out = Path(out)
     others = out.is_dir() and any(p.name not in ADAPTER_FILES for p in out.iterdir())
@@ -91,7 +136,7 @@ def write_adapter_files(net: nn.Module, folder: Path, weights: str = ADAPTER_FIL
     from safetensors.torch import save_file
 
     cfg = adapter_config(net)
-    tensors, _ = to_peft(net, lora_state_dict(net) if tensors is None else tensors)
+    tensors, _ = to_peft(net, adapter_tensors(net) if tensors is None else tensors)
     save_file(tensors, str(folder / weights), metadata=_metadata(net))
     (folder / config).write_text(json.dumps(cfg, indent=2) + "\n")
 
@@ -118,8 +163,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     return cfg, tensors, meta
 
 
+def _is_lora_key(k: str) -> bool:
+    return re.search(r"\.lora_[AB](\.[A-Za-z0-9_]+)?\.weight$", k) is not None
+
+
 def load_adapter(net: nn.Module, path: str | os.PathLike, force: bool = False, trainable: bool = False) -> nn.Module:
-    """Add the adapter in ``path`` (saved by lowbit or by peft) to ``net``."""
+    """Add the adapter in ``path`` (saved by lowbit or by peft) to ``net``: its LoRA layers, and the embedding rows
+    and modules it trained (the vocabulary grown first when it added tokens)."""
     cfg, tensors, meta = read_adapter(path)
     info = base_info(net)
     want, have = meta.get("lowbit_base_fingerprint"), info.fingerprint
@@ -127,7 +177,9 @@ def load_adapter(net: nn.Module, path: str | os.PathLike, force: bool = False, t
         raise LowbitError(f"{path}: adapter was trained on base {meta.get('lowbit_base_name')!r} (fingerprint "
                           f"{want}), not on {info.name!r} ({have}); use --force to apply it anyway")
     tensors = from_peft(net, tensors, path)
-    names = sorted({re.sub(r"^base_model\.model\.|\.lora_[AB](\.[A-Za-z0-9_]+)?\.weight$", "", k) for k in tensors})
+    _grow_for(net, cfg, tensors, meta, Path(path))
+    names = sorted({re.sub(r"^base_model\.model\.|\.lora_[AB](\.[A-Za-z0-9_]+)?\.weight$", "", k)
+                    for k in tensors if _is_lora_key(k)})
     present = set(linear_module_names(net))
     missing = [n for n in names if n not in present]
     if missing:
@@ -138,19 +190,78 @@ def load_adapter(net: nn.Module, path: str | os.PathLike, force: bool = False, t
         dropout = float(cfg.get("lora_dropout", 0.0)) if trainable else 0.0
     except (TypeError, ValueError) as e:
         raise LowbitError(f"{path}/adapter_config.json: bad r / lora_alpha / lora_dropout ({e})") from None
-    add_lora(net, r=r, alpha=alpha, dropout=dropout, target_modules=f"({'|'.join(map(re.escape, names))})",
-             use_rslora=bool(cfg.get("use_rslora", False)), verbose=False)
-    set_adapter_weights(net, tensors, path)
+    if names:
+        add_lora(net, r=r, alpha=alpha, dropout=dropout, target_modules=f"({'|'.join(map(re.escape, names))})",
+                 use_rslora=bool(cfg.get("use_rslora", False)), verbose=False)
+    set_adapter_weights(net, {k: v for k, v in tensors.items() if _is_lora_key(k)}, path)
+    _apply_extras(net, {k: v for k, v in tensors.items() if not _is_lora_key(k)}, cfg, path)
     for n in names:
         for ab in ("lora_A", "lora_B"):
             getattr(net.get_submodule(n), ab).weight.requires_grad_(trainable)
     return net
 
 
+def _grow_for(net: nn.Module, cfg: dict, tensors: dict, meta: dict, path: Path) -> None:
+    """Grow the vocabulary to the adapter's (it added tokens): the size its file records, its trained embedding
+    matrix, its highest trained row, or its tokenizer's length."""
+    emb = net.get_input_embeddings() if hasattr(net, "get_input_embeddings") else None
+    if emb is None:
+        return
+    sizes = [int(meta.get("lowbit_vocab_size") or 0)]
+    sizes += [t.shape[0] for k, t in tensors.items() if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    sizes += [max(rows) + 1 for rows in (cfg.get("trainable_token_indices") or {}).values()
+              if isinstance(rows, list) and rows]
+    if not meta.get("lowbit_vocab_size") and (path / "tokenizer_config.json").exists():
+        from .tokenizer import load_tokenizer
+
+        sizes.append(len(load_tokenizer(path)))
+    if max(sizes) > emb.weight.shape[0]:
+        net.resize_token_embeddings(max(sizes), mean_resizing=False)
+
+
+@torch.no_grad()
+def _apply_extras(net: nn.Module, tensors: dict, cfg: dict, path) -> None:
+    """Trained embedding rows (written into the embeddings — and a tied head — or into the model's
+    ``TrainableRows``) and modules trained whole (their weights replaced)."""
+    rows_cfg = cfg.get("trainable_token_indices") or {}
+    for key, t in tensors.items():
+        name = re.sub(r"^base_model\.model\.", "", key)
+        if name.endswith("." + ROWS_KEY):
+            owner = name[: -len(ROWS_KEY) - 1]
+            mod = net.get_submodule(owner.removesuffix(".base")) if _has(net, owner) else None
+            if mod is None:
+                raise LowbitError(f"{path}: trained rows for {owner!r}, which the model lacks")
+            if isinstance(mod, TrainableRows):
+                mod.delta.copy_(t)
+                continue
+            rows = rows_cfg.get(owner.rsplit(".", 1)[-1]) or rows_cfg.get(owner)
+            if rows is None or len(rows) != t.shape[0]:
+                raise LowbitError(f"{path}: {key} has {t.shape[0]} rows but adapter_config.json lists "
+                                  f"{len(rows or [])} trainable_token_indices for it")
+            mod.weight[torch.tensor(rows)] = t.to(mod.weight.dtype)
+            continue
+        owner, _, leaf = name.rpartition(".")
+        if not _has(net, owner) or getattr(net.get_submodule(owner), leaf, None) is None:
+            raise LowbitError(f"{path}: adapter holds {key!r}, which the model lacks")
+        dst = getattr(net.get_submodule(owner), leaf)
+        if tuple(dst.shape) != tuple(t.shape):
+            raise LowbitError(f"{path}: {key} has shape {tuple(t.shape)}, the model needs {tuple(dst.shape)}")
+        dst.copy_(t.to(dst.dtype))
+
+
+def _has(net: nn.Module, path: str) -> bool:
+    try:
+        net.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
 @torch.no_grad()
 def set_adapter_weights(net: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
     """Copy adapter tensors (peft key names, with or without the ``.default`` adapter name) into the model's
-    LoRA layers, checking that every layer gets both matrices in the right shape."""
+    LoRA layers, checking that every layer gets both matrices in the right shape; trained rows and modules (when
+    the tensors hold them) into the model's ``TrainableRows`` and trained modules."""
     tensors = from_peft(net, tensors, path)
     for n, mod in net.named_modules():
         if not isinstance(mod, LoRALinear):
@@ -165,3 +276,6 @@ def set_adapter_weights(net: nn.Module, tensors: dict[str, torch.Tensor], path) 
                 raise LowbitError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, the model needs "
                                   f"{tuple(dst.shape)}")
             dst.copy_(tensors[key])
+    extras = {k: v for k, v in tensors.items() if not _is_lora_key(k)}
+    if extras:
+        _apply_extras(net, extras, {}, path)

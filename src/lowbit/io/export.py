@@ -19,8 +19,9 @@ from torch import nn
 from ..atomic import writing_dir
 from ..errors import LowbitError
 from ..nn.linear import Linear4bit
+from ..nn.linear8bit import QUANTIZED
 from ..nn.lora import LoRALinear
-from ..quant.spec import LOWBIT_QUANT_METHOD
+from ..quant.spec import INT8, LOWBIT_QUANT_METHOD, QuantSpec
 from .calibration_record import CONFIG_KEY, CalibrationRecord
 from .loader import base_info
 
@@ -39,7 +40,7 @@ def float_in_bitsandbytes(net: nn.Module) -> list[str]:
     except Exception:  # e.g. remote code: take every 4-bit layer for one transformers converts
         return []
     kinds = {n: m for n, m in skeleton.named_modules()}
-    return [n for n, m in net.named_modules() if isinstance(m, Linear4bit) and n in kinds
+    return [n for n, m in net.named_modules() if isinstance(m, QUANTIZED) and n in kinds
             and not (type(kinds[n]) is nn.Linear or isinstance(kinds[n], Conv1D))]
 
 
@@ -49,12 +50,12 @@ def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overw
     lowbit loads it, transformers refuses it by name."""
     from safetensors.torch import save_file
 
-    q = [m for m in net.modules() if isinstance(m, Linear4bit)]
+    q = [m for m in net.modules() if isinstance(m, QUANTIZED)]
     if not q:
-        raise LowbitError("the model has no 4-bit layers to save")
+        raise LowbitError("the model has no quantized layers to save")
     if any(isinstance(m, LoRALinear) for m in net.modules()):
         raise LowbitError("the model carries LoRA adapters: save them with save_adapter, or merge first")
-    specs = {m.weight.spec for m in q}
+    specs = {m.weight.spec if isinstance(m, Linear4bit) else QuantSpec(INT8, double_quant=False) for m in q}
     spec = next(iter(specs))
     if len(specs) > 1:
         kinds = sorted(str(s) for s in specs)
@@ -62,7 +63,7 @@ def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overw
     sd = {k: v.contiguous() for k, v in net.state_dict().items()}
     for name in float_in_bitsandbytes(net):  # layers transformers + bitsandbytes keep in 16 bits: as float weights
         layer = net.get_submodule(name)
-        for k in [k for k in sd if k.startswith(f"{name}.weight.")]:
+        for k in [k for k in sd if k.startswith(f"{name}.weight.") or k in (f"{name}.SCB", f"{name}.weight_format")]:
             del sd[k]
         sd[f"{name}.weight"] = layer.dequantize(layer.compute_dtype or torch.float32).contiguous()
     ptrs = {}  # tied parameters (one storage, several names) are saved once; transformers re-ties them
@@ -75,11 +76,13 @@ def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overw
     info = base_info(net)
     cfg = net.config.to_dict()
     method = "bitsandbytes" if spec.info.bitsandbytes else LOWBIT_QUANT_METHOD
+    four = not spec.rowwise
     cfg["quantization_config"] = {
-        "quant_method": method, "load_in_4bit": True, "load_in_8bit": False, "_load_in_4bit": True,
-        "_load_in_8bit": False, "bnb_4bit_quant_type": spec.quant_type, "bnb_4bit_use_double_quant": spec.double_quant,
-        "bnb_4bit_compute_dtype": info.compute_dtype, "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": None,
-        "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
+        "quant_method": method, "load_in_4bit": four, "load_in_8bit": not four, "_load_in_4bit": four,
+        "_load_in_8bit": not four, "bnb_4bit_quant_type": spec.quant_type if four else "fp4",
+        "bnb_4bit_use_double_quant": spec.double_quant, "bnb_4bit_compute_dtype": info.compute_dtype,
+        "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
     cfg["lowbit_fingerprint"] = info.fingerprint
     record = getattr(net, "lowbit_calibration", None) or \
         (CalibrationRecord.read(Path(info.path), info.calibration) if info.calibration else None)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..atomic import writing_file
 from ..errors import LowbitError
-from ..nn.linear import Linear4bit
+from ..nn.linear8bit import QUANTIZED
 from ..nn.lora import LoRALinear
 from .gguf_arch import gguf_arch, transform, write_metadata
 from .gguf_types import check_gguf_type
@@ -46,7 +46,7 @@ def _sources(net: nn.Module) -> list[tuple[str, tuple[int, ...], Callable[[], to
     in; tied parameters once."""
     out, layers = [], set()
     for name, mod in net.named_modules():
-        if not isinstance(mod, (LoRALinear, Linear4bit)) or _inside(name, layers):
+        if not isinstance(mod, (LoRALinear, *QUANTIZED)) or _inside(name, layers):
             continue
         layers.add(name)
         if isinstance(mod, LoRALinear):

@@ -26,9 +26,10 @@ from ..jsonfile import read_object
 from ..nn.experts import Experts
 from ..nn.fused import fuse_modules
 from ..nn.linear import Linear4bit
+from ..nn.linear8bit import QUANTIZED, Linear8bit
 from ..nn.lora import linear_module_names, output_head_names
-from ..quant.spec import LOWBIT_QUANT_METHOD, QUANT_TYPES, QuantSpec
-from ..quant.tensor import QuantizedTensor, quantize
+from ..quant.spec import INT8, LOWBIT_QUANT_METHOD, QUANT_TYPES, QuantSpec
+from ..quant.tensor import QuantizedTensor, check_finite, quantize
 from .allocator import returning_allocator
 from .calibration_record import CONFIG_KEY, CalibrationRecord, scaled_weight
 from .checkpoint_names import CheckpointNames
@@ -58,21 +59,27 @@ def base_info(net: nn.Module) -> BaseInfo:
 
 
 def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, compute_dtype: torch.dtype | None = None,
-         skip_modules: list[str] | None = None, trust_remote_code: bool = False, device: str = "cpu") -> nn.Module:
+         skip_modules: list[str] | None = None, trust_remote_code: bool = False, device: str = "cpu",
+         config_overrides: dict | None = None) -> nn.Module:
     """Load a causal LM, quantizing its linear layers as ``quant`` says while streaming the checkpoint.
 
     ``quant=None`` keeps the weights in ``compute_dtype`` (16-bit LoRA). ``skip_modules``: module names kept in
     the compute dtype (default: the output head). Embeddings and norms are never quantized.
+    ``config_overrides``: fields of config.json to replace (``model_config`` in a training config).
     """
     folder = resolve_model(model)
     raw, config = _read_config(folder, trust_remote_code)
+    for k, v in (config_overrides or {}).items():
+        if not hasattr(config, k):
+            raise LowbitError(f"model_config: {folder / 'config.json'} has no field {k!r}")
+        setattr(config, k, v)
     dtype = compute_dtype or default_compute_dtype(device)
     qc = raw.get("quantization_config") or {}
-    prequantized = (qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))) or \
-        qc.get("quant_method") == LOWBIT_QUANT_METHOD
+    bnb = qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit") or qc.get("load_in_8bit"))
+    prequantized = bnb or qc.get("quant_method") == LOWBIT_QUANT_METHOD
     if qc and not prequantized:
         raise LowbitError(f"{folder}: checkpoint quantized with {qc.get('quant_method')!r}; lowbit reads float, "
-                          "bitsandbytes 4-bit or its own NF3/NF2 checkpoints")
+                          "bitsandbytes 4-/8-bit or its own NF3/NF2 checkpoints")
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     net = _skeleton(folder, raw, config, dtype, trust_remote_code)
@@ -92,7 +99,8 @@ def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, com
         _materialize(net, reader, names, dtype, digests, folder)
     fuse_modules(net)  # leaner backward for RMSNorm / SwiGLU; forward unchanged
     net.eval()
-    stored = next((m.weight.spec for m in net.modules() if isinstance(m, Linear4bit)), None)
+    stored = next((m.weight.spec if isinstance(m, Linear4bit) else QuantSpec(INT8, double_quant=False)
+                   for m in net.modules() if isinstance(m, QUANTIZED)), None)
     fingerprint = raw.get("lowbit_fingerprint") or \
         hashlib.sha256(b"".join(digests[k] for k in sorted(digests))).hexdigest()[:16]
     net.lowbit_base = BaseInfo(name=str(model), path=str(folder), fingerprint=fingerprint,
@@ -163,9 +171,15 @@ def _quantize_linears(net, reader: Reader, names: CheckpointNames, quant: QuantS
         if not (isinstance(mod, nn.Linear) or conv) or name in heads:
             continue
         key = names.key(f"{name}.weight")
+        scb = names.key(f"{name}.SCB")
         if any(f"{key}.quant_state.bitsandbytes__{t}" in reader for t in QUANT_TYPES):
             sd = {k: reader.get(k) for k in reader.files if k == key or k.startswith(key + ".")}
             w, q = sd[key], QuantizedTensor.from_state_dict(sd, key)
+        elif scb in reader:  # bitsandbytes' 8-bit layout: int8 weight + SCB
+            w, q = reader.get(key), (reader.get(key), reader.get(scb))
+            if w.dtype != torch.int8 or tuple(w.shape) != (mod.out_features, mod.in_features):
+                raise LowbitError(f"{key}: an 8-bit weight must be int8 of shape {(mod.out_features, mod.in_features)}"
+                                  f", got {w.dtype} {tuple(w.shape)}")
         elif quant is None:
             continue  # a float weight in a partly quantized checkpoint: read as a plain parameter
         else:
@@ -176,8 +190,12 @@ def _quantize_linears(net, reader: Reader, names: CheckpointNames, quant: QuantS
         _fingerprint(digests, key, w)
         bkey = names.key(f"{name}.bias")
         bias = reader.get(bkey).to(dtype) if mod.bias is not None and bkey in reader else None
-        new = _frozen_linear(key, w.t() if conv else w, bias, quant, dtype) if q is None else \
-            Linear4bit(q, bias, compute_dtype=dtype)
+        if q is None:
+            new = _frozen_linear(key, w.t() if conv else w, bias, quant, dtype)
+        elif isinstance(q, tuple):
+            new = Linear8bit(*q, bias, compute_dtype=dtype)
+        else:
+            new = Linear4bit(q, bias, compute_dtype=dtype)
         parent, _, child = name.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, child, new)
         if conv:
@@ -186,7 +204,8 @@ def _quantize_linears(net, reader: Reader, names: CheckpointNames, quant: QuantS
 
 
 def _frozen_linear(key: str, w: torch.Tensor, bias, quant: QuantSpec | None, dtype) -> nn.Module:
-    """A frozen layer computing x·wᵀ (+ bias): 4-bit as ``quant`` says, or an ``nn.Linear`` in ``dtype``."""
+    """A frozen layer computing x·wᵀ (+ bias): 4-bit (or 8-bit) as ``quant`` says, or an ``nn.Linear`` in
+    ``dtype``."""
     if quant is None:
         lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype)
         lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
@@ -194,6 +213,9 @@ def _frozen_linear(key: str, w: torch.Tensor, bias, quant: QuantSpec | None, dty
             lin.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
         return lin
     try:
+        if quant.rowwise:
+            check_finite(w)
+            return Linear8bit.from_weight(w, bias, compute_dtype=dtype)
         return Linear4bit(quantize(w.contiguous(), quant), bias, compute_dtype=dtype)
     except LowbitError as e:
         raise LowbitError(f"{key}: {e}") from None

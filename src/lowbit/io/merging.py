@@ -18,6 +18,7 @@ from ..atomic import writing_dir
 from ..errors import LowbitError
 from ..nn.experts import Experts
 from ..nn.linear import Linear4bit
+from ..nn.linear8bit import QUANTIZED, Linear8bit
 from ..nn.lora import LoRALinear, is_conv1d
 from ..quant.spec import QuantSpec
 from ..quant.tensor import quantize
@@ -43,7 +44,7 @@ def dequantize_model(net: nn.Module, dtype: torch.dtype = torch.float32, merge_a
         if isinstance(mod, LoRALinear) and merge_adapters:
             w, bias = mod.base_weight(torch.float32) + mod.delta_weight(), mod.base.bias
             conv = is_conv1d(mod.base) or name in transposed
-        elif isinstance(mod, Linear4bit):  # on its own, or the base of a LoRA layer we keep
+        elif isinstance(mod, QUANTIZED):  # on its own, or the base of a LoRA layer we keep
             w, bias, conv = mod.dequantize(torch.float32), mod.bias, name in transposed
         else:
             continue
@@ -121,7 +122,9 @@ def merge_report(net: nn.Module, tokenizer=None, quant: QuantSpec = QuantSpec(),
         m.scaling = s  # the delta is s·B·A
         quant = base.weight.spec if isinstance(base, Linear4bit) else quant
         w = m.base_weight(torch.float32) + m.delta_weight()
-        m.base = Linear4bit(quantize(w, quant), base.bias, compute_dtype=getattr(base, "compute_dtype", None))
+        cdt = getattr(base, "compute_dtype", None)
+        m.base = Linear8bit.from_weight(w, base.bias, cdt) if isinstance(base, Linear8bit) else \
+            Linear4bit(quantize(w, quant), base.bias, compute_dtype=cdt)
         m.scaling = 0.0  # now folded into the re-quantized weight
     y_rq = run()
     for m, (base, s) in zip(loras, saved):

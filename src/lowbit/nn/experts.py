@@ -71,7 +71,7 @@ def _weight(mod: nn.Module, dtype) -> torch.Tensor:
 
     if isinstance(mod, LoRALinear):
         return (mod.base_weight(torch.float32) + mod.delta_weight()).to(dtype)
-    if isinstance(mod, Linear4bit):
+    if hasattr(mod, "dequantize") and hasattr(mod, "_storage"):  # a 4- or 8-bit layer
         return mod.dequantize(dtype)
     return mod.weight.detach().to(dtype)
 

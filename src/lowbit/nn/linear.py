@@ -188,25 +188,35 @@ class Linear4bit(nn.Module):
 STORAGE = ("codes", "absmax", "nested_absmax")
 
 
+def _quantized(net: nn.Module) -> list[nn.Module]:
+    """The frozen quantized layers (4-bit, and 8-bit: ``nn/linear8bit.py``) — each has ``_storage()``."""
+    return [m for m in net.modules() if hasattr(m, "_storage") and hasattr(m, "dequantize")]
+
+
 def _quantized_storage_ids(net: nn.Module) -> set[int]:
-    return {id(t) for m in net.modules() if isinstance(m, Linear4bit)
-            for t in (*m._storage().values(), m.code, m.nested_code) if t is not None}
+    return {id(t) for m in _quantized(net)
+            for t in (*m._storage().values(), getattr(m, "code", None), getattr(m, "nested_code", None))
+            if t is not None}
+
+
+def _weight_bytes_and_numel(m: nn.Module) -> tuple[int, int]:
+    return (m.weight.nbytes, m.weight.numel) if isinstance(m, Linear4bit) else (m.nbytes, m.numel)
 
 
 def footprint_bytes(net: nn.Module) -> int:
     """Bytes of weights a model holds: 4-bit layers by their packed size + constants (``QuantizedTensor.nbytes``:
-    shared code tables not charged), the rest as stored; tied tensors once."""
+    shared code tables not charged), 8-bit ones by codes + scales, the rest as stored; tied tensors once."""
     seen, total = _quantized_storage_ids(net), 0
     for p in list(net.parameters()) + list(net.buffers()):
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel() * p.element_size()
-    return total + sum(m.weight.nbytes for m in net.modules() if isinstance(m, Linear4bit))
+    return total + sum(_weight_bytes_and_numel(m)[0] for m in _quantized(net))
 
 
 def parameter_counts(net: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters — a 4-bit weight counts by its number of elements, not its storage bytes."""
+    """(trainable, total) parameters — a quantized weight counts by its number of elements, not its storage bytes."""
     skip = _quantized_storage_ids(net)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters() if id(p) not in skip)
-    return trainable, total + sum(m.weight.numel for m in net.modules() if isinstance(m, Linear4bit))
+    return trainable, total + sum(_weight_bytes_and_numel(m)[1] for m in _quantized(net))

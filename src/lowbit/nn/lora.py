@@ -23,10 +23,11 @@ from ..errors import LowbitError
 from ..quant.tensor import quantize
 from .experts import Experts
 from .linear import Linear4bit, parameter_counts
-from .lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, LORA_INITS, target_names
+from .linear8bit import QUANTIZED
+from .lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, LORA_INITS, PEFT_REFUSED, target_names
 
 __all__ = ["LoRALinear", "add_lora", "lora_state_dict", "linear_module_names", "output_head_names", "loftq_init",
-           "is_conv1d", "is_plain_linear", "expert_layer_names"]
+           "is_conv1d", "is_plain_linear", "expert_layer_names", "select_targets", "mixer_layer_names"]
 
 
 class LoRALinear(nn.Module):
@@ -66,7 +67,7 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     def base_weight(self, dtype=torch.float32) -> torch.Tensor:
-        if isinstance(self.base, Linear4bit):
+        if isinstance(self.base, QUANTIZED):
             return self.base.dequantize(dtype)
         w = self.base.weight.detach()
         return (w.t() if is_conv1d(self.base) else w).to(dtype)
@@ -110,7 +111,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     names = []
     for name, mod in model.named_modules():
         inner = re.search(r"\.(lora_A|lora_B)$", name) or name.endswith(".base")  # the parts of a LoRA layer
-        if (is_plain_linear(mod) or isinstance(mod, Linear4bit) or is_conv1d(mod)) and not inner:
+        if (is_plain_linear(mod) or isinstance(mod, QUANTIZED) or is_conv1d(mod)) and not inner:
             names.append(name)
     return names
 
@@ -130,21 +131,26 @@ def output_head_names(model: nn.Module) -> set[str]:
 def expert_layer_names(model: nn.Module) -> set[str]:
     """The linear layers inside mixture-of-experts experts (``experts.<e>.gate_up_proj`` and ``.down_proj``)."""
     return {f"{name}.{sub}" for name, mod in model.named_modules() if isinstance(mod, Experts)
-            for sub, m in mod.named_modules() if isinstance(m, (nn.Linear, Linear4bit))}
+            for sub, m in mod.named_modules() if isinstance(m, (nn.Linear, *QUANTIZED))}
 
 
-def select_targets(model: nn.Module, target_modules: str | Iterable[str], r: int = 1) -> list[str]:
+def select_targets(model: nn.Module, target_modules: str | Iterable[str], r: int = 1,
+                   missing: list | None = None) -> list[str]:
     """Resolve ``target_modules`` (see ``lora_options``): names (the last part(s) of a module path, as peft
     matches), a regex matched against the full path, or a keyword: ``"all-linear"`` (every linear layer but the
-    head and the experts), ``"all-linear+experts"``. Keywords leave out layers narrower than the rank ``r``
-    (Qwen-MoE's 1-wide shared-expert gate)."""
+    head, the experts and what peft will not adapt in state-space mixers), ``"all-linear+experts"``. Keywords leave
+    out layers narrower than the rank ``r`` (Qwen-MoE's 1-wide shared-expert gate).
+
+    Names: as peft, names that match no layer are fine while another one matches — they are appended to
+    ``missing`` when it is given (else an error); no match at all is an error."""
     names = linear_module_names(model)
     heads = output_head_names(model)
     targets = target_names(target_modules)
     if targets is None:
         if target_modules in (ALL_LINEAR, ALL_LINEAR_EXPERTS):
             experts = set() if target_modules == ALL_LINEAR_EXPERTS else expert_layer_names(model)
-            chosen = [n for n in names if n not in heads and n not in experts]
+            skip = experts | mixer_layer_names(model)
+            chosen = [n for n in names if n not in heads and n not in skip]
             fit = [n for n in chosen if min(in_out(model.get_submodule(n))) >= r]
             if chosen and not fit:
                 widest = max(min(in_out(model.get_submodule(n))) for n in chosen)
@@ -166,10 +172,26 @@ def select_targets(model: nn.Module, target_modules: str | Iterable[str], r: int
     for t in targets:
         hit = [n for n in names if n == t or n.endswith("." + t)]
         (chosen.extend(hit) if hit else unknown.append(t))
-    if unknown:
+    refused = [n for n in chosen if n in mixer_layer_names(model)]
+    if refused:
+        raise LowbitError(f"lora_target_modules: {refused[0].rsplit('.', 1)[-1]!r} cannot carry LoRA in a "
+                          f"{model.config.model_type} model (peft refuses it in state-space mixers); leave it out")
+    if unknown and (missing is None or not chosen):
         raise LowbitError(f"lora_target_modules: no linear layer named {', '.join(map(repr, unknown))}; "
                           f"the model's linear layers are: {', '.join(sorted(_short(names)))}")
+    if missing is not None:
+        missing.extend(unknown)
     return sorted(set(chosen), key=names.index)
+
+
+def mixer_layer_names(model: nn.Module) -> set[str]:
+    """The linear layers peft refuses to adapt: in the state-space models of ``PEFT_REFUSED`` (Mamba mixers:
+    Falcon-H1, Nemotron-H, …) every layer named ``out_proj`` or ``conv1d`` — peft checks the name, whichever block
+    it sits in — so ``all-linear`` leaves them out and the adapter loads in peft."""
+    types, names = PEFT_REFUSED
+    if getattr(getattr(model, "config", None), "model_type", None) not in types:
+        return set()
+    return {n for n in linear_module_names(model) if n.rsplit(".", 1)[-1] in names}
 
 
 def _short(names: list[str]) -> set[str]:
@@ -179,17 +201,18 @@ def _short(names: list[str]) -> set[str]:
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
              target_modules: str | Iterable[str] = ALL_LINEAR, use_rslora: bool = False,
              init: str = "default", loftq_iters: int = 1, verbose: bool = True,
-             source_weight: Callable[[str], torch.Tensor] | None = None) -> list[str]:
+             source_weight: Callable[[str], torch.Tensor] | None = None, missing: list | None = None) -> list[str]:
     """Freeze ``model`` and wrap the chosen linear layers in ``LoRALinear``. Returns the wrapped names.
 
     ``init="loftq"`` needs ``source_weight``: layer name → its full-precision weight (e.g.
-    ``lowbit.io.SourceWeights(model)``, which reads them from the checkpoint one at a time).
+    ``lowbit.io.SourceWeights(model)``, which reads them from the checkpoint one at a time). ``missing``: collects
+    listed names no layer has (see ``select_targets``).
     """
     if not isinstance(r, int) or r <= 0:
         raise LowbitError(f"lora_r must be a positive integer, got {r!r}")
     if init not in LORA_INITS:
         raise LowbitError(f"lora init must be one of {', '.join(LORA_INITS)}, got {init!r}")
-    targets = select_targets(model, target_modules, r)
+    targets = select_targets(model, target_modules, r, missing)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in targets:
@@ -222,7 +245,8 @@ def loftq_init(lora: LoRALinear, weight: torch.Tensor | None, iters: int = 1) ->
     re-quantizes W − s·B·A (same data type, blocksize and double quantization)."""
     base = lora.base
     if not isinstance(base, Linear4bit):
-        raise LowbitError("loftq init is for quantized (4-bit) layers; a full-precision base has no error to absorb")
+        raise LowbitError("loftq init is for 4-bit (and 3-/2-bit) layers; a full-precision or 8-bit base has little "
+                          "error to absorb")
     if weight is None:
         raise LowbitError("loftq init needs the base's full-precision weights: add_lora(..., init='loftq', "
                           "source_weight=lowbit.io.SourceWeights(model))")

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ALL_LINEAR", "ALL_LINEAR_EXPERTS", "LORA_INITS", "target_names"]
+__all__ = ["ALL_LINEAR", "ALL_LINEAR_EXPERTS", "LORA_INITS", "target_names", "PEFT_REFUSED"]
 
 ALL_LINEAR = "all-linear"
 ALL_LINEAR_EXPERTS = "all-linear+experts"
+
+# (model types, layer names): peft refuses LoRA on layers of these names in these state-space (Mamba) models —
+# it checks the name wherever the layer sits — so all-linear leaves them out
+PEFT_REFUSED = (frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"}),
+                frozenset({"out_proj", "conv1d"}))
 
 LORA_INITS = {
     "default": "A kaiming-uniform, B zero: training starts from the base model exactly",

@@ -219,12 +219,13 @@ class AdamW(torch.optim.Optimizer):
                         st[k] = st[k].to(torch.uint8)
 
 
-def make(name: str, params, lr: float, weight_decay: float = 0.0, budget_bytes: int = 0,
-         **kw) -> torch.optim.Optimizer:
+def make(name: str, params, lr: float, weight_decay: float = 0.0, budget_bytes: int = 0, betas=(0.9, 0.999),
+         eps: float = 1e-8, **kw) -> torch.optim.Optimizer:
     """The optimizer called ``name`` in ``registry.OPTIMIZERS``: ``adamw`` is torch's (foreach; the 8-bit and
-    paging settings mean nothing for it), the rest lowbit's ``AdamW``."""
+    paging settings mean nothing for it), the rest lowbit's ``AdamW``. ``params``: tensors, or parameter groups
+    (dicts with ``params`` and their own ``lr``)."""
     kind = check_optimizer(name)
     if kind.state_bits == 32 and not kind.paged:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, foreach=True)
     return AdamW(params, lr=lr, weight_decay=weight_decay, bits=kind.state_bits, paged=kind.paged,
-                 budget_bytes=budget_bytes, **kw)
+                 budget_bytes=budget_bytes, betas=tuple(betas), eps=eps, **kw)

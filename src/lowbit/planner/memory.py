@@ -42,34 +42,17 @@ from ..nn.lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, target_names
 from ..nn.loss_chunk import loss_chunk_tokens
 from ..optim.registry import check_optimizer
 from ..quant.spec import NESTED_BLOCKSIZE, QUANT_TYPES, check_blocksize, check_quant_type, packed_bytes
+from ..sizes import GIB, parse_size
 from ..training.config import DISTRIBUTED
 from .catalog import load_model_config
 from .shapes import Layer, Shapes, shapes
 
 __all__ = ["Plan", "plan", "plan_config", "config_settings", "largest", "parse_size", "PLAN_KEYS", "GIB"]
 
-GIB = 2**30
 HEADROOM = 0.05
 # the training config keys a plan depends on
 PLAN_KEYS = ("sequence_len", "micro_batch_size", "lora_r", "lora_target_modules", "load_in_4bit", "quant_type",
              "double_quant", "blocksize", "optimizer", "gradient_checkpointing", "compute_dtype", "distributed")
-
-
-def parse_size(s: str | float | int) -> int:
-    """'48GB' / '48GiB' / '80G' / '24000MB' / '1.5TB' → bytes (GB means GiB, as device vendors' tools show)."""
-    if isinstance(s, (int, float)):
-        if s <= 0:
-            raise LowbitError(f"memory size must be positive, got {s}")
-        return int(s * GIB)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*", str(s), re.I)
-    if not m:
-        raise LowbitError(f"cannot read memory size {s!r} (use e.g. 48GB, 80GiB, 24000MB)")
-    val = float(m.group(1))
-    unit = (m.group(2) or "G").upper().rstrip("B").rstrip("I") or "B"
-    mult = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
-    if val <= 0:
-        raise LowbitError(f"memory size must be positive, got {s!r}")
-    return int(val * mult)
 
 
 @dataclass

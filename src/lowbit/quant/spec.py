@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..errors import LowbitError
 
 __all__ = ["QuantType", "QUANT_TYPES", "QuantSpec", "NESTED_BLOCKSIZE", "check_blocksize", "check_quant_type",
-           "CALIBRATIONS", "PACKING", "packed_bytes", "LOWBIT_QUANT_METHOD"]
+           "CALIBRATIONS", "PACKING", "packed_bytes", "LOWBIT_QUANT_METHOD", "INT8"]
 
 NESTED_BLOCKSIZE = 256  # constants per nested absmax (bitsandbytes' double quantization)
 # config.json's quantization_config.quant_method for checkpoints of types bitsandbytes does not have (io/export.py)
@@ -48,6 +48,11 @@ QUANT_TYPES = {
     "nf2": QuantType(2, 2, False, "2-bit NormalFloat, 4 codes per byte"),
 }
 
+
+# LLM.int8 storage (load_in_8bit): row-wise absmax int8 codes, not a blockwise codebook (quant/int8.py)
+INT8 = "int8"
+ROWWISE = {INT8: QuantType(8, 8, True, "LLM.int8: row-wise absmax int8 + a float32 scale per row (bitsandbytes' "
+                                      "Int8Params / SCB)")}
 
 # how codes of each storage width lie in bytes (quant/packing.py): bits → (codes per group, bytes per group)
 PACKING = {4: (2, 1), 3: (8, 3), 2: (4, 1)}
@@ -82,6 +87,10 @@ class QuantSpec:
     double_quant: bool = True
 
     def __post_init__(self):
+        if self.quant_type in ROWWISE:
+            if self.double_quant:
+                raise LowbitError("int8 storage has one float32 scale per row: no double quantization")
+            return
         check_quant_type(self.quant_type)
         check_blocksize(self.blocksize)
         if not isinstance(self.double_quant, bool):
@@ -89,7 +98,13 @@ class QuantSpec:
 
     @property
     def info(self) -> QuantType:
-        return QUANT_TYPES[self.quant_type]
+        return ROWWISE.get(self.quant_type) or QUANT_TYPES[self.quant_type]
+
+    @property
+    def rowwise(self) -> bool:
+        return self.quant_type in ROWWISE
 
     def __str__(self) -> str:
+        if self.rowwise:
+            return f"{self.quant_type} (row-wise scales)"
         return f"{self.quant_type}{'+DQ' if self.double_quant else ''} (blocksize {self.blocksize})"

@@ -31,7 +31,7 @@ from .nf4 import FLOAT_DTYPES, code_bits, dequantize, quantize_blockwise
 from .packing import pack_codes, unpack_codes
 from .spec import QUANT_TYPES, QuantSpec, packed_bytes
 
-__all__ = ["QuantizedTensor", "quantize"]
+__all__ = ["QuantizedTensor", "quantize", "check_finite"]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -196,9 +196,7 @@ def quantize(w: torch.Tensor, quant_type: str | QuantSpec = "nf4", blocksize: in
     w = w.detach()
     if w.device.type != "cpu":
         w = w.cpu()
-    bad = _count_nonfinite(w)
-    if bad:
-        raise LowbitError(f"quantize: weight of shape {tuple(w.shape)} has {bad} non-finite values (NaN/Inf)")
+    check_finite(w)
     packed, absmax = quantize_blockwise(w.contiguous(), quant_type, blocksize)
     q = QuantizedTensor(packed, absmax, torch.Size(w.shape), w.dtype, blocksize, quant_type, codebook(quant_type))
     if double_quant:
@@ -206,6 +204,9 @@ def quantize(w: torch.Tensor, quant_type: str | QuantSpec = "nf4", blocksize: in
     return q
 
 
-def _count_nonfinite(w: torch.Tensor, chunk: int = 1 << 22) -> int:
+def check_finite(w: torch.Tensor, chunk: int = 1 << 22) -> None:
+    """Refuse a weight holding NaN or Inf (counted a chunk at a time: no full-size temporaries)."""
     flat = w.reshape(-1)
-    return sum(int((~torch.isfinite(flat[i : i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
+    bad = sum(int((~torch.isfinite(flat[i : i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
+    if bad:
+        raise LowbitError(f"quantize: weight of shape {tuple(w.shape)} has {bad} non-finite values (NaN/Inf)")

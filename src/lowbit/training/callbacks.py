@@ -3,8 +3,8 @@ which it may add to) and the end (also after Ctrl-C or an error, so files are cl
 
     Evaluator      held-out loss every ``every`` steps and at the last one → record["eval_loss"], history
     MetricsLog     one JSON line per logged step (metrics.jsonl)
-    TensorBoard    the same scalars, when the tensorboard package is installed
     ProgressBar    tqdm on stderr: loss, lr, tokens/s, eval loss
+    (experiment trackers — TensorBoard, Weights & Biases, MLflow — are in trackers.py)
 
 Order matters: the Evaluator goes before the writers so they see the eval loss.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .evaluation import evaluate
 
-__all__ = ["Callback", "Evaluator", "MetricsLog", "TensorBoard", "ProgressBar"]
+__all__ = ["Callback", "Evaluator", "MetricsLog", "ProgressBar", "logged"]
 
 
 class Callback:
@@ -43,7 +43,7 @@ class Evaluator(Callback):
             state.history["eval"].append([state.step, record["eval_loss"]])
 
 
-def _logged(state, record, every: int) -> bool:
+def logged(state, record, every: int) -> bool:
     return state.step % every == 0 or "eval_loss" in record
 
 
@@ -55,38 +55,13 @@ class MetricsLog(Callback):
         self.f = open(self.path, "a")
 
     def on_step_end(self, state, record):
-        if _logged(state, record, self.every):
+        if logged(state, record, self.every):
             self.f.write(json.dumps(record) + "\n")
             self.f.flush()
 
     def on_train_end(self, state):
         if self.f is not None:
             self.f.close()
-
-
-class TensorBoard(Callback):
-    KEYS = ("loss", "lr", "eval_loss", "tokens_per_s")
-
-    def __init__(self, logdir: Path, every: int = 1, log=print):
-        self.logdir, self.every, self.writer, self.log = Path(logdir), every, None, log
-
-    def on_train_begin(self, state):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self.log("tensorboard: not installed (pip install tensorboard); skipping")
-            return
-        self.writer = SummaryWriter(str(self.logdir))
-
-    def on_step_end(self, state, record):
-        if self.writer is not None and _logged(state, record, self.every):
-            for k in self.KEYS:
-                if record.get(k) is not None:
-                    self.writer.add_scalar(k, record[k], state.step)
-
-    def on_train_end(self, state):
-        if self.writer is not None:
-            self.writer.close()
 
 
 class ProgressBar(Callback):

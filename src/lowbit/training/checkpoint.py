@@ -2,6 +2,7 @@
 
     checkpoints/step-0000100/
         adapter_config.json, adapter_model.safetensors     the adapter (PEFT format: peft loads it as it is)
+        tokenizer files                                    when the run changed the tokenizer (tokens, template)
         trainer_state.safetensors                          optimizer state tensors + the torch RNG state
         trainer_state.json                                 step, epoch, pos, history, the config, param groups,
                                                            world size and distributed mode
@@ -22,9 +23,8 @@ import torch
 
 from ..atomic import writing_dir
 from ..errors import LowbitError
-from ..io.adapters import read_adapter, set_adapter_weights, write_adapter_files
+from ..io.adapters import adapter_tensors, read_adapter, set_adapter_weights, write_adapter_files
 from ..jsonfile import read_object
-from ..nn.lora import lora_state_dict
 from .callbacks import Callback
 from .distributed import World
 from .state import TrainState
@@ -50,20 +50,24 @@ class Checkpointer(Callback):
     """Saves every ``save_steps`` steps and at the last step; ``save(state)`` saves now (on every rank: the
     gathering is collective, the writing rank 0's)."""
 
-    def __init__(self, out: Path, model, optimizer, cfg, last_step: int, world: World | None = None):
+    def __init__(self, out: Path, model, optimizer, cfg, last_step: int, world: World | None = None, tokenizer=None):
         self.out, self.model, self.opt, self.cfg, self.last = Path(out), model, optimizer, cfg, last_step
         self.world = world or World()
+        self.tokenizer = tokenizer  # a tokenizer the run changed (new tokens, template): saved with each checkpoint
         self.latest: Path | None = None
 
     def on_step_end(self, state, record):
-        if state.step % self.cfg.save_steps == 0 or state.step == self.last:
+        if state.stop_failed:  # a run that went wrong keeps its last good checkpoint
+            return
+        if state.step % self.cfg.save_steps == 0 or state.step == self.last or state.stop_reason \
+                or (state.step == 1 and self.cfg.save_first_step):
             self.save(state)
 
     def save(self, state: TrainState) -> Path:
         from safetensors.torch import save_file
 
         world = self.world
-        tensors = lora_state_dict(self.model)  # whole tensors (gathered under FSDP)
+        tensors = adapter_tensors(self.model)  # whole tensors (gathered under FSDP)
         sd = self.opt.state_dict()
         mine = {f"state.{pid}.{k}": _local(v) if torch.is_tensor(v) else torch.tensor(v)
                 for pid, st in sd["state"].items() for k, v in st.items()}
@@ -78,6 +82,8 @@ class Checkpointer(Callback):
                     "world_size": world.size, "distributed": world.mode}
             with writing_dir(final, overwrite=True) as tmp:
                 write_adapter_files(self.model, tmp, tensors=tensors)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(str(tmp))
                 save_file({k: v.contiguous() for k, v in flat.items()}, str(tmp / "trainer_state.safetensors"))
                 (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
             limit = self.cfg.save_total_limit

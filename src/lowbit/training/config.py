@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from ..data.chat_templates import check_chat_template
 from ..data.formats import FORMATS
 from ..data.sources import parse_sources
 from ..dtypes import DTYPES
@@ -22,8 +24,20 @@ from ..errors import LowbitError
 from ..nn.lora_options import ALL_LINEAR, LORA_INITS
 from ..optim.registry import OPTIMIZERS
 from ..quant.spec import CALIBRATIONS, QUANT_TYPES, QuantSpec
-from .axolotl import AXOLOTL_KEYS, optimizer_name, translate
+from ..sizes import parse_size
+from .axolotl import (
+    TRANSLATIONS,
+    Report,
+    gradient_accumulation,
+    is_axolotl_key,
+    optimizer_name,
+    scheduler_name,
+    translate,
+)
+from .axolotl_keys import CHOICES as AXOLOTL_CHOICES
+from .axolotl_keys import UNSUPPORTED
 from .schedule import SCHEDULERS
+from .values import UNSET, kinds_of, read_value
 
 __all__ = ["TrainConfig", "load_config", "apply_overrides", "config_to_yaml", "config_changes", "RESUMABLE",
            "DISTRIBUTED"]
@@ -34,6 +48,7 @@ class TrainConfig:
     # model
     base_model: str = "smollm2-135m"
     load_in_4bit: bool = True
+    load_in_8bit: bool = False                  # LLM.int8 storage instead (bitsandbytes' Int8Params + SCB)
     quant_type: str = "nf4"                     # quant.spec.QUANT_TYPES
     double_quant: bool = True
     blocksize: int = 64
@@ -41,46 +56,99 @@ class TrainConfig:
     quant_calibration_samples: int = 256        # data first (saved to output_dir/base)
     compute_dtype: str = "auto"                 # auto | dtypes.DTYPES
     trust_remote_code: bool = False
+    device: str = "auto"                        # auto | cpu | cuda | cuda:N (auto: the GPU when there is one)
+    tokenizer_config: str = ""                  # a folder whose tokenizer to use (default: the model's)
+    model_config: dict | None = None            # overrides of the model's config.json (e.g. rope_scaling)
     # adapter
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0                   # 0 is fastest; 0.05–0.1 for small data sets
     lora_target_modules: str | list = ALL_LINEAR
+    lora_target_parameters: list | None = None  # expert matrices too (MoE: experts.gate_up_proj, …)
     use_rslora: bool = False
     lora_init: str = "default"                  # nn.lora_options.LORA_INITS
+    lora_model_dir: str = ""                    # start from this adapter's weights (a finished run or peft's)
+    lora_modules_to_save: list | None = None    # modules trained whole in float32 beside LoRA (embed_tokens, lm_head)
+    unfrozen_parameters: list | None = None     # regexes of non-quantized parameters to train (norms, …)
+    trainable_token_indices: list | dict | None = None  # embedding rows to train (peft's trainable_token_indices)
+    loraplus_lr_ratio: float = 0.0              # > 0: LoRA+ (B's learning rate = ratio × A's)
+    # tokenizer and chat template
+    chat_template: str = "tokenizer_default"    # data.chat_templates.FORMATS, jinja, tokenizer_default[_fallback_X]
+    chat_template_jinja: str = ""               # with chat_template: jinja — the template, or a file holding it
+    chat_template_kwargs: dict | None = None    # passed to the template (e.g. enable_thinking: false)
+    default_system_message: str = ""            # a system turn for conversations that have none
+    eot_tokens: list | None = None              # tokens that end a turn: learned after each trained turn
+    special_tokens: dict | None = None          # pad/bos/eos/unk token: set (an existing token) or added
+    tokens: list | None = None                  # new tokens: rows added to the embeddings and head, trained
+    resize_token_embeddings_to_32x: bool = False
+    mean_resizing_embeddings: bool = False      # new rows start at the mean of the old ones (else random)
+    embedding_lr: float = 0.0                   # learning rate of trained embedding/head rows (0: learning_rate)
+    embedding_lr_scale: float = 0.0             # … or learning_rate × this
     # data
     datasets: str | list = "chatterbot"
+    test_datasets: str | list | None = None     # held-out data from its own files (instead of val_set_size)
     dataset_format: str = "auto"                # auto | data.formats.FORMATS
     val_set_size: float = 0.05
     sequence_len: int = 512
+    excess_length_strategy: str = "truncate"    # samples longer than sequence_len: truncate | drop | raise
+    min_sample_len: int = 0                     # drop samples of fewer tokens
     train_on_inputs: bool = False
     sample_packing: bool = False                # several samples per row, each attending only to itself
     group_by_length: bool = True                # unpacked: batch samples of similar length (little padding)
     pad_to_sequence_len: bool = False           # unpacked: pad every batch to sequence_len (fixed shapes)
+    pad_to_multiple_of: int = 0                 # pad each batch's width to a multiple of this
+    curriculum_sampling: bool = False           # the data in file order, not shuffled
+    dataset_exact_deduplication: bool = False   # drop records identical to an earlier one
     dataset_processes: int = 0                  # tokenizing processes (0: 2 for 20,000 rows or more, else 1)
     # optimisation
     micro_batch_size: int = 4
+    eval_batch_size: int = 0                    # 0: micro_batch_size
     gradient_accumulation_steps: int = 1
     num_epochs: float = 1.0
     max_steps: int = 0                          # > 0 overrides num_epochs
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"                # training.schedule.SCHEDULERS
     warmup_steps: int = 10
+    warmup_ratio: float = 0.0                   # > 0: warmup_steps = ⌊ratio × total steps⌋ (as Axolotl)
+    lr_quadratic_warmup: bool = False
+    cosine_min_lr_ratio: float = 0.0            # the schedule decays to this fraction of learning_rate
+    cosine_constant_lr_ratio: float = 0.0       # > 0: hold the minimum from this fraction of the steps on
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     optimizer: str = "adamw"                    # optim.registry.OPTIMIZERS
     optimizer_budget_mb: float = 0.0            # paged optimizers: device bytes for state (0 = one page)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False  # true | false | offload (decoder-layer inputs in host memory)
+    neftune_noise_alpha: float = 0.0            # > 0: NEFTune noise on the input embeddings while training
     # bookkeeping
-    eval_steps: int = 50
-    save_steps: int = 100
+    eval_steps: int | float = 50                # 0: only before and after training; 0 < x < 1: that fraction of
+    save_steps: int | float = 100               # the steps (as Axolotl); save_steps 0: only at the end
     evals_per_epoch: int = 0                    # > 0: eval_steps from the epoch's length (Axolotl's key)
     saves_per_epoch: int = 0                    # > 0: save_steps likewise
+    save_first_step: bool = False
     save_total_limit: int = 2
+    early_stopping_patience: int = 0            # > 0: stop after this many evaluations without a new best
+    loss_watchdog_threshold: float = 0.0        # > 0: stop when the loss stays above this …
+    loss_watchdog_patience: int = 3             # … for this many steps in a row
     logging_steps: int = 1
     output_dir: str = "runs/lowbit"
+    auto_resume_from_checkpoints: bool = False  # continue the run in output_dir if it has a checkpoint
     seed: int = 0
+    memory_limit: str = ""                      # memory the pre-flight plans for (e.g. 24GB; default: free memory)
+    # experiment trackers (training/trackers.py)
     tensorboard: bool = False
+    use_wandb: bool = False                     # also on when wandb_project is set
+    wandb_project: str = ""
+    wandb_entity: str = ""
+    wandb_name: str = ""
+    wandb_run_id: str = ""
+    wandb_mode: str = ""                        # online | offline | disabled (default: wandb's own)
+    use_mlflow: bool = False                    # also on when mlflow_tracking_uri / _experiment_name is set
+    mlflow_tracking_uri: str = ""
+    mlflow_experiment_name: str = ""
+    mlflow_run_name: str = ""
     # several processes (torchrun --nproc-per-node N -m lowbit train …)
     distributed: str = "auto"                   # auto | none | ddp | fsdp   (auto: ddp when WORLD_SIZE > 1)
     ddp_timeout: int = 1800                     # seconds a collective may wait (a dead rank ends the run by then)
@@ -89,56 +157,98 @@ class TrainConfig:
         def bad(key, why):
             raise LowbitError(f"config: {key} {why}")
 
-        for k in ("lora_r", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "blocksize",
-                  "eval_steps", "ddp_timeout",
-                  "save_steps", "logging_steps"):
+        for k in POSITIVE:
             if getattr(self, k) <= 0:
                 bad(k, f"must be > 0, got {getattr(self, k)}")
-        for k in ("learning_rate", "num_epochs"):
-            if getattr(self, k) <= 0:
-                bad(k, f"must be > 0, got {getattr(self, k)}")
-        for k in ("max_steps", "warmup_steps", "evals_per_epoch", "saves_per_epoch", "weight_decay", "max_grad_norm",
-                  "lora_dropout", "val_set_size", "optimizer_budget_mb"):
+        for k in NON_NEGATIVE:
             if getattr(self, k) < 0:
                 bad(k, f"must be >= 0, got {getattr(self, k)}")
         for k, ok in CHOICES.items():
             if getattr(self, k) not in ok:
-                bad(k, f"must be one of {', '.join(ok)}, got {getattr(self, k)!r}")
-        if self.lora_dropout >= 1:
-            bad("lora_dropout", f"must be < 1, got {self.lora_dropout}")
-        if self.dataset_processes < 0:
-            bad("dataset_processes", f"must be >= 0, got {self.dataset_processes}")
+                names = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in ok)
+                bad(k, f"must be one of {names}, got {getattr(self, k)!r}")
+        for k in ("lora_dropout", "cosine_min_lr_ratio", "cosine_constant_lr_ratio", "adam_beta1", "adam_beta2",
+                  "warmup_ratio"):
+            if getattr(self, k) >= 1 and not (k.startswith("cosine") and getattr(self, k) == 1):
+                bad(k, f"must be < 1, got {getattr(self, k)}")
         if self.quant_calibration != "none":
             if not self.load_in_4bit:
                 bad("quant_calibration", "needs load_in_4bit: true (there is no 4-bit base to calibrate)")
             if self.quant_calibration_samples <= 0:
                 bad("quant_calibration_samples", f"must be > 0, got {self.quant_calibration_samples}")
+        for k in ("eval_steps", "save_steps"):
+            v = getattr(self, k)
+            if isinstance(v, float) and not (0 < v < 1 or v.is_integer()):
+                bad(k, f"must be a whole number of steps or a fraction of them between 0 and 1, got {v}")
+        if self.load_in_8bit and self.load_in_4bit:
+            bad("load_in_8bit", "and load_in_4bit are both true: choose one storage for the base")
+        if self.lora_init == "loftq" and not self.load_in_4bit:
+            bad("lora_init:", "loftq needs a 4-bit (or nf3 / nf2) base: an 8-bit or 16-bit one has little error to "
+                "absorb")
+        for k in ("lora_target_parameters", "lora_modules_to_save", "unfrozen_parameters", "eot_tokens", "tokens"):
+            v = getattr(self, k)
+            if v is not None and not (isinstance(v, list) and all(isinstance(x, str) and x for x in v)):
+                bad(k, f"expects a list of names, got {v!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            bad("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for k in self.special_tokens or {}:
+            if k not in SPECIAL_TOKENS:
+                bad("special_tokens:", f"unknown {k!r}; lowbit sets {', '.join(SPECIAL_TOKENS)}")
         try:
+            check_chat_template(self.chat_template, self.chat_template_jinja)
             self.quant_spec()
             parse_sources(self.datasets, self.dataset_format)
+            if self.test_datasets is not None:
+                parse_sources(self.test_datasets, self.dataset_format)
+            if self.memory_limit:
+                parse_size(self.memory_limit)
         except LowbitError as e:
             raise LowbitError(f"config: {e}") from None
         return self
 
     def quant_spec(self) -> QuantSpec | None:
-        """How the base is stored (None: ``load_in_4bit: false``, 16-bit LoRA)."""
+        """How the base is stored (None: ``load_in_4bit: false`` and ``load_in_8bit: false``, 16-bit LoRA)."""
+        if self.load_in_8bit:
+            return QuantSpec("int8", double_quant=False)
         return QuantSpec(self.quant_type, self.blocksize, self.double_quant) if self.load_in_4bit else None
 
+    @property
+    def checkpointing(self) -> bool:
+        """Whether decoder layers are recomputed in backward (``gradient_checkpointing`` true or offload)."""
+        return self.gradient_checkpointing in (True, "offload")
+
+
+POSITIVE = ("lora_r", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "blocksize", "ddp_timeout",
+            "logging_steps", "learning_rate", "num_epochs", "adam_epsilon", "loss_watchdog_patience")
+NON_NEGATIVE = ("max_steps", "warmup_steps", "evals_per_epoch", "saves_per_epoch", "weight_decay", "max_grad_norm",
+                "lora_dropout", "val_set_size", "optimizer_budget_mb", "eval_steps", "save_steps", "dataset_processes",
+                "warmup_ratio", "cosine_min_lr_ratio", "cosine_constant_lr_ratio", "adam_beta1", "adam_beta2",
+                "loraplus_lr_ratio", "eval_batch_size", "neftune_noise_alpha", "early_stopping_patience",
+                "loss_watchdog_threshold", "min_sample_len", "pad_to_multiple_of", "embedding_lr",
+                "embedding_lr_scale")
 
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
+SPECIAL_TOKENS = ("pad_token", "bos_token", "eos_token", "unk_token")
+EXCESS_LENGTH = ("truncate", "drop", "raise")
 
 # the keys that name something, and the tables they name
 CHOICES = {"quant_type": tuple(QUANT_TYPES), "quant_calibration": tuple(CALIBRATIONS),
            "compute_dtype": ("auto", *DTYPES), "lora_init": tuple(LORA_INITS),
            "dataset_format": ("auto", *FORMATS), "lr_scheduler": tuple(SCHEDULERS), "optimizer": tuple(OPTIMIZERS),
-           "distributed": DISTRIBUTED}
+           "distributed": DISTRIBUTED, "excess_length_strategy": EXCESS_LENGTH,
+           "gradient_checkpointing": (False, True, "offload")}
 
 # keys a resumed run may change: they leave the arithmetic of every step the same (logging, evaluation and
 # checkpoint cadence, memory-only settings) or only say how long to go on (max_steps, num_epochs)
 # (the world size and distributed mode are checked on their own: a checkpoint resumes under the same ones)
 RESUMABLE = {"max_steps", "num_epochs", "eval_steps", "save_steps", "save_total_limit", "logging_steps",
              "tensorboard", "output_dir", "gradient_checkpointing", "optimizer_budget_mb", "trust_remote_code",
-             "distributed", "ddp_timeout", "dataset_processes", "evals_per_epoch", "saves_per_epoch"}
+             "distributed", "ddp_timeout", "dataset_processes", "evals_per_epoch", "saves_per_epoch",
+             "save_first_step",
+             "early_stopping_patience", "loss_watchdog_threshold", "loss_watchdog_patience", "memory_limit",
+             "auto_resume_from_checkpoints", "eval_batch_size", "use_wandb", "wandb_project", "wandb_entity",
+             "wandb_name", "wandb_run_id", "wandb_mode", "use_mlflow", "mlflow_tracking_uri", "mlflow_experiment_name",
+             "mlflow_run_name"}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -146,64 +256,63 @@ _HINTS = typing.get_type_hints(TrainConfig)
 
 
 def _coerce(key: str, value, from_string: bool):
-    hint = _HINTS[key]
-    kinds = typing.get_args(hint) or (hint,)
-    if from_string:
-        if bool in kinds:
-            low = str(value).lower()
-            if low in ("true", "1", "yes", "on"):
-                return True
-            if low in ("false", "0", "no", "off"):
-                return False
-            raise LowbitError(f"config: {key} expects true/false, got {value!r}")
-        if list in kinds and "," in str(value):
-            return [v.strip() for v in str(value).split(",") if v.strip()]
-        for kind in (int, float):
-            if kind in kinds:
-                try:
-                    return kind(value)
-                except ValueError:
-                    raise LowbitError(f"config: {key} expects {kind.__name__}, got {value!r}") from None
-        return value
-    if bool in kinds:
-        if not isinstance(value, bool):
-            raise LowbitError(f"config: {key} expects true/false, got {value!r} ({type(value).__name__})")
-        return value
-    if float in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if int in kinds:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise LowbitError(f"config: {key} expects an integer, got {value!r} ({type(value).__name__})")
-        return value
-    if str in kinds and isinstance(value, str):
-        return value
-    if list in kinds and isinstance(value, list):
-        return value
-    expected = " or ".join(k.__name__ for k in kinds)
-    raise LowbitError(f"config: {key} expects {expected}, got {value!r} ({type(value).__name__})")
+    if key == "gradient_checkpointing" and str(value).lower() in ("offload", "offload_disk"):
+        if str(value).lower() == "offload_disk":
+            raise LowbitError("config: gradient_checkpointing: 'offload_disk' — checkpoints are kept in host memory "
+                              "(offload), not on disk")
+        return "offload"
+    if key in ("lr_scheduler", "optimizer") and isinstance(value, str):
+        return value.strip()
+    return read_value(key, value, kinds_of(_HINTS[key]), from_string)
 
 
 def _unknown(key: str) -> LowbitError:
-    near = difflib.get_close_matches(key, list(_FIELDS), n=1)
+    names = list(_FIELDS) + [k for k in (*TRANSLATIONS, *AXOLOTL_CHOICES, *UNSUPPORTED)]
+    near = difflib.get_close_matches(key, names, n=1)
     return LowbitError(f"config: unknown key {key!r}" + (f" — did you mean {near[0]!r}?" if near else ""))
 
 
-def apply_overrides(cfg: TrainConfig, values: dict, from_string: bool = False) -> TrainConfig:
-    """Set keys from a mapping (a YAML file, flags); Axolotl's own spellings (``training/axolotl.py``) translate."""
+def apply_overrides(cfg: TrainConfig, values: dict, from_string: bool = False, report: Report | None = None
+                    ) -> TrainConfig:
+    """Set keys from a mapping (a YAML file, flags): lowbit's keys, and Axolotl's (``training/axolotl.py``:
+    translated, taken as implementation choices, or refused). Values are read as Axolotl reads them
+    (``values.py``: null is the default, ``2e-5`` a number). A key given as itself wins over a translation
+    into it from another key of the same mapping."""
+    mine, translated = {}, {}
     for key, value in values.items():
         k = key.replace("-", "_")
-        if k not in _FIELDS and k in AXOLOTL_KEYS:
-            apply_overrides(cfg, translate(k, value), from_string)
-            continue
-        if k not in _FIELDS:
+        if k in _FIELDS:
+            mine[k] = value
+        elif is_axolotl_key(k):
+            translated.update(translate(k, value, report))
+        else:
             raise _unknown(key)
+    linear = values.get("lora_target_linear") is True  # Axolotl adds every linear layer to the named targets
+    merged = {**translated, **mine, **({"lora_target_modules": ALL_LINEAR} if linear else {})}
+    if merged.get("load_in_8bit") is True and "load_in_4bit" not in mine:
+        merged["load_in_4bit"] = False  # an 8-bit base instead of lowbit's default 4-bit one
+    if translated.get("load_in_4bit") is True and mine.get("load_in_4bit") is False:
+        raise LowbitError("config: adapter: qlora needs a 4-bit base, but load_in_4bit is false")
+    if mine.get("warmup_steps") is not None and mine.get("warmup_ratio") is not None:
+        raise LowbitError("config: warmup_steps and warmup_ratio are both set: give one")
+    batch = merged.pop("_batch_size", None)
+    for k, value in merged.items():
         if k == "optimizer" and isinstance(value, str):
-            value = optimizer_name(value)
-        setattr(cfg, k, _coerce(k, value, from_string))
+            value = optimizer_name(value, report)
+        elif k == "lr_scheduler" and isinstance(value, str):
+            value = scheduler_name(value, report)
+        v = _coerce(k, value, from_string)
+        if v is not UNSET:
+            setattr(cfg, k, v)
+    if batch is not None:
+        cfg.gradient_accumulation_steps = gradient_accumulation(_coerce("micro_batch_size", batch, from_string),
+                                                                cfg.micro_batch_size)
     return cfg
 
 
-def load_config(path: str | Path | None) -> TrainConfig:
+def load_config(path: str | Path | None, report: Report | None = None) -> TrainConfig:
+    """The config in a YAML file (defaults for what it leaves out); ``report`` collects what its Axolotl keys
+    became."""
     cfg = TrainConfig()
     if path is None:
         return cfg
@@ -218,7 +327,7 @@ def load_config(path: str | Path | None) -> TrainConfig:
     if not isinstance(data, dict):
         raise LowbitError(f"{p}: expected a mapping of keys to values")
     try:
-        return apply_overrides(cfg, data)
+        return apply_overrides(cfg, data, report=report)
     except LowbitError as e:
         raise LowbitError(f"{p}: {e}") from None
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
-from ..nn.linear import Linear4bit
+from ..nn.linear8bit import QUANTIZED
 from .config import DISTRIBUTED
 from .loss import LossModule
 
@@ -70,15 +70,16 @@ class World:
             torch.distributed.destroy_process_group()
 
 
-def init_world(mode: str = "auto", timeout_s: float = 1800) -> World:
-    """Join the process group torchrun set up (RANK, WORLD_SIZE, MASTER_ADDR, … in the environment)."""
+def init_world(mode: str = "auto", timeout_s: float = 1800, log=print) -> World:
+    """Join the process group torchrun set up (RANK, WORLD_SIZE, MASTER_ADDR, … in the environment). ddp or fsdp
+    in a single process is that process's run (as FSDP on one GPU is), said once."""
     if mode not in DISTRIBUTED:
         raise LowbitError(f"distributed must be one of {', '.join(DISTRIBUTED)}, got {mode!r}")
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         if mode in ("ddp", "fsdp"):
-            raise LowbitError(f"distributed: {mode} needs several processes: launch with "
-                              "torchrun --nproc-per-node N -m lowbit train …")
+            log(f"distributed: {mode} in one process: nothing to share or shard, training as one process "
+                "(torchrun --nproc-per-node N -m lowbit train … runs N)")
         return World()
     if mode == "none":
         raise LowbitError(f"distributed: none, but WORLD_SIZE={size}: every process would train the same run into "
@@ -96,8 +97,8 @@ def check_same_base(model: nn.Module, world: World) -> None:
         return
     h = hashlib.sha256()
     for name, mod in model.named_modules():
-        if isinstance(mod, Linear4bit):
-            h.update(name.encode() + mod.codes.detach().cpu().numpy().tobytes())
+        if isinstance(mod, QUANTIZED):
+            h.update(name.encode() + mod.codes.detach().cpu().view(torch.uint8).numpy().tobytes())
     digests = world.gather(h.hexdigest()[:16])
     ok = torch.tensor([1 if not world.main or len(set(digests)) == 1 else 0])
     torch.distributed.broadcast(ok, src=0)
@@ -107,9 +108,10 @@ def check_same_base(model: nn.Module, world: World) -> None:
 
 
 def base_bytes(model: nn.Module) -> int:
-    """Bytes of 4-bit storage (codes, absmax, nested absmax) this rank holds: its shards under FSDP."""
+    """Bytes of quantized storage (codes and their scales) this rank holds: its shards under FSDP."""
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t
-    return sum(local(t).numel() for m in model.modules() if isinstance(m, Linear4bit) for t in m._storage().values())
+    return sum(local(t).numel() * local(t).element_size() for m in model.modules() if isinstance(m, QUANTIZED)
+               for t in m._storage().values())
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -5,7 +5,8 @@
             loss = Σ token losses / learned tokens in the whole step      (autocast in 16-bit dtypes)
             loss.backward()
         clip gradients; optimizer.step(); scheduler.step()
-        callbacks see the step's record (evaluation, metrics, progress, checkpoints)
+        callbacks see the step's record (evaluation, metrics, progress, checkpoints); one may stop the run
+        (``state.stop_reason``: early stopping, the loss watchdog)
 
 With several ranks (``world``, see ``distributed.py``) a step takes N·g micro-batches of the one order, rank r
 the r-th of every N; the learned tokens are counted over all ranks, and each rank's loss is scaled by N because
@@ -51,7 +52,7 @@ def train_loop(model, optimizer, batches, *, steps: int, scheduler=None, state: 
     state.mark()
     state.restart_clock()
     try:
-        while state.step < steps:
+        while state.step < steps and state.stop_reason is None:
             keys = state.next_keys(data, accumulation * world.size)  # the same keys on every rank
             group = [data.batch(k) for k in keys[world.rank :: world.size]]
             loss, tokens = _forward_backward(model, group, loss_fn, dtype, world)

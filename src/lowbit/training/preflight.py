@@ -2,7 +2,8 @@
 free; a run that would not fit is refused with the numbers and the cheapest change that fits.
 
     free memory   MemAvailable of /proc/meminfo (training runs on the CPU; the ranks of one machine share it);
-                  $LOWBIT_MEMORY_LIMIT (e.g. 8GB) caps it — to plan for a smaller machine, or to test
+                  the config's memory_limit (Axolotl's gpu_memory_limit) or $LOWBIT_MEMORY_LIMIT (e.g. 8GB) sets it
+                  instead — to plan for a smaller machine, or to test
     changes       tried cumulatively, in this order, until the plan fits:
                       gradient_checkpointing: true
                       micro_batch_size halved, gradient_accumulation_steps doubled (the same batch per step)
@@ -29,8 +30,11 @@ from .config import TrainConfig
 __all__ = ["free_memory", "preflight", "cheaper"]
 
 
-def free_memory() -> tuple[int, str]:
-    """(bytes free for this run, where the number comes from)."""
+def free_memory(limit: str = "") -> tuple[int, str]:
+    """(bytes free for this run, where the number comes from): ``limit`` (the config's ``memory_limit``), else
+    $LOWBIT_MEMORY_LIMIT, else the machine's available memory."""
+    if limit:
+        return parse_size(limit), "memory_limit"
     cap = os.environ.get("LOWBIT_MEMORY_LIMIT")
     if cap:
         return parse_size(cap), "LOWBIT_MEMORY_LIMIT"
@@ -95,7 +99,7 @@ def advice(cfg: TrainConfig, budget: int, world_size: int = 1, local_ranks: int 
 
 def preflight(cfg: TrainConfig, world_size: int = 1, local_ranks: int = 1) -> str | None:
     """Refuse a run that will not fit (LowbitError); a note when the check could not be made."""
-    free, where = free_memory()
+    free, where = free_memory(cfg.memory_limit)
     if not free:
         return "memory pre-flight skipped: free memory unknown on this system"
     cfg = _plannable(cfg)

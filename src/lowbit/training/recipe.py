@@ -1,6 +1,7 @@
 """``train(cfg)``: a config → its parts (data, 4-bit model with LoRA, optimizer, schedule, callbacks) → the loop.
 
     output_dir/  adapter_config.json, adapter_model.safetensors   the result (PEFT format)
+                 tokenizer files, generation_config.json            the run's tokenizer and chat template
                  config.yaml, metrics.jsonl, loss.png, checkpoints/step-…/
                  base/   with quant_calibration: the calibrated 4-bit base the adapter belongs to
 
@@ -12,9 +13,7 @@ naming the keys; harmless ones (logging and checkpoint cadence, max_steps) are r
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import os
 import shutil
 import signal
@@ -22,36 +21,35 @@ from pathlib import Path
 
 import torch
 
-from .. import optim
 from ..atomic import writing_file
-from ..data.batching import Batches
-from ..data.packing import PackedBatches
-from ..data.sources import parse_sources
-from ..data.table import source_tables
 from ..dtypes import to_torch
 from ..errors import LowbitError
-from ..io.adapters import save_adapter
-from ..io.loader import SourceWeights, load
-from ..io.tokenizer import load_tokenizer
-from ..nn.lora import add_lora, count_parameters, lora_state_dict
+from ..io.adapters import adapter_tensors, save_adapter
+from ..io.tokenizer import TOKENIZER_FILES, prepare_tokenizer, tokenizer_for
 from ..runlock import LOCK_NAME, RunLock
+from .cadence import per_epoch_cadence, total_steps
 from .calibrated_base import BASE_DIR, calibrated_base
-from .callbacks import Evaluator, MetricsLog, ProgressBar, TensorBoard
+from .callbacks import Evaluator, MetricsLog, ProgressBar
 from .checkpoint import Checkpointer, latest_checkpoint, load_adapter_weights, load_trainer_state, saved_meta
 from .config import TrainConfig, config_changes, config_to_yaml
+from .data import load_data
 from .distributed import World, base_bytes, check_same_base, init_world, wrap
 from .evaluation import evaluate
 from .loop import NonFiniteLoss, train_loop
 from .loss import module_loss
+from .model import load_model
+from .optimizer import make_optimizer
 from .plot import plot_losses
 from .preflight import advice, free_memory, preflight
-from .schedule import lr_lambda
 from .state import TrainState
+from .stopping import EarlyStopping, LossWatchdog
+from .trackers import check_trackers, trackers_for
 
 __all__ = ["train", "load_data", "load_model", "total_steps"]
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "loss.png", "adapter_model.safetensors", "adapter_config.json",
-             "config.yaml", "tensorboard", BASE_DIR)
+             "config.yaml", "tensorboard", "wandb", BASE_DIR, *TOKENIZER_FILES, "special_tokens_map.json",
+             "chat_template.jinja", "generation_config.json", "merges.txt", "added_tokens.json")
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print,
@@ -61,11 +59,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
 
     The output folder is locked for the run (``runlock.py``); a run that the memory plan says will not fit is
     refused before anything loads unless ``force`` (``preflight.py``). Under torchrun every rank calls this;
-    rank 0 locks, logs and writes (see ``distributed.py``).
+    rank 0 locks, logs and writes (see ``distributed.py``). ``auto_resume_from_checkpoints`` resumes when the
+    folder holds a checkpoint.
     """
     cfg.validate()
-    world = init_world(cfg.distributed, cfg.ddp_timeout)
+    check_trackers(cfg)
+    world = init_world(cfg.distributed, cfg.ddp_timeout, log)
     log = log if world.main else (lambda *a: None)
+    resume = resume or (cfg.auto_resume_from_checkpoints and latest_checkpoint(Path(cfg.output_dir)) is not None)
     try:
         with RunLock(cfg.output_dir) if world.main else contextlib.nullcontext():
             ck = _prepare_output_dir(Path(cfg.output_dir), cfg, world, resume, overwrite, log)
@@ -81,9 +82,14 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
     out = Path(cfg.output_dir)
     dtype = to_torch(cfg.compute_dtype)
     torch.manual_seed(cfg.seed)
-    tok = load_tokenizer(cfg.base_model)
+    tok = tokenizer_for(cfg.tokenizer_config or cfg.base_model)
+    changes = prepare_tokenizer(tok, cfg.chat_template, cfg.chat_template_jinja, cfg.special_tokens, cfg.tokens,
+                                cfg.eot_tokens)
+    if changes.changed:
+        log(f"tokenizer: {'; '.join(changes.notes)}")
     batches, valid = load_data(cfg, tok, log)
-    model = load_model(cfg, dtype, log, calibrated_base(cfg, out, batches.samples, tok, dtype, world, log))
+    model = load_model(cfg, dtype, log, calibrated_base(cfg, out, batches.samples, tok, dtype, world, log), changes,
+                       len(tok) if changes.added else None)
     check_same_base(model, world)
     if ck is not None:
         load_adapter_weights(ck, model)
@@ -93,7 +99,7 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
         log(f"fsdp over {world.size} ranks: {per_rank / 2**20:.2f} MiB of 4-bit base per rank")
     total = total_steps(cfg, len(batches), world.size)
     cfg = per_epoch_cadence(cfg, len(batches), world.size, log)
-    opt, sched = _optimizer(cfg, trainer, total)
+    opt, sched = make_optimizer(cfg, trainer, total)
     state = TrainState()
     if ck is not None:
         state = load_trainer_state(ck, opt, world)
@@ -107,9 +113,35 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
     if "base_eval_loss" not in state.history and valid is not None:
         state.history["base_eval_loss"] = evaluate(trainer, valid, **run)
         log(f"eval loss before training: {state.history['base_eval_loss']:.4f}")
-    checkpoints = Checkpointer(out, model, opt, cfg, total, world)
-    callbacks = [*([Evaluator(trainer, valid, cfg.eval_steps, total, **run)] if valid is not None else []),
-                 *(_reporters(cfg, out, total, progress, log) if world.main else []), checkpoints, *extra]
+    checkpoints = Checkpointer(out, model, opt, cfg, total, world, tok if changes.changed else None)
+    callbacks = [*_watchers(cfg, trainer, valid, total, run), *(_reporters(cfg, out, total, progress) if world.main
+                                                                else []), checkpoints, *extra]
+    _run(cfg, trainer, opt, sched, batches, total, state, callbacks, checkpoints, run)
+    if state.stop_reason:
+        log(state.stop_reason)
+    tensors = adapter_tensors(model)  # whole on every rank (gathered under FSDP); rank 0 writes
+    if world.main:
+        save_adapter(model, out, tensors=tensors)
+        save_tokenizer(tok, out, changes.eot_ids)
+        plot_losses(out, state.history.get("base_eval_loss"))
+    evals = state.history["eval"]
+    return {"output_dir": str(out), "steps": state.step, "base_eval_loss": state.history.get("base_eval_loss"),
+            "eval_loss": evals[-1][1] if evals else None, "tokens_per_s": state.tokens_per_s(), "model": model,
+            "tokenizer": tok, "rank": world.rank, "world_size": world.size, "stop_reason": state.stop_reason}
+
+
+def _watchers(cfg: TrainConfig, trainer, valid, total: int, run: dict) -> list:
+    """The callbacks every rank runs: evaluation, early stopping, the loss watchdog."""
+    return [*([Evaluator(trainer, valid, cfg.eval_steps, total, **run)] if valid is not None else []),
+            *([EarlyStopping(cfg.early_stopping_patience)] if cfg.early_stopping_patience and valid else []),
+            *([LossWatchdog(cfg.loss_watchdog_threshold, cfg.loss_watchdog_patience)]
+              if cfg.loss_watchdog_threshold else [])]
+
+
+def _run(cfg: TrainConfig, trainer, opt, sched, batches, total: int, state: TrainState, callbacks: list,
+         checkpoints: Checkpointer, run: dict) -> None:
+    """The loop, with what goes wrong in it turned into one line that names the checkpoint to go on from."""
+    out, world = Path(cfg.output_dir), run["world"]
     try:
         train_loop(trainer, opt, batches, steps=total, scheduler=sched, state=state, callbacks=callbacks,
                    accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm, **run)
@@ -126,90 +158,33 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
-        raise LowbitError(f"out of memory in step {state.step + 1}: {advice(cfg, int(0.7 * free_memory()[0]))}; "
+        budget = int(0.7 * free_memory(cfg.memory_limit)[0])
+        raise LowbitError(f"out of memory in step {state.step + 1}: {advice(cfg, budget)}; "
                           f"the last checkpoint, {latest_checkpoint(out) or 'none yet'}, is kept — continue with "
                           "--resume after the change") from None
-    tensors = lora_state_dict(model)  # whole on every rank (gathered under FSDP); rank 0 writes
-    if world.main:
-        save_adapter(model, out, tensors=tensors)
-        plot_losses(out, state.history.get("base_eval_loss"))
-    evals = state.history["eval"]
-    return {"output_dir": str(out), "steps": state.step, "base_eval_loss": state.history.get("base_eval_loss"),
-            "eval_loss": evals[-1][1] if evals else None, "tokens_per_s": state.tokens_per_s(), "model": model,
-            "tokenizer": tok, "rank": world.rank, "world_size": world.size}
+    if state.stop_failed:
+        raise LowbitError(f"{state.stop_reason}; stopped. Last good checkpoint: {latest_checkpoint(out) or 'none'}")
 
 
-def _optimizer(cfg: TrainConfig, trainer, total: int):
-    """The optimizer over the trainable (LoRA) parameters and its learning-rate schedule."""
-    opt = optim.make(cfg.optimizer, [p for p in trainer.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                     weight_decay=cfg.weight_decay, budget_bytes=int(cfg.optimizer_budget_mb * 2**20))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total))
+def save_tokenizer(tok, out: Path, eot_ids: list[int] | None = None) -> None:
+    """The run's tokenizer (vocabulary, special tokens, chat template) beside its adapter, and a generation config
+    whose end tokens include the turn-ending ones, so merge, generate and export use them."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer.tmp-") as tmp:  # each file then replaced whole
+        tok.save_pretrained(tmp)
+        for f in Path(tmp).iterdir():
+            os.replace(f, out / f.name)
+    ends = [i for i in dict.fromkeys([tok.eos_token_id, *(eot_ids or [])]) if i is not None]
+    with writing_file(out / "generation_config.json") as tmp:
+        tmp.write_text(json.dumps({"eos_token_id": ends if len(ends) > 1 else ends[0],
+                                   "pad_token_id": tok.pad_token_id}, indent=2) + "\n")
 
 
-def _reporters(cfg: TrainConfig, out: Path, total: int, progress: bool, log) -> list:
-    """What rank 0 reports to: metrics.jsonl, TensorBoard (if asked), the progress bar."""
-    return [MetricsLog(out / "metrics.jsonl", cfg.logging_steps),
-            *([TensorBoard(out / "tensorboard", cfg.logging_steps, log)] if cfg.tensorboard else []),
+def _reporters(cfg: TrainConfig, out: Path, total: int, progress: bool) -> list:
+    """What rank 0 reports to: metrics.jsonl, the experiment trackers asked for, the progress bar."""
+    return [MetricsLog(out / "metrics.jsonl", cfg.logging_steps), *trackers_for(cfg, out),
             ProgressBar(total, progress)]
-
-
-def per_epoch_cadence(cfg: TrainConfig, batches_per_epoch: int, world_size: int = 1, log=print) -> TrainConfig:
-    """``evals_per_epoch`` / ``saves_per_epoch`` (Axolotl's keys) as ``eval_steps`` / ``save_steps``."""
-    per_epoch = math.ceil(batches_per_epoch / (cfg.gradient_accumulation_steps * world_size))
-    changes = {k: max(1, per_epoch // getattr(cfg, n)) for k, n in (("eval_steps", "evals_per_epoch"),
-                                                                 ("save_steps", "saves_per_epoch")) if getattr(cfg, n)}
-    if changes:
-        log(", ".join(f"{k} = {v}" for k, v in changes.items()) + f" (an epoch is {per_epoch} steps)")
-    return dataclasses.replace(cfg, **changes)
-
-
-def total_steps(cfg: TrainConfig, batches_per_epoch: int, world_size: int = 1) -> int:
-    """``max_steps``, else enough optimizer steps for ``num_epochs`` passes (a step takes
-    ``gradient_accumulation_steps`` micro-batches on each of ``world_size`` ranks)."""
-    per_step = cfg.gradient_accumulation_steps * world_size
-    return cfg.max_steps or max(1, math.ceil(math.ceil(batches_per_epoch / per_step) * cfg.num_epochs))
-
-
-def load_data(cfg: TrainConfig, tok, log=print) -> tuple[Batches | PackedBatches, Batches | None]:
-    """Train and held-out batches: every source in ``datasets`` read and tokenized by its own format (cached),
-    mixed; with ``sample_packing`` the training samples share rows (held-out ones are evaluated one per row)."""
-    data = source_tables(parse_sources(cfg.datasets, cfg.dataset_format), tok, cfg.val_set_size, cfg.seed,
-                         cfg.sequence_len, cfg.train_on_inputs, cfg.dataset_processes)
-    train, valid = data.train, data.valid
-    pad = tok.pad_token_id
-    batches = PackedBatches(train, cfg.micro_batch_size, pad, cfg.sequence_len, cfg.seed) if cfg.sample_packing \
-        else Batches(train, cfg.micro_batch_size, pad, cfg.seed, cfg.group_by_length,
-                     cfg.sequence_len if cfg.pad_to_sequence_len else None)
-    packed = f"; packed into {len(batches.rows)} rows of {cfg.sequence_len} " \
-             f"({100 * train.real_tokens() / (len(batches.rows) * cfg.sequence_len):.0f}% full)" \
-        if cfg.sample_packing else ""
-    fmts = ", ".join(dict.fromkeys(data.formats))
-    log(f"data: {len(train)} train / {len(valid) if valid else 0} valid samples ({fmts}); {data.truncated} "
-        f"truncated to {cfg.sequence_len} tokens, {data.dropped} dropped (nothing to learn)"
-        f"{packed}")
-    return batches, Batches(valid, cfg.micro_batch_size, pad, cfg.seed) if valid else None
-
-
-def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None):
-    """The base (quantized while it streams in; ``base``: another folder holding it, e.g. the calibrated one)
-    with LoRA adapters on the configured layers."""
-    model = load(base or cfg.base_model, cfg.quant_spec(), compute_dtype=dtype,
-                 trust_remote_code=cfg.trust_remote_code)
-    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
-                use_rslora=cfg.use_rslora, init=cfg.lora_init, verbose=False)
-    if cfg.lora_init == "loftq":
-        with SourceWeights(model) as source:
-            add_lora(model, **lora, source_weight=source)
-    else:
-        add_lora(model, **lora)
-    trainable, total = count_parameters(model)
-    spec = cfg.quant_spec()
-    log(f"model: {base or cfg.base_model} ({f'4-bit {spec}' if spec else 'unquantized'}, compute "
-        f"{str(dtype).split('.')[-1]}); LoRA r={cfg.lora_r}: {trainable:,} trainable of {total:,} parameters "
-        f"({100 * trainable / total:.2f}%)")
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
 
 
 def _prepare_output_dir(out: Path, cfg: TrainConfig, world: World, resume: bool, overwrite: bool,

@@ -28,6 +28,8 @@ class TrainState:
     history: dict = field(default_factory=lambda: {"eval": []})
     tokens_seen: int = 0                                     # non-pad tokens since the loop (re)started
     started: float = field(default_factory=time.perf_counter)  # when it (re)started: tokens/s counts from here
+    stop_reason: str | None = None                           # a callback asks the loop to stop (not saved)
+    stop_failed: bool = False                                # … because the run went wrong
     _mark: tuple | None = field(default=None, repr=False)
     _order: tuple[int, list] | None = field(default=None, repr=False)   # (epoch, that epoch's order)
 

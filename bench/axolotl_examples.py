@@ -1,0 +1,186 @@
+"""Axolotl's own example configs through `lowbit train`, as a new user would run them.
+
+    python bench/axolotl_examples.py --examples PATH/TO/axolotl/examples [--model smollm2-135m] [--readme]
+
+Fetch Axolotl's repository first (its examples/ folder is the yardstick of what users write; nothing of it is
+copied here). Every LoRA/QLoRA config of a decoder-only text model without `trust_remote_code` (no `rl:`, no
+processor/vision/audio) is run with only these changes: `base_model` → the built-in SmolLM2 (no hub here), each
+dataset's `path` → a local JSONL file in the entry's shape (generated here: alpaca rows, chat messages under the
+entry's field and role names, completion text), and, for the harness, `--max-steps 2` and a scratch `output_dir`.
+Each run is a fresh process (a timeout of `--timeout` s). A config is
+
+    trained   `lowbit train` exited 0 and wrote an adapter
+    refused   one line naming the key (exit 2) — with the reason
+    failed    anything else (a traceback, a crash, a timeout): a defect
+
+Prints a table per config and the totals; writes bench/results/axolotl_examples.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from common import publish
+
+ROWS = 200  # rows per local file: enough that train[:1%] keeps a training row beside a held-out one
+VISION_WORDS = ("vision", "-vl", "vl-", "llava", "pixtral", "voxtral", "audio", "smolvlm", "internvl", "paddleocr",
+                "qwen2-vl", "qwen2_5-vl", "glm46v", "orpheus")
+
+
+def selected(examples: Path) -> list[tuple[str, dict]]:
+    """(relative path, config) of every LoRA/QLoRA text-model config without remote code or an RL stage."""
+    out = []
+    for f in sorted(examples.rglob("*.y*ml")):
+        try:
+            d = yaml.safe_load(f.read_text())
+        except yaml.YAMLError:
+            continue
+        rel = str(f.relative_to(examples))
+        if not isinstance(d, dict) or d.get("adapter") not in ("lora", "qlora") or d.get("rl") \
+                or d.get("trust_remote_code") or d.get("processor_type") \
+                or any(w in rel.lower() for w in VISION_WORDS):
+            continue
+        out.append((rel, d))
+    return out
+
+
+def _speakers(entry: dict) -> tuple[str, str, str, str]:
+    """(role key, content key, user name, assistant name) of an entry's chat messages."""
+    m = entry.get("message_property_mappings") or {}
+    role = m.get("role", entry.get("message_field_role", "role"))
+    content = m.get("content", entry.get("message_field_content", "content"))
+    roles = entry.get("roles") or {}
+    first = lambda k, d: (roles.get(k) or [d])[0] if isinstance(roles.get(k), list) else roles.get(k, d)
+    sharegpt = role == "from"
+    return role, content, first("user", "human" if sharegpt else "user"), first("assistant",
+                                                                                 "gpt" if sharegpt else "assistant")
+
+
+def record(entry: dict, i: int) -> dict:
+    """Row ``i`` of a local file in the shape ``entry`` reads."""
+    q, a = f"{i}+{i}?", f"{2 * i}"
+    kind = str(entry.get("type") or "")
+    if kind.startswith("alpaca") or kind in ("instruct",):
+        return {entry.get("field_instruction", "instruction"): q, entry.get("field_input", "input"): "",
+                entry.get("field_output", "output"): a}
+    if kind in ("completion", "pretrain", "text"):
+        return {entry.get("field", "text"): f"{q} {a}"}
+    role, content, user, assistant = _speakers(entry)
+    answer = {role: assistant, content: a}
+    if entry.get("field_thinking"):
+        answer[entry["field_thinking"]] = f"add {i} to itself"
+    return {entry.get("field_messages", "conversations" if role == "from" else "messages"):
+            [{role: user, content: q}, answer]}
+
+
+def localize(cfg: dict, folder: Path, model: str) -> dict:
+    """The config with only the model and the data paths changed."""
+    cfg = dict(cfg, base_model=model)
+    for key in ("datasets", "test_datasets"):
+        entries = cfg.get(key)
+        if not isinstance(entries, list):
+            continue
+        local = []
+        for k, e in enumerate(entries):
+            e = dict(e) if isinstance(e, dict) else {"path": e}
+            path = folder / f"{key}-{k}.jsonl"
+            path.write_text("".join(json.dumps(record(e, i)) + "\n" for i in range(ROWS)))
+            e["path"] = str(path)
+            e.pop("data_files", None)  # the hub's file names inside the dataset repository
+            if e.get("ds_type") not in (None, "json"):
+                e["ds_type"] = "json"
+            local.append(e)
+        cfg[key] = local
+    return cfg
+
+
+def tiny_smollm2(folder: Path) -> str:
+    """A small random LLaMA with SmolLM2's tokenizer and chat template (the built-in model's shape names, a fraction
+    of its compute): ``--model tiny``."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lowbit.io.resolve import resolve_model
+
+    src = resolve_model("smollm2-135m")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            shutil.copy(f, folder / f.name)
+    return str(folder)
+
+
+def run_one(rel: str, cfg: dict, model: str, timeout: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="lowbit-axolotl-") as tmp:
+        folder = Path(tmp)
+        path = folder / Path(rel).name
+        path.write_text(yaml.safe_dump(localize(cfg, folder, model), sort_keys=False))
+        cmd = [sys.executable, "-m", "lowbit", "train", str(path), "--quiet", "--max-steps", "2",
+               "--output-dir", str(folder / "out")]
+        t = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                               env={**os.environ, "TQDM_DISABLE": "1", "WANDB_MODE": "offline"})
+            rc, err, out = p.returncode, p.stderr, p.stdout
+        except subprocess.TimeoutExpired:
+            rc, err, out = -1, f"timeout after {timeout} s", ""
+        secs = time.perf_counter() - t
+        wrote = (folder / "out" / "adapter_model.safetensors").exists()
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    if rc == 0 and wrote:
+        status, why = "trained", ""
+    elif rc == 2 and last.startswith("error: ") and "Traceback" not in err:
+        status, why = "refused", last[len("error: "):].replace(str(path), Path(rel).name)
+    else:
+        status, why = "failed", last or f"exit {rc}"
+    notes = [ln for ln in out.splitlines() if ln.startswith("Axolotl keys")]
+    return {"config": rel, "status": status, "reason": re.sub(r"/tmp/lowbit-axolotl-\w+/", "", why)[:300],
+            "seconds": round(secs, 1), "axolotl_notes": notes}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--examples", required=True, type=Path, help="Axolotl's examples/ folder")
+    ap.add_argument("--model", default="smollm2-135m", help="the base every config trains (tiny: a small random "
+                    "LLaMA with SmolLM2's tokenizer — the same names, a fraction of the compute)")
+    ap.add_argument("--only", default="", help="a regex over the configs' paths")
+    ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--readme", action="store_true")
+    args = ap.parse_args()
+    configs = [(r, c) for r, c in selected(args.examples) if re.search(args.only, r)]
+    if args.model == "tiny":
+        args.model = tiny_smollm2(Path(tempfile.mkdtemp(prefix="lowbit-tiny-smollm2-")))
+    rows = []
+    for rel, cfg in configs:
+        rows.append(run_one(rel, cfg, args.model, args.timeout))
+        r = rows[-1]
+        print(f"{r['status']:8s} {r['seconds']:6.1f}s  {rel}  {r['reason']}", flush=True)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("trained", "refused", "failed")}
+    lines = ["| config | result | reason |", "|---|---|---|"]
+    lines += [f"| {r['config']} | {r['status']} | {r['reason'].replace('|', '/')} |" for r in rows]
+    total = max(1, len(rows))
+    summary = (f"{len(rows)} configs: {counts['trained']} trained ({100 * counts['trained'] / total:.0f} %), "
+               f"{counts['refused']} refused in one line, {counts['failed']} failed")
+    publish("axolotl_examples", summary + "\n\n" + "\n".join(lines),
+            {"model": args.model, "counts": counts, "rows": rows}, args.readme)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""A run's data: every source in ``datasets`` read and tokenized by its own format (cached), mixed, then batched —
+padded or packed — and the held-out batches (from ``val_set_size``, a folder's valid file, or ``test_datasets``).
+
+The config's data keys reach the formats through each source's options: ``excess_length_strategy``,
+``min_sample_len``, ``default_system_message``, ``chat_template_kwargs`` (so the tokenization cache tells them
+apart). ``dataset_exact_deduplication`` drops repeated samples; ``curriculum_sampling`` keeps file order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..data.batching import Batches
+from ..data.packing import PackedBatches
+from ..data.sources import DataSource, parse_sources
+from ..data.table import deduplicate, source_tables
+from .config import TrainConfig
+
+__all__ = ["load_data", "sources_of"]
+
+
+def sources_of(cfg: TrainConfig, datasets) -> list[DataSource]:
+    """``datasets`` (or ``test_datasets``) as sources carrying the config's data options."""
+    extra = {k: v for k, v in (("excess_length_strategy", cfg.excess_length_strategy),
+                               ("min_sample_len", cfg.min_sample_len),
+                               ("default_system_message", cfg.default_system_message),
+                               ("chat_template_kwargs", cfg.chat_template_kwargs))
+             if v and v != "truncate"}
+    return [dataclasses.replace(s, fields={**s.fields, **extra}) for s in parse_sources(datasets, cfg.dataset_format)]
+
+
+def load_data(cfg: TrainConfig, tok, log=print) -> tuple[Batches | PackedBatches, Batches | None]:
+    """Train and held-out batches: every source in ``datasets`` read and tokenized by its own format (cached),
+    mixed; with ``sample_packing`` the training samples share rows (held-out ones are evaluated one per row)."""
+    split = 0 if cfg.test_datasets is not None else cfg.val_set_size
+    data = source_tables(sources_of(cfg, cfg.datasets), tok, split, cfg.seed, cfg.sequence_len, cfg.train_on_inputs,
+                         cfg.dataset_processes)
+    train, valid, dropped = data.train, data.valid, data.dropped
+    if cfg.test_datasets is not None:
+        test = source_tables(sources_of(cfg, cfg.test_datasets), tok, 0, cfg.seed, cfg.sequence_len,
+                             cfg.train_on_inputs, cfg.dataset_processes)
+        valid, dropped = test.train, dropped + test.dropped
+    duplicates = 0
+    if cfg.dataset_exact_deduplication:
+        n = len(train) + (len(valid) if valid else 0)
+        train, valid = deduplicate(train), deduplicate(valid) if valid else None
+        duplicates = n - len(train) - (len(valid) if valid else 0)
+    pad = tok.pad_token_id
+    shuffle = not cfg.curriculum_sampling
+    batches = PackedBatches(train, cfg.micro_batch_size, pad, cfg.sequence_len, cfg.seed, shuffle=shuffle) \
+        if cfg.sample_packing else \
+        Batches(train, cfg.micro_batch_size, pad, cfg.seed, cfg.group_by_length and shuffle,
+                cfg.sequence_len if cfg.pad_to_sequence_len else None, shuffle=shuffle,
+                multiple_of=cfg.pad_to_multiple_of)
+    packed = f"; packed into {len(batches.rows)} rows of {cfg.sequence_len} " \
+             f"({100 * train.real_tokens() / (len(batches.rows) * cfg.sequence_len):.0f}% full)" \
+        if cfg.sample_packing else ""
+    fmts = ", ".join(dict.fromkeys(data.formats))
+    log(f"data: {len(train)} train / {len(valid) if valid else 0} valid samples ({fmts}); {data.truncated} "
+        f"truncated to {cfg.sequence_len} tokens, {dropped} dropped"
+        f"{' (nothing to learn, or outside the length limits)' if dropped else ''}"
+        f"{f', {duplicates} duplicates removed' if duplicates else ''}{packed}")
+    eval_mb = cfg.eval_batch_size or cfg.micro_batch_size
+    return batches, Batches(valid, eval_mb, pad, cfg.seed, multiple_of=cfg.pad_to_multiple_of) if valid else None

@@ -1,0 +1,146 @@
+"""The model a run trains: the base (quantized while it streams in), grown by the tokenizer's new tokens, with LoRA on
+the configured layers and whatever else the config trains.
+
+    load (io/loader.py)        4-bit / 8-bit / 16-bit base; ``model_config`` overrides of config.json
+    new tokens                 the embeddings and the head grow (``resize_token_embeddings``: to a multiple of 32 with
+                               ``resize_token_embeddings_to_32x``; new rows random, or the old rows' mean with
+                               ``mean_resizing_embeddings``) and those rows train (``nn/trainable.py``)
+    LoRA                       ``lora_target_modules`` (+ the expert matrices ``lora_target_parameters`` names);
+                               started from ``lora_model_dir``'s weights when given
+    trained whole              ``lora_modules_to_save`` / ``unfrozen_parameters`` (float32)
+    NEFTune                    ``neftune_noise_alpha``: uniform noise of size α/√(L·d) on the input embeddings while
+                               training (Jain et al., 2023), never in evaluation
+    checkpointing              decoder layers recomputed in backward (non-reentrant)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+from ..io.adapters import read_adapter, set_adapter_weights
+from ..io.loader import SourceWeights, load
+from ..io.tokenizer import TokenizerChanges
+from ..nn.lora import add_lora, count_parameters, linear_module_names
+from ..nn.trainable import add_trainable_rows, train_modules
+from .config import TrainConfig
+
+__all__ = ["load_model", "grow_vocabulary", "expert_targets_for", "add_neftune"]
+
+
+def grow_vocabulary(model: nn.Module, size: int, to_32x: bool = False, mean: bool = False, seed: int = 0) -> None:
+    """Give the embeddings (and an untied head) rows for a vocabulary of ``size`` tokens."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if size <= rows:
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.resize_token_embeddings(size, pad_to_multiple_of=32 if to_32x else None, mean_resizing=mean)
+
+
+def expert_targets_for(model: nn.Module, params: list[str] | None) -> list[str]:
+    """The expert LoRA layers ``lora_target_parameters`` names (``experts.gate_up_proj`` → every expert's
+    ``….experts.<e>.gate_up_proj``)."""
+    out = []
+    names = linear_module_names(model)
+    for p in params or []:
+        head, _, leaf = p.rpartition(".")
+        rx = re.compile(rf"(.*\.)?{re.escape(head)}\.\d+\.{re.escape(leaf)}")
+        hits = [n for n in names if rx.fullmatch(n)]
+        if not hits:
+            raise LowbitError(f"lora_target_parameters: no expert parameter {p!r} in this model (it has no "
+                              "mixture-of-experts layers of that name)")
+        out += hits
+    return out
+
+
+def add_neftune(model: nn.Module, alpha: float) -> None:
+    """NEFTune on the input embeddings (see the module docstring)."""
+    emb = model.get_input_embeddings()
+
+    def hook(module, args, out):
+        if module.training and alpha > 0:
+            mag = alpha / math.sqrt(out.shape[-2] * out.shape[-1])
+            out = out + torch.empty_like(out).uniform_(-mag, mag)
+        return out
+
+    emb.register_forward_hook(hook)
+
+
+def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
+               tokens: TokenizerChanges | None = None, vocab_size: int | None = None) -> nn.Module:
+    """The base (``base``: another folder holding it, e.g. the calibrated one) with LoRA and the rest of what
+    ``cfg`` trains; ``tokens``/``vocab_size``: the tokenizer's new tokens and its length."""
+    model = load(base or cfg.base_model, cfg.quant_spec(), compute_dtype=dtype,
+                 trust_remote_code=cfg.trust_remote_code, config_overrides=cfg.model_config)
+    if vocab_size:
+        grow_vocabulary(model, vocab_size, cfg.resize_token_embeddings_to_32x, cfg.mean_resizing_embeddings, cfg.seed)
+    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
+                init=cfg.lora_init, verbose=False)
+    missing: list[str] = []
+    targets = cfg.lora_target_modules
+    if cfg.lora_target_parameters:
+        from ..nn.lora import select_targets
+
+        targets = sorted(set(select_targets(model, targets, cfg.lora_r, missing))
+                         | set(expert_targets_for(model, cfg.lora_target_parameters)))
+    if cfg.lora_init == "loftq":
+        with SourceWeights(model) as source:
+            add_lora(model, target_modules=targets, **lora, source_weight=source, missing=missing)
+    else:
+        add_lora(model, target_modules=targets, **lora, missing=missing)
+    if missing:
+        log(f"lora_target_modules: this model has no layer named {', '.join(sorted(set(missing)))} (as peft, the "
+            "names that match are adapted)")
+    rows = _trainable_rows(cfg, tokens)
+    if rows:
+        add_trainable_rows(model, rows)
+    unmatched: list[str] = []
+    whole = train_modules(model, cfg.lora_modules_to_save, cfg.unfrozen_parameters, unmatched)
+    if unmatched:
+        log(f"unfrozen_parameters: {', '.join(map(repr, unmatched))} match no parameter of this model")
+    if cfg.lora_model_dir:
+        _start_from(model, cfg.lora_model_dir)
+    if cfg.neftune_noise_alpha:
+        add_neftune(model, cfg.neftune_noise_alpha)
+    trainable, total = count_parameters(model)
+    spec = cfg.quant_spec()
+    extra = (f"; trained whole: {', '.join(whole)}" if whole else "") + \
+        (f"; rows of {len(set().union(*rows.values()))} tokens trained" if rows else "")
+    log(f"model: {base or cfg.base_model} ({f'{spec.quant_type} base, {spec}' if spec else 'unquantized'}, compute "
+        f"{str(dtype).split('.')[-1]}); LoRA r={cfg.lora_r}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.2f}%){extra}")
+    if cfg.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _trainable_rows(cfg: TrainConfig, tokens: TokenizerChanges | None) -> dict[str, list[int]]:
+    """{embed_tokens / lm_head: rows to train}: the new tokens' rows and ``trainable_token_indices``."""
+    rows: dict[str, set[int]] = {}
+    if tokens and tokens.added:
+        rows["embed_tokens"] = set(tokens.added)
+        rows["lm_head"] = set(tokens.added)
+    tti = cfg.trainable_token_indices
+    if isinstance(tti, list):
+        rows.setdefault("embed_tokens", set()).update(int(i) for i in tti)
+    elif isinstance(tti, dict):
+        for k, v in tti.items():
+            if k not in ("embed_tokens", "lm_head"):
+                raise LowbitError(f"trainable_token_indices: {k!r} — rows of embed_tokens or lm_head train")
+            rows.setdefault(k, set()).update(int(i) for i in v)
+    if cfg.lora_modules_to_save:  # a module trained whole needs no trained rows
+        for k in list(rows):
+            if any(k == n.rsplit(".", 1)[-1] for n in cfg.lora_modules_to_save):
+                del rows[k]
+    return {k: sorted(v) for k, v in rows.items() if v}
+
+
+def _start_from(model: nn.Module, folder: str) -> None:
+    """LoRA (and trained modules) start from the adapter in ``folder`` (a finished run, or one peft wrote)."""
+    _, tensors, _ = read_adapter(folder)
+    set_adapter_weights(model, tensors, folder)
