@@ -155,6 +155,25 @@ def run_one(rel: str, cfg: dict, model: str, timeout: int) -> dict:
             "seconds": round(secs, 1), "axolotl_notes": notes}
 
 
+# a refusal that only says the stand-in model lacks the config's layers (its targets name another family's layers)
+MISMATCH = re.compile(r"lora_target_modules: no linear layer named|lora_target_parameters: no expert parameter")
+# the family of a config's base model, for a tiny random model of it (tests/tiny.py) when the stand-in lacks its layers
+FAMILIES = (("pythia", "gpt_neox"), ("cerebras", "gpt2"), ("gpt2", "gpt2"), ("Qwen3", "qwen3_moe"),
+            ("DeepSeek", "qwen3_moe"), ("MiniMax", "qwen3_moe"), ("GLM", "qwen3_moe"))
+
+
+def family_model(cfg: dict, folder: Path) -> str | None:
+    """A tiny random model of the config's family (the names its targets use), or None when none is known."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny import save_tiny_with_tokenizer
+
+    arch = next((a for key, a in FAMILIES if key.lower() in str(cfg.get("base_model", "")).lower()), None)
+    if arch is None:
+        return None
+    save_tiny_with_tokenizer(folder / arch, arch)
+    return str(folder / arch)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", required=True, type=Path, help="Axolotl's examples/ folder")
@@ -168,16 +187,27 @@ def main():
     if args.model == "tiny":
         args.model = tiny_smollm2(Path(tempfile.mkdtemp(prefix="lowbit-tiny-smollm2-")))
     rows = []
+    families = Path(tempfile.mkdtemp(prefix="lowbit-families-"))
     for rel, cfg in configs:
         rows.append(run_one(rel, cfg, args.model, args.timeout))
         r = rows[-1]
-        print(f"{r['status']:8s} {r['seconds']:6.1f}s  {rel}  {r['reason']}", flush=True)
+        if r["status"] == "refused" and MISMATCH.search(r["reason"]):
+            own = family_model(cfg, families)
+            if own is not None:  # the stand-in lacked the layers: the config on a tiny model of its own family
+                again = run_one(rel, cfg, own, args.timeout)
+                r["own_family"] = f"{again['status']} on a tiny {Path(own).name}" + \
+                    (f": {again['reason']}" if again["reason"] else "")
+        print(f"{r['status']:8s} {r['seconds']:6.1f}s  {rel}  {r['reason']}  {r.get('own_family', '')}", flush=True)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("trained", "refused", "failed")}
-    lines = ["| config | result | reason |", "|---|---|---|"]
-    lines += [f"| {r['config']} | {r['status']} | {r['reason'].replace('|', '/')} |" for r in rows]
+    lines = ["| config | result | reason | on a tiny model of its own family |", "|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['status']} | {r['reason'].replace('|', '/')} | {r.get('own_family', '')} |"
+              for r in rows]
     total = max(1, len(rows))
+    own = sum(r.get("own_family", "").startswith("trained") for r in rows)
     summary = (f"{len(rows)} configs: {counts['trained']} trained ({100 * counts['trained'] / total:.0f} %), "
-               f"{counts['refused']} refused in one line, {counts['failed']} failed")
+               f"{counts['refused']} refused in one line, {counts['failed']} failed; of the refused, {own} name "
+               f"layers the stand-in lacks and train on a tiny model of their own family "
+               f"({100 * (counts['trained'] + own) / total:.0f} % train)")
     publish("axolotl_examples", summary + "\n\n" + "\n".join(lines),
             {"model": args.model, "counts": counts, "rows": rows}, args.readme)
 

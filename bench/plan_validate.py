@@ -53,14 +53,48 @@ def worker(model: str, seq: int, batch: int, r: int, gc: bool) -> dict:
     return {"measured": peak_rss_bytes() - base, "config": json.loads((Path(folder) / "config.json").read_text())}
 
 
+def recipe_worker(seq: int, batch: int, r: int, gc: bool) -> dict:
+    """A whole ``lowbit.train`` run (tokenizer, data through ``datasets``/Arrow, evaluation, checkpoints) of the built-in
+    model on the built-in data, every row padded to ``seq`` tokens: peak RSS above the import baseline, and the plan of
+    the same config."""
+    import logging
+    import tempfile
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    import torch  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    from lowbit.planner.memory import plan_config
+    from lowbit.training.config import TrainConfig
+    from lowbit.training.recipe import train
+
+    base = peak_rss_bytes()
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(base_model="smollm2-135m", datasets="chatterbot", sequence_len=seq, micro_batch_size=batch,
+                          pad_to_sequence_len=True, lora_r=r, lora_alpha=2 * r, max_steps=3, gradient_checkpointing=gc,
+                          compute_dtype="float32", output_dir=out, eval_steps=3, save_steps=3, val_set_size=16)
+        train(cfg, progress=False, log=lambda *a: None, force=True)
+    measured = peak_rss_bytes() - base
+    from lowbit.training.preflight import _plannable
+
+    return {"measured": measured, "predicted": plan_config(_plannable(cfg), device="cpu").total_bytes}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--worker", nargs=5)
+    ap.add_argument("--recipe-worker", nargs=4)
     a = ap.parse_args()
     if a.worker:
         m, s, b, r, gc = a.worker
         print("RESULT " + json.dumps(worker(m, int(s), int(b), int(r), gc == "1")))
+        return
+    if a.recipe_worker:
+        s, b, r, gc = a.recipe_worker
+        print("RESULT " + json.dumps(recipe_worker(int(s), int(b), int(r), gc == "1")))
         return
     from lowbit.planner.memory import plan
 
@@ -94,6 +128,20 @@ def main() -> None:
                      "predicted_MB": round(pred.total_bytes / 2**20),
                      "measured_MB": round(res["measured"] / 2**20), "error_%": round(100 * err, 1)})
         out.append({**rows[-1], "items": pred.items})
+        print(rows[-1], flush=True)
+    for s_, b, r, gc in [(256, 4, 16, False)] if a.quick else [(256, 4, 16, False), (512, 4, 16, False),
+                                                                (1024, 2, 16, True)]:
+        p = subprocess.run([sys.executable, __file__, "--recipe-worker", str(s_), str(b), str(r), "1" if gc else "0"],
+                           capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        line = [row for row in p.stdout.splitlines() if row.startswith("RESULT ")]
+        if p.returncode or not line:
+            print(f"lowbit.train {s_}x{b} failed:\n{p.stderr[-1500:]}", file=sys.stderr)
+            continue
+        res = json.loads(line[0][7:])
+        rows.append({"model": "smollm2-135m (lowbit.train)", "seq": s_, "batch": b, "r": r, "ckpt": gc,
+                     "predicted_MB": round(res["predicted"] / 2**20), "measured_MB": round(res["measured"] / 2**20),
+                     "error_%": round(100 * (res["predicted"] / res["measured"] - 1), 1)})
+        out.append(rows[-1])
         print(rows[-1], flush=True)
     grid_md = table(rows, ["model", "seq", "batch", "r", "ckpt", "predicted_MB", "measured_MB", "error_%"])
     print("\n" + grid_md)

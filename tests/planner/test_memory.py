@@ -99,3 +99,18 @@ def test_per_rank_plans_for_fsdp_and_ddp():
     # the seed's setting on several 24 GB GPUs: more ranks, less of the 70B base each
     assert not plan("llama-2-70b", **big, world_size=1, device_memory="24GB").fits
     assert plan("llama-2-70b", **big, world_size=4, device_memory="24GB").fits
+
+
+def test_eight_bit_base_and_modules_trained_whole():
+    """load_in_8bit: a byte per weight and a float32 scale per output row; lora_modules_to_save: float32 embeddings
+    with gradients and optimizer state (once when tied)."""
+    four = plan("llama-2-7b", sequence_len=128)
+    eight = plan("llama-2-7b", sequence_len=128, load_in_4bit=False, load_in_8bit=True)
+    n = four.settings["quantized_params"]
+    assert eight.items["quantized_weights"] == n and eight.items["quant_constants"] > 0
+    assert eight.items["quant_constants"] < n // 1000  # 4 bytes per row
+    assert eight.settings["load_in_8bit"] and eight.total_bytes > four.total_bytes
+    whole = plan("llama-2-7b", sequence_len=128, lora_modules_to_save=["embed_tokens", "lm_head"])
+    emb = 32000 * 4096  # LLaMA-2-7B: untied embeddings and head, both trained
+    assert whole.items["trained_full_precision"] == int(2 * emb * (8 + 8) - 2 * emb * 2)
+    assert "trained_full_precision" not in four.items

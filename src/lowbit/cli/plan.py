@@ -52,7 +52,8 @@ def run(args) -> int:
         print(json.dumps(out))
         return 0
     s = p.settings
-    quant = f"{cfg.quant_type}{'+DQ' if cfg.double_quant else ''}" if cfg.load_in_4bit else "16-bit"
+    quant = "int8 (8-bit base)" if cfg.load_in_8bit else \
+        f"{cfg.quant_type}{'+DQ' if cfg.double_quant else ''}" if cfg.load_in_4bit else "16-bit"
     print(f"{cfg.base_model}: sequence_len {cfg.sequence_len} x micro_batch_size {cfg.micro_batch_size}, {quant}, "
           f"LoRA r={cfg.lora_r} ({cfg.lora_target_modules}), {cfg.optimizer}, gradient_checkpointing "
           f"{'on' if cfg.gradient_checkpointing else 'off'}, {s['compute_dtype']} on {args.device}"

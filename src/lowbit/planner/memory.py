@@ -3,10 +3,12 @@
 Per item, for a decoder whose linear layers ``shapes.py`` reads (MoE: all experts counted for weights, top-k for
 activations)::
 
-    quantized weights   Σ packed bytes of each linear (quant.spec: NF4 4 bits, NF3 3, NF2 2 per weight)
+    quantized weights   Σ packed bytes of each linear (quant.spec: NF4 4 bits, NF3 3, NF2 2 per weight; int8 8 bits
+                        and a float32 scale per row)
     quant constants     DQ: numel/blocksize bytes + 4·⌈blocks/256⌉ + 4 per tensor;  no DQ: 4·numel/blocksize
     unquantized params  embeddings, output head (if untied), norms, biases, routers — compute dtype
     LoRA params / grads r·(in+out) per adapted layer, float32 each
+    trained whole       lora_modules_to_save's embeddings / head: float32 weights, gradients and optimizer state
     optimizer state     AdamW 8 B/param; 8-bit 2 B + 8/256; paged: one page pair on the device, the rest on the host
     activations         tokens · layers · (12h + 4·kv + 6·i + 2r·n_adapted + 4·heads) · dtype/2   (no checkpointing)
                         tokens · (2h·layers + one layer's activations)                            (checkpointing)
@@ -16,6 +18,7 @@ activations)::
     transient weight    the largest dequantized weight, forward and backward
     backward+allocator  activation gradients during backward and memory the allocator keeps after freeing;
                         on CPU measured here (≈0.75× activations, ≈9.5 layers with checkpointing), on GPU estimated
+    data pipeline       CPU: the tokenizer, the datasets/Arrow runtime and the token tables (≈150 MiB, measured)
     framework overhead  CUDA context (GPU) or runtime buffers (CPU)
 
 Several ranks (``world_size``, ``distributed``), per rank:
@@ -38,10 +41,10 @@ from dataclasses import dataclass, field
 
 from ..dtypes import DTYPES, canonical, default_compute_dtype_name
 from ..errors import LowbitError
-from ..nn.lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, target_names
+from ..nn.lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, PEFT_REFUSED, target_names
 from ..nn.loss_chunk import loss_chunk_tokens
 from ..optim.registry import check_optimizer
-from ..quant.spec import NESTED_BLOCKSIZE, QUANT_TYPES, check_blocksize, check_quant_type, packed_bytes
+from ..quant.spec import INT8, NESTED_BLOCKSIZE, QUANT_TYPES, check_blocksize, check_quant_type, packed_bytes
 from ..sizes import GIB, parse_size
 from ..training.config import DISTRIBUTED
 from .catalog import load_model_config
@@ -50,8 +53,15 @@ from .shapes import Layer, Shapes, shapes
 __all__ = ["Plan", "plan", "plan_config", "config_settings", "largest", "parse_size", "PLAN_KEYS", "GIB"]
 
 HEADROOM = 0.05
+# Measured on a 2-core AVX2 CPU (bench/plan_validate.py, whole lowbit.train runs of SmolLM2-135M): the tokenizer, the
+# `datasets` / Arrow runtime and the token tables of a training run take ≈150 MiB of host memory beside the model;
+# in float32 compute the saved activations (and what backward frees after them) come to 1.10× the coefficients
+# counted for bf16 (float32 copies that autocast keeps in bf16 runs)
+DATA_PIPELINE_CPU = 150 << 20
+FP32_CPU_ACTIVATIONS = 1.10
 # the training config keys a plan depends on
-PLAN_KEYS = ("sequence_len", "micro_batch_size", "lora_r", "lora_target_modules", "load_in_4bit", "quant_type",
+PLAN_KEYS = ("sequence_len", "micro_batch_size", "lora_r", "lora_target_modules", "load_in_4bit", "load_in_8bit",
+             "lora_modules_to_save", "quant_type",
              "double_quant", "blocksize", "optimizer", "gradient_checkpointing", "compute_dtype", "distributed")
 
 
@@ -90,12 +100,14 @@ def _fmt(n: int) -> str:
     return f"{n} B"
 
 
-def _targets(lora_target_modules, layers: list[Layer], r: int) -> set[str]:
+def _targets(lora_target_modules, layers: list[Layer], r: int, model_type: str = "") -> set[str]:
     """The paths of the adapted layers, from the same spellings training takes (``nn.lora_options``):
     ``all-linear`` (experts aside), ``all-linear+experts`` (both: but layers narrower than ``r``), names, or a
     regex over module paths like ``model.layers.0.self_attn.q_proj`` or ``model.layers.0.mlp.experts.0.down_proj``."""
     if lora_target_modules in (ALL_LINEAR, ALL_LINEAR_EXPERTS):
-        chosen = [x for x in layers if lora_target_modules == ALL_LINEAR_EXPERTS or not x.expert]
+        refused = PEFT_REFUSED[1] if model_type in PEFT_REFUSED[0] else ()
+        chosen = [x for x in layers if (lora_target_modules == ALL_LINEAR_EXPERTS or not x.expert)
+                  and x.name not in refused]
         fit = {x.path for x in chosen if min(x.fan_in, x.fan_out) >= r}
         if chosen and not fit:
             widest = max(min(x.fan_in, x.fan_out) for x in chosen)
@@ -125,7 +137,7 @@ def _layers(model: str | dict, lora_target_modules, lora_r: int) -> tuple[Shapes
         f = shapes(cfg)
     except KeyError as e:
         raise LowbitError(f"model config lacks {e.args[0]!r}") from None
-    targets = _targets(lora_target_modules, f.layers, lora_r)
+    targets = _targets(lora_target_modules, f.layers, lora_r, cfg.get("model_type", ""))
     for x in f.layers:
         if x.path in targets and lora_r > min(x.fan_in, x.fan_out):
             raise LowbitError(f"lora_r={lora_r} is larger than {x.name} ({x.fan_out}x{x.fan_in})")
@@ -136,7 +148,8 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
          lora_target_modules=ALL_LINEAR, load_in_4bit: bool = True, quant_type: str = "nf4", double_quant: bool = True,
          blocksize: int = 64, optimizer: str = "adamw", gradient_checkpointing: bool = False,
          compute_dtype: str = "bfloat16", device_memory=None, device: str = "cuda", page_bytes: int = 0,
-         world_size: int = 1, distributed: str = "auto") -> Plan:
+         world_size: int = 1, distributed: str = "auto", load_in_8bit: bool = False,
+         lora_modules_to_save: list | None = None) -> Plan:
     """The itemised peak memory of QLoRA training on one device (of ``world_size``; see the module docstring)."""
     for name, v in (("sequence_len", sequence_len), ("micro_batch_size", micro_batch_size), ("lora_r", lora_r)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -149,7 +162,8 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     dtype = default_compute_dtype_name(device) if dtype == "auto" else dtype
     f, lin, targets, cfg_type = _layers(model, lora_target_modules, lora_r)
     dbytes = DTYPES[dtype]
-    items = _weights(lin, f, dbytes, quant_type if load_in_4bit else None, double_quant, blocksize)
+    stored = INT8 if load_in_8bit else quant_type if load_in_4bit else None
+    items = _weights(lin, f, dbytes, stored, double_quant, blocksize)
     lora = sum(lora_r * (a + b) * c for n, a, b, c in lin if n in targets)
     items["lora_params"] = items["gradients"] = 4 * lora
     state = int(lora * kind.state_bytes_per_param)
@@ -159,13 +173,16 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     # adapted layers a token passes through per decoder layer (an expert's only when routed to it)
     n_adapted = sum(x.count / f.L * (f.topk / f.experts if x.expert else 1) for x in f.layers if x.path in targets)
     per_layer_tok = (12 * f.h + 4 * f.kv + 6 * f.mlp_per_token + 2 * lora_r * n_adapted + 4 * f.heads + 8) \
-        * dbytes / 2
+        * dbytes / 2 * (FP32_CPU_ACTIVATIONS if device == "cpu" and dtype == "float32" else 1.0)
     act = tokens * (2 * f.h * f.L * dbytes / 2 + per_layer_tok) if gradient_checkpointing \
         else tokens * f.L * per_layer_tok
     items["activations"] = int(act + tokens * (2 * f.h + 8) * dbytes / 2)
     chunk = min(tokens, loss_chunk_tokens(f.vocab))
     items["logits_and_loss"] = chunk * f.vocab * 8 + tokens * f.h * 4  # chunked loss: bf16 + fp32 logits, grad
-    items["transient_weight"] = 2 * max(a * b for _, a, b, _ in lin) * dbytes if load_in_4bit else 0
+    items["transient_weight"] = 2 * max(a * b for _, a, b, _ in lin) * dbytes if stored else 0
+    whole = _trained_whole(lora_modules_to_save, f)
+    if whole:  # float32 copies with their gradients and optimizer state (replacing their compute-dtype bytes)
+        items["trained_full_precision"] = int(whole * (8 + kind.state_bytes_per_param) - whole * dbytes)
     mode = _mode(distributed, world_size)
     if mode == "fsdp":
         _shard(items, world_size, f.L, lora_layer=4 * lora / f.L)
@@ -178,7 +195,8 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     dev = parse_size(device_memory) if device_memory is not None else None
     fits = None if dev is None else total <= (1 - HEADROOM) * dev
     settings = dict(sequence_len=sequence_len, micro_batch_size=micro_batch_size, lora_r=lora_r,
-                    lora_target_modules=lora_target_modules, load_in_4bit=load_in_4bit, quant_type=quant_type,
+                    lora_target_modules=lora_target_modules, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                    quant_type=quant_type,
                     double_quant=double_quant, blocksize=blocksize, optimizer=optimizer,
                     gradient_checkpointing=gradient_checkpointing, compute_dtype=dtype, device=device,
                     world_size=world_size, distributed=mode, model_type=cfg_type,
@@ -191,7 +209,10 @@ def _weights(lin, f: Shapes, dbytes: int, quant_type: str | None, double_quant: 
     what is never quantized (embeddings, untied head, norms, MoE router)."""
     qnumel = sum(a * b * c for _, a, b, c in lin)
     items = {"quantized_weights": 0, "quant_constants": 0}
-    if quant_type is not None:
+    if quant_type == INT8:  # LLM.int8: a byte per weight, a float32 scale per output row
+        items["quantized_weights"] = qnumel
+        items["quant_constants"] = 4 * sum(b * c for _, a, b, c in lin)
+    elif quant_type is not None:
         bits = QUANT_TYPES[quant_type].storage_bits
         items["quantized_weights"] = sum(c * packed_bytes(a * b, bits) for _, a, b, c in lin)
         blocks = sum(c * math.ceil(a * b / blocksize) for _, a, b, c in lin)
@@ -202,6 +223,14 @@ def _weights(lin, f: Shapes, dbytes: int, quant_type: str | None, double_quant: 
             items["quant_constants"] = 4 * blocks
     items["unquantized_params"] = f.other_params * dbytes + (0 if quant_type is not None else qnumel * dbytes)
     return items
+
+
+def _trained_whole(names: list | None, f: Shapes) -> int:
+    """Parameters trained whole in float32 (``lora_modules_to_save``): the embeddings and the head (once when tied);
+    other modules (norms) are small enough to leave out."""
+    names = {str(n).rsplit(".", 1)[-1] for n in names or []}
+    mats = ("embed_tokens" in names) + ("lm_head" in names and not (f.tied and "embed_tokens" in names))
+    return mats * f.vocab * f.h
 
 
 def _mode(distributed: str, world_size: int) -> str:
@@ -239,7 +268,8 @@ def _overheads(items: dict, act: float, layer_act: float, act_without_checkpoint
     # (recomputed layers leave freed pages behind) — never more than without checkpointing, which a model of
     # fewer layers would otherwise get — plus ~32 MiB of runtime buffers.
     back = min(9.5 * layer_act, 0.75 * act_without_checkpointing) if gradient_checkpointing else 0.75 * act
-    return {"backward_and_allocator": int(back), "framework_overhead": 32 << 20}
+    return {"backward_and_allocator": int(back), "framework_overhead": 32 << 20,
+            "data_pipeline": DATA_PIPELINE_CPU}
 
 
 def config_settings(cfg, device: str = "cuda", world_size: int = 1) -> dict:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .hybrid import HYBRID, hybrid_shapes
+
 __all__ = ["Layer", "Shapes", "shapes", "KNOWN"]
 
 
@@ -60,7 +62,7 @@ MLP = {"phi3": "gate_up", "starcoder2": "fc", "gpt_neox": "h_to_4h", "falcon": "
 PREFIX = {"gpt_neox": "gpt_neox.layers.0.", "falcon": "transformer.h.0."}
 KNOWN = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt2", "gpt_neox",
          "falcon", "starcoder2", "granite", "smollm3", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe",
-         "granitemoe")
+         "granitemoe", *HYBRID)
 """Model types whose layer counts are checked against the loaded model (tests/planner/test_shapes.py); others
 are read as LLaMA-style."""
 LAYER_NORM = ("gpt_neox", "falcon", "starcoder2", "phimoe")  # norms with a bias
@@ -74,6 +76,8 @@ def shapes(cfg: dict) -> Shapes:
     t = cfg.get("model_type", "")
     if t == "gpt2" or "n_embd" in cfg:
         return _gpt2(cfg)
+    if t in HYBRID:
+        return hybrid_shapes(cfg, Layer, Shapes)
     h, L = cfg["hidden_size"], cfg["num_hidden_layers"]
     nh = cfg["num_attention_heads"]
     nkv = cfg.get("num_key_value_heads") or cfg.get("num_kv_heads") or nh

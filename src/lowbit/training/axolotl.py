@@ -108,7 +108,8 @@ def _peft(v):
     if bits != 4:
         _refuse("peft.loftq_config.loftq_bits", bits, "LoftQ starts from the 4-bit base lowbit stores; 2- and "
                 "3-bit bases: quant_type nf2 / nf3 with lora_init: loftq")
-    return {"lora_init": "loftq"}
+    # peft's LoftQ replaces a 16-bit base's weights by their NF4 rounding: lowbit stores that base in 4 bits
+    return {"lora_init": "loftq", "load_in_4bit": True}
 
 
 def _init_weights(v):

@@ -191,6 +191,9 @@ class TrainConfig:
                 bad(k, f"expects a list of names, got {v!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             bad("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if (self.model_config or {}).get("output_router_logits"):
+            bad("model_config:", "output_router_logits: true — lowbit does not add the router's load-balancing loss "
+                "(its loss is the cross-entropy of the learned tokens); leave it out")
         for k in self.special_tokens or {}:
             if k not in SPECIAL_TOKENS:
                 bad("special_tokens:", f"unknown {k!r}; lowbit sets {', '.join(SPECIAL_TOKENS)}")
@@ -288,7 +291,8 @@ def apply_overrides(cfg: TrainConfig, values: dict, from_string: bool = False, r
         else:
             raise _unknown(key)
     linear = values.get("lora_target_linear") is True  # Axolotl adds every linear layer to the named targets
-    merged = {**translated, **mine, **({"lora_target_modules": ALL_LINEAR} if linear else {})}
+    loftq = {"load_in_4bit": True} if translated.get("lora_init") == "loftq" and "load_in_4bit" not in mine else {}
+    merged = {**translated, **mine, **({"lora_target_modules": ALL_LINEAR} if linear else {}), **loftq}
     if merged.get("load_in_8bit") is True and "load_in_4bit" not in mine:
         merged["load_in_4bit"] = False  # an 8-bit base instead of lowbit's default 4-bit one
     if translated.get("load_in_4bit") is True and mine.get("load_in_4bit") is False:

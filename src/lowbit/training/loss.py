@@ -51,10 +51,21 @@ def tokens_in(batch) -> int:
 
 def _inputs(batch) -> dict:
     """What the model is called with: a packed batch (``position_ids``, no mask) without a cache, so transformers
-    builds its block-diagonal mask from the position restarts."""
+    builds its block-diagonal mask from the position restarts. A right-padded batch goes without its padding mask:
+    under causal attention a real token never sees the padding after it, so every learned position computes the same
+    as with the mask, and attention needs no L×L mask tensor (PyTorch's flash kernel: O(L) memory)."""
     if batch.get("position_ids") is not None:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    mask = batch.get("attention_mask")
+    if mask is not None and _right_padded(mask):
+        mask = None
+    return {"input_ids": batch["input_ids"], "attention_mask": mask}
+
+
+def _right_padded(mask: torch.Tensor) -> bool:
+    """Every row is ones then zeros (its padding, if any, at the end)."""
+    m = mask.to(torch.int8)
+    return bool((m[:, 1:] <= m[:, :-1]).all())
 
 
 def lm_loss(model, batch, chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
