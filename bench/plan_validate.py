@@ -54,9 +54,9 @@ def worker(model: str, seq: int, batch: int, r: int, gc: bool) -> dict:
 
 
 def recipe_worker(seq: int, batch: int, r: int, gc: bool) -> dict:
-    """A whole ``lowbit.train`` run (tokenizer, data through ``datasets``/Arrow, evaluation, checkpoints) of the built-in
-    model on the built-in data, every row padded to ``seq`` tokens: peak RSS above the import baseline, and the plan of
-    the same config."""
+    """A whole ``lowbit.train`` run (tokenizer, data through ``datasets``/Arrow, evaluation, checkpoints) of the
+    built-in model on the built-in data, every row padded to ``seq`` tokens: peak RSS above the import baseline, and
+    the plan of the same config."""
     import logging
     import tempfile
     import warnings

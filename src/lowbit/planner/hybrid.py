@@ -68,7 +68,7 @@ def hybrid_shapes(cfg: dict, layer_cls, shapes_cls):
     hd = cfg.get("head_dim") or h // nh
     kinds = _kinds(cfg, t, L)
     first = {k: kinds.index(k) for k in dict.fromkeys(kinds)}
-    p = lambda k: f"model.layers.{first[k]}."  # noqa: E731
+    p = lambda k: f"model.layers.{first[k]}."
     n_att = sum(k in ("attention", "both") for k in kinds)
     n_mamba = sum(k in ("mamba", "both") for k in kinds)
     layers, other = [], 0
