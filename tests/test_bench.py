@@ -32,15 +32,21 @@ def test_gpu_bench_smoke(tmp_path):
     """bench/gpu.py end to end on CPU (tiny shapes, Triton's interpreter): the GPU run fails for GPU reasons only."""
     out = tmp_path / "gpu.json"
     p = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke", "--out", str(out)], capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert set(res) >= {"dequant", "step7b", "headline"} and not any("error" in res[k] for k in
-                                                                      ("dequant", "step7b", "headline")), res
+    phases = ("dequant", "quant", "train", "step7b", "headline")
+    assert set(res) >= set(phases) and not any("error" in res[k] for k in phases), res
     equal = res["dequant"]["byte_equal_with_bitsandbytes"]
     assert equal and all(equal.values()), equal
     assert {r["impl"] for r in res["dequant"]["rows"]} >= {"copy", "lowbit Triton", "bitsandbytes"}
+    for key in ("byte_equal_with_cpu_path", "byte_equal_with_bitsandbytes"):
+        same = res["quant"][key]
+        assert same and all(same.values()), (key, same)
+    assert any(k.endswith("nf2") for k in res["quant"]["byte_equal_with_cpu_path"])
+    # lowbit.train with the run's device against the same run in float32
+    assert res["train"]["within_bf16_tolerance"] and len(res["train"]["device_run"]["losses"]) == 3
     assert res["step7b"]["lowbit"]["finite"] and res["step7b"]["peer"]["finite"]
-    # the same bytes in both stacks: the first losses agree closely
-    assert abs(res["step7b"]["lowbit"]["loss"] - res["step7b"]["peer"]["loss"]) < 0.05
+    # the same checkpoint and the same batch in both stacks: the first losses agree closely
+    assert abs(res["step7b"]["lowbit"]["first_loss"] - res["step7b"]["peer"]["first_loss"]) < 0.05
     assert res["headline"]["finite"] and res["headline"]["planner_predicted_bytes"] > 0

@@ -27,7 +27,10 @@ def generate(net: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64, t
     from transformers import TextStreamer
 
     text = chat_prompt(tokenizer, prompt) if chat else prompt
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(next(net.parameters()).device)
+    device = next(net.parameters()).device
+    tokens = tokenizer(text, add_special_tokens=not chat)["input_ids"]  # lists: the tensors are made here, on device
+    ids = {"input_ids": torch.tensor([tokens], device=device),
+           "attention_mask": torch.ones(1, len(tokens), dtype=torch.long, device=device)}
     if seed is not None:
         torch.manual_seed(seed)
     kw = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,

@@ -65,3 +65,21 @@ def test_nf3_and_nf2_checkpoints_are_lowbit_own_and_load_back(tmp_path, tiny):
         with torch.no_grad():
             assert torch.equal(m2(ids).logits, m(ids).logits)
         assert base_info(m2).fingerprint == base_info(m).fingerprint
+
+
+def test_layers_sharing_one_codebook_tensor_each_save_their_state(tmp_path, tiny):
+    """Tied parameters are saved once, but a codebook tensor several layers share is part of every layer's state."""
+    path, _ = tiny
+    m = load(path, compute_dtype=F32)
+    layers = [mod for mod in m.modules() if type(mod).__name__ == "Linear4bit"]
+    code, nested = layers[0].weight.code, layers[0].weight.nested_code
+    for mod in layers:
+        q = mod.weight
+        q.code, q.nested_code = code, nested  # one tensor object, as a model built in code may have
+        mod.weight = q
+    assert len({mod.code.data_ptr() for mod in layers}) == 1
+    save_quantized(m, tmp_path / "q4")
+    m2 = load(tmp_path / "q4", compute_dtype=F32)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(m2(ids).logits, m(ids).logits)

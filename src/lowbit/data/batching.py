@@ -28,12 +28,12 @@ def collate(samples: list[tuple[list[int], list[int]]], pad_id: int, width: int 
     n = max(width or 0, max(len(s[0]) for s in samples))
     if multiple_of > 1:
         n = -(-n // multiple_of) * multiple_of
-    ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(samples), n), dtype=torch.long)
+    ids = torch.full((len(samples), n), pad_id, dtype=torch.long, device="cpu")
+    labels = torch.full((len(samples), n), IGNORE, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(samples), n), dtype=torch.long, device="cpu")
     for i, (x, y) in enumerate(samples):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
+        ids[i, : len(x)] = torch.tensor(x, device="cpu")
+        labels[i, : len(y)] = torch.tensor(y, device="cpu")
         mask[i, : len(x)] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
@@ -62,14 +62,14 @@ class Batches:
     def order(self, epoch: int) -> list[list[int]]:
         if not self.shuffle:
             return self.sequential()
-        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-        perm = torch.randperm(len(self.samples), generator=g).tolist()
+        g = torch.Generator(device="cpu").manual_seed(self.seed * 1000003 + epoch)
+        perm = torch.randperm(len(self.samples), generator=g, device="cpu").tolist()
         if self.group:
             w = self.mb * 64
             length = self.lengths.__getitem__
             perm = [i for k in range(0, len(perm), w) for i in sorted(perm[k : k + w], key=length)]
         batches = [perm[k : k + self.mb] for k in range(0, len(perm), self.mb)]
-        bperm = torch.randperm(len(batches), generator=g).tolist()
+        bperm = torch.randperm(len(batches), generator=g, device="cpu").tolist()
         return [batches[i] for i in bperm]
 
     def sequential(self) -> list[list[int]]:

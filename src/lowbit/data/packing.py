@@ -27,8 +27,8 @@ def pack_rows(lengths: list[int], capacity: int, seed: int = 0) -> list[list[int
     fills best (ties in a seeded order)."""
     if lengths and max(lengths) > capacity:
         raise LowbitError(f"sample_packing: a sample of {max(lengths)} tokens does not fit sequence_len={capacity}")
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(lengths), generator=g).tolist()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=g, device="cpu").tolist()
     order.sort(key=lambda i: -lengths[i])  # stable: equal lengths keep the seeded order
     by_room: list[list[int]] = [[] for _ in range(capacity + 1)]  # room left → rows with that much room
     rows: list[list[int]] = []
@@ -52,21 +52,21 @@ def collate_packed(rows: list[list[tuple[list[int], list[int]]]], pad_id: int) -
     """Rows of samples → ``input_ids``, ``labels``, ``position_ids`` (padded to the longest row) and ``tokens``
     (the real, non-pad token count)."""
     width = max(sum(len(s[0]) for s in row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long, device="cpu")
+    pos = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
     real = 0
     for r, row in enumerate(rows):
         at = 0
         for x, y in row:
             n = len(x)
-            ids[r, at : at + n] = torch.tensor(x)
-            labels[r, at + 1 : at + n] = torch.tensor(y[1:])
-            pos[r, at : at + n] = torch.arange(n)
+            ids[r, at : at + n] = torch.tensor(x, device="cpu")
+            labels[r, at + 1 : at + n] = torch.tensor(y[1:], device="cpu")
+            pos[r, at : at + n] = torch.arange(n, device="cpu")
             at += n
-        pos[r, at:] = torch.arange(width - at)
+        pos[r, at:] = torch.arange(width - at, device="cpu")
         real += at
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "tokens": torch.tensor(real)}
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "tokens": torch.tensor(real, device="cpu")}
 
 
 class PackedBatches:
@@ -85,8 +85,8 @@ class PackedBatches:
     def order(self, epoch: int) -> list[list[int]]:
         if not self.shuffle:
             return self.sequential()
-        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-        perm = torch.randperm(len(self.rows), generator=g).tolist()
+        g = torch.Generator(device="cpu").manual_seed(self.seed * 1000003 + epoch)
+        perm = torch.randperm(len(self.rows), generator=g, device="cpu").tolist()
         return [perm[k : k + self.mb] for k in range(0, len(perm), self.mb)]
 
     def sequential(self) -> list[list[int]]:

@@ -88,7 +88,7 @@ def adapter_tensors(net: nn.Module) -> dict[str, torch.Tensor]:
     """Everything an adapter holds, under peft's key names: LoRA's factors (``lora_state_dict``), trained
     embedding rows (``<path>.token_adapter.trainable_tokens_delta``) and modules trained whole (``<path>.<param>``);
     whole tensors (gathered under FSDP: every rank must call this)."""
-    whole = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().contiguous().clone()
+    whole = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().cpu().contiguous().clone()
     out = lora_state_dict(net)
     for path, m in trainable_rows(net).items():
         if path == _first_owner(net, m.delta):
@@ -238,7 +238,7 @@ def _apply_extras(net: nn.Module, tensors: dict, cfg: dict, path) -> None:
             if rows is None or len(rows) != t.shape[0]:
                 raise LowbitError(f"{path}: {key} has {t.shape[0]} rows but adapter_config.json lists "
                                   f"{len(rows or [])} trainable_token_indices for it")
-            mod.weight[torch.tensor(rows)] = t.to(mod.weight.dtype)
+            mod.weight[torch.tensor(rows, device=mod.weight.device)] = t.to(mod.weight.device, mod.weight.dtype)
             continue
         owner, _, leaf = name.rpartition(".")
         if not _has(net, owner) or getattr(net.get_submodule(owner), leaf, None) is None:

@@ -54,7 +54,8 @@ def _is_linear_norm(norm: nn.Module, width: int) -> bool:
     w = getattr(norm, "weight", None)
     if not isinstance(w, torch.Tensor) or w.shape != (width,):
         return False
-    x = torch.randn(2, width, generator=torch.Generator().manual_seed(0)).to(w.dtype)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(2, width, generator=g, device="cpu").to(w.device, w.dtype)
     with torch.no_grad():
         y1 = norm(x).float()
         old = w.detach().clone()

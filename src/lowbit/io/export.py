@@ -67,8 +67,13 @@ def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overw
             del sd[k]
         sd[f"{name}.weight"] = layer.dequantize(layer.compute_dtype or torch.float32).contiguous()
     ptrs = {}  # tied parameters (one storage, several names) are saved once; transformers re-ties them
+    state = tuple(f"{n}.weight." for n, m in net.named_modules() if isinstance(m, QUANTIZED))
     for k in list(sd):
         t = sd[k]
+        if k.startswith(state):  # a layer's quantization state: every layer has its own (a shared codebook copied)
+            sd[k] = t.clone() if t.numel() and (t.data_ptr(), t.shape) in ptrs else t
+            ptrs.setdefault((t.data_ptr(), t.shape), k)
+            continue
         if t.numel() and (t.data_ptr(), t.shape) in ptrs:
             del sd[k]
         else:

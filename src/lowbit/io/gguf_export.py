@@ -82,7 +82,7 @@ def _tensor_type(gguf_name: str, shape: tuple[int, ...], want: str):
 def _convert(w: torch.Tensor, t) -> np.ndarray:
     import gguf
 
-    a = w.contiguous().numpy().astype(np.float32, copy=False)
+    a = w.detach().cpu().contiguous().numpy().astype(np.float32, copy=False)
     if t == gguf.GGMLQuantizationType.F32:
         return a
     if t == gguf.GGMLQuantizationType.F16:

@@ -66,7 +66,10 @@ def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, com
     ``quant=None`` keeps the weights in ``compute_dtype`` (16-bit LoRA). ``skip_modules``: module names kept in
     the compute dtype (default: the output head). Embeddings and norms are never quantized.
     ``config_overrides``: fields of config.json to replace (``model_config`` in a training config).
+    ``device``: where the model lives; each weight goes there as it is read and is quantized there (a GPU runs the
+    Triton kernels), so the host holds one tensor at a time.
     """
+    device = torch.device(device)
     folder = resolve_model(model)
     raw, config = _read_config(folder, trust_remote_code)
     for k, v in (config_overrides or {}).items():
@@ -82,7 +85,8 @@ def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, com
                           "bitsandbytes 4-/8-bit or its own NF3/NF2 checkpoints")
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    net = _skeleton(folder, raw, config, dtype, trust_remote_code)
+    with torch.device(device):  # buffers transformers makes (rotary tables) where the model runs
+        net = _skeleton(folder, raw, config, dtype, trust_remote_code)
     heads = set(skip_modules) if skip_modules is not None else output_head_names(net)
     digests: dict[str, bytes] = {}
     transposed: set[str] = set()
@@ -91,12 +95,12 @@ def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, com
 
         def make_linear(key: str, w: torch.Tensor) -> nn.Module:
             _fingerprint(digests, key, w)
-            return _frozen_linear(key, w, None, quant, dtype)
+            return _frozen_linear(key, w.to(device), None, quant, dtype)
 
         load_experts(net, reader, names, make_linear)
         if quant is not None or prequantized:
-            transposed = _quantize_linears(net, reader, names, quant, dtype, heads, digests, folder)
-        _materialize(net, reader, names, dtype, digests, folder)
+            transposed = _quantize_linears(net, reader, names, quant, dtype, heads, digests, folder, device)
+        _materialize(net, reader, names, dtype, digests, folder, device)
     fuse_modules(net)  # leaner backward for RMSNorm / SwiGLU; forward unchanged
     net.eval()
     stored = next((m.weight.spec if isinstance(m, Linear4bit) else QuantSpec(INT8, double_quant=False)
@@ -106,7 +110,7 @@ def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, com
     net.lowbit_base = BaseInfo(name=str(model), path=str(folder), fingerprint=fingerprint,
                                compute_dtype=name_of(dtype), quant=stored, transposed=frozenset(transposed),
                                calibration=raw.get(CONFIG_KEY))
-    return net.to(device) if device != "cpu" else net
+    return net
 
 
 def _read_config(folder: Path, trust_remote_code: bool):
@@ -159,7 +163,7 @@ def _skeleton(folder: Path, raw: dict, config, dtype, trust_remote_code: bool) -
 
 
 def _quantize_linears(net, reader: Reader, names: CheckpointNames, quant: QuantSpec | None, dtype, heads: set,
-                      digests: dict, folder: Path) -> set[str]:
+                      digests: dict, folder: Path, device: torch.device) -> set[str]:
     """Replace every linear layer but the heads by a ``Linear4bit``: read as stored when the checkpoint is in
     bitsandbytes' layout, else quantized from its float weight (one weight in memory at a time). GPT-2-style
     ``Conv1D`` layers (weight stored in × out) are quantized transposed, as transformers + bitsandbytes do;
@@ -189,13 +193,13 @@ def _quantize_linears(net, reader: Reader, names: CheckpointNames, quant: QuantS
             q = None
         _fingerprint(digests, key, w)
         bkey = names.key(f"{name}.bias")
-        bias = reader.get(bkey).to(dtype) if mod.bias is not None and bkey in reader else None
+        bias = reader.get(bkey).to(device, dtype) if mod.bias is not None and bkey in reader else None
         if q is None:
-            new = _frozen_linear(key, w.t() if conv else w, bias, quant, dtype)
+            new = _frozen_linear(key, (w.t() if conv else w).to(device), bias, quant, dtype)
         elif isinstance(q, tuple):
-            new = Linear8bit(*q, bias, compute_dtype=dtype)
+            new = Linear8bit(*(t.to(device) for t in q), bias, compute_dtype=dtype)
         else:
-            new = Linear4bit(q, bias, compute_dtype=dtype)
+            new = Linear4bit(q.to(device), bias, compute_dtype=dtype)
         parent, _, child = name.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, child, new)
         if conv:
@@ -234,7 +238,8 @@ def _fingerprint(digests: dict, key, t):
     digests[key] = hashlib.sha256(f"{key}{tuple(t.shape)}".encode() + sample.numpy().tobytes()).digest()
 
 
-def _materialize(net: nn.Module, reader: Reader, names: CheckpointNames, dtype, digests: dict, folder: Path):
+def _materialize(net: nn.Module, reader: Reader, names: CheckpointNames, dtype, digests: dict, folder: Path,
+                 device: torch.device):
     """Fill every parameter still on meta from the checkpoint; tied parameters stay tied."""
     slots: dict[int, list[tuple[nn.Module, str, str]]] = {}
     for mname, mod in net.named_modules():
@@ -249,7 +254,7 @@ def _materialize(net: nn.Module, reader: Reader, names: CheckpointNames, dtype, 
         old = places[0][0]._parameters[places[0][1]]
         _check_shape(key, t, old.shape)
         _fingerprint(digests, key, t)
-        new = nn.Parameter(t, requires_grad=False)
+        new = nn.Parameter(t.to(device), requires_grad=False)
         for mod, pname, _ in places:
             mod._parameters[pname] = new
 

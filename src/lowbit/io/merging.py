@@ -64,10 +64,11 @@ def _float_layer(w: torch.Tensor, bias, dtype, conv: bool) -> nn.Module:
     if conv:
         from transformers.pytorch_utils import Conv1D
 
-        layer = Conv1D(w.shape[0], w.shape[1]).to(dtype)
+        with torch.device(w.device):  # Conv1D makes its parameters where the default device is
+            layer = Conv1D(w.shape[0], w.shape[1]).to(dtype)
         layer.weight.data.copy_(w.t())
     else:
-        layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype)
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype, device=w.device)
         layer.weight.data.copy_(w)
     if bias is not None:
         layer.bias.data.copy_(bias)
@@ -111,7 +112,7 @@ def merge_report(net: nn.Module, tokenizer=None, quant: QuantSpec = QuantSpec(),
         ids = tokenizer(list(prompts), return_tensors="pt", padding=True)
     else:
         g = torch.Generator().manual_seed(0)
-        ids = {"input_ids": torch.randint(0, net.config.vocab_size, (len(prompts), 16), generator=g)}
+        ids = {"input_ids": torch.randint(0, net.config.vocab_size, (len(prompts), 16), generator=g, device="cpu")}
     run = lambda: net(**ids).logits.float()
     y = run()
     saved = [(m.base, m.scaling) for m in loras]

@@ -54,8 +54,8 @@ def to_peft(net: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[dict[str,
                 key = f"{PREFIX}{mod}.{e}.{m}"
                 a = out.pop(f"{key}.lora_A.weight", None)
                 b = out.pop(f"{key}.lora_B.weight", None)
-                a_parts.append(torch.zeros(a_shape) if a is None else a)
-                b_parts.append(torch.zeros(b_shape) if b is None else b)
+                a_parts.append(torch.zeros(a_shape, device="cpu") if a is None else a)
+                b_parts.append(torch.zeros(b_shape, device="cpu") if b is None else b)
             at = f"{PREFIX}{mod}." + "base_layer." * (len(mats) - 1 - depth)
             out[at + "lora_A.weight"] = torch.cat(a_parts).contiguous()
             out[at + "lora_B.weight"] = torch.stack(b_parts, dim=-1).reshape(b_shape[0], -1).contiguous()

@@ -24,7 +24,7 @@ __all__ = ["ST_DTYPES", "read_header", "checkpoint_files", "Reader", "open_safet
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
-_ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in ST_DTYPES.items()}
+_ITEMSIZE = {k: torch.empty(0, dtype=v, device="cpu").element_size() for k, v in ST_DTYPES.items()}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -134,14 +134,14 @@ class Reader:
         fh = self._fh.get(f) or self._fh.setdefault(f, open(f, "rb"))
         fh.seek(base + a)
         dst = src if dtype is None or not src.is_floating_point else dtype
-        out = torch.empty(meta["shape"], dtype=dst)
+        out = torch.empty(meta["shape"], dtype=dst, device="cpu")
         if dst == src:
             if b > a and fh.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != b - a:
                 raise LowbitError(f"{f}: truncated while reading {key!r}")
             return out
         flat = out.view(-1)
         step = max(1, chunk_bytes // esz)
-        buf = torch.empty(min(step, numel), dtype=src)
+        buf = torch.empty(min(step, numel), dtype=src, device="cpu")
         for lo in range(0, numel, step):
             piece = buf[: min(step, numel - lo)]
             if fh.readinto(memoryview(piece.view(torch.uint8).numpy())) != piece.numel() * esz:

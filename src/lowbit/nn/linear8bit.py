@@ -86,7 +86,7 @@ class Linear8bit(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = t(self.bias)
         destination[prefix + "SCB"] = t(self.SCB)
-        destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+        destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8, device="cpu")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -98,7 +98,7 @@ class AdamW(torch.optim.Optimizer):
         st = self.state[p]
         n, home = _local(p).numel(), self._home(p)
         pin = home.type == "cpu" and p.device.type == "cuda"
-        st["step"] = torch.zeros((), dtype=torch.float32)
+        st["step"] = torch.zeros((), dtype=torch.float32, device="cpu")
         if self._is8(p):
             nb = -(-n // BLOCK)
             for k in ("m", "v"):

@@ -32,9 +32,9 @@ def _normal_float(bits: int, offset: float | None = None) -> torch.Tensor:
         offset = 0.5 * ((1 - 1 / (2 * (n - 1))) + (1 - 1 / (2 * n)))
     half = n // 2
     # float32 linspace, float64 quantile, float32 normalise: the order bitsandbytes' generator uses.
-    pos = torch.special.ndtri(torch.linspace(offset, 0.5, half + 1, dtype=torch.float32)[:-1].double())
-    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, half, dtype=torch.float32)[:-1].double())
-    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).float()
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, half + 1, dtype=torch.float32, device="cpu")[:-1].double())
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, half, dtype=torch.float32, device="cpu")[:-1].double())
+    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64, device="cpu"), neg]).float()
     values = values.sort().values
     return values / values.max()
 
@@ -58,12 +58,12 @@ def fp4() -> torch.Tensor:
         e, m = (code >> 1) & 0b11, code & 1
         mag = m * 0.0625 if e == 0 else 2.0 ** (4 - e) * (1 + m / 2)
         values.append(sign * mag if mag else 0.0)  # bnb stores +0 for both zero codes
-    t = torch.tensor(values, dtype=torch.float32)
+    t = torch.tensor(values, dtype=torch.float32, device="cpu")
     return t / t.abs().max()
 
 
 def int4() -> torch.Tensor:
-    return torch.arange(-7, 8, dtype=torch.float32) / 7
+    return torch.arange(-7, 8, dtype=torch.float32, device="cpu") / 7
 
 
 CODEBOOKS = {"nf4": nf4, "fp4": fp4, "int4": int4, "nf3": nf3, "nf2": nf2}
@@ -102,7 +102,7 @@ def quant_order(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
 def zero_code(quant_type: str) -> int:
     """The code round-to-nearest gives 0.0 (what spare slots of a packed byte group hold, as in bitsandbytes)."""
     midpoints, order = quant_order(quant_type)
-    return int(order[torch.bucketize(torch.zeros(1), midpoints)])
+    return int(order[torch.bucketize(torch.zeros(1, device="cpu"), midpoints)])
 
 
 @functools.cache
@@ -114,14 +114,14 @@ def _dynamic_map(signed: bool) -> torch.Tensor:
     for i in range(max_exponent_bits):
         width = i + non_sign_bits - max_exponent_bits
         items = 2**width + 1 if signed else 2 ** (width + 1) + 1
-        b = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        b = torch.linspace(0.1, 1, items, dtype=torch.float32, device="cpu")
         means = ((b[:-1] + b[1:]) / 2.0)
         scale = 10 ** (-(max_exponent_bits - 1) + i)
         data += (scale * means).tolist()
         if signed:
             data += (-scale * means).tolist()
     if additional_items > 0:  # never for 7 exponent bits; kept for other widths
-        b = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
+        b = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32, device="cpu")
         means = (b[:-1] + b[1:]) / 2.0
         scale = 10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)
         data += (scale * means).tolist()
@@ -130,7 +130,7 @@ def _dynamic_map(signed: bool) -> torch.Tensor:
     data += [0.0, 1.0]
     data += [0.0] * (2**total_bits - len(data))
     data.sort()
-    return torch.tensor(data, dtype=torch.float32)
+    return torch.tensor(data, dtype=torch.float32, device="cpu")
 
 
 def dynamic_map(signed: bool = True) -> torch.Tensor:

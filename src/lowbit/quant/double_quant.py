@@ -38,7 +38,7 @@ def rounding_lut(code: torch.Tensor, device=None) -> torch.Tensor:
     lut = _luts.get(key)
     if lut is None:
         mid = 0.5 * (code[:-1] + code[1:])
-        grid = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / (_LUT_SIZE - 1)
+        grid = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32, device="cpu")) / (_LUT_SIZE - 1)
         lut = _luts[key] = torch.searchsorted(mid, grid, right=False).to(torch.uint8).to(device or "cpu")
     return lut
 
@@ -85,4 +85,5 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
 
 def double_dequantize(qabsmax, nested_absmax, offset: float, code,
                       nested_blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
-    return dequantize8(qabsmax, nested_absmax, code, nested_blocksize) + torch.tensor(offset, dtype=torch.float32)
+    return dequantize8(qabsmax, nested_absmax, code, nested_blocksize) + torch.tensor(offset, dtype=torch.float32,
+                                                                                      device=qabsmax.device)

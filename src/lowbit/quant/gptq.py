@@ -43,13 +43,13 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, quant_type: str = "nf4
     h = hessian.double().clone()
     dead = torch.diagonal(h) == 0  # inputs never seen: nothing to compensate with
     h[dead, dead] = 1.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(in_f, dtype=h.dtype)
+    h += damp * torch.diagonal(h).mean() * torch.eye(in_f, dtype=h.dtype, device=h.device)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     wk = w.float().clone()
-    codes = torch.empty(out_f, in_f, dtype=torch.uint8)
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=h.device)
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
-        w1, err = wk[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1)
+        w1, err = wk[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, device=wk.device)
         for j in range(i2 - i1):
             s = scale[:, i1 + j]
             c = order[torch.bucketize((w1[:, j] / s.clamp(min=1e-38)).clamp(-1, 1), midpoints)]

@@ -17,15 +17,25 @@ import torch
 
 from ..errors import LowbitError
 
-__all__ = ["quantize_int8", "dequantize_int8", "INV127"]
+__all__ = ["quantize_int8", "quantize_int8_torch", "dequantize_int8", "INV127"]
 
 INV127 = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes (out, in), float32 SCB (out,)) of a 2-D float weight."""
+    """(int8 codes (out, in), float32 SCB (out,)) of a 2-D float weight, on its device (the Triton kernel of
+    ``triton_quant.py`` for CUDA tensors, PyTorch operations elsewhere: the same bytes)."""
     if w.dim() != 2:
         raise LowbitError(f"int8 quantization needs a 2-D weight, got shape {tuple(w.shape)}")
+    if w.is_cuda:
+        from .triton_quant import quantize_rows8
+
+        return quantize_rows8(w.detach())
+    return quantize_int8_torch(w)
+
+
+def quantize_int8_torch(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_int8`` in PyTorch operations (the reference path)."""
     a = w.detach().to(torch.float16)
     scb = a.abs().amax(dim=1).float()
     q = torch.round(a * (127.0 / scb.unsqueeze(-1))).to(torch.int8)

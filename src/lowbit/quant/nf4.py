@@ -31,7 +31,8 @@ from .codebooks import quant_order, zero_code
 from .packing import pack_codes, unpack_codes
 from .spec import PACKING, QUANT_TYPES, packed_bytes
 
-__all__ = ["quantize_blockwise", "code_bits", "dequantize", "dequantize_torch", "dequantize_reference", "FLOAT_DTYPES"]
+__all__ = ["quantize_blockwise", "quantize_torch", "code_bits", "dequantize", "dequantize_torch",
+           "dequantize_reference", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK = 1 << 20  # elements per quantization chunk
@@ -54,21 +55,31 @@ def _absmax_and_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor,
 
 def quantize_blockwise(w: torch.Tensor, quant_type: str = "nf4",
                        blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``w`` to packed k-bit codes (``QUANT_TYPES[quant_type].storage_bits`` bits each).
+    """Quantize ``w`` to packed k-bit codes (``QUANT_TYPES[quant_type].storage_bits`` bits each), on its device —
+    the one dispatch point: the Triton kernel (``triton_quant.py``) for CUDA tensors, ``quantize_torch`` elsewhere.
 
     Returns ``(packed, absmax)``: ``packed`` uint8 of shape ``(packed_bytes(n, bits), 1)``, ``absmax`` float32
     ``(blocks,)``. Spare slots of the last byte group hold the code of 0.0, as in bitsandbytes.
     Input validation (dtype, finiteness, emptiness) is the caller's (``lowbit.quantize``).
     """
-    midpoints, order = quant_order(quant_type)
+    if w.is_cuda:
+        from .triton_quant import quantize_codes
+
+        return quantize_codes(w, quant_type, blocksize, *quant_order(quant_type))
+    return quantize_torch(w, quant_type, blocksize)
+
+
+def quantize_torch(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_blockwise`` in PyTorch operations, a chunk of whole blocks at a time (the reference path)."""
+    midpoints, order = (t.to(w.device) for t in quant_order(quant_type))
     bits = QUANT_TYPES[quant_type].storage_bits
     per, nbytes = PACKING[bits]
-    identity = bool(torch.equal(order, torch.arange(len(order), dtype=torch.uint8)))
+    identity = bool(torch.equal(order.cpu(), torch.arange(len(order), dtype=torch.uint8, device="cpu")))
     flat = w.reshape(-1)
     n = flat.numel()
     nblocks = -(-n // blocksize)
-    packed = torch.empty(packed_bytes(n, bits), dtype=torch.uint8)
-    absmax = torch.empty(nblocks, dtype=torch.float32)
+    packed = torch.empty(packed_bytes(n, bits), dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(nblocks, dtype=torch.float32, device=w.device)
     step = max(1, _CHUNK // blocksize) * blocksize  # whole blocks per chunk (a multiple of every group size)
     for start in range(0, n, step):
         chunk = flat[start : start + step].float()
@@ -105,9 +116,9 @@ def _byte_table(code: torch.Tensor) -> torch.Tensor:
     t = _byte_tables.get(key)
     if t is None:
         bits = code_bits(code)
-        c = torch.zeros(16, dtype=torch.float32)
+        c = torch.zeros(16, dtype=torch.float32, device="cpu")
         c[: code.numel()] = code.float()
-        t = c[unpack_codes(torch.arange(256, dtype=torch.uint8), bits, 256 * 8 // bits).long()]
+        t = c[unpack_codes(torch.arange(256, dtype=torch.uint8, device="cpu"), bits, 256 * 8 // bits).long()]
         t = _byte_tables[key] = t.view(256, 8 // bits).contiguous()
     return t
 

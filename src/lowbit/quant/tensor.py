@@ -122,7 +122,7 @@ class QuantizedTensor:
             sd[f"{prefix}.nested_quant_map"] = self.nested_code.clone()
             meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
                         nested_offset=self.nested_offset)
-        blob = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+        blob = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8, device="cpu")
         sd[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = blob
         return sd
 
@@ -178,7 +178,8 @@ class QuantizedTensor:
 
 def quantize(w: torch.Tensor, quant_type: str | QuantSpec = "nf4", blocksize: int = 64,
              double_quant: bool = True) -> QuantizedTensor:
-    """Quantize a float tensor blockwise to a k-bit data type (default NF4 with double quantization).
+    """Quantize a float tensor blockwise to a k-bit data type (default NF4 with double quantization), on the
+    tensor's own device (a GPU's weight is quantized there).
 
     ``quant_type`` may be a ``QuantSpec``, which then gives all three settings.
     """
@@ -194,13 +195,13 @@ def quantize(w: torch.Tensor, quant_type: str | QuantSpec = "nf4", blocksize: in
     if w.numel() == 0:
         raise LowbitError(f"quantize: cannot quantize an empty tensor (shape {tuple(w.shape)})")
     w = w.detach()
-    if w.device.type != "cpu":
-        w = w.cpu()
     check_finite(w)
-    packed, absmax = quantize_blockwise(w.contiguous(), quant_type, blocksize)
-    q = QuantizedTensor(packed, absmax, torch.Size(w.shape), w.dtype, blocksize, quant_type, codebook(quant_type))
+    packed, absmax = quantize_blockwise(w.contiguous(), quant_type, blocksize)  # on w's device
+    q = QuantizedTensor(packed, absmax, torch.Size(w.shape), w.dtype, blocksize, quant_type,
+                        codebook(quant_type).to(w.device))
     if double_quant:
-        q.absmax, q.nested_absmax, q.nested_offset, q.nested_code = double_quantize(absmax)
+        q.absmax, q.nested_absmax, q.nested_offset, nested_code = double_quantize(absmax)
+        q.nested_code = nested_code.to(w.device)
     return q
 
 

@@ -25,7 +25,8 @@ __all__ = ["BASE_DIR", "calibrated_base"]
 BASE_DIR = "base"
 
 
-def calibrated_base(cfg: TrainConfig, out: Path, samples, tok, dtype, world: World, log=print) -> str:
+def calibrated_base(cfg: TrainConfig, out: Path, samples, tok, dtype, world: World, log=print,
+                    device="cpu") -> str:
     """The model to load: ``cfg.base_model``, or with calibration the calibrated copy in ``out/base`` (made now
     by rank 0 unless a previous start of this run made it)."""
     if cfg.quant_calibration == "none":
@@ -33,7 +34,8 @@ def calibrated_base(cfg: TrainConfig, out: Path, samples, tok, dtype, world: Wor
     base = out / BASE_DIR
     if world.main and not (base / "config.json").exists():
         t0 = time.perf_counter()
-        net = load(cfg.base_model, cfg.quant_spec(), compute_dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        net = load(cfg.base_model, cfg.quant_spec(), compute_dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                   device=device)  # calibrated where the run computes
         batches = sample_batches(samples, tok.pad_token_id, cfg.quant_calibration_samples, cfg.seed + 1)
         calibrate(net, batches, cfg.quant_calibration, log=log)
         save_quantized(net, base, tokenizer=tok, overwrite=True)

@@ -7,7 +7,8 @@
         trainer_state.json                                 step, epoch, pos, history, the config, param groups,
                                                            world size and distributed mode
 
-Several ranks: the adapter is gathered whole; the RNG state of every rank is kept (``rng.<rank>``); under FSDP
+Several ranks: the adapter is gathered whole; the RNG state of every rank is kept (``rng.<rank>``, and
+``cuda_rng.<rank>`` when the run computes on GPUs); under FSDP
 each rank's optimizer state covers its own shard and is kept as ``state.<param>.<key>.rank<r>``. A run resumes
 under the same world size and mode only. Only the newest ``save_total_limit`` checkpoints are kept.
 """
@@ -26,6 +27,7 @@ from ..errors import LowbitError
 from ..io.adapters import adapter_tensors, read_adapter, set_adapter_weights, write_adapter_files
 from ..jsonfile import read_object
 from .callbacks import Callback
+from .device import rng_states, set_rng_states
 from .distributed import World
 from .state import TrainState
 
@@ -50,9 +52,11 @@ class Checkpointer(Callback):
     """Saves every ``save_steps`` steps and at the last step; ``save(state)`` saves now (on every rank: the
     gathering is collective, the writing rank 0's)."""
 
-    def __init__(self, out: Path, model, optimizer, cfg, last_step: int, world: World | None = None, tokenizer=None):
+    def __init__(self, out: Path, model, optimizer, cfg, last_step: int, world: World | None = None, tokenizer=None,
+                 device=None):
         self.out, self.model, self.opt, self.cfg, self.last = Path(out), model, optimizer, cfg, last_step
         self.world = world or World()
+        self.device = torch.device(device or "cpu")
         self.tokenizer = tokenizer  # a tokenizer the run changed (new tokens, template): saved with each checkpoint
         self.latest: Path | None = None
 
@@ -69,13 +73,16 @@ class Checkpointer(Callback):
         world = self.world
         tensors = adapter_tensors(self.model)  # whole tensors (gathered under FSDP)
         sd = self.opt.state_dict()
-        mine = {f"state.{pid}.{k}": _local(v) if torch.is_tensor(v) else torch.tensor(v)
+        mine = {f"state.{pid}.{k}": _local(v).cpu() if torch.is_tensor(v) else torch.tensor(v, device="cpu")
                 for pid, st in sd["state"].items() for k, v in st.items()}
-        rngs = world.gather(torch.get_rng_state())
+        rngs = world.gather(rng_states(self.device))
         shards = world.gather(mine) if world.mode == "fsdp" else [mine]
         final = self.out / "checkpoints" / f"step-{state.step:07d}"
         if world.main:
-            flat = {f"rng.{r}": t for r, t in enumerate(rngs)} if world.size > 1 else {"rng": rngs[0]}
+            flat = {}
+            for r, states in enumerate(rngs):  # the CPU generator's state, and the GPU's when the run used one
+                for kind, t in states.items():
+                    flat[f"{'rng' if kind == 'cpu' else kind + '_rng'}" + (f".{r}" if world.size > 1 else "")] = t
             for r, shard in enumerate(shards):
                 flat.update({k + (f".rank{r}" if world.mode == "fsdp" else ""): v for k, v in shard.items()})
             meta = {**state.to_json(), "config": asdict(self.cfg), "param_groups": sd["param_groups"],
@@ -99,8 +106,8 @@ def load_adapter_weights(ck: Path, model) -> None:
     set_adapter_weights(model, read_adapter(ck)[1], ck)
 
 
-def load_trainer_state(ck: Path, optimizer, world: World | None = None) -> TrainState:
-    """Optimizer state and this rank's RNG state back; the run's position."""
+def load_trainer_state(ck: Path, optimizer, world: World | None = None, device=None) -> TrainState:
+    """Optimizer state and this rank's RNG states back (the GPU's too); the run's position."""
     from safetensors.torch import load_file
 
     world = world or World()
@@ -123,8 +130,10 @@ def load_trainer_state(ck: Path, optimizer, world: World | None = None) -> Train
                     if v.dim():
                         st[k] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
     optimizer.load_state_dict(sd)
-    rng = flat.get(f"rng.{world.rank}" if world.size > 1 else "rng")
+    suffix = f".{world.rank}" if world.size > 1 else ""
+    rng = flat.get(f"rng{suffix}")
     if rng is None:
         raise LowbitError(f"{ck}: no RNG state for rank {world.rank}")
-    torch.set_rng_state(rng)
+    states = {"cpu": rng, **({"cuda": flat[f"cuda_rng{suffix}"]} if f"cuda_rng{suffix}" in flat else {})}
+    set_rng_states(states, torch.device(device or "cpu"))
     return TrainState.from_json(meta)

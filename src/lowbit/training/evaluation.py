@@ -18,7 +18,7 @@ __all__ = ["evaluate"]
 
 @torch.no_grad()
 def evaluate(model, batches, dtype=None, max_batches: int | None = None, loss_fn=None,
-             world: World | None = None) -> float:
+             world: World | None = None, device=None) -> float:
     """Σ losses / Σ learned tokens over every batch once, in order (``batches``: ``data.Batches`` or a list of
     batch dicts; ``loss_fn(model, batch) -> (sum, tokens)``, default ``lm_loss``)."""
     batches, world, loss_fn = as_batches(batches), world or World(), loss_fn or loss.lm_loss
@@ -31,7 +31,7 @@ def evaluate(model, batches, dtype=None, max_batches: int | None = None, loss_fn
             b = batches.batch(keys[min(i, len(keys) - 1)])
             if i >= len(keys):  # a padding pass: same shapes, nothing counted
                 b = {**b, "labels": torch.full_like(b["labels"], IGNORE)}
-            with loss.autocast(dtype):
+            with loss.autocast(dtype, getattr(device, "type", "cpu")):
                 s, c = loss_fn(model, b)
             tot, n = tot + float(s), n + c
     finally:

@@ -7,6 +7,10 @@
 AdamW with ``adam_beta1``, ``adam_beta2``, ``adam_epsilon`` and ``weight_decay`` (``optim/``); the schedule
 (``schedule.py``) multiplies every group's rate alike. Groups with no parameters are left out; the order of the
 parameters is the model's, so a checkpoint's optimizer state maps back onto them.
+
+A paged optimizer's device budget is ``optimizer_budget_mb`` when set. Otherwise two pages on the CPU; on a GPU
+also up to ``PAGED_FREE_SHARE`` of the device memory free when the optimizer is made (more pages in flight, fewer
+round trips) — a share below the planner's headroom, so a run the pre-flight passed still fits.
 """
 
 from __future__ import annotations
@@ -15,11 +19,15 @@ import torch
 
 from .. import optim
 from ..nn.trainable import TrainableRows
+from ..optim.registry import OPTIMIZERS
 from .config import TrainConfig
+from .device import free_device_memory
 from .loss import LossModule
 from .schedule import lr_lambda, warmup_steps
 
-__all__ = ["make_optimizer", "parameter_groups"]
+__all__ = ["make_optimizer", "parameter_groups", "page_budget", "PAGED_FREE_SHARE"]
+
+PAGED_FREE_SHARE = 0.02  # of free device memory; below planner.memory.HEADROOM (0.05)
 
 
 def _embedding_like(model, name: str) -> bool:
@@ -47,11 +55,20 @@ def parameter_groups(cfg: TrainConfig, model) -> list[dict]:
     return list(groups.values())
 
 
-def make_optimizer(cfg: TrainConfig, model, total: int):
-    """(optimizer, LambdaLR schedule) for ``model``'s trainable parameters."""
+def page_budget(optimizer: str, budget_mb: float, free_device_bytes: int | None) -> int:
+    """The paged optimizer's device budget in bytes (0: the optimizer's default page pair); see the docstring."""
+    kind = OPTIMIZERS.get(optimizer)
+    if budget_mb or kind is None or not kind.paged or not free_device_bytes:
+        return int(budget_mb * 2**20)
+    return max(kind.default_budget_bytes(), int(free_device_bytes * PAGED_FREE_SHARE))
+
+
+def make_optimizer(cfg: TrainConfig, model, total: int, device: torch.device | None = None):
+    """(optimizer, LambdaLR schedule) for ``model``'s trainable parameters (computing on ``device``)."""
+    free = free_device_memory(device) if device is not None else None
     opt = optim.make(cfg.optimizer, parameter_groups(cfg, model), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                     budget_bytes=int(cfg.optimizer_budget_mb * 2**20), betas=(cfg.adam_beta1, cfg.adam_beta2),
-                     eps=cfg.adam_epsilon)
+                     budget_bytes=page_budget(cfg.optimizer, cfg.optimizer_budget_mb, free and free[0]),
+                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     warmup = warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total)
     schedule = lr_lambda(cfg.lr_scheduler, warmup, total, cfg.cosine_min_lr_ratio, cfg.cosine_constant_lr_ratio,
                          cfg.lr_quadratic_warmup)

@@ -1,7 +1,8 @@
 """Out-of-memory pre-flight: before anything is loaded, the planner's peak for this run against the memory that is
 free; a run that would not fit is refused with the numbers and the cheapest change that fits.
 
-    free memory   MemAvailable of /proc/meminfo (training runs on the CPU; the ranks of one machine share it);
+    free memory   on a GPU: its free memory (torch.cuda.mem_get_info; each rank its own GPU); on the CPU:
+                  MemAvailable of /proc/meminfo (the ranks of one machine share it);
                   the config's memory_limit (Axolotl's gpu_memory_limit) or $LOWBIT_MEMORY_LIMIT (e.g. 8GB) sets it
                   instead — to plan for a smaller machine, or to test
     changes       tried cumulatively, in this order, until the plan fits:
@@ -30,14 +31,18 @@ from .config import TrainConfig
 __all__ = ["free_memory", "preflight", "cheaper"]
 
 
-def free_memory(limit: str = "") -> tuple[int, str]:
+def free_memory(limit: str = "", device=None) -> tuple[int, str]:
     """(bytes free for this run, where the number comes from): ``limit`` (the config's ``memory_limit``), else
-    $LOWBIT_MEMORY_LIMIT, else the machine's available memory."""
+    $LOWBIT_MEMORY_LIMIT, else the GPU's free memory (a CUDA ``device``), else the machine's available memory."""
     if limit:
         return parse_size(limit), "memory_limit"
     cap = os.environ.get("LOWBIT_MEMORY_LIMIT")
     if cap:
         return parse_size(cap), "LOWBIT_MEMORY_LIMIT"
+    if device is not None and getattr(device, "type", device) == "cuda":
+        from .device import free_device_memory
+
+        return free_device_memory(device)
     try:
         m = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
     except OSError:
@@ -45,8 +50,11 @@ def free_memory(limit: str = "") -> tuple[int, str]:
     return (int(m.group(1)) * 1024, "available RAM") if m else (0, "unknown")
 
 
-def _need(cfg: TrainConfig, world_size: int, local_ranks: int) -> int:
-    return plan_config(cfg, device="cpu", world_size=world_size).total_bytes * local_ranks
+def _need(cfg: TrainConfig, world_size: int, local_ranks: int, device: str = "cpu") -> int:
+    """Bytes the run needs where it runs: on the CPU the ranks of one machine share its memory; on GPUs each rank
+    has its own."""
+    per_rank = plan_config(cfg, device=device, world_size=world_size).total_bytes
+    return per_rank * (local_ranks if device == "cpu" else 1)
 
 
 def _plannable(cfg: TrainConfig) -> TrainConfig:
@@ -61,8 +69,9 @@ def _plannable(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def cheaper(cfg: TrainConfig) -> Iterator[tuple[TrainConfig, str]]:
-    """Ever cheaper versions of ``cfg`` (cumulative), each with what was changed so far."""
+def cheaper(cfg: TrainConfig, device: str = "cpu") -> Iterator[tuple[TrainConfig, str]]:
+    """Ever cheaper versions of ``cfg`` (cumulative), each with what was changed so far; on a GPU ("cuda")
+    offloading the checkpoints comes before a shorter sequence."""
     said: dict[str, str] = {}
 
     def step(c: TrainConfig, key: str, text: str):
@@ -81,31 +90,38 @@ def cheaper(cfg: TrainConfig) -> Iterator[tuple[TrainConfig, str]]:
     if c.optimizer != "paged_adamw_8bit":
         c = dataclasses.replace(c, optimizer="paged_adamw_8bit")
         yield step(c, "opt", "optimizer: paged_adamw_8bit")
+    if device == "cuda" and c.gradient_checkpointing is True:
+        c = dataclasses.replace(c, gradient_checkpointing="offload")
+        said.pop("gc", None)
+        yield step(c, "gc", "gradient_checkpointing: offload")
     while c.sequence_len > 128:
         c = dataclasses.replace(c, sequence_len=max(128, c.sequence_len // 2))
         yield step(c, "seq", f"sequence_len: {c.sequence_len}")
 
 
-def advice(cfg: TrainConfig, budget: int, world_size: int = 1, local_ranks: int = 1) -> str:
+def advice(cfg: TrainConfig, budget: int, world_size: int = 1, local_ranks: int = 1, device=None) -> str:
     """The cheapest change that brings the plan under ``budget`` bytes (or the cheapest changes there are)."""
     last = None
-    for c, said in cheaper(cfg):
+    kind = "cuda" if getattr(device, "type", device) == "cuda" else "cpu"
+    for c, said in cheaper(cfg, kind):
         last = said
-        if _need(c, world_size, local_ranks) <= budget:
+        if _need(c, world_size, local_ranks, kind) <= budget:
             return f"it would fit with {said}"
     return f"even with {last} it would not fit: use a smaller model or a larger machine" if last else \
         "no setting of this run is cheaper: use a smaller model or a larger machine"
 
 
-def preflight(cfg: TrainConfig, world_size: int = 1, local_ranks: int = 1) -> str | None:
-    """Refuse a run that will not fit (LowbitError); a note when the check could not be made."""
-    free, where = free_memory(cfg.memory_limit)
+def preflight(cfg: TrainConfig, world_size: int = 1, local_ranks: int = 1, device=None) -> str | None:
+    """Refuse a run that will not fit (LowbitError); a note when the check could not be made. ``device``: where the
+    run computes (a GPU: its free memory, the planner's GPU overheads)."""
+    free, where = free_memory(cfg.memory_limit, device)
+    kind = "cuda" if getattr(device, "type", device) == "cuda" else "cpu"
     if not free:
         return "memory pre-flight skipped: free memory unknown on this system"
     cfg = _plannable(cfg)
     load_model_config(cfg.base_model)  # an unreadable config.json is the user's error: say so now
     try:
-        need = _need(cfg, world_size, local_ranks)
+        need = _need(cfg, world_size, local_ranks, kind)
     except LowbitError as e:
         return f"memory pre-flight skipped: the planner cannot size this model ({e})"
     budget = int(free * (1 - HEADROOM))
@@ -113,4 +129,4 @@ def preflight(cfg: TrainConfig, world_size: int = 1, local_ranks: int = 1) -> st
         return None
     gib = lambda n: f"{n / 2**30:.2f} GiB"
     raise LowbitError(f"this run needs about {gib(need)} at its peak, {where} is {gib(free)}: "
-                      f"{advice(cfg, budget, world_size, local_ranks)} (or --force to run anyway)")
+                      f"{advice(cfg, budget, world_size, local_ranks, device)} (or --force to run anyway)")
