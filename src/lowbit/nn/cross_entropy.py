@@ -6,6 +6,8 @@
     backward: per chunk recompute z, ∂/∂z = softmax(z) − onehot(y) = exp(z − lse) − onehot(y), ∂/∂h = (∂/∂z)·W
 
 The reference is ``F.cross_entropy(h @ W.T, y, reduction="sum")``; the tests compare the two.
+``chunked_token_logps`` is the same computation per token, log p(yᵢ) = z[yᵢ] − lse (what preference losses sum per
+sequence): backward ∂/∂h = −gᵢ·(softmax(z) − onehot(y))·W; its reference is ``log_softmax(h @ W.T).gather(y)``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from .loss_chunk import loss_chunk_tokens
 
-__all__ = ["chunked_cross_entropy"]
+__all__ = ["chunked_cross_entropy", "chunked_token_logps"]
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -42,6 +44,39 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             p[torch.arange(p.shape[0], device=p.device), labels[i : i + ctx.chunk]] -= 1
             gh[i : i + ctx.chunk] = (p.mul_(g)).to(h.dtype) @ w
         return gh, None, None, None
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk: int):
+        w = weight.to(h.dtype)
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            z = (h[i : i + chunk] @ w.t()).float()
+            lse[i : i + chunk] = torch.logsumexp(z, dim=-1)
+            out[i : i + chunk] = z.gather(1, labels[i : i + chunk, None])[:, 0] - lse[i : i + chunk]
+        ctx.save_for_backward(h, weight, labels, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, labels, lse = ctx.saved_tensors
+        w = weight.to(h.dtype)
+        gh = torch.empty_like(h)
+        for i in range(0, h.shape[0], ctx.chunk):
+            z = (h[i : i + ctx.chunk] @ w.t()).float()
+            p = torch.exp_(z.sub_(lse[i : i + ctx.chunk, None]))
+            p[torch.arange(p.shape[0], device=p.device), labels[i : i + ctx.chunk]] -= 1
+            gh[i : i + ctx.chunk] = p.mul_(-g[i : i + ctx.chunk, None].float()).to(h.dtype) @ w
+        return gh, None, None, None
+
+
+def chunked_token_logps(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        chunk_tokens: int | None = None) -> torch.Tensor:
+    """log-softmax(``h @ weight.T``) at ``labels``, one float32 value per row of ``h`` (``weight`` frozen)."""
+    return _ChunkedTokenLogps.apply(h, weight, labels, chunk_tokens or loss_chunk_tokens(weight.shape[0]))
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
