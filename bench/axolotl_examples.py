@@ -3,10 +3,11 @@
     python bench/axolotl_examples.py --examples PATH/TO/axolotl/examples [--model smollm2-135m] [--readme]
 
 Fetch Axolotl's repository first (its examples/ folder is the yardstick of what users write; nothing of it is
-copied here). Every LoRA/QLoRA config of a decoder-only text model without `trust_remote_code` (no `rl:`, no
-processor/vision/audio) is run with only these changes: `base_model` → the built-in SmolLM2 (no hub here), each
-dataset's `path` → a local JSONL file in the entry's shape (generated here: alpaca rows, chat messages under the
-entry's field and role names, completion text), and, for the harness, `--max-steps 2` and a scratch `output_dir`.
+copied here). Every LoRA/QLoRA config of a decoder-only text model without `trust_remote_code` (no
+processor/vision/audio; preference stages `rl:` included) is run with only these changes: `base_model` → the
+built-in SmolLM2 (no hub here), each dataset's `path` → a local JSONL file in the entry's shape (generated here:
+alpaca rows, chat messages under the entry's field and role names, completion text, preference pairs or KTO's
+labelled examples), and, for the harness, `--max-steps 2` and a scratch `output_dir`.
 Each run is a fresh process (a timeout of `--timeout` s). A config is
 
     trained   `lowbit train` exited 0 and wrote an adapter
@@ -46,7 +47,7 @@ def selected(examples: Path) -> list[tuple[str, dict]]:
         except yaml.YAMLError:
             continue
         rel = str(f.relative_to(examples))
-        if not isinstance(d, dict) or d.get("adapter") not in ("lora", "qlora") or d.get("rl") \
+        if not isinstance(d, dict) or d.get("adapter") not in ("lora", "qlora") \
                 or d.get("trust_remote_code") or d.get("processor_type") \
                 or any(w in rel.lower() for w in VISION_WORDS):
             continue
@@ -66,8 +67,28 @@ def _speakers(entry: dict) -> tuple[str, str, str, str]:
                                                                                  "gpt" if sharegpt else "assistant")
 
 
-def record(entry: dict, i: int) -> dict:
+def preference_record(entry: dict, i: int, rl: str) -> dict:
+    """Row ``i`` of a preference file in the shape ``entry`` reads (Axolotl's DPO / KTO strategies' fields)."""
+    q, a, bad = f"{i}+{i}?", f"{2 * i}", f"{3 * i + 1}"
+    kind = str(entry.get("type") or "")
+    if rl == "kto":
+        return {"prompt": q, "completion": a if i % 2 else bad, "label": i % 2 == 1}
+    if kind.endswith(("argilla", "argilla_chat")) or kind == "chat_template.argilla":
+        return {"prompt": q, "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": bad}]}
+    if kind.startswith("chat_template"):
+        role, content, user, assistant = _speakers(entry)
+        return {entry.get("field_messages", "messages"): [{role: user, content: q}],
+                entry.get("field_chosen", "chosen"): {role: assistant, content: a},
+                entry.get("field_rejected", "rejected"): {role: assistant, content: bad}}
+    prompt_key = {"intel": "question", "icr": "input", "argilla": "instruction"}.get(kind.rsplit(".", 1)[-1], "prompt")
+    return {prompt_key: q, "chosen": a, "rejected": bad}
+
+
+def record(entry: dict, i: int, rl: str = "") -> dict:
     """Row ``i`` of a local file in the shape ``entry`` reads."""
+    if rl:
+        return preference_record(entry, i, rl)
     q, a = f"{i}+{i}?", f"{2 * i}"
     kind = str(entry.get("type") or "")
     if kind.startswith("alpaca") or kind in ("instruct",):
@@ -94,7 +115,7 @@ def localize(cfg: dict, folder: Path, model: str) -> dict:
         for k, e in enumerate(entries):
             e = dict(e) if isinstance(e, dict) else {"path": e}
             path = folder / f"{key}-{k}.jsonl"
-            path.write_text("".join(json.dumps(record(e, i)) + "\n" for i in range(ROWS)))
+            path.write_text("".join(json.dumps(record(e, i, str(cfg.get("rl") or ""))) + "\n" for i in range(ROWS)))
             e["path"] = str(path)
             e.pop("data_files", None)  # the hub's file names inside the dataset repository
             if e.get("ds_type") not in (None, "json"):

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from .errors import LowbitError
 
-__all__ = ["DTYPES", "canonical", "to_torch", "default_compute_dtype", "default_compute_dtype_name", "name_of"]
+__all__ = ["DTYPES", "DTYPE_ALIASES", "canonical", "to_torch", "default_compute_dtype", "default_compute_dtype_name",
+           "name_of"]
 
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}  # name → bytes per element
-_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def canonical(name: str, what: str = "dtype", auto: bool = False) -> str:
@@ -21,9 +22,9 @@ def canonical(name: str, what: str = "dtype", auto: bool = False) -> str:
     name = str(name)
     if auto and name == "auto":
         return name
-    name = _ALIASES.get(name, name)
+    name = DTYPE_ALIASES.get(name, name)
     if name not in DTYPES:
-        choices = (["auto"] if auto else []) + [*DTYPES, *_ALIASES]
+        choices = (["auto"] if auto else []) + [*DTYPES, *DTYPE_ALIASES]
         raise LowbitError(f"{what} must be one of {', '.join(choices)}, got {name!r}")
     return name
 

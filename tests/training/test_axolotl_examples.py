@@ -198,6 +198,126 @@ lr_scheduler: cosine
 learning_rate: 2e-5
 warmup_steps: 1
 """,
+    # examples/mistral/orpo/mistral-qlora-orpo.yml
+    "mistral-qlora-orpo": """
+load_in_8bit: false
+load_in_4bit: true
+rl: orpo
+orpo_alpha: 0.1
+remove_unused_columns: false
+chat_template: chatml
+datasets:
+  - path: {argilla}
+    type: chat_template.argilla
+val_set_size: 0.1
+adapter: qlora
+lora_model_dir:
+sequence_len: 256
+sample_packing: false
+lora_r: 32
+lora_alpha: 16
+lora_dropout: 0.05
+lora_target_linear: true
+lora_target_modules: [gate_proj, down_proj, up_proj, q_proj, v_proj, k_proj, o_proj]
+gradient_accumulation_steps: 4
+micro_batch_size: 2
+num_epochs: 1
+optimizer: adamw_bnb_8bit
+lr_scheduler: cosine
+learning_rate: 0.0002
+gradient_checkpointing: true
+attn_implementation: flash_attention_2
+loss_watchdog_threshold: 5.0
+loss_watchdog_patience: 3
+warmup_ratio: 0.1
+evals_per_epoch: 4
+saves_per_epoch: 1
+weight_decay: 0.0
+special_tokens:
+""",
+    # examples/mistral/dpo/mistral-dpo-qlora.yml
+    "mistral-dpo-qlora": """
+load_in_8bit: false
+load_in_4bit: true
+chat_template: chatml
+rl: dpo
+datasets:
+  - path: {dpo_messages}
+    type: chat_template.default
+    field_messages: conversation
+    field_chosen: chosen
+    field_rejected: rejected
+    message_property_mappings:
+      role: role
+      content: content
+val_set_size: 0.05
+sequence_len: 256
+sample_packing: false
+adapter: qlora
+lora_model_dir:
+lora_r: 8
+lora_alpha: 16
+lora_dropout: 0.2
+lora_target_linear: true
+lora_target_modules: [gate_proj, down_proj, up_proj, q_proj, v_proj, k_proj, o_proj]
+lora_modules_to_save:
+ - embed_tokens
+ - lm_head
+gradient_accumulation_steps: 4
+micro_batch_size: 4
+num_epochs: 6
+optimizer: adamw_bnb_8bit
+lr_scheduler: cosine
+learning_rate: 0.0001
+gradient_checkpointing: true
+warmup_ratio: 0.1
+evals_per_epoch: 4
+saves_per_epoch: 1
+weight_decay: 0.0
+special_tokens:
+  bos_token: "<|im_start|>"
+  eos_token: "<|im_end|>"
+""",
+    # examples/llama-3/qlora-1b-kto.yaml
+    "llama3-qlora-kto": """
+load_in_8bit: false
+load_in_4bit: true
+rl: kto
+rl_beta: 0.5
+kto_desirable_weight: 0.2
+datasets:
+  - path: {kto}
+    type: llama3.ultra
+    split: train
+val_set_size: 0.0
+remove_unused_columns: false
+adapter: qlora
+lora_model_dir:
+sequence_len: 256
+sample_packing: false
+eval_sample_packing: false
+pad_to_sequence_len: false
+lora_r: 32
+lora_alpha: 64
+lora_dropout: 0.05
+lora_target_linear: true
+gradient_accumulation_steps: 1
+micro_batch_size: 2
+num_epochs: 1
+optimizer: adamw_8bit
+lr_scheduler: cosine
+learning_rate: 0.0002
+gradient_checkpointing: true
+gradient_checkpointing_kwargs:
+  use_reentrant: false
+attn_implementation: flash_attention_2
+warmup_ratio: 0.1
+evals_per_epoch: 4
+saves_per_epoch: 1
+weight_decay: 0.0
+special_tokens:
+  pad_token: "<|end_of_text|>"
+""",
 }
 
 
@@ -211,6 +331,17 @@ def files(tmp_path_factory):
         "thinking": [{"messages": [{"role": "user", "content": f"{i}+{i}?"},
                                    {"role": "assistant", "content": f"{2 * i}", "thinking": "add"}]}
                      for i in range(60)],
+        # the shapes of argilla/ultrafeedback-binarized-preferences-cleaned (+ its -kto variant) and
+        # olivermolenschot/alpaca_messages_dpo_test
+        "argilla": [{"prompt": f"{i}+{i}?", "chosen": [{"role": "user", "content": f"{i}+{i}?"},
+                                                       {"role": "assistant", "content": f"{2 * i}"}],
+                     "rejected": [{"role": "user", "content": f"{i}+{i}?"},
+                                  {"role": "assistant", "content": f"{3 * i + 1}"}]} for i in range(60)],
+        "kto": [{"prompt": f"{i}+{i}?", "completion": f"{2 * i if i % 2 else 3 * i + 1}", "label": i % 2 == 1}
+                for i in range(60)],
+        "dpo_messages": [{"conversation": [{"role": "user", "content": f"{i}+{i}?"}],
+                          "chosen": {"role": "assistant", "content": f"{2 * i}"},
+                          "rejected": {"role": "assistant", "content": f"{3 * i + 1}"}} for i in range(60)],
     }
     out = {}
     for name, rs in rows.items():
@@ -234,6 +365,9 @@ def test_axolotl_shaped_config_trains_as_written(files, name, tmp_path, capsys):
     assert saved["max_steps"] == 2
     if name == "llama2-8bit-lora":
         assert saved["load_in_8bit"] and not saved["load_in_4bit"] and (tmp_path / "out" / "tensorboard").is_dir()
+    rl = {"mistral-qlora-orpo": "orpo", "mistral-dpo-qlora": "dpo", "llama3-qlora-kto": "kto"}.get(name)
+    if rl:
+        assert saved["rl"] == rl and "rewards/chosen" in (tmp_path / "out" / "metrics.jsonl").read_text()
     if name == "qwen3-thinking":
         cfg_ = read_adapter(tmp_path / "out")[0]
         assert saved["lora_init"] == "loftq" and set(cfg_["modules_to_save"]) == {"lm_head", "model.embed_tokens"}

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 
+from ..dtypes import DTYPE_ALIASES
 from ..errors import LowbitError
 from ..training.config import CHOICES, TrainConfig, apply_overrides, load_config
 
@@ -18,8 +19,8 @@ __all__ = ["Parser", "FIELDS", "MODEL_KEYS", "add_config_flags", "config_from", 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # the keys that say which model to load and how
-MODEL_KEYS = ("base_model", "load_in_4bit", "quant_type", "blocksize", "double_quant", "compute_dtype",
-              "trust_remote_code")
+MODEL_KEYS = ("base_model", "load_in_4bit", "load_in_8bit", "quant_type", "blocksize", "double_quant", "compute_dtype",
+              "trust_remote_code", "device")
 ALIASES = {"base_model": ("--model",), "datasets": ("--data",), "dataset_format": ("--format",),
            "micro_batch_size": ("--batch-size", "--batch"), "sequence_len": ("--seq-len",),
            "lora_target_modules": ("--lora-targets",)}
@@ -45,6 +46,7 @@ def add_config_flags(parser: argparse.ArgumentParser, keys=None, required=()) ->
         kw = dict(dest=key, default=argparse.SUPPRESS, required=key in required, help=f"default: {f.default!r}")
         if key in CHOICES:
             names = [str(c).lower() if isinstance(c, bool) else c for c in CHOICES[key]]
+            names += list(DTYPE_ALIASES) if key == "compute_dtype" else []
             kw.update(choices=names, help=f"{', '.join(names)} (default: {f.default!r})")
         if isinstance(f.default, bool):
             kw.update(nargs="?", const="true", metavar="true|false")
@@ -81,9 +83,12 @@ def load_model(cfg: TrainConfig, adapter=None, force: bool = False):
     from ..dtypes import to_torch
     from ..io.adapters import load_adapter
     from ..io.loader import load
+    from ..training.device import resolve_device
 
-    dtype = None if cfg.compute_dtype == "auto" else to_torch(cfg.compute_dtype)
-    net = load(cfg.base_model, cfg.quant_spec(), compute_dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    device = resolve_device(cfg.device)
+    dtype = to_torch(cfg.compute_dtype, device.type)
+    net = load(cfg.base_model, cfg.quant_spec(), compute_dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+               device=device)
     if adapter:
         load_adapter(net, adapter, force=force)
     return net

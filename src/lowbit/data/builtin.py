@@ -2,6 +2,8 @@
 
     chatterbot   chatterbot-corpus 1.3.3 (BSD): ~2,000 question → answer exchanges on 17 topics
     chitchat     chitchat-dataset 0.9.0 (MIT): 7,168 dialogues, the first 6 turns of each
+    chatterbot-pairs   preference pairs made from chatterbot: each first question, chosen = its own answer,
+                       rejected = the answer of a question half the corpus away (another topic)
 """
 
 from __future__ import annotations
@@ -56,4 +58,18 @@ def chitchat() -> list[Record]:
     return out
 
 
-BUILTIN_DATASETS = {"chatterbot": chatterbot, "chitchat": chitchat}
+def chatterbot_pairs() -> list[Record]:
+    """Preference pairs, offline and deterministic: the right answer against another topic's answer."""
+    firsts = [(r.data["messages"][0]["content"], r.data["messages"][1]["content"], r.where) for r in chatterbot()]
+    n, out = len(firsts), []
+    for i, (question, answer, where) in enumerate(firsts):
+        j = (i + n // 2) % n
+        while firsts[j][1].strip().lower() == answer.strip().lower():
+            j = (j + 1) % n
+        out.append(Record({"prompt": [{"role": "user", "content": question}],
+                           "chosen": [{"role": "assistant", "content": answer}],
+                           "rejected": [{"role": "assistant", "content": firsts[j][1]}]}, f"{where}:pair"))
+    return out
+
+
+BUILTIN_DATASETS = {"chatterbot": chatterbot, "chitchat": chitchat, "chatterbot-pairs": chatterbot_pairs}

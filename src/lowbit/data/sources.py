@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from ..errors import LowbitError
 from .chat_templates import check_chat_template
 from .formats import FORMATS
+from .preference import PREFERENCE_FORMATS
 
 __all__ = ["DataSource", "parse_sources", "TYPE_ALIASES", "SOURCE_KEYS"]
 
@@ -35,12 +36,13 @@ SOURCE_KEYS = ("path", "type", "split", "ds_type", "data_files", "field", "field
                "message_property_mappings", "message_field_role", "message_field_content", "roles",
                "roles_to_train", "field_instruction", "field_input", "field_output", "weight", "limit",
                "chat_template", "chat_template_jinja", "conversation", "train_on_eos", "train_on_eot",
-               "field_thinking", "template_thinking_key", "drop_system_message")
+               "field_thinking", "template_thinking_key", "drop_system_message", "field_chosen", "field_rejected")
 READER_NAMES = ("json", "parquet", "csv")  # the datasets library's file readers (ds_type)
 # the keys formats.py reads (column names and role mappings)
 FIELD_KEYS = ("field", "field_messages", "message_property_mappings", "message_field_role", "message_field_content",
               "roles", "roles_to_train", "field_instruction", "field_input", "field_output", "chat_template",
-              "chat_template_jinja", "field_thinking", "template_thinking_key", "drop_system_message")
+              "chat_template_jinja", "field_thinking", "template_thinking_key", "drop_system_message", "field_chosen",
+              "field_rejected")
 # Axolotl's split names → the part of a folder lowbit reads; a slice follows HF datasets' syntax: train[:10%]
 SPLIT_NAMES = ("train", "valid", "validation", "test")
 
@@ -63,11 +65,11 @@ class DataSource:
 
 
 def _format_name(value, where: str) -> str:
-    if value in FORMATS or value == "auto":
+    if value in FORMATS or value in PREFERENCE_FORMATS or value == "auto":
         return value
     if value in TYPE_ALIASES:
         return TYPE_ALIASES[value]
-    names = sorted({*FORMATS, *TYPE_ALIASES})
+    names = sorted({*FORMATS, *TYPE_ALIASES, *PREFERENCE_FORMATS})
     near = difflib.get_close_matches(str(value), names, n=1)
     raise LowbitError(f"{where}.type: unknown {value!r}; choose one of {', '.join(names)}"
                       + (f" — did you mean {near[0]!r}?" if near else ""))
@@ -105,7 +107,7 @@ def _entry(d: dict, where: str, default_fmt: str) -> DataSource:
         del fields["chat_template"]
     for k in ("field", "field_messages", "message_field_role", "message_field_content", "field_instruction",
               "field_input", "field_output", "chat_template", "chat_template_jinja", "field_thinking",
-              "template_thinking_key"):
+              "template_thinking_key", "field_chosen", "field_rejected"):
         if k in fields and not isinstance(fields[k], str):
             raise LowbitError(f"{where}.{k}: expects a column name, got {fields[k]!r}")
     for k in ("message_property_mappings", "roles"):

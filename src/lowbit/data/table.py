@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import LowbitError
 from .formats import detect_format, tokenize_record
+from .preference import detect_preference, preference_row
 from .records import Record, held_out_rows, load_records
 from .sources import DataSource
 
@@ -43,10 +44,14 @@ class TokenTable:
         return len(self.lengths)
 
     def __getitem__(self, k: int) -> tuple[list[int], list[int]]:
+        r = self.row(k)
+        return r["input_ids"], r["labels"]
+
+    def row(self, k: int) -> dict:
+        """Every column of position ``k`` (a preference table's prompt / chosen / rejected ids and label)."""
         for part, rows in zip(self.parts, self.rows):
             if k < len(rows):
-                r = part[int(rows[k])]
-                return r["input_ids"], r["labels"]
+                return part[int(rows[k])]
             k -= len(rows)
         raise IndexError(k)
 
@@ -161,32 +166,46 @@ def _fingerprint(path: Path, src: DataSource, fmt: str, tok, sequence_len: int, 
     parts = [str(path.resolve()), st.st_size, st.st_mtime_ns, src.key, fmt, sequence_len, train_on_inputs,
              getattr(tok, "chat_template", None), tok.eos_token_id, tok.bos_token_id,
              getattr(tok, "add_bos_token", None), backend.to_str() if backend is not None else repr(tok),
-             (Path(__file__).parent / "formats.py").read_text()]
+             (Path(__file__).parent / "formats.py").read_text(), (Path(__file__).parent / "preference.py").read_text()]
     return hashlib.sha256(json.dumps(parts, default=repr).encode()).hexdigest()[:24]
 
 
-def _tokenize(ds, path: Path, src: DataSource, tok, fmt: str, sequence_len: int, train_on_inputs: bool,
-              processes: int):
+def _sft_row(rec: Record, tok, fmt: str, sequence_len: int, train_on_inputs: bool, opts: dict) -> dict:
+    ids, labels, cut, why = tokenize_record(rec, tok, fmt, sequence_len, train_on_inputs, opts)
+    return {"input_ids": ids, "labels": labels, "length": len(ids), "truncated": cut, "why": why or ""}
+
+
+def _pref_row(rec: Record, tok, fmt: str, sequence_len: int, train_on_inputs: bool, opts: dict) -> dict:
+    return preference_row(rec, tok, fmt, sequence_len, opts)
+
+
+def _features(preference: bool):
     import datasets
 
+    ids = datasets.List(datasets.Value("int32"))
+    cols = {"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids, "label": datasets.Value("bool")} \
+        if preference else {"input_ids": ids, "labels": ids}
+    return datasets.Features({**cols, "length": datasets.Value("int32"), "truncated": datasets.Value("bool"),
+                              "why": datasets.Value("string")})
+
+
+def _tokenize(ds, path: Path, src: DataSource, tok, fmt: str, sequence_len: int, train_on_inputs: bool,
+              processes: int, preference: bool = False):
+    row_fn = _pref_row if preference else _sft_row
     if fmt == "auto":
         if len(ds) == 0:
             raise LowbitError(f"{path}: the data set is empty")
-        fmt = detect_format(Record(ds[0], RowRef(path, 0)))
+        fmt = (detect_preference if preference else detect_format)(Record(ds[0], RowRef(path, 0)))
+    features = _features(preference)
 
     def run(batch, idx):
-        out = {"input_ids": [], "labels": [], "length": [], "truncated": [], "why": []}
+        out = {k: [] for k in features}
         for k, row in enumerate(idx):
             rec = Record({c: batch[c][k] for c in batch}, RowRef(path, row))
-            ids, labels, cut, why = tokenize_record(rec, tok, fmt, sequence_len, train_on_inputs, src.fields)
-            for key, v in zip(out, (ids, labels, len(ids), cut, why or "")):
+            for key, v in row_fn(rec, tok, fmt, sequence_len, train_on_inputs, src.fields).items():
                 out[key].append(v)
         return out
 
-    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
-                                  "labels": datasets.List(datasets.Value("int32")),
-                                  "length": datasets.Value("int32"), "truncated": datasets.Value("bool"),
-                                  "why": datasets.Value("string")})
     procs = processes or (min(2, os.cpu_count() or 1) if len(ds) >= 20000 else None)
     try:
         table = ds.map(run, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names,
@@ -201,20 +220,22 @@ def _tokenize(ds, path: Path, src: DataSource, tok, fmt: str, sequence_len: int,
     return table, fmt
 
 
-def _builtin(src: DataSource, tok, sequence_len: int, train_on_inputs: bool):
+def _builtin(src: DataSource, tok, sequence_len: int, train_on_inputs: bool, preference: bool = False):
     """A built-in data set (small, in memory), tokenized into the same columns."""
     import datasets
 
     from .builtin import BUILTIN_DATASETS
 
     recs = BUILTIN_DATASETS[src.path]()
-    fmt = detect_format(recs[0]) if src.fmt == "auto" else src.fmt
-    cols = {"input_ids": [], "labels": [], "length": [], "truncated": [], "why": []}
+    fmt = (detect_preference if preference else detect_format)(recs[0]) if src.fmt == "auto" else src.fmt
+    features = _features(preference)
+    cols = {k: [] for k in features}
     for rec in recs:
-        ids, labels, cut, why = tokenize_record(rec, tok, fmt, sequence_len, train_on_inputs, src.fields)
-        for key, v in zip(cols, (ids, labels, len(ids), cut, f"{rec.where}: {why}" if why else "")):
+        row = (_pref_row if preference else _sft_row)(rec, tok, fmt, sequence_len, train_on_inputs, src.fields)
+        row["why"] = f"{rec.where}: {row['why']}" if row["why"] else ""
+        for key, v in row.items():
             cols[key].append(v)
-    return datasets.Dataset.from_dict(cols), fmt
+    return datasets.Dataset.from_dict(cols, features=features), fmt
 
 
 def _split(n: int, val_set_size: float, seed: int, label: str) -> tuple[np.ndarray, np.ndarray]:
@@ -252,18 +273,20 @@ def _usable(table, rows: np.ndarray, lengths: np.ndarray, path: Path | None) -> 
 
 
 def source_tables(sources: list[DataSource], tok, val_set_size: float = 0.05, seed: int = 0,
-                  sequence_len: int = 512, train_on_inputs: bool = False, processes: int = 0) -> Loaded:
-    """Every source read, tokenized (cached), split and weighed; the train and held-out token tables."""
+                  sequence_len: int = 512, train_on_inputs: bool = False, processes: int = 0,
+                  preference: bool = False) -> Loaded:
+    """Every source read, tokenized (cached), split and weighed; the train and held-out token tables
+    (``preference``: of prompt / chosen / rejected ids, ``data/preference.py``)."""
     from .builtin import BUILTIN_DATASETS
 
     parts, train_rows, valid_parts, valid_rows, fmts, truncated, dropped = [], [], [], [], [], 0, 0
     for src in sources:
         if src.path in BUILTIN_DATASETS and not Path(src.path).exists():
-            pairs = [(*_builtin(src, tok, sequence_len, train_on_inputs), "train", None)]
+            pairs = [(*_builtin(src, tok, sequence_len, train_on_inputs, preference), "train", None)]
         else:
             train_file, valid_file = _files(src)
             pairs = [(*_tokenize(_read(f, src.ds_type, _split_slice(src.split) if kind == "train" else ""), f, src,
-                                 tok, src.fmt, sequence_len, train_on_inputs, processes), kind, f)
+                                 tok, src.fmt, sequence_len, train_on_inputs, processes, preference), kind, f)
                      for f, kind in ((train_file, "train"), (valid_file, "valid")) if f is not None]
         for table, fmt, kind, path in pairs:
             lengths = table.data.column("length").to_numpy()

@@ -12,6 +12,7 @@ Parameter names (``lora_A.weight``, ``lora_B.weight``) are the ones peft saves.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -26,7 +27,8 @@ from .linear import Linear4bit, parameter_counts
 from .linear8bit import QUANTIZED
 from .lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, LORA_INITS, PEFT_REFUSED, target_names
 
-__all__ = ["LoRALinear", "add_lora", "lora_state_dict", "linear_module_names", "output_head_names", "loftq_init",
+__all__ = ["LoRALinear", "add_lora", "adapters_disabled", "lora_state_dict", "linear_module_names",
+           "output_head_names", "loftq_init",
            "is_conv1d", "is_plain_linear", "expert_layer_names", "select_targets", "mixer_layer_names"]
 
 
@@ -42,15 +44,20 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False)
+        # made and initialised on the host with the CPU generator, whatever device the base is on: the same start
+        # on a GPU as on the CPU (add_lora then moves them to the base's device)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device="cpu")
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device="cpu")
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.disabled = False  # adapters_disabled(): the base alone (a preference run's reference model)
         for p in base.parameters():
             p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.disabled:
+            return y
         a, b = self.lora_A.weight, self.lora_B.weight
         if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
@@ -74,6 +81,21 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, rslora={self.use_rslora}"
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block every LoRA layer of ``model`` computes its base alone, and trained embedding / head rows
+    (``trainable.TrainableRows``) are their frozen originals (peft's ``disable_adapter``): every module with a
+    ``disabled`` switch."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "disabled", None), bool)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def in_out(mod: nn.Module) -> tuple[int, int]:
@@ -278,5 +300,5 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(mod, LoRALinear):
             for ab in ("lora_A", "lora_B"):
                 w = whole(getattr(mod, ab).weight.detach())
-                out[f"base_model.model.{name}.{ab}.weight"] = w.float().contiguous()
+                out[f"base_model.model.{name}.{ab}.weight"] = w.float().cpu().contiguous()
     return out

@@ -37,10 +37,13 @@ class TrainableRows(nn.Module):
         self.delta = delta if delta is not None else nn.Parameter(
             base.weight.detach()[self.indices].float().clone())
         base.weight.requires_grad_(False)
+        self.disabled = False  # lora.adapters_disabled(): the frozen original rows
 
     @property
     def weight(self) -> torch.Tensor:
         w = self.base.weight
+        if self.disabled:
+            return w
         return w.index_copy(0, self.indices, self.delta.to(w.dtype))
 
     @property

@@ -12,6 +12,7 @@ activations)::
     optimizer state     AdamW 8 B/param; 8-bit 2 B + 8/256; paged: one page pair on the device, the rest on the host
     activations         tokens · layers · (12h + 4·kv + 6·i + 2r·n_adapted + 4·heads) · dtype/2   (no checkpointing)
                         tokens · (2h·layers + one layer's activations)                            (checkpointing)
+                        — with ``gradient_checkpointing: offload`` on a GPU the 2h·layers checkpoints wait on the host
                         — coefficients counted from the tensors autograd saves in lowbit's own training step; i and
                         n_adapted per token (MoE: the top-k experts' widths and adapters)
     logits / loss       one loss chunk (nn.loss_chunk): ≈8M logits × 8 B (bf16 logits, fp32 copy, bf16 gradient)
@@ -47,6 +48,7 @@ from ..optim.registry import check_optimizer
 from ..quant.spec import INT8, NESTED_BLOCKSIZE, QUANT_TYPES, check_blocksize, check_quant_type, packed_bytes
 from ..sizes import GIB, parse_size
 from ..training.config import DISTRIBUTED
+from ..training.preference_spec import PAIRED
 from .catalog import load_model_config
 from .shapes import Layer, Shapes, shapes
 
@@ -73,10 +75,11 @@ class Plan:
     device_bytes: int | None
     fits: bool | None
     settings: dict = field(default_factory=dict)
+    host_items: dict[str, int] = field(default_factory=dict)  # what host_bytes is made of
 
     def to_json(self) -> dict:
         return {"total_bytes": self.total_bytes, "fits": self.fits, "items": self.items, "host_bytes": self.host_bytes,
-                "device_bytes": self.device_bytes, "settings": self.settings}
+                "host_items": self.host_items, "device_bytes": self.device_bytes, "settings": self.settings}
 
     def table(self) -> str:
         rows = [(k.replace("_", " "), v) for k, v in self.items.items()]
@@ -84,8 +87,9 @@ class Plan:
         out = [f"{k:<{w}}{_fmt(v):>12}" for k, v in rows]
         out.append("-" * (w + 12))
         out.append(f"{'total (device)':<{w}}{_fmt(self.total_bytes):>12}")
-        if self.host_bytes:
-            out.append(f"{'optimizer state on host':<{w}}{_fmt(self.host_bytes):>12}  (paged; not on the device)")
+        for k, v in self.host_items.items():
+            why = "paged" if k == "optimizer_state" else "gradient_checkpointing: offload"
+            out.append(f"{k.replace('_', ' ') + ' on host':<{w}}{_fmt(v):>12}  ({why}; not on the device)")
         if self.device_bytes:
             verdict = "fits" if self.fits else "does NOT fit"
             out.append(f"{verdict} in {_fmt(self.device_bytes)} ({100 * self.total_bytes / self.device_bytes:.0f}% "
@@ -149,17 +153,12 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
          blocksize: int = 64, optimizer: str = "adamw", gradient_checkpointing: bool = False,
          compute_dtype: str = "bfloat16", device_memory=None, device: str = "cuda", page_bytes: int = 0,
          world_size: int = 1, distributed: str = "auto", load_in_8bit: bool = False,
-         lora_modules_to_save: list | None = None) -> Plan:
-    """The itemised peak memory of QLoRA training on one device (of ``world_size``; see the module docstring)."""
-    for name, v in (("sequence_len", sequence_len), ("micro_batch_size", micro_batch_size), ("lora_r", lora_r)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise LowbitError(f"{name} must be a positive integer, got {v!r}")
-    if load_in_4bit:
-        check_quant_type(quant_type)
-        check_blocksize(blocksize)
-    kind = check_optimizer(optimizer)
-    dtype = canonical(compute_dtype, "compute_dtype", auto=True)
-    dtype = default_compute_dtype_name(device) if dtype == "auto" else dtype
+         lora_modules_to_save: list | None = None, rows_per_sample: int = 1) -> Plan:
+    """The itemised peak memory of QLoRA training on one device (of ``world_size``; see the module docstring).
+    ``rows_per_sample``: 2 for preference pairs (chosen and rejected take a row each; the reference pass keeps
+    no activations)."""
+    kind, dtype = _checked(sequence_len, micro_batch_size, lora_r, load_in_4bit, quant_type, blocksize, optimizer,
+                           compute_dtype, device)
     f, lin, targets, cfg_type = _layers(model, lora_target_modules, lora_r)
     dbytes = DTYPES[dtype]
     stored = INT8 if load_in_8bit else quant_type if load_in_4bit else None
@@ -169,12 +168,14 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     state = int(lora * kind.state_bytes_per_param)
     items["optimizer_state"] = min(state, page_bytes or kind.default_budget_bytes()) if kind.paged else state
     host = state - items["optimizer_state"]
-    tokens = sequence_len * micro_batch_size
+    tokens = sequence_len * micro_batch_size * rows_per_sample
     # adapted layers a token passes through per decoder layer (an expert's only when routed to it)
     n_adapted = sum(x.count / f.L * (f.topk / f.experts if x.expert else 1) for x in f.layers if x.path in targets)
     per_layer_tok = (12 * f.h + 4 * f.kv + 6 * f.mlp_per_token + 2 * lora_r * n_adapted + 4 * f.heads + 8) \
         * dbytes / 2 * (FP32_CPU_ACTIVATIONS if device == "cpu" and dtype == "float32" else 1.0)
-    act = tokens * (2 * f.h * f.L * dbytes / 2 + per_layer_tok) if gradient_checkpointing \
+    checkpoints = tokens * 2 * f.h * f.L * dbytes / 2  # the decoder layers' inputs, kept for the recompute
+    offloaded = gradient_checkpointing == "offload" and device == "cuda"
+    act = tokens * per_layer_tok + (0 if offloaded else checkpoints) if gradient_checkpointing \
         else tokens * f.L * per_layer_tok
     items["activations"] = int(act + tokens * (2 * f.h + 8) * dbytes / 2)
     chunk = min(tokens, loss_chunk_tokens(f.vocab))
@@ -189,6 +190,8 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
         host = -(-host // world_size)
     elif mode == "ddp":
         items["ddp_gradient_buckets"] = items["gradients"]
+    host_items = {k: int(v) for k, v in (("optimizer_state", host), ("checkpoints", checkpoints if offloaded else 0))
+                  if v}
     items.update(_overheads(items, act, tokens * per_layer_tok, tokens * f.L * per_layer_tok,
                             gradient_checkpointing, device))
     total = sum(items.values())
@@ -196,12 +199,24 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     fits = None if dev is None else total <= (1 - HEADROOM) * dev
     settings = dict(sequence_len=sequence_len, micro_batch_size=micro_batch_size, lora_r=lora_r,
                     lora_target_modules=lora_target_modules, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-                    quant_type=quant_type,
-                    double_quant=double_quant, blocksize=blocksize, optimizer=optimizer,
+                    quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, optimizer=optimizer,
                     gradient_checkpointing=gradient_checkpointing, compute_dtype=dtype, device=device,
-                    world_size=world_size, distributed=mode, model_type=cfg_type,
+                    world_size=world_size, distributed=mode, model_type=cfg_type, rows_per_sample=rows_per_sample,
                     quantized_params=sum(a * b * c for _, a, b, c in lin), lora_params=lora)
-    return Plan(items, host, total, dev, fits, settings)
+    return Plan(items, sum(host_items.values()), total, dev, fits, settings, host_items)
+
+
+def _checked(sequence_len, micro_batch_size, lora_r, load_in_4bit, quant_type, blocksize, optimizer, compute_dtype,
+             device):
+    """(optimizer kind, compute dtype name) after checking ``plan``'s settings (one-line errors)."""
+    for name, v in (("sequence_len", sequence_len), ("micro_batch_size", micro_batch_size), ("lora_r", lora_r)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise LowbitError(f"{name} must be a positive integer, got {v!r}")
+    if load_in_4bit:
+        check_quant_type(quant_type)
+        check_blocksize(blocksize)
+    dtype = canonical(compute_dtype, "compute_dtype", auto=True)
+    return check_optimizer(optimizer), default_compute_dtype_name(device) if dtype == "auto" else dtype
 
 
 def _weights(lin, f: Shapes, dbytes: int, quant_type: str | None, double_quant: bool, blocksize: int) -> dict:
@@ -276,7 +291,8 @@ def config_settings(cfg, device: str = "cuda", world_size: int = 1) -> dict:
     """``plan``'s keyword arguments for the run ``train(cfg)`` does (``cfg`` a ``TrainConfig``) on each of
     ``world_size`` ranks."""
     return {**{k: getattr(cfg, k) for k in PLAN_KEYS}, "device": device,
-            "page_bytes": int(cfg.optimizer_budget_mb * 2**20), "world_size": world_size}
+            "page_bytes": int(cfg.optimizer_budget_mb * 2**20), "world_size": world_size,
+            "rows_per_sample": 2 if getattr(cfg, "rl", "") in PAIRED else 1}
 
 
 def plan_config(cfg, device_memory=None, device: str = "cuda", world_size: int = 1) -> Plan:

@@ -178,6 +178,14 @@ def _refuse_set(key, why):
     return lambda v: {} if _empty(v) else _refuse(key, v, why)
 
 
+def _offloading(v):
+    if _empty(v):
+        return {}
+    if v == "disk":
+        _refuse("activation_offloading", v, "checkpointed activations wait in host memory (true), not on disk")
+    return {"gradient_checkpointing": "offload"}
+
+
 def _model_config(v):
     return {} if _empty(v) else {"model_config": v}
 
@@ -197,6 +205,7 @@ TRANSLATIONS = {
     "evaluation_strategy": _strategy("evaluation_strategy", "evals_per_epoch", "eval_steps"),
     "save_strategy": _strategy("save_strategy", "saves_per_epoch", "save_steps"),
     "gpu_memory_limit": _memory,
+    "activation_offloading": _offloading,
     "noisy_embedding_alpha": lambda v: {} if _empty(v) else {"neftune_noise_alpha": v},
     "dataset_num_proc": lambda v: {} if _empty(v) else {"dataset_processes": v},
     "overrides_of_model_config": _model_config,
@@ -209,6 +218,7 @@ TRANSLATIONS = {
                                      "fields with model_config: {...}"),
     "shrink_embeddings": _refuse_set("shrink_embeddings", "the embeddings keep their rows (new tokens add rows)"),
     "peft_trainable_token_indices": lambda v: {} if _empty(v) else {"trainable_token_indices": v},
+    "dpo_beta": lambda v: {} if _empty(v) else {"rl_beta": v},
 }
 
 

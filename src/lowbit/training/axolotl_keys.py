@@ -27,7 +27,8 @@ _MOE = "lowbit runs mixture-of-experts layers with its own expert kernels (nn/ex
 _DIST = "lowbit runs several processes with torchrun (distributed: ddp | fsdp) and chooses these itself"
 _TRACKER = "not built in; lowbit logs to wandb_project, mlflow_tracking_uri or tensorboard: true"
 _MM = "vision/audio models are not trained by lowbit yet (decoder-only text models)"
-_RL = "lowbit trains supervised fine-tuning; preference and RL stages are not built in"
+_RL = ("RL with reward models or online generation is not built in (preference tuning is: rl: dpo, ipo, orpo, kto, "
+       "simpo)")
 
 CHOICES = {
     # attention and kernels
@@ -52,13 +53,13 @@ CHOICES = {
                      "gemma4_fp8_nonexpert", "gemma4_nf4_nonexpert", "nonexpert_quantization"), _MOE),
     "quantize_moe_experts": "lowbit quantizes expert weights with the rest of the base whenever the base is 4-bit",
     "lora_fan_in_fan_out": "lowbit finds GPT-2-style Conv1D layouts itself",
+    "dpo_padding_free": "preference batches are right-padded rows (the pad is never attended to or learned)",
+    "dpo_use_logits_to_keep": "the log-probs are computed only where the completions are (in chunks)",
     "tiled_mlp": "the MLP runs whole over the sequence (tiling is not built in yet)",
     "tiled_mlp_num_shards": "the MLP runs whole over the sequence (tiling is not built in yet)",
     "peft_ensure_weight_tying": "tied embeddings stay tied: one set of trained rows serves both",
     "tf32": "TF32 matmuls are a GPU setting lowbit leaves to PyTorch",
     "gradient_checkpointing_kwargs": "lowbit's checkpointing is non-reentrant whatever this says (same gradients)",
-    "activation_offloading": "activations live in host memory on the CPU; on a GPU use gradient_checkpointing: "
-                             "offload",
     "embeddings_skip_upcast": "lowbit keeps trained embedding rows in float32",
     "peft_autocast_adapter_dtype": "lowbit keeps LoRA factors in float32 and computes in compute_dtype",
     "low_cpu_mem_usage": "lowbit streams the checkpoint one tensor at a time anyway",
@@ -231,12 +232,14 @@ UNSUPPORTED: dict[str, tuple[str, object]] = {
         ("expert_parallel_fallback_on_unsupported", None))},
     "nvfp4_merge_aware": ("NVFP4 bases are not read", None), "nvfp4_merge_aware_start_step": ("NVFP4 bases are not "
                                                                                              "read", None),
-    **{k: (_RL, None) for k in ("rl", "trl", "vllm", "ebft", "reward_model", "process_reward_model",
-                                "center_rewards_coefficient", "num_labels", "rl_beta", "dpo_beta", "orpo_alpha",
-                                "simpo_gamma", "cpo_alpha", "kto_desirable_weight", "kto_undesirable_weight",
-                                "dpo_use_weighting", "dpo_label_smoothing", "precompute_ref_log_probs",
-                                "dpo_padding_free", "dpo_loss_type", "dpo_loss_weights", "max_prompt_len",
-                                "dpo_use_logits_to_keep", "dpo_generate_during_eval", "dpo_norm_loss", "rpo_alpha")},
+    **{k: (_RL, None) for k in ("vllm", "ebft", "reward_model", "process_reward_model", "center_rewards_coefficient",
+                                "num_labels")},
+    "dpo_use_weighting": ("WPO weighting is not built in (DPO's losses: sigmoid, hinge, ipo, robust)", None),
+    "rpo_alpha": ("RPO's extra NLL term is not built in (ORPO and SimPO's cpo_alpha learn the chosen answers)", None),
+    "dpo_norm_loss": ("the length-normalised sigmoid loss is not built in (dpo_loss_type: ipo normalises by length)",
+                      None),
+    "dpo_generate_during_eval": ("samples are not generated during training: run lowbit generate on a checkpoint",
+                                 None),
     # plugins' keys (src/axolotl/integrations/*/args.py) for plugins lowbit has no counterpart of
     **{k: ("knowledge distillation is not built in", None) for k in (
         "kd_trainer", "kd_ce_alpha", "kd_alpha", "kd_temperature", "kd_beta", "kd_normalize_topk",

@@ -2,11 +2,12 @@
 which it may add to) and the end (also after Ctrl-C or an error, so files are closed).
 
     Evaluator      held-out loss every ``every`` steps and at the last one → record["eval_loss"], history
+    StepMetrics    a preference run's rewards, margins and accuracy (the step's and the evaluation's) → record
     MetricsLog     one JSON line per logged step (metrics.jsonl)
     ProgressBar    tqdm on stderr: loss, lr, tokens/s, eval loss
     (experiment trackers — TensorBoard, Weights & Biases, MLflow — are in trackers.py)
 
-Order matters: the Evaluator goes before the writers so they see the eval loss.
+Order matters: the Evaluator goes before StepMetrics, and both before the writers, so they see what is added.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from .evaluation import evaluate
 
-__all__ = ["Callback", "Evaluator", "MetricsLog", "ProgressBar", "logged"]
+__all__ = ["Callback", "Evaluator", "StepMetrics", "MetricsLog", "ProgressBar", "logged"]
 
 
 class Callback:
@@ -41,6 +42,19 @@ class Evaluator(Callback):
         if state.step % self.every == 0 or state.step == self.last:
             record["eval_loss"] = evaluate(self.model, self.valid, **self.run)
             state.history["eval"].append([state.step, record["eval_loss"]])
+
+
+class StepMetrics(Callback):
+    """The metrics a loss module keeps (``preference.PreferenceLoss.take_metrics``), summed over the ranks: every
+    rank runs this callback, as the sums are collective."""
+
+    def __init__(self, module, world):
+        self.module, self.world = module, world
+
+    def on_step_end(self, state, record):
+        record.update(self.module.take_metrics("train", self.world))
+        if "eval_loss" in record:
+            record.update(self.module.take_metrics("eval", self.world))
 
 
 def logged(state, record, every: int) -> bool:
@@ -77,6 +91,8 @@ class ProgressBar(Callback):
     def on_step_end(self, state, record):
         self.bar.update(1)
         extra = {"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}
+        if "rewards/accuracies" in record:
+            extra["acc"] = f"{record['rewards/accuracies']:.2f}"
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                              tok_s=f"{record['tokens_per_s']:.0f}", **extra)
 

@@ -19,7 +19,7 @@ import yaml
 from ..data.chat_templates import check_chat_template
 from ..data.formats import FORMATS
 from ..data.sources import parse_sources
-from ..dtypes import DTYPES
+from ..dtypes import DTYPE_ALIASES, DTYPES
 from ..errors import LowbitError
 from ..nn.lora_options import ALL_LINEAR, LORA_INITS
 from ..optim.registry import OPTIMIZERS
@@ -36,6 +36,8 @@ from .axolotl import (
 )
 from .axolotl_keys import CHOICES as AXOLOTL_CHOICES
 from .axolotl_keys import UNSUPPORTED
+from .preference_spec import METHODS as PREFERENCE_METHODS
+from .preference_spec import validate_preference
 from .schedule import SCHEDULERS
 from .values import UNSET, kinds_of, read_value
 
@@ -149,6 +151,20 @@ class TrainConfig:
     mlflow_tracking_uri: str = ""
     mlflow_experiment_name: str = ""
     mlflow_run_name: str = ""
+    # preference tuning (training/preference_loss.py): with rl set the data are pairs, or KTO's labelled examples
+    rl: str = ""                                # "" (supervised) | dpo | ipo | orpo | kto | simpo
+    rl_beta: float | None = None                # β (default 0.1, TRL's); trl: {beta: …} wins, as in Axolotl
+    trl: dict | None = None                     # Axolotl's trl: section (beta)
+    dpo_loss_type: str | list | None = None     # sigmoid (default) | hinge | ipo | robust, or a list of them …
+    dpo_loss_weights: list | None = None        # … weighted (default: 1 each)
+    dpo_label_smoothing: float = 0.0            # ε of robust DPO and SimPO
+    orpo_alpha: float | None = None             # ORPO's odds-ratio weight (default: β)
+    simpo_gamma: float = 0.5                    # SimPO's target margin γ
+    cpo_alpha: float = 1.0                      # SimPO: weight of the chosen completions' NLL (0: pure SimPO)
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    precompute_ref_log_probs: bool = False      # reference log-probs computed once before training, not per step
+    max_prompt_len: int = 0                     # > 0: prompts keep their last this many tokens
     # several processes (torchrun --nproc-per-node N -m lowbit train …)
     distributed: str = "auto"                   # auto | none | ddp | fsdp   (auto: ddp when WORLD_SIZE > 1)
     ddp_timeout: int = 1800                     # seconds a collective may wait (a dead rank ends the run by then)
@@ -157,6 +173,8 @@ class TrainConfig:
         def bad(key, why):
             raise LowbitError(f"config: {key} {why}")
 
+        if self.rl in ("grpo", "gdpo", "ebft"):
+            validate_preference(self, bad)
         for k in POSITIVE:
             if getattr(self, k) <= 0:
                 bad(k, f"must be > 0, got {getattr(self, k)}")
@@ -197,6 +215,7 @@ class TrainConfig:
         for k in self.special_tokens or {}:
             if k not in SPECIAL_TOKENS:
                 bad("special_tokens:", f"unknown {k!r}; lowbit sets {', '.join(SPECIAL_TOKENS)}")
+        validate_preference(self, bad)
         try:
             check_chat_template(self.chat_template, self.chat_template_jinja)
             self.quant_spec()
@@ -228,7 +247,8 @@ NON_NEGATIVE = ("max_steps", "warmup_steps", "evals_per_epoch", "saves_per_epoch
                 "warmup_ratio", "cosine_min_lr_ratio", "cosine_constant_lr_ratio", "adam_beta1", "adam_beta2",
                 "loraplus_lr_ratio", "eval_batch_size", "neftune_noise_alpha", "early_stopping_patience",
                 "loss_watchdog_threshold", "min_sample_len", "pad_to_multiple_of", "embedding_lr",
-                "embedding_lr_scale")
+                "embedding_lr_scale", "simpo_gamma", "cpo_alpha", "kto_desirable_weight", "kto_undesirable_weight",
+                "max_prompt_len")
 
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 SPECIAL_TOKENS = ("pad_token", "bos_token", "eos_token", "unk_token")
@@ -239,7 +259,7 @@ CHOICES = {"quant_type": tuple(QUANT_TYPES), "quant_calibration": tuple(CALIBRAT
            "compute_dtype": ("auto", *DTYPES), "lora_init": tuple(LORA_INITS),
            "dataset_format": ("auto", *FORMATS), "lr_scheduler": tuple(SCHEDULERS), "optimizer": tuple(OPTIMIZERS),
            "distributed": DISTRIBUTED, "excess_length_strategy": EXCESS_LENGTH,
-           "gradient_checkpointing": (False, True, "offload")}
+           "gradient_checkpointing": (False, True, "offload"), "rl": ("", *PREFERENCE_METHODS)}
 
 # keys a resumed run may change: they leave the arithmetic of every step the same (logging, evaluation and
 # checkpoint cadence, memory-only settings) or only say how long to go on (max_steps, num_epochs)
@@ -266,6 +286,8 @@ def _coerce(key: str, value, from_string: bool):
         return "offload"
     if key in ("lr_scheduler", "optimizer") and isinstance(value, str):
         return value.strip()
+    if key == "compute_dtype" and value in DTYPE_ALIASES:  # bf16 → bfloat16
+        return DTYPE_ALIASES[value]
     return read_value(key, value, kinds_of(_HINTS[key]), from_string)
 
 
@@ -287,12 +309,19 @@ def apply_overrides(cfg: TrainConfig, values: dict, from_string: bool = False, r
         if k in _FIELDS:
             mine[k] = value
         elif is_axolotl_key(k):
+            offload = translated.get("gradient_checkpointing") == "offload"
             translated.update(translate(k, value, report))
+            if offload:  # activation_offloading outranks an FSDP activation_checkpointing: true
+                translated["gradient_checkpointing"] = "offload"
         else:
             raise _unknown(key)
     linear = values.get("lora_target_linear") is True  # Axolotl adds every linear layer to the named targets
     loftq = {"load_in_4bit": True} if translated.get("lora_init") == "loftq" and "load_in_4bit" not in mine else {}
     merged = {**translated, **mine, **({"lora_target_modules": ALL_LINEAR} if linear else {}), **loftq}
+    if translated.get("gradient_checkpointing") == "offload" and "gradient_checkpointing" in mine:
+        if not _coerce("gradient_checkpointing", mine["gradient_checkpointing"], from_string):
+            raise LowbitError("config: activation_offloading needs gradient_checkpointing, which is false")
+        merged["gradient_checkpointing"] = "offload"  # checkpointing, with the checkpoints in host memory
     if merged.get("load_in_8bit") is True and "load_in_4bit" not in mine:
         merged["load_in_4bit"] = False  # an 8-bit base instead of lowbit's default 4-bit one
     if translated.get("load_in_4bit") is True and mine.get("load_in_4bit") is False:

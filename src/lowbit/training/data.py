@@ -12,11 +12,12 @@ import dataclasses
 
 from ..data.batching import Batches
 from ..data.packing import PackedBatches
+from ..data.preference_batches import PreferenceBatches
 from ..data.sources import DataSource, parse_sources
 from ..data.table import deduplicate, source_tables
 from .config import TrainConfig
 
-__all__ = ["load_data", "sources_of"]
+__all__ = ["load_data", "load_preference_data", "sources_of"]
 
 
 def sources_of(cfg: TrainConfig, datasets) -> list[DataSource]:
@@ -24,9 +25,13 @@ def sources_of(cfg: TrainConfig, datasets) -> list[DataSource]:
     extra = {k: v for k, v in (("excess_length_strategy", cfg.excess_length_strategy),
                                ("min_sample_len", cfg.min_sample_len),
                                ("default_system_message", cfg.default_system_message),
-                               ("chat_template_kwargs", cfg.chat_template_kwargs))
+                               ("chat_template_kwargs", cfg.chat_template_kwargs),
+                               ("max_prompt_len", cfg.max_prompt_len if cfg.rl else 0))
              if v and v != "truncate"}
-    return [dataclasses.replace(s, fields={**s.fields, **extra}) for s in parse_sources(datasets, cfg.dataset_format)]
+    sources = parse_sources(datasets, cfg.dataset_format)
+    if cfg.rl:  # Axolotl's type: chat_template under rl is its chat_template.default
+        sources = [dataclasses.replace(s, fmt="chat_template.default") if s.fmt == "chat" else s for s in sources]
+    return [dataclasses.replace(s, fields={**s.fields, **extra}) for s in sources]
 
 
 def load_data(cfg: TrainConfig, tok, log=print) -> tuple[Batches | PackedBatches, Batches | None]:
@@ -62,3 +67,31 @@ def load_data(cfg: TrainConfig, tok, log=print) -> tuple[Batches | PackedBatches
         f"{f', {duplicates} duplicates removed' if duplicates else ''}{packed}")
     eval_mb = cfg.eval_batch_size or cfg.micro_batch_size
     return batches, Batches(valid, eval_mb, pad, cfg.seed, multiple_of=cfg.pad_to_multiple_of) if valid else None
+
+
+def load_preference_data(cfg: TrainConfig, tok, log=print) -> tuple[PreferenceBatches, PreferenceBatches | None]:
+    """Train and held-out preference batches (``rl`` set): pairs, or KTO's examples (paired data unpaired)."""
+    split = 0 if cfg.test_datasets is not None else cfg.val_set_size
+    data = source_tables(sources_of(cfg, cfg.datasets), tok, split, cfg.seed, cfg.sequence_len, False,
+                         cfg.dataset_processes, preference=True)
+    train, valid, dropped = data.train, data.valid, data.dropped
+    if cfg.test_datasets is not None:
+        test = source_tables(sources_of(cfg, cfg.test_datasets), tok, 0, cfg.seed, cfg.sequence_len, False,
+                             cfg.dataset_processes, preference=True)
+        valid, dropped = test.train, dropped + test.dropped
+    kto = cfg.rl == "kto"
+    shuffle = not cfg.curriculum_sampling
+
+    def batches(table, mb, group):
+        return PreferenceBatches(table, mb, tok.pad_token_id, cfg.sequence_len, cfg.seed, kto, group, shuffle,
+                                 cfg.pad_to_multiple_of)
+
+    out = batches(train, cfg.micro_batch_size, cfg.group_by_length and shuffle)
+    held = batches(valid, cfg.eval_batch_size or cfg.micro_batch_size, False) if valid else None
+    unit = "examples" if kto else "pairs"
+    fmts = ", ".join(dict.fromkeys(data.formats))
+    log(f"data: {len(out.samples)} train / {len(held.samples) if held else 0} valid {unit} ({fmts}); "
+        f"{data.truncated} truncated to {cfg.sequence_len} tokens"
+        f"{f' (prompts to their last {cfg.max_prompt_len})' if cfg.max_prompt_len else ''}, {dropped} dropped"
+        f"{' (an empty completion, or a prompt that fills sequence_len)' if dropped else ''}")
+    return out, held

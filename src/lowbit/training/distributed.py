@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -40,6 +40,7 @@ class World:
     rank: int = 0
     size: int = 1
     mode: str = "none"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # collectives' tensors (GPU: nccl)
 
     @property
     def main(self) -> bool:
@@ -49,7 +50,7 @@ class World:
         """The sum of each value over all ranks (float64)."""
         if self.size == 1:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t)
         return t.tolist()
 
@@ -70,9 +71,10 @@ class World:
             torch.distributed.destroy_process_group()
 
 
-def init_world(mode: str = "auto", timeout_s: float = 1800, log=print) -> World:
-    """Join the process group torchrun set up (RANK, WORLD_SIZE, MASTER_ADDR, … in the environment). ddp or fsdp
-    in a single process is that process's run (as FSDP on one GPU is), said once."""
+def init_world(mode: str = "auto", timeout_s: float = 1800, log=print, cuda: bool = False) -> World:
+    """Join the process group torchrun set up (RANK, WORLD_SIZE, MASTER_ADDR, … in the environment): nccl over the
+    rank's LOCAL_RANK GPU when ``cuda``, else gloo. ddp or fsdp in a single process is that process's run (as FSDP
+    on one GPU is), said once."""
     if mode not in DISTRIBUTED:
         raise LowbitError(f"distributed must be one of {', '.join(DISTRIBUTED)}, got {mode!r}")
     size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -85,10 +87,13 @@ def init_world(mode: str = "auto", timeout_s: float = 1800, log=print) -> World:
         raise LowbitError(f"distributed: none, but WORLD_SIZE={size}: every process would train the same run into "
                           "one output_dir; use distributed: ddp or fsdp (or auto)")
     mode = "ddp" if mode == "auto" else mode
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), mode)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), mode, device)
 
 
 def check_same_base(model: nn.Module, world: World) -> None:
@@ -100,7 +105,7 @@ def check_same_base(model: nn.Module, world: World) -> None:
         if isinstance(mod, QUANTIZED):
             h.update(name.encode() + mod.codes.detach().cpu().view(torch.uint8).numpy().tobytes())
     digests = world.gather(h.hexdigest()[:16])
-    ok = torch.tensor([1 if not world.main or len(set(digests)) == 1 else 0])
+    ok = torch.tensor([1 if not world.main or len(set(digests)) == 1 else 0], device=world.device)
     torch.distributed.broadcast(ok, src=0)
     if not ok.item():
         raise LowbitError(f"the ranks loaded different base models (code digests per rank: {digests}); every "
@@ -123,9 +128,10 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def wrap(model: nn.Module, world: World) -> nn.Module:
-    """The module the loop trains: ``LossModule(model)``, under DDP or FSDP2 when there are several ranks."""
-    module = LossModule(model)
+def wrap(model: nn.Module, world: World, module: LossModule | None = None) -> nn.Module:
+    """The module the loop trains: ``module`` (default ``LossModule(model)``), under DDP or FSDP2 when there are
+    several ranks."""
+    module = module if module is not None else LossModule(model)
     if world.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

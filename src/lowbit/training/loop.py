@@ -40,7 +40,7 @@ class NonFiniteLoss(LowbitError):
 
 def train_loop(model, optimizer, batches, *, steps: int, scheduler=None, state: TrainState | None = None,
                accumulation: int = 1, max_grad_norm: float = 1.0, dtype=None, loss_fn=None, callbacks=(),
-               world: World | None = None) -> TrainState:
+               world: World | None = None, device=None) -> TrainState:
     """Train until ``state.step == steps``; returns the state. ``loss_fn(model, batch) -> (sum, tokens)``
     defaults to ``training.loss.lm_loss``."""
     data, state, world = as_batches(batches), state or TrainState(), world or World()
@@ -55,7 +55,7 @@ def train_loop(model, optimizer, batches, *, steps: int, scheduler=None, state: 
         while state.step < steps and state.stop_reason is None:
             keys = state.next_keys(data, accumulation * world.size)  # the same keys on every rank
             group = [data.batch(k) for k in keys[world.rank :: world.size]]
-            loss, tokens = _forward_backward(model, group, loss_fn, dtype, world)
+            loss, tokens = _forward_backward(model, group, loss_fn, dtype, world, device)
             if not math.isfinite(loss):
                 raise NonFiniteLoss(state.step + 1, loss)
             gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else None
@@ -78,8 +78,9 @@ def train_loop(model, optimizer, batches, *, steps: int, scheduler=None, state: 
 
 
 def learned_tokens(group: list[dict], world: World) -> float:
-    """The step's learned tokens, counted over every rank: what each micro-batch's summed loss is divided by."""
-    return world.sum(sum(losses.answer_tokens(b) for b in group))[0]
+    """The step's learned tokens (a preference step's pairs), counted over every rank: what each micro-batch's
+    summed loss is divided by."""
+    return world.sum(sum(losses.loss_units(b) for b in group))[0]
 
 
 def _sync(model, last: bool):
@@ -91,13 +92,13 @@ def _sync(model, last: bool):
     return contextlib.nullcontext()
 
 
-def _forward_backward(model, group: list[dict], loss_fn, dtype, world: World) -> tuple[float, int]:
+def _forward_backward(model, group: list[dict], loss_fn, dtype, world: World, device=None) -> tuple[float, int]:
     """Gradients of one optimizer step; returns (loss per learned token, tokens seen), both over all ranks."""
     n_tok = max(1.0, learned_tokens(group, world))
     total = 0.0
     for i, b in enumerate(group):
         with _sync(model, i == len(group) - 1):
-            with losses.autocast(dtype):
+            with losses.autocast(dtype, getattr(device, "type", "cpu")):
                 s, _ = loss_fn(model, b)
             (s * (world.size / n_tok)).backward()
         total += s.detach().item()

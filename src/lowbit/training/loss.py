@@ -19,7 +19,7 @@ from torch import nn
 from ..data.formats import IGNORE
 from ..nn.cross_entropy import chunked_cross_entropy
 
-__all__ = ["lm_loss", "answer_tokens", "tokens_in", "autocast", "LossModule", "module_loss"]
+__all__ = ["lm_loss", "answer_tokens", "loss_units", "tokens_in", "autocast", "LossModule", "module_loss"]
 
 
 def _split_head(model):
@@ -39,6 +39,11 @@ def _split_head(model):
 def answer_tokens(batch) -> int:
     """How many next-token predictions of ``batch`` are learned."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def loss_units(batch) -> int:
+    """What a batch's summed loss is divided by: its learned tokens, or a preference batch's pairs (examples)."""
+    return int(batch["units"]) if "units" in batch else answer_tokens(batch)
 
 
 def tokens_in(batch) -> int:
@@ -68,16 +73,26 @@ def _right_padded(mask: torch.Tensor) -> bool:
     return bool((m[:, 1:] <= m[:, :-1]).all())
 
 
+def _to(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device`` (batches are collated on the host; the copy overlaps from pinned memory)."""
+    if all(not torch.is_tensor(v) or v.device == device for v in batch.values()):
+        return batch
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def lm_loss(model, batch, chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
-    """(sum of next-token losses, number of learned tokens) — see the module docstring."""
-    labels = batch["labels"][:, 1:].reshape(-1)
-    n = int((labels != IGNORE).sum())
+    """(sum of next-token losses, number of learned tokens) — see the module docstring. The batch goes to the
+    model's device."""
+    n = answer_tokens(batch)  # counted on the host batch: no device sync
+    device = next(model.parameters()).device
+    inputs = _to(_inputs(batch), device)
+    labels = batch["labels"][:, 1:].reshape(-1).to(device, non_blocking=True)
     body, head = _split_head(model)
     if body is None:
-        out = model(**_inputs(batch))
+        out = model(**inputs)
         logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float()
         return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum"), n
-    h = body(**_inputs(batch)).last_hidden_state
+    h = body(**inputs).last_hidden_state
     h = h[:, :-1].reshape(-1, h.shape[-1])
     keep = labels != IGNORE
     h, labels = h[keep], labels[keep]

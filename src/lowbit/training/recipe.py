@@ -26,21 +26,27 @@ from ..dtypes import to_torch
 from ..errors import LowbitError
 from ..io.adapters import adapter_tensors, save_adapter
 from ..io.tokenizer import TOKENIZER_FILES, prepare_tokenizer, tokenizer_for
+from ..planner.memory import HEADROOM
 from ..runlock import LOCK_NAME, RunLock
 from .cadence import per_epoch_cadence, total_steps
 from .calibrated_base import BASE_DIR, calibrated_base
-from .callbacks import Evaluator, MetricsLog, ProgressBar
+from .callbacks import Evaluator, MetricsLog, ProgressBar, StepMetrics
 from .checkpoint import Checkpointer, latest_checkpoint, load_adapter_weights, load_trainer_state, saved_meta
 from .config import TrainConfig, config_changes, config_to_yaml
-from .data import load_data
+from .data import load_data, load_preference_data
+from .device import free_device_memory, resolve_device
 from .distributed import World, base_bytes, check_same_base, init_world, wrap
 from .evaluation import evaluate
 from .loop import NonFiniteLoss, train_loop
 from .loss import module_loss
 from .model import load_model
+from .offload import offloading
 from .optimizer import make_optimizer
 from .plot import plot_losses
+from .preference import PreferenceLoss
+from .preference_spec import spec_from
 from .preflight import advice, free_memory, preflight
+from .reference import REFERENCE_FILE, reference
 from .state import TrainState
 from .stopping import EarlyStopping, LossWatchdog
 from .trackers import check_trackers, trackers_for
@@ -49,7 +55,7 @@ __all__ = ["train", "load_data", "load_model", "total_steps"]
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "loss.png", "adapter_model.safetensors", "adapter_config.json",
              "config.yaml", "tensorboard", "wandb", BASE_DIR, *TOKENIZER_FILES, "special_tokens_map.json",
-             "chat_template.jinja", "generation_config.json", "merges.txt", "added_tokens.json")
+             "chat_template.jinja", "generation_config.json", "merges.txt", "added_tokens.json", REFERENCE_FILE)
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print,
@@ -64,56 +70,63 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     """
     cfg.validate()
     check_trackers(cfg)
-    world = init_world(cfg.distributed, cfg.ddp_timeout, log)
+    world = init_world(cfg.distributed, cfg.ddp_timeout, log, cuda=cfg.device != "cpu" and _cuda())
     log = log if world.main else (lambda *a: None)
     resume = resume or (cfg.auto_resume_from_checkpoints and latest_checkpoint(Path(cfg.output_dir)) is not None)
     try:
         with RunLock(cfg.output_dir) if world.main else contextlib.nullcontext():
             ck = _prepare_output_dir(Path(cfg.output_dir), cfg, world, resume, overwrite, log)
-            note = None if force else preflight(cfg, world.size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            device = resolve_device(cfg.device, world.size)
+            note = None if force else preflight(cfg, world.size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                                                device)
             if note:
                 log(note)
-            return _train(cfg, world, ck, progress, log, list(callbacks))
+            return _train(cfg, world, ck, progress, log, list(callbacks), device)
     finally:
         world.close()
 
 
-def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log, extra: list) -> dict:
+def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log, extra: list,
+           device: torch.device) -> dict:
     out = Path(cfg.output_dir)
-    dtype = to_torch(cfg.compute_dtype)
+    dtype = to_torch(cfg.compute_dtype, device.type)
     torch.manual_seed(cfg.seed)
     tok = tokenizer_for(cfg.tokenizer_config or cfg.base_model)
     changes = prepare_tokenizer(tok, cfg.chat_template, cfg.chat_template_jinja, cfg.special_tokens, cfg.tokens,
                                 cfg.eot_tokens)
     if changes.changed:
         log(f"tokenizer: {'; '.join(changes.notes)}")
-    batches, valid = load_data(cfg, tok, log)
-    model = load_model(cfg, dtype, log, calibrated_base(cfg, out, batches.samples, tok, dtype, world, log), changes,
-                       len(tok) if changes.added else None)
+    spec = spec_from(cfg) if cfg.rl else None
+    batches, valid = (load_preference_data if spec else load_data)(cfg, tok, log)
+    model = load_model(cfg, dtype, log, calibrated_base(cfg, out, batches.samples, tok, dtype, world, log, device),
+                       changes, len(tok) if changes.added else None, device)
     check_same_base(model, world)
     if ck is not None:
         load_adapter_weights(ck, model)
-    trainer = wrap(model, world)
+    trainer = wrap(model, world, PreferenceLoss(model, spec) if spec else None)
+    if spec:
+        reference(cfg, spec, model, batches, valid, ck, world, dtype, device, log)
     if world.mode == "fsdp":
         per_rank = world.sum(base_bytes(model))[0] / world.size
         log(f"fsdp over {world.size} ranks: {per_rank / 2**20:.2f} MiB of 4-bit base per rank")
     total = total_steps(cfg, len(batches), world.size)
     cfg = per_epoch_cadence(cfg, len(batches), world.size, log)
-    opt, sched = make_optimizer(cfg, trainer, total)
+    opt, sched = make_optimizer(cfg, trainer, total, device)
     state = TrainState()
     if ck is not None:
-        state = load_trainer_state(ck, opt, world)
+        state = load_trainer_state(ck, opt, world, device)
         sched.last_epoch = state.step  # the optimizer's saved param groups already carry this step's lr
         log(f"resumed from {ck} at step {state.step}")
     if world.main:
         with writing_file(out / "config.yaml") as tmp:
             tmp.write_text(config_to_yaml(cfg))
         _keep_metrics_up_to(out / "metrics.jsonl", state.step)
-    run = dict(dtype=dtype, loss_fn=module_loss, world=world)
+    run = dict(dtype=dtype, loss_fn=_loss_fn(cfg, device, log), world=world, device=device)
     if "base_eval_loss" not in state.history and valid is not None:
         state.history["base_eval_loss"] = evaluate(trainer, valid, **run)
-        log(f"eval loss before training: {state.history['base_eval_loss']:.4f}")
-    checkpoints = Checkpointer(out, model, opt, cfg, total, world, tok if changes.changed else None)
+        log(f"eval loss before training: {state.history['base_eval_loss']:.4f}"
+            f"{_preference_note(trainer.module if hasattr(trainer, 'module') else trainer, world)}")
+    checkpoints = Checkpointer(out, model, opt, cfg, total, world, tok if changes.changed else None, device)
     callbacks = [*_watchers(cfg, trainer, valid, total, run), *(_reporters(cfg, out, total, progress) if world.main
                                                                 else []), checkpoints, *extra]
     _run(cfg, trainer, opt, sched, batches, total, state, callbacks, checkpoints, run)
@@ -130,9 +143,29 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
             "tokenizer": tok, "rank": world.rank, "world_size": world.size, "stop_reason": state.stop_reason}
 
 
+def _loss_fn(cfg: TrainConfig, device: torch.device, log):
+    """The loss; with ``gradient_checkpointing: offload`` its forward keeps the checkpoints in host memory."""
+    if cfg.gradient_checkpointing != "offload":
+        return module_loss
+    if device.type == "cpu":
+        log("gradient_checkpointing: offload — on the CPU the host is the device: the same as true")
+    return offloading(module_loss, device)
+
+
+def _preference_note(module, world) -> str:
+    """A preference run's held-out accuracy and margin (its evaluation metrics, taken)."""
+    if not isinstance(module, PreferenceLoss):
+        return ""
+    m = module.take_metrics("eval", world)
+    acc, margin = m.get("eval_rewards/accuracies"), m.get("eval_rewards/margins")
+    return f" (preference accuracy {acc:.3f}, mean margin {margin:.4f})" if acc is not None else ""
+
+
 def _watchers(cfg: TrainConfig, trainer, valid, total: int, run: dict) -> list:
     """The callbacks every rank runs: evaluation, early stopping, the loss watchdog."""
+    module = getattr(trainer, "module", trainer)  # under DDP, the loss module it wraps
     return [*([Evaluator(trainer, valid, cfg.eval_steps, total, **run)] if valid is not None else []),
+            *([StepMetrics(module, run["world"])] if isinstance(module, PreferenceLoss) else []),
             *([EarlyStopping(cfg.early_stopping_patience)] if cfg.early_stopping_patience and valid else []),
             *([LossWatchdog(cfg.loss_watchdog_threshold, cfg.loss_watchdog_patience)]
               if cfg.loss_watchdog_threshold else [])]
@@ -141,7 +174,7 @@ def _watchers(cfg: TrainConfig, trainer, valid, total: int, run: dict) -> list:
 def _run(cfg: TrainConfig, trainer, opt, sched, batches, total: int, state: TrainState, callbacks: list,
          checkpoints: Checkpointer, run: dict) -> None:
     """The loop, with what goes wrong in it turned into one line that names the checkpoint to go on from."""
-    out, world = Path(cfg.output_dir), run["world"]
+    out, world, device = Path(cfg.output_dir), run["world"], run["device"]
     try:
         train_loop(trainer, opt, batches, steps=total, scheduler=sched, state=state, callbacks=callbacks,
                    accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm, **run)
@@ -158,12 +191,24 @@ def _run(cfg: TrainConfig, trainer, opt, sched, batches, total: int, state: Trai
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
-        budget = int(0.7 * free_memory(cfg.memory_limit)[0])
-        raise LowbitError(f"out of memory in step {state.step + 1}: {advice(cfg, budget)}; "
+        budget = _budget_after_oom(cfg, device)
+        raise LowbitError(f"out of memory in step {state.step + 1}: {advice(cfg, budget, device=device)}; "
                           f"the last checkpoint, {latest_checkpoint(out) or 'none yet'}, is kept — continue with "
                           "--resume after the change") from None
     if state.stop_failed:
         raise LowbitError(f"{state.stop_reason}; stopped. Last good checkpoint: {latest_checkpoint(out) or 'none'}")
+
+
+def _budget_after_oom(cfg: TrainConfig, device: torch.device) -> int:
+    """What the run had to work with: on a GPU its free memory with what the run held; on the CPU 70 % of what is
+    available now (the run's own pages are still mapped)."""
+    if device.type == "cuda" and not cfg.memory_limit and not os.environ.get("LOWBIT_MEMORY_LIMIT"):
+        return int((1 - HEADROOM) * free_device_memory(device, with_ours=True)[0])
+    return int(0.7 * free_memory(cfg.memory_limit, device)[0])
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
 
 
 def save_tokenizer(tok, out: Path, eot_ids: list[int] | None = None) -> None:

@@ -45,7 +45,9 @@ def check_trackers(cfg) -> None:
 
 
 def _scalars(record: dict) -> dict:
-    return {k: record[k] for k in KEYS if record.get(k) is not None}
+    """The numbers a tracker gets: ``KEYS``, and a preference run's rewards / KL (and their eval_ forms)."""
+    extra = [k for k in record if k.removeprefix("eval_").split("/")[0] in ("rewards", "kl")]
+    return {k: record[k] for k in (*KEYS, *extra) if record.get(k) is not None}
 
 
 class TensorBoard(Callback):
