@@ -203,6 +203,8 @@ def main():
     ap.add_argument("--only", default="", help="a regex over the configs' paths")
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--readme", action="store_true")
+    ap.add_argument("--merge", action="store_true", help="replace only the rows of the configs run (--only) in the "
+                    "saved bench/results/axolotl_examples.json, keep the others, and publish the whole table")
     args = ap.parse_args()
     configs = [(r, c) for r, c in selected(args.examples) if re.search(args.only, r)]
     if args.model == "tiny":
@@ -219,6 +221,10 @@ def main():
                 r["own_family"] = f"{again['status']} on a tiny {Path(own).name}" + \
                     (f": {again['reason']}" if again["reason"] else "")
         print(f"{r['status']:8s} {r['seconds']:6.1f}s  {rel}  {r['reason']}  {r.get('own_family', '')}", flush=True)
+    if args.merge:
+        saved = json.loads((Path(__file__).parent / "results" / "axolotl_examples.json").read_text())["rows"]
+        done = {r["config"]: r for r in rows}
+        rows = sorted([done.pop(r["config"], r) for r in saved] + list(done.values()), key=lambda r: r["config"])
     counts = {s: sum(r["status"] == s for r in rows) for s in ("trained", "refused", "failed")}
     lines = ["| config | result | reason | on a tiny model of its own family |", "|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['status']} | {r['reason'].replace('|', '/')} | {r.get('own_family', '')} |"

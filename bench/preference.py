@@ -3,9 +3,11 @@
 SmolLM2-135M-Instruct, NF4 + double quantization, LoRA r=16 on all linear layers, DPO β 0.1, the built-in
 ``chatterbot-pairs`` (written once to a train/valid folder, so both read the same files in the same order: lowbit's
 ``curriculum_sampling``, TRL's sequential sampler), micro-batch 4 pairs, the same learning rate and steps, the same
-compute dtype. Each side runs in its own process; peak RSS is that process's VmHWM (imports included). Speed is
-the median step time after the first 2 steps (evaluation excluded), tokens counted as non-pad tokens of the chosen
-and rejected rows. Held-out preference accuracy and mean margin are lowbit's evaluation before and after.
+compute dtype; gradient checkpointing off on both sides, then on on both sides. Each side runs in its own process;
+peak RSS is that process's VmHWM (imports included). Speed is the median step time after the first 2 steps
+(evaluation excluded), tokens counted as non-pad tokens of the chosen and rejected rows. Held-out preference
+accuracy (the share of pairs whose chosen reward is higher; 0 before training, when every margin is 0) and mean
+margin are lowbit's evaluation before and after.
 
     python bench/preference.py [--steps 30] [--readme]
 """
@@ -66,13 +68,14 @@ class _Clock:
         pass
 
 
-def lowbit_worker(data: Path, steps: int, out: Path) -> dict:
+def lowbit_worker(data: Path, steps: int, out: Path, checkpointing: bool) -> dict:
     from lowbit.training.config import TrainConfig
     from lowbit.training.recipe import train
 
     cfg = TrainConfig(base_model=MODEL, datasets=str(data), rl="dpo", rl_beta=BETA, micro_batch_size=MB,
                       sequence_len=SEQ, max_steps=steps, learning_rate=LR, warmup_steps=0, lora_r=16, lora_alpha=32,
-                      eval_steps=steps, save_steps=0, output_dir=str(out), curriculum_sampling=True)
+                      eval_steps=steps, save_steps=0, output_dir=str(out), curriculum_sampling=True,
+                      gradient_checkpointing=checkpointing)
     clock, logs = _Clock(), []
     res = train(cfg, overwrite=True, progress=False, log=logs.append, callbacks=[clock])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -88,7 +91,7 @@ def lowbit_worker(data: Path, steps: int, out: Path) -> dict:
             "margin_before": margin0, "margin_after": rows[-1]["eval_rewards/margins"]}
 
 
-def trl_worker(data: Path, steps: int, out: Path) -> dict:
+def trl_worker(data: Path, steps: int, out: Path, checkpointing: bool) -> dict:
     import logging
     import warnings
 
@@ -123,7 +126,8 @@ def trl_worker(data: Path, steps: int, out: Path) -> dict:
                      max_length=SEQ, max_steps=steps, lr_scheduler_type="cosine", warmup_steps=0, report_to=[],
                      use_cpu=True, bf16=dtype == torch.bfloat16, save_strategy="no", logging_steps=1,
                      train_sampling_strategy="sequential", optim="adamw_torch", weight_decay=0.0,
-                     disable_tqdm=True)
+                     disable_tqdm=True, gradient_checkpointing=checkpointing,
+                     gradient_checkpointing_kwargs={"use_reentrant": False})
     trainer = DPOTrainer(model=net, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()],
                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     rows = [trainer.train_dataset[i] for i in range(steps * MB)]
@@ -138,8 +142,9 @@ def trl_worker(data: Path, steps: int, out: Path) -> dict:
             "first_loss": losses[0], "last_loss": losses[-1]}
 
 
-def _run(method: str, data: Path, steps: int, out: Path) -> dict | None:
-    p = subprocess.run([sys.executable, __file__, "--worker", method, str(data), str(out), "--steps", str(steps)],
+def _run(method: str, data: Path, steps: int, out: Path, checkpointing: bool) -> dict | None:
+    p = subprocess.run([sys.executable, __file__, "--worker", method, str(data), str(out), "--steps", str(steps),
+                        *(["--checkpointing"] if checkpointing else [])],
                        capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     line = [row for row in p.stdout.splitlines() if row.startswith("RESULT ")]
     if p.returncode or not line:
@@ -152,34 +157,42 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--readme", action="store_true")
+    ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         method, data, out = args.worker
         fn = lowbit_worker if method == "lowbit" else trl_worker
-        print("RESULT " + json.dumps(fn(Path(data), args.steps, Path(out))))
+        print("RESULT " + json.dumps({**fn(Path(data), args.steps, Path(out), args.checkpointing),
+                                      "gradient_checkpointing": args.checkpointing}))
         return
     from lowbit.cache import cache_root
 
     root = cache_root() / "bench" / "preference"
     data = _data(root / "pairs")
-    mine = _run("lowbit", data, args.steps, root / "lowbit")
-    peer = _run("trl", data, args.steps, root / "trl")
-    if mine is None or peer is None:
-        raise SystemExit("a side failed (above)")
-    rows = []
-    for r in (mine, peer):
-        rows.append({"method": r["method"], "tokens_per_s": round(r["tokens_per_s"], 1),
-                     "step_s": round(r["step_s"], 2), "peak_RSS_MiB": round(r["peak_rss_bytes"] / 2**20),
-                     "loss first→last": f"{r['first_loss']:.4f} → {r['last_loss']:.4f}"})
-    speed, rss = mine["tokens_per_s"] / peer["tokens_per_s"], mine["peak_rss_bytes"] / peer["peak_rss_bytes"]
-    md = (table(rows, list(rows[0])) + f"\n\nlowbit / TRL: **{speed:.2f}× tokens/s, {rss:.2f}× peak RSS** "
-          f"(goals: ≥ 1.3×, ≤ 0.5×). Held-out pairs ({VALID}), lowbit: accuracy {mine['accuracy_before']:.3f} → "
-          f"{mine['accuracy_after']:.3f}, mean margin {mine['margin_before']:.4f} → {mine['margin_after']:.4f}, "
-          f"DPO loss {mine['eval_loss_before']:.4f} → {mine['eval_loss_after']:.4f} after {args.steps} steps "
-          f"(micro-batch {MB} pairs, lr {LR}, β {BETA}). This CPU; GPUs: not measured.")
-    publish("preference", md, {"results": [mine, peer], "speed_ratio": speed, "rss_ratio": rss, "steps": args.steps},
-            args.readme)
+    results, rows, ratios = [], [], {}
+    for gc in (False, True):
+        mine = _run("lowbit", data, args.steps, root / "lowbit", gc)
+        peer = _run("trl", data, args.steps, root / "trl", gc)
+        if mine is None or peer is None:
+            raise SystemExit("a side failed (above)")
+        results += [mine, peer]
+        ratios[gc] = (mine["tokens_per_s"] / peer["tokens_per_s"], mine["peak_rss_bytes"] / peer["peak_rss_bytes"])
+        for r in (mine, peer):
+            rows.append({"method": r["method"], "checkpointing": "on" if gc else "off",
+                         "tokens_per_s": round(r["tokens_per_s"], 1), "step_s": round(r["step_s"], 2),
+                         "peak_RSS_MiB": round(r["peak_rss_bytes"] / 2**20),
+                         "loss first→last": f"{r['first_loss']:.4f} → {r['last_loss']:.4f}"})
+    mine = results[0]
+    md = (table(rows, list(rows[0])) + "\n\nlowbit / TRL: " + "; ".join(
+        f"checkpointing {'on' if gc else 'off'} **{s:.2f}× tokens/s, {m:.2f}× peak RSS**" for gc, (s, m) in
+        ratios.items()) + f" (goals: ≥ 1.3×, ≤ 0.5×). Held-out pairs ({VALID}), lowbit: accuracy "
+        f"{mine['accuracy_before']:.3f} → {mine['accuracy_after']:.3f} (0 at the start: every margin is 0), mean "
+        f"margin {mine['margin_before']:.4f} → {mine['margin_after']:.4f}, DPO loss {mine['eval_loss_before']:.4f} → "
+        f"{mine['eval_loss_after']:.4f} after {args.steps} steps (micro-batch {MB} pairs, lr {LR}, β {BETA}). "
+        "This CPU; GPUs: not measured.")
+    publish("preference", md, {"results": results, "ratios": {str(k): v for k, v in ratios.items()},
+                               "steps": args.steps}, args.readme)
 
 
 if __name__ == "__main__":

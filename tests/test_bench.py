@@ -50,3 +50,12 @@ def test_gpu_bench_smoke(tmp_path):
     # the same checkpoint and the same batch in both stacks: the first losses agree closely
     assert abs(res["step7b"]["lowbit"]["first_loss"] - res["step7b"]["peer"]["first_loss"]) < 0.05
     assert res["headline"]["finite"] and res["headline"]["planner_predicted_bytes"] > 0
+
+
+def test_load_memory_smoke():
+    """bench/load_memory.py on a 2-layer LLaMA-2-7B-shaped checkpoint: the loading process stays within 1.2 × the
+    loaded model + one bf16 layer (the script exits non-zero otherwise)."""
+    p = subprocess.run([sys.executable, str(BENCH / "load_memory.py"), "--smoke"], capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
+    assert "| LLaMA-2-7B shape, 2 layers" in p.stdout and "True" in p.stdout

@@ -192,3 +192,23 @@ def test_torchrun_lowbit_train_on_smollm2(tmp_path):
     assert "of 4-bit base per rank" in p.stdout
     assert sorted(x.name for x in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
     assert read_adapter(tmp_path / "run")[1], "the adapter is written"
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_dpo_on_two_ranks_equals_one_process(varied, tmp_path, mode):
+    """Preference pairs are never split: 2 ranks × accumulation 2 compute the losses and adapter of one process with
+    accumulation 4 (the reference — the base with LoRA switched off — included)."""
+    model_dir, data = varied
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": r["messages"][:1], "chosen": r["messages"][1:],
+                                         "rejected": [{"role": "assistant", "content": rows[i - 1]["messages"][1]
+                                                       ["content"]}]}) + "\n" for i, r in enumerate(rows)))
+    one = tmp_path / "one"
+    recipe.train(TrainConfig(**_cfg(model_dir, pairs, one, gradient_accumulation_steps=4, rl="dpo")),
+                 progress=False, log=lambda *a: None)
+    two = tmp_path / mode
+    p = _torchrun(_cfg(model_dir, pairs, two, distributed=mode, rl="dpo"), tmp_path / "report")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _close(two, one), (_losses(two), _losses(one))
+    assert "rewards/margins" in (two / "metrics.jsonl").read_text()

@@ -1,14 +1,16 @@
 """Preference data: a record → prompt, chosen and rejected token ids (pairs), or prompt, completion and a label
 (KTO's unpaired examples). ``PREFERENCE_FORMATS`` is the one table of their names.
 
-    pairs        {"prompt", "chosen", "rejected"}       strings, or message lists (TRL's shapes; without "prompt",
-                                                         the chosen and rejected conversations share all but their
-                                                         last message, which is the completion)
+    pairs        {"prompt", "chosen", "rejected"}       strings, or message lists (TRL's shapes); chosen / rejected
+                                                         conversations that start with the user's turn carry their
+                                                         prompt: all but their last message (a "prompt" field is
+                                                         then not read)
     unpaired     {"prompt", "completion", "label"}      KTO's shape (label true: desirable)
     chat_template.default                               Axolotl's: field_messages (the prompt: messages or a
                                                          string), field_chosen / field_rejected (a message or a
                                                          string), message_property_mappings, roles
-    chat_template.argilla, chat_template.argilla_chat   Axolotl's: chosen / rejected conversations
+    chat_template.argilla, chat_template.argilla_chat   Axolotl's: chosen / rejected conversations (their shared
+                                                         messages are the prompt; a "prompt" field is not read)
     chatml.X, llama3.X   X = intel, prompt_pairs, icr, argilla, argilla_chat, ultra (and for KTO the same names):
                          Axolotl's fixed layouts — system, a prompt (prompt / input / question / instruction), chosen /
                          rejected (or chosen_response / rejected_response, or conversations) — rendered with that
@@ -17,7 +19,8 @@
 Tokenized as TRL does: message lists are rendered with the chat template, the prompt with the generation prompt;
 the completion is what the full conversation's tokens hold past their common prefix with the prompt's. Plain strings
 are tokenized as they are, with the end-of-sequence token appended to each completion. ``max_prompt_len`` keeps the
-prompt's last tokens; a prompt that fills ``sequence_len`` leaves nothing to compare and is dropped (counted).
+prompt's last tokens; a prompt that fills ``sequence_len`` leaves nothing to compare and is dropped (counted);
+``excess_length_strategy`` (truncate, drop, raise) and ``min_sample_len`` apply as to supervised samples.
 Importing this module does not import torch.
 """
 
@@ -27,8 +30,7 @@ from ..errors import LowbitError
 from .formats import _messages
 from .records import Record
 
-__all__ = ["PREFERENCE_FORMATS", "LAYOUTS", "is_preference_format", "detect_preference", "preference_row",
-           "unpaired_format"]
+__all__ = ["PREFERENCE_FORMATS", "LAYOUTS", "is_preference_format", "detect_preference", "preference_row"]
 
 PAIRED_FORMATS = ("pairs", "chat_template.default", "chat_template.argilla", "chat_template.argilla_chat")
 UNPAIRED_FORMATS = ("unpaired",)
@@ -40,11 +42,6 @@ PROMPT_KEYS = ("prompt", "input", "question", "instruction")
 
 def is_preference_format(name: str) -> bool:
     return name in PREFERENCE_FORMATS
-
-
-def unpaired_format(name: str, rec: Record) -> bool:
-    """Whether records of ``name`` are KTO's unpaired examples (a TEMPLATE.LAYOUT name: the record decides)."""
-    return name == "unpaired" or ("." in name and name.split(".")[0] in TEMPLATES and "label" in rec.data)
 
 
 def detect_preference(rec: Record) -> str:
@@ -116,11 +113,15 @@ def _conversation(rec: Record, fmt: str, opts: dict):
     keys = ("completion",) if fmt == "unpaired" else (opts.get("field_chosen", "chosen"),
                                                       opts.get("field_rejected", "rejected"))
     values = [_get(rec, k) for k in keys]
-    if "prompt" not in d and fmt in ("pairs", "chat_template.argilla", "chat_template.argilla_chat"):
+    role = (opts.get("message_property_mappings") or {}).get("role", "role")
+    whole = all(isinstance(v, list) and len(v) >= 2 and isinstance(v[0], dict) and
+                v[0].get(role) not in ("assistant", "gpt") for v in values)  # carrying their prompt (ultrafeedback)
+    if fmt in ("chat_template.argilla", "chat_template.argilla_chat") or (fmt == "pairs" and
+                                                                         ("prompt" not in d or whole)):
         convs = [_as_messages(rec, v, k, "assistant", opts) for k, v in zip(keys, values)]
         if len(convs[0]) < 2 or convs[0][:-1] != convs[1][:-1]:
-            raise LowbitError(f"{rec.where}: without a 'prompt' field the chosen and rejected conversations must "
-                              "share every message but the last")
+            raise LowbitError(f"{rec.where}: the chosen and rejected conversations must share every message but the "
+                              "last (the prompt)")
         return convs[0][:-1], [c[-1:] for c in convs]
     prompt = _get(rec, "prompt")
     if isinstance(prompt, str) and all(isinstance(v, str) for v in values):
@@ -194,6 +195,13 @@ def preference_row(rec: Record, tok, fmt: str, sequence_len: int, opts: dict) ->
     if len(p) >= sequence_len:
         return {**dropped, "truncated": True, "why": f"the prompt fills sequence_len={sequence_len}"}
     cut = cut or any(len(p) + len(o) > sequence_len for o in outs)
+    if cut and opts.get("excess_length_strategy") == "raise":
+        raise LowbitError(f"{rec.where}: longer than sequence_len={sequence_len} (excess_length_strategy: raise)")
+    if cut and opts.get("excess_length_strategy") == "drop":
+        return {**dropped, "truncated": False, "why": f"longer than sequence_len={sequence_len} "
+                                                      "(excess_length_strategy: drop)"}
+    if min(len(p) + len(o) for o in outs) < (opts.get("min_sample_len") or 0):
+        return {**dropped, "truncated": False, "why": f"shorter than min_sample_len={opts['min_sample_len']} tokens"}
     rejected = [] if unpaired else outs[1]
     return {"prompt_ids": p, "chosen_ids": outs[0], "rejected_ids": rejected, "label": label,
             "length": min(sequence_len, len(p) + len(outs[0])) + (min(sequence_len, len(p) + len(rejected))

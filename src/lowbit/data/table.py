@@ -61,15 +61,16 @@ class TokenTable:
 
 def deduplicate(table: TokenTable) -> TokenTable:
     """``table`` without the samples whose tokens and labels repeat an earlier one's (Axolotl's
-    ``dataset_exact_deduplication``, on what is trained)."""
+    ``dataset_exact_deduplication``, on what is trained; a preference table: prompt, chosen, rejected and label)."""
     seen, rows, lengths = set(), [], []
     k = 0
     for part, part_rows in zip(table.parts, table.rows):
         keep = []
         for r in part_rows:
             row = part[int(r)]
-            digest = hashlib.sha256(np.asarray(row["input_ids"] + [-1] + row["labels"], dtype=np.int64).tobytes()
-                                    ).digest()
+            ids = row["input_ids"] + [-1] + row["labels"] if "input_ids" in row else \
+                row["prompt_ids"] + [-1] + row["chosen_ids"] + [-1] + row["rejected_ids"] + [-1, int(row["label"])]
+            digest = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).digest()
             if digest not in seen:
                 seen.add(digest)
                 keep.append(r)

@@ -1,13 +1,14 @@
 """Cross-entropy through a frozen output head, a chunk of tokens at a time: the logits never exist in full.
 
     loss = Σᵢ CE(hᵢ·Wᵀ, yᵢ)
-    forward:  per chunk z = h·Wᵀ (compute dtype), lse = logsumexp(z) in float32, loss += Σ (lse − z[y]);
+    forward:  per chunk z = h·Wᵀ (compute dtype), lse = logsumexp(z) in float32, log p(yᵢ) = z[yᵢ] − lse;
               keeps only lse (4 bytes a token)
-    backward: per chunk recompute z, ∂/∂z = softmax(z) − onehot(y) = exp(z − lse) − onehot(y), ∂/∂h = (∂/∂z)·W
+    backward: per chunk recompute z, ∂ log p(yᵢ)/∂z = onehot(y) − softmax(z) = onehot(y) − exp(z − lse),
+              ∂/∂h = gᵢ·(∂/∂z)·W
 
-The reference is ``F.cross_entropy(h @ W.T, y, reduction="sum")``; the tests compare the two.
-``chunked_token_logps`` is the same computation per token, log p(yᵢ) = z[yᵢ] − lse (what preference losses sum per
-sequence): backward ∂/∂h = −gᵢ·(softmax(z) − onehot(y))·W; its reference is ``log_softmax(h @ W.T).gather(y)``.
+``chunked_token_logps`` gives log p per token (preference losses sum it per sequence; reference:
+``log_softmax(h @ W.T).gather(y)``); ``chunked_cross_entropy`` is minus its sum (reference:
+``F.cross_entropy(h @ W.T, y, reduction="sum")``). The tests compare each with its reference.
 """
 
 from __future__ import annotations
@@ -17,33 +18,6 @@ import torch
 from .loss_chunk import loss_chunk_tokens
 
 __all__ = ["chunked_cross_entropy", "chunked_token_logps"]
-
-
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, labels, chunk: int):
-        w = weight.to(h.dtype)
-        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for i in range(0, h.shape[0], chunk):
-            z = (h[i : i + chunk] @ w.t()).float()
-            lse[i : i + chunk] = torch.logsumexp(z, dim=-1)
-            total += lse[i : i + chunk].sum() - z.gather(1, labels[i : i + chunk, None]).sum()
-        ctx.save_for_backward(h, weight, labels, lse)
-        ctx.chunk = chunk
-        return total
-
-    @staticmethod
-    def backward(ctx, g):
-        h, weight, labels, lse = ctx.saved_tensors
-        w = weight.to(h.dtype)
-        gh = torch.empty_like(h)
-        for i in range(0, h.shape[0], ctx.chunk):
-            z = (h[i : i + ctx.chunk] @ w.t()).float()
-            p = torch.exp_(z.sub_(lse[i : i + ctx.chunk, None]))
-            p[torch.arange(p.shape[0], device=p.device), labels[i : i + ctx.chunk]] -= 1
-            gh[i : i + ctx.chunk] = (p.mul_(g)).to(h.dtype) @ w
-        return gh, None, None, None
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -81,8 +55,6 @@ def chunked_token_logps(h: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                           chunk_tokens: int | None = None) -> torch.Tensor:
-    """Summed cross-entropy of ``h @ weight.T`` against ``labels`` (rows of ``h`` are tokens; no ignored labels).
-
-    ``weight`` must be frozen: it gets no gradient.
-    """
-    return _ChunkedCrossEntropy.apply(h, weight, labels, chunk_tokens or loss_chunk_tokens(weight.shape[0]))
+    """Summed cross-entropy of ``h @ weight.T`` against ``labels`` (rows of ``h`` are tokens; no ignored labels):
+    −Σ ``chunked_token_logps``. ``weight`` must be frozen: it gets no gradient."""
+    return -chunked_token_logps(h, weight, labels, chunk_tokens).sum()

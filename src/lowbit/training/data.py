@@ -79,12 +79,17 @@ def load_preference_data(cfg: TrainConfig, tok, log=print) -> tuple[PreferenceBa
         test = source_tables(sources_of(cfg, cfg.test_datasets), tok, 0, cfg.seed, cfg.sequence_len, False,
                              cfg.dataset_processes, preference=True)
         valid, dropped = test.train, dropped + test.dropped
+    duplicates = 0
+    if cfg.dataset_exact_deduplication:
+        n = len(train) + (len(valid) if valid else 0)
+        train, valid = deduplicate(train), deduplicate(valid) if valid else None
+        duplicates = n - len(train) - (len(valid) if valid else 0)
     kto = cfg.rl == "kto"
     shuffle = not cfg.curriculum_sampling
 
     def batches(table, mb, group):
         return PreferenceBatches(table, mb, tok.pad_token_id, cfg.sequence_len, cfg.seed, kto, group, shuffle,
-                                 cfg.pad_to_multiple_of)
+                                 cfg.pad_to_multiple_of, pad_to=cfg.sequence_len if cfg.pad_to_sequence_len else None)
 
     out = batches(train, cfg.micro_batch_size, cfg.group_by_length and shuffle)
     held = batches(valid, cfg.eval_batch_size or cfg.micro_batch_size, False) if valid else None
@@ -93,5 +98,6 @@ def load_preference_data(cfg: TrainConfig, tok, log=print) -> tuple[PreferenceBa
     log(f"data: {len(out.samples)} train / {len(held.samples) if held else 0} valid {unit} ({fmts}); "
         f"{data.truncated} truncated to {cfg.sequence_len} tokens"
         f"{f' (prompts to their last {cfg.max_prompt_len})' if cfg.max_prompt_len else ''}, {dropped} dropped"
-        f"{' (an empty completion, or a prompt that fills sequence_len)' if dropped else ''}")
+        f"{' (an empty completion, or a prompt that fills sequence_len)' if dropped else ''}"
+        f"{f', {duplicates} duplicates removed' if duplicates else ''}")
     return out, held

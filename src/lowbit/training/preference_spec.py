@@ -71,6 +71,9 @@ def validate_preference(cfg, bad) -> None:
     if False in kinds:
         bad("datasets:", f"rl: {cfg.rl} trains on preference data; a supervised type is given (use pairs, "
             "chat_template.default, chat_template.argilla, chatml.intel, … see the README)")
+    if cfg.train_on_inputs:
+        bad("train_on_inputs:", f"true has no meaning with rl: {cfg.rl} (the completions are compared; ORPO and SimPO "
+            "learn the chosen ones)")
     if cfg.sample_packing:
         bad("sample_packing:", f"true cannot be used with rl: {cfg.rl} (each pair is one row per completion)")
     if cfg.quant_calibration != "none":

@@ -34,11 +34,14 @@ def _chat(tok, messages, gen=False):
                "rejected": [{"role": "assistant", "content": B}]}, {}),
     ("pairs", {"chosen": [{"role": "user", "content": Q}, {"role": "assistant", "content": A}],
                "rejected": [{"role": "user", "content": Q}, {"role": "assistant", "content": B}]}, {}),
+    ("pairs", {"prompt": Q, "chosen": [{"role": "user", "content": Q}, {"role": "assistant", "content": A}],
+               "rejected": [{"role": "user", "content": Q}, {"role": "assistant", "content": B}]}, {}),
     ("chat_template.default", {"conversation": [{"r": "user", "c": Q}], "good": {"r": "assistant", "c": A},
                                "bad": {"r": "assistant", "c": B}},
      {"field_messages": "conversation", "field_chosen": "good", "field_rejected": "bad",
       "message_property_mappings": {"role": "r", "content": "c"}}),
-    ("chat_template.argilla", {"chosen": [{"role": "user", "content": Q}, {"role": "assistant", "content": A}],
+    ("chat_template.argilla", {"prompt": Q,
+                               "chosen": [{"role": "user", "content": Q}, {"role": "assistant", "content": A}],
                                "rejected": [{"role": "user", "content": Q}, {"role": "assistant", "content": B}]}, {}),
     ("chatml.intel", {"question": Q, "chosen": A, "rejected": B}, {}),
     ("chatml.argilla", {"instruction": Q, "chosen_response": A, "rejected_response": B}, {}),
@@ -71,6 +74,13 @@ def test_truncation_and_drops_are_counted(tok):
     assert len(cut["prompt_ids"]) == 10 and cut["truncated"]
     dropped = preference_row(rec, tok, "pairs", 16, {})
     assert dropped["length"] == 0 and "fills sequence_len=16" in dropped["why"]
+    short = Record({"prompt": Q, "chosen": A, "rejected": " ".join([B] * 30)}, "x")
+    assert preference_row(short, tok, "pairs", 40, {})["truncated"]
+    assert "excess_length_strategy: drop" in preference_row(short, tok, "pairs", 40,
+                                                            {"excess_length_strategy": "drop"})["why"]
+    with pytest.raises(LowbitError, match="x: longer than sequence_len=40"):
+        preference_row(short, tok, "pairs", 40, {"excess_length_strategy": "raise"})
+    assert "min_sample_len" in preference_row(short, tok, "pairs", 512, {"min_sample_len": 1000})["why"]
 
 
 @pytest.mark.parametrize("data,fmt,match", [
@@ -101,3 +111,23 @@ def test_files_are_read_and_cached_and_kto_unpairs_pairs(tok, tmp_path):
     assert len(kto.samples) == 16  # each pair: its chosen (desirable) and its rejected (undesirable)
     b = kto.batch([0, 1, 2])
     assert b["desirable"].tolist() == [True, False, True] and b["kl"]["input_ids"].shape[0] == 3
+
+
+def test_unpaired_examples_are_refused_for_paired_methods(tok, tmp_path):
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{Q} {i}", "completion": A, "label": i % 2 == 0}) + "\n"
+                            for i in range(6)))
+    loaded = source_tables(parse_sources(str(path)), tok, 0, 0, 64, preference=True)
+    assert len(PreferenceBatches(loaded.train, 2, tok.pad_token_id, 64, kto=True).samples) == 6
+    with pytest.raises(LowbitError, match="unpaired examples .* train with rl: kto"):
+        PreferenceBatches(loaded.train, 2, tok.pad_token_id, 64)
+
+
+def test_exact_deduplication_of_pairs(tok, tmp_path):
+    from lowbit.data.table import deduplicate
+
+    path = tmp_path / "dup.jsonl"
+    rows = [{"prompt": Q, "chosen": A, "rejected": B}] * 3 + [{"prompt": Q, "chosen": B, "rejected": A}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = source_tables(parse_sources(str(path)), tok, 0, 0, 64, preference=True).train
+    assert len(table) == 4 and len(deduplicate(table)) == 2
