@@ -34,22 +34,30 @@ def sources_of(cfg: TrainConfig, datasets) -> list[DataSource]:
     return [dataclasses.replace(s, fields={**s.fields, **extra}) for s in sources]
 
 
-def load_data(cfg: TrainConfig, tok, log=print) -> tuple[Batches | PackedBatches, Batches | None]:
-    """Train and held-out batches: every source in ``datasets`` read and tokenized by its own format (cached),
-    mixed; with ``sample_packing`` the training samples share rows (held-out ones are evaluated one per row)."""
+def _tables(cfg: TrainConfig, tok, preference: bool = False):
+    """(what was read, train table, held-out table or None, dropped, duplicates removed): ``datasets`` split by
+    ``val_set_size`` (or held out by ``test_datasets``), exact duplicates removed when asked."""
     split = 0 if cfg.test_datasets is not None else cfg.val_set_size
-    data = source_tables(sources_of(cfg, cfg.datasets), tok, split, cfg.seed, cfg.sequence_len, cfg.train_on_inputs,
-                         cfg.dataset_processes)
+    learn_inputs = cfg.train_on_inputs and not preference
+    data = source_tables(sources_of(cfg, cfg.datasets), tok, split, cfg.seed, cfg.sequence_len, learn_inputs,
+                         cfg.dataset_processes, preference)
     train, valid, dropped = data.train, data.valid, data.dropped
     if cfg.test_datasets is not None:
-        test = source_tables(sources_of(cfg, cfg.test_datasets), tok, 0, cfg.seed, cfg.sequence_len,
-                             cfg.train_on_inputs, cfg.dataset_processes)
+        test = source_tables(sources_of(cfg, cfg.test_datasets), tok, 0, cfg.seed, cfg.sequence_len, learn_inputs,
+                             cfg.dataset_processes, preference)
         valid, dropped = test.train, dropped + test.dropped
     duplicates = 0
     if cfg.dataset_exact_deduplication:
         n = len(train) + (len(valid) if valid else 0)
         train, valid = deduplicate(train), deduplicate(valid) if valid else None
         duplicates = n - len(train) - (len(valid) if valid else 0)
+    return data, train, valid, dropped, duplicates
+
+
+def load_data(cfg: TrainConfig, tok, log=print) -> tuple[Batches | PackedBatches, Batches | None]:
+    """Train and held-out batches: every source in ``datasets`` read and tokenized by its own format (cached),
+    mixed; with ``sample_packing`` the training samples share rows (held-out ones are evaluated one per row)."""
+    data, train, valid, dropped, duplicates = _tables(cfg, tok)
     pad = tok.pad_token_id
     shuffle = not cfg.curriculum_sampling
     batches = PackedBatches(train, cfg.micro_batch_size, pad, cfg.sequence_len, cfg.seed, shuffle=shuffle) \
@@ -71,19 +79,7 @@ def load_data(cfg: TrainConfig, tok, log=print) -> tuple[Batches | PackedBatches
 
 def load_preference_data(cfg: TrainConfig, tok, log=print) -> tuple[PreferenceBatches, PreferenceBatches | None]:
     """Train and held-out preference batches (``rl`` set): pairs, or KTO's examples (paired data unpaired)."""
-    split = 0 if cfg.test_datasets is not None else cfg.val_set_size
-    data = source_tables(sources_of(cfg, cfg.datasets), tok, split, cfg.seed, cfg.sequence_len, False,
-                         cfg.dataset_processes, preference=True)
-    train, valid, dropped = data.train, data.valid, data.dropped
-    if cfg.test_datasets is not None:
-        test = source_tables(sources_of(cfg, cfg.test_datasets), tok, 0, cfg.seed, cfg.sequence_len, False,
-                             cfg.dataset_processes, preference=True)
-        valid, dropped = test.train, dropped + test.dropped
-    duplicates = 0
-    if cfg.dataset_exact_deduplication:
-        n = len(train) + (len(valid) if valid else 0)
-        train, valid = deduplicate(train), deduplicate(valid) if valid else None
-        duplicates = n - len(train) - (len(valid) if valid else 0)
+    data, train, valid, dropped, duplicates = _tables(cfg, tok, preference=True)
     kto = cfg.rl == "kto"
     shuffle = not cfg.curriculum_sampling
 
