@@ -2,7 +2,8 @@
 
     for step in state.step+1 .. steps:
         for each of `accumulation` micro-batches:
-            loss = Σ token losses / learned tokens in the whole step      (autocast in 16-bit dtypes)
+            loss = Σ token losses / learned tokens in the whole step      (autocast in 16-bit dtypes;
+                   a preference step: Σ pair losses / pairs, ``loss.loss_units``)
             loss.backward()
         clip gradients; optimizer.step(); scheduler.step()
         callbacks see the step's record (evaluation, metrics, progress, checkpoints); one may stop the run
