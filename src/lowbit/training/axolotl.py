@@ -62,7 +62,10 @@ class Report:
 
 
 def _refuse(key, value, why):
-    raise LowbitError(f"config: {key}: {value!r} — {why}")
+    shown = repr(value)
+    if len(shown) > 60:  # a whole section (ebft: {...}): its keys are enough to recognise it
+        shown = "{" + ", ".join(map(str, value)) + "}" if isinstance(value, dict) else shown[:57] + "..."
+    raise LowbitError(f"config: {key}: {shown} — {why}")
 
 
 def _empty(value) -> bool:
