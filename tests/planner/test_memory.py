@@ -114,3 +114,18 @@ def test_eight_bit_base_and_modules_trained_whole():
     emb = 32000 * 4096  # LLaMA-2-7B: untied embeddings and head, both trained
     assert whole.items["trained_full_precision"] == int(2 * emb * (8 + 8) - 2 * emb * 2)
     assert "trained_full_precision" not in four.items
+
+
+def test_a_preference_run_plans_two_rows_per_pair():
+    """rl: dpo trains the chosen and the rejected completion of each pair: twice the tokens of the same batch in
+    activations and logits; the reference pass keeps nothing; orpo likewise, kto one row per example."""
+    from lowbit.planner.memory import plan_config
+    from lowbit.training.config import TrainConfig
+
+    sft = plan_config(TrainConfig(base_model="llama-2-7b", sequence_len=512, micro_batch_size=2))
+    dpo = plan_config(TrainConfig(base_model="llama-2-7b", sequence_len=512, micro_batch_size=2, rl="dpo"))
+    kto = plan_config(TrainConfig(base_model="llama-2-7b", sequence_len=512, micro_batch_size=2, rl="kto"))
+    same = plan_config(TrainConfig(base_model="llama-2-7b", sequence_len=512, micro_batch_size=4))
+    assert dpo.items["activations"] == same.items["activations"] > sft.items["activations"]
+    assert dpo.total_bytes == same.total_bytes > sft.total_bytes == kto.total_bytes
+    assert dpo.settings["rows_per_sample"] == 2 and kto.settings["rows_per_sample"] == 1

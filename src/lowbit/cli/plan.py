@@ -57,7 +57,9 @@ def run(args) -> int:
     print(f"{cfg.base_model}: sequence_len {cfg.sequence_len} x micro_batch_size {cfg.micro_batch_size}, {quant}, "
           f"LoRA r={cfg.lora_r} ({cfg.lora_target_modules}), {cfg.optimizer}, gradient_checkpointing "
           f"{'on' if cfg.gradient_checkpointing else 'off'}, {s['compute_dtype']} on {args.device}"
-          + (f", per rank of {args.world_size} ({s['distributed']})" if args.world_size > 1 else "") + "\n")
+          + (f", per rank of {args.world_size} ({s['distributed']})" if args.world_size > 1 else "")
+          + (f", rl: {cfg.rl} (a row each for the chosen and the rejected completion)"
+             if s.get("rows_per_sample", 1) > 1 else "") + "\n")
     print(p.table())
     if s.get("model_type") not in KNOWN:
         print(f"note: model type {s.get('model_type')!r} is planned as a LLaMA-style decoder (q/k/v/o, gate/up/down); "
