@@ -7,6 +7,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -74,3 +76,15 @@ def update_readme(section: str, markdown: str) -> bool:
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
     return True
+
+
+def run_worker(script: str, args: list[str], label: str, tail: int = 2000) -> dict | None:
+    """Run ``script`` with ``args`` in a fresh process (peak RSS is per process) and return the JSON it prints on a
+    ``RESULT `` line; None (with the end of its stderr, under ``label``) when it fails."""
+    p = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                       env={**os.environ, "TQDM_DISABLE": "1"})
+    line = [row for row in p.stdout.splitlines() if row.startswith("RESULT ")]
+    if p.returncode or not line:
+        print(f"{label} failed:\n{p.stderr[-tail:]}", file=sys.stderr)
+        return None
+    return json.loads(line[0][7:])

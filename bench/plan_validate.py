@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, peak_rss_bytes, table, update_readme, write_json
+from common import machine, peak_rss_bytes, run_worker, table, update_readme, write_json
 
 
 def worker(model: str, seq: int, batch: int, r: int, gc: bool) -> dict:
@@ -112,13 +110,10 @@ def main() -> None:
     grid += smol[:3] if a.quick else smol
     rows, out = [], []
     for m, s, b, r, gc in grid:
-        p = subprocess.run([sys.executable, __file__, "--worker", m, str(s), str(b), str(r), "1" if gc else "0"],
-                           capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        line = [row for row in p.stdout.splitlines() if row.startswith("RESULT ")]
-        if p.returncode or not line:
-            print(f"{m} {s}x{b} failed:\n{p.stderr[-1500:]}", file=sys.stderr)
+        res = run_worker(__file__, ["--worker", m, str(s), str(b), str(r), "1" if gc else "0"], f"{m} {s}x{b}",
+                         tail=1500)
+        if res is None:
             continue
-        res = json.loads(line[0][7:])
         pred = plan(res["config"], sequence_len=s, micro_batch_size=b, lora_r=r, gradient_checkpointing=gc,
                     device="cpu",
                     compute_dtype="bfloat16")
@@ -131,13 +126,10 @@ def main() -> None:
         print(rows[-1], flush=True)
     for s_, b, r, gc in [(256, 4, 16, False)] if a.quick else [(256, 4, 16, False), (512, 4, 16, False),
                                                                 (1024, 2, 16, True)]:
-        p = subprocess.run([sys.executable, __file__, "--recipe-worker", str(s_), str(b), str(r), "1" if gc else "0"],
-                           capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        line = [row for row in p.stdout.splitlines() if row.startswith("RESULT ")]
-        if p.returncode or not line:
-            print(f"lowbit.train {s_}x{b} failed:\n{p.stderr[-1500:]}", file=sys.stderr)
+        res = run_worker(__file__, ["--recipe-worker", str(s_), str(b), str(r), "1" if gc else "0"],
+                         f"lowbit.train {s_}x{b}", tail=1500)
+        if res is None:
             continue
-        res = json.loads(line[0][7:])
         rows.append({"model": "smollm2-135m (lowbit.train)", "seq": s_, "batch": b, "r": r, "ckpt": gc,
                      "predicted_MB": round(res["predicted"] / 2**20), "measured_MB": round(res["measured"] / 2**20),
                      "error_%": round(100 * (res["predicted"] / res["measured"] - 1), 1)})

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import publish, table
+from common import publish, run_worker, table
 
 MODEL, BETA, LR, MB, SEQ, VALID = "smollm2-135m", 0.1, 5e-5, 4, 256, 64
 
@@ -143,14 +141,8 @@ def trl_worker(data: Path, steps: int, out: Path, checkpointing: bool) -> dict:
 
 
 def _run(method: str, data: Path, steps: int, out: Path, checkpointing: bool) -> dict | None:
-    p = subprocess.run([sys.executable, __file__, "--worker", method, str(data), str(out), "--steps", str(steps),
-                        *(["--checkpointing"] if checkpointing else [])],
-                       capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    line = [row for row in p.stdout.splitlines() if row.startswith("RESULT ")]
-    if p.returncode or not line:
-        print(f"{method} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
-        return None
-    return json.loads(line[0][7:])
+    return run_worker(__file__, ["--worker", method, str(data), str(out), "--steps", str(steps),
+                                 *(["--checkpointing"] if checkpointing else [])], method, tail=3000)
 
 
 def main() -> None:

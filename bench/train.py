@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, peak_rss_bytes, table, update_readme, write_json
+from common import machine, peak_rss_bytes, run_worker, table, update_readme, write_json
 
 METHODS = ["lowbit-qlora", "peer-bnb-peft-qlora", "lowbit-lora-16bit"]
 SEQ, R = 256, 16
@@ -150,13 +148,7 @@ def gemm_ceiling() -> float:
 
 
 def _run(method: str, model: str, steps: int) -> dict | None:
-    p = subprocess.run([sys.executable, __file__, "--worker", method, model, "--steps", str(steps)],
-                       capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    line = [row for row in p.stdout.splitlines() if row.startswith("RESULT ")]
-    if p.returncode or not line:
-        print(f"{model} {method} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(line[0][7:])
+    return run_worker(__file__, ["--worker", method, model, "--steps", str(steps)], f"{model} {method}")
 
 
 def main() -> None:
