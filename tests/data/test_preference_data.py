@@ -101,9 +101,9 @@ def test_files_are_read_and_cached_and_kto_unpairs_pairs(tok, tmp_path):
     rows = [{"prompt": f"{Q} {i}", "chosen": A, "rejected": B} for i in range(10)]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    loaded = source_tables(parse_sources(str(path)), tok, 2, 0, 64, preference=True)
+    loaded = source_tables(parse_sources(str(path)), tok, 2, 0, 64, kind="preference")
     assert len(loaded.train) == 8 and len(loaded.valid) == 2 and loaded.formats == ["pairs"]
-    again = source_tables(parse_sources(str(path)), tok, 2, 0, 64, preference=True)  # from the cache
+    again = source_tables(parse_sources(str(path)), tok, 2, 0, 64, kind="preference")  # from the cache
     assert again.train.row(0) == loaded.train.row(0)
     pairs = PreferenceBatches(loaded.train, 4, tok.pad_token_id, 64).batch([0, 1])
     assert pairs["input_ids"].shape[0] == 4 and pairs["units"] == 2
@@ -117,7 +117,7 @@ def test_unpaired_examples_are_refused_for_paired_methods(tok, tmp_path):
     path = tmp_path / "kto.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"{Q} {i}", "completion": A, "label": i % 2 == 0}) + "\n"
                             for i in range(6)))
-    loaded = source_tables(parse_sources(str(path)), tok, 0, 0, 64, preference=True)
+    loaded = source_tables(parse_sources(str(path)), tok, 0, 0, 64, kind="preference")
     assert len(PreferenceBatches(loaded.train, 2, tok.pad_token_id, 64, kto=True).samples) == 6
     with pytest.raises(LowbitError, match="unpaired examples .* train with rl: kto"):
         PreferenceBatches(loaded.train, 2, tok.pad_token_id, 64)
@@ -129,5 +129,5 @@ def test_exact_deduplication_of_pairs(tok, tmp_path):
     path = tmp_path / "dup.jsonl"
     rows = [{"prompt": Q, "chosen": A, "rejected": B}] * 3 + [{"prompt": Q, "chosen": B, "rejected": A}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = source_tables(parse_sources(str(path)), tok, 0, 0, 64, preference=True).train
+    table = source_tables(parse_sources(str(path)), tok, 0, 0, 64, kind="preference").train
     assert len(table) == 4 and len(deduplicate(table)) == 2

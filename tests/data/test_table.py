@@ -159,7 +159,7 @@ def test_bad_parquet_and_csv_rows_are_named(tmp_path, tok):
     pd.DataFrame(rows).to_csv(tmp_path / "a.csv", index=False)
     with pytest.raises(LowbitError, match=r"a\.csv: row 4: alpaca record is missing field 'output'"):
         _load([{"path": str(tmp_path / "a.csv"), "type": "alpaca"}], tok)
-    missing = r"datasets\[0\]: data not found: nowhere\.jsonl \(a \.jsonl.*chitchat, chatterbot-pairs\)$"
+    missing = r"datasets\[0\]: data not found: nowhere\.jsonl \(a \.jsonl.*chitchat, chatterbot-pairs, arithmetic\)$"
     with pytest.raises(LowbitError, match=missing):
         _load([{"path": "nowhere.jsonl"}], tok)
     with pytest.raises(LowbitError, match=r"data not found: tatsu-lab/alpaca .* hub data sets are not fetched"):

@@ -4,6 +4,8 @@
     chitchat     chitchat-dataset 0.9.0 (MIT): 7,168 dialogues, the first 6 turns of each
     chatterbot-pairs   preference pairs made from chatterbot: each first question, chosen = its own answer,
                        rejected = the answer of a question half the corpus away (another topic)
+    arithmetic   800 prompts "What is a + b?" / "a - b" (1 ≤ a, b ≤ 20) with the answer column, generated (seeded):
+                 a task with checkable answers for rl: grpo (lowbit.rewards.exact_answer, answer_format)
 """
 
 from __future__ import annotations
@@ -72,4 +74,16 @@ def chatterbot_pairs() -> list[Record]:
     return out
 
 
-BUILTIN_DATASETS = {"chatterbot": chatterbot, "chitchat": chitchat, "chatterbot-pairs": chatterbot_pairs}
+def arithmetic() -> list[Record]:
+    """Every a + b and a − b for 1 ≤ a, b ≤ 20, in a seeded order, as chat prompts with their answers."""
+    import random
+
+    problems = [(a, op, b) for a in range(1, 21) for b in range(1, 21) for op in "+-"]
+    random.Random(0).shuffle(problems)
+    return [Record({"prompt": [{"role": "user", "content": f"What is {a} {op} {b}? Answer with only the number."}],
+                    "answer": str(a + b if op == "+" else a - b)}, f"arithmetic:{i}")
+            for i, (a, op, b) in enumerate(problems)]
+
+
+BUILTIN_DATASETS = {"chatterbot": chatterbot, "chitchat": chitchat, "chatterbot-pairs": chatterbot_pairs,
+                    "arithmetic": arithmetic}

@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import LowbitError
 from .formats import detect_format, tokenize_record
 from .preference import detect_preference, preference_row
+from .prompts import detect_prompt, prompt_row
 from .records import Record, held_out_rows, load_records
 from .sources import DataSource
 
@@ -68,8 +69,13 @@ def deduplicate(table: TokenTable) -> TokenTable:
         keep = []
         for r in part_rows:
             row = part[int(r)]
-            ids = row["input_ids"] + [-1] + row["labels"] if "input_ids" in row else \
-                row["prompt_ids"] + [-1] + row["chosen_ids"] + [-1] + row["rejected_ids"] + [-1, int(row["label"])]
+            if "input_ids" in row:
+                ids = row["input_ids"] + [-1] + row["labels"]
+            elif "columns" in row:  # prompts: the prompt and every column the rewards see
+                ids = row["prompt_ids"] + [-1] + list(row["columns"].encode())
+            else:
+                ids = row["prompt_ids"] + [-1] + row["chosen_ids"] + [-1] + row["rejected_ids"] + \
+                    [-1, int(row["label"])]
             digest = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).digest()
             if digest not in seen:
                 seen.add(digest)
@@ -167,7 +173,7 @@ def _fingerprint(path: Path, src: DataSource, fmt: str, tok, sequence_len: int, 
     parts = [str(path.resolve()), st.st_size, st.st_mtime_ns, src.key, fmt, sequence_len, train_on_inputs,
              getattr(tok, "chat_template", None), tok.eos_token_id, tok.bos_token_id,
              getattr(tok, "add_bos_token", None), backend.to_str() if backend is not None else repr(tok),
-             (Path(__file__).parent / "formats.py").read_text(), (Path(__file__).parent / "preference.py").read_text()]
+             *((Path(__file__).parent / f).read_text() for f in ("formats.py", "preference.py", "prompts.py"))]
     return hashlib.sha256(json.dumps(parts, default=repr).encode()).hexdigest()[:24]
 
 
@@ -180,24 +186,34 @@ def _pref_row(rec: Record, tok, fmt: str, sequence_len: int, train_on_inputs: bo
     return preference_row(rec, tok, fmt, sequence_len, opts)
 
 
-def _features(preference: bool):
+def _prompt_row(rec: Record, tok, fmt: str, sequence_len: int, train_on_inputs: bool, opts: dict) -> dict:
+    return prompt_row(rec, tok, fmt, sequence_len, opts)
+
+
+# what a table holds: supervised samples, preference pairs (or KTO's examples), prompts (rl: grpo)
+KINDS = {"sft": (_sft_row, detect_format), "preference": (_pref_row, detect_preference),
+         "prompt": (_prompt_row, detect_prompt)}
+
+
+def _features(kind: str):
     import datasets
 
     ids = datasets.List(datasets.Value("int32"))
-    cols = {"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids, "label": datasets.Value("bool")} \
-        if preference else {"input_ids": ids, "labels": ids}
+    cols = {"sft": {"input_ids": ids, "labels": ids},
+            "preference": {"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids, "label": datasets.Value("bool")},
+            "prompt": {"prompt_ids": ids, "columns": datasets.Value("string")}}[kind]
     return datasets.Features({**cols, "length": datasets.Value("int32"), "truncated": datasets.Value("bool"),
                               "why": datasets.Value("string")})
 
 
 def _tokenize(ds, path: Path, src: DataSource, tok, fmt: str, sequence_len: int, train_on_inputs: bool,
-              processes: int, preference: bool = False):
-    row_fn = _pref_row if preference else _sft_row
+              processes: int, kind: str = "sft"):
+    row_fn, detect = KINDS[kind]
     if fmt == "auto":
         if len(ds) == 0:
             raise LowbitError(f"{path}: the data set is empty")
-        fmt = (detect_preference if preference else detect_format)(Record(ds[0], RowRef(path, 0)))
-    features = _features(preference)
+        fmt = detect(Record(ds[0], RowRef(path, 0)))
+    features = _features(kind)
 
     def run(batch, idx):
         out = {k: [] for k in features}
@@ -221,18 +237,19 @@ def _tokenize(ds, path: Path, src: DataSource, tok, fmt: str, sequence_len: int,
     return table, fmt
 
 
-def _builtin(src: DataSource, tok, sequence_len: int, train_on_inputs: bool, preference: bool = False):
+def _builtin(src: DataSource, tok, sequence_len: int, train_on_inputs: bool, kind: str = "sft"):
     """A built-in data set (small, in memory), tokenized into the same columns."""
     import datasets
 
     from .builtin import BUILTIN_DATASETS
 
     recs = BUILTIN_DATASETS[src.path]()
-    fmt = (detect_preference if preference else detect_format)(recs[0]) if src.fmt == "auto" else src.fmt
-    features = _features(preference)
+    row_fn, detect = KINDS[kind]
+    fmt = detect(recs[0]) if src.fmt == "auto" else src.fmt
+    features = _features(kind)
     cols = {k: [] for k in features}
     for rec in recs:
-        row = (_pref_row if preference else _sft_row)(rec, tok, fmt, sequence_len, train_on_inputs, src.fields)
+        row = row_fn(rec, tok, fmt, sequence_len, train_on_inputs, src.fields)
         row["why"] = f"{rec.where}: {row['why']}" if row["why"] else ""
         for key, v in row.items():
             cols[key].append(v)
@@ -275,23 +292,24 @@ def _usable(table, rows: np.ndarray, lengths: np.ndarray, path: Path | None) -> 
 
 def source_tables(sources: list[DataSource], tok, val_set_size: float = 0.05, seed: int = 0,
                   sequence_len: int = 512, train_on_inputs: bool = False, processes: int = 0,
-                  preference: bool = False) -> Loaded:
+                  kind: str = "sft") -> Loaded:
     """Every source read, tokenized (cached), split and weighed; the train and held-out token tables
-    (``preference``: of prompt / chosen / rejected ids, ``data/preference.py``)."""
+    (``kind``: ``KINDS`` — preference: prompt / chosen / rejected ids, ``data/preference.py``; prompt: prompt ids
+    and columns, ``data/prompts.py``)."""
     from .builtin import BUILTIN_DATASETS
 
     parts, train_rows, valid_parts, valid_rows, fmts, truncated, dropped = [], [], [], [], [], 0, 0
     for src in sources:
         if src.path in BUILTIN_DATASETS and not Path(src.path).exists():
-            pairs = [(*_builtin(src, tok, sequence_len, train_on_inputs, preference), "train", None)]
+            pairs = [(*_builtin(src, tok, sequence_len, train_on_inputs, kind), "train", None)]
         else:
             train_file, valid_file = _files(src)
-            pairs = [(*_tokenize(_read(f, src.ds_type, _split_slice(src.split) if kind == "train" else ""), f, src,
-                                 tok, src.fmt, sequence_len, train_on_inputs, processes, preference), kind, f)
-                     for f, kind in ((train_file, "train"), (valid_file, "valid")) if f is not None]
-        for table, fmt, kind, path in pairs:
+            pairs = [(*_tokenize(_read(f, src.ds_type, _split_slice(src.split) if part == "train" else ""), f, src,
+                                 tok, src.fmt, sequence_len, train_on_inputs, processes, kind), part, f)
+                     for f, part in ((train_file, "train"), (valid_file, "valid")) if f is not None]
+        for table, fmt, part, path in pairs:
             lengths = table.data.column("length").to_numpy()
-            if kind == "valid":
+            if part == "valid":
                 valid_parts.append(table)
                 valid_rows.append(_usable(table, np.arange(len(table)), lengths, path))
                 continue

@@ -27,8 +27,8 @@ _MOE = "lowbit runs mixture-of-experts layers with its own expert kernels (nn/ex
 _DIST = "lowbit runs several processes with torchrun (distributed: ddp | fsdp) and chooses these itself"
 _TRACKER = "not built in; lowbit logs to wandb_project, mlflow_tracking_uri or tensorboard: true"
 _MM = "vision/audio models are not trained by lowbit yet (decoder-only text models)"
-_RL = ("RL with reward models or online generation is not built in (preference tuning is: rl: dpo, ipo, orpo, kto, "
-       "simpo)")
+_RL = ("reward models are not built in (rl: grpo takes reward functions, trl.reward_funcs; preference tuning: "
+       "rl: dpo, ipo, orpo, kto, simpo)")
 
 CHOICES = {
     # attention and kernels
@@ -55,6 +55,7 @@ CHOICES = {
     "lora_fan_in_fan_out": "lowbit finds GPT-2-style Conv1D layouts itself",
     "dpo_padding_free": "preference batches are right-padded rows (the pad is never attended to or learned)",
     "dpo_use_logits_to_keep": "the log-probs are computed only where the completions are (in chunks)",
+    "vllm": "rl: grpo samples in-process from the model being trained (no vLLM server is started or used)",
     "tiled_mlp": "the MLP runs whole over the sequence (tiling is not built in yet)",
     "tiled_mlp_num_shards": "the MLP runs whole over the sequence (tiling is not built in yet)",
     "peft_ensure_weight_tying": "tied embeddings stay tied: one set of trained rows serves both",
@@ -232,7 +233,7 @@ UNSUPPORTED: dict[str, tuple[str, object]] = {
         ("expert_parallel_fallback_on_unsupported", None))},
     "nvfp4_merge_aware": ("NVFP4 bases are not read", None), "nvfp4_merge_aware_start_step": ("NVFP4 bases are not "
                                                                                              "read", None),
-    **{k: (_RL, None) for k in ("vllm", "ebft", "reward_model", "process_reward_model", "center_rewards_coefficient",
+    **{k: (_RL, None) for k in ("ebft", "reward_model", "process_reward_model", "center_rewards_coefficient",
                                 "num_labels")},
     "dpo_use_weighting": ("WPO weighting is not built in (DPO's losses: sigmoid, hinge, ipo, robust)", None),
     "rpo_alpha": ("RPO's extra NLL term is not built in (ORPO and SimPO's cpo_alpha learn the chosen answers)", None),

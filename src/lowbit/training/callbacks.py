@@ -57,6 +57,20 @@ class StepMetrics(Callback):
             record.update(self.module.take_metrics("eval", self.world))
 
 
+class CompletionsLog(Callback):
+    """A GRPO run's sampled completions (``trl.log_completions``): the first few of every logged step, with their
+    prompt and reward, appended to ``completions.jsonl``."""
+
+    def __init__(self, module, path: Path, every: int = 1):
+        self.module, self.path, self.every = module, Path(path), every
+
+    def on_step_end(self, state, record):
+        if logged(state, record, self.every):
+            with open(self.path, "a") as f:
+                for s in self.module.samples:
+                    f.write(json.dumps({"step": state.step, **s}, ensure_ascii=False) + "\n")
+
+
 def logged(state, record, every: int) -> bool:
     return state.step % every == 0 or "eval_loss" in record
 

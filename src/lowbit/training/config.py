@@ -152,9 +152,9 @@ class TrainConfig:
     mlflow_experiment_name: str = ""
     mlflow_run_name: str = ""
     # preference tuning (training/preference_loss.py): with rl set the data are pairs, or KTO's labelled examples
-    rl: str = ""                                # "" (supervised) | dpo | ipo | orpo | kto | simpo
+    rl: str = ""                                # "" (supervised) | dpo | ipo | orpo | kto | simpo | grpo
     rl_beta: float | None = None                # β (default 0.1, TRL's); trl: {beta: …} wins, as in Axolotl
-    trl: dict | None = None                     # Axolotl's trl: section (beta)
+    trl: dict | None = None                     # Axolotl's trl: section (beta; GRPO's keys: training/grpo_spec.py)
     dpo_loss_type: str | list | None = None     # sigmoid (default) | hinge | ipo | robust, or a list of them …
     dpo_loss_weights: list | None = None        # … weighted (default: 1 each)
     dpo_label_smoothing: float = 0.0            # ε of robust DPO and SimPO
@@ -173,7 +173,7 @@ class TrainConfig:
         def bad(key, why):
             raise LowbitError(f"config: {key} {why}")
 
-        if self.rl in ("grpo", "gdpo", "ebft"):
+        if self.rl in ("gdpo", "ebft"):
             validate_preference(self, bad)
         for k in POSITIVE:
             if getattr(self, k) <= 0:
@@ -259,7 +259,7 @@ CHOICES = {"quant_type": tuple(QUANT_TYPES), "quant_calibration": tuple(CALIBRAT
            "compute_dtype": ("auto", *DTYPES), "lora_init": tuple(LORA_INITS),
            "dataset_format": ("auto", *FORMATS), "lr_scheduler": tuple(SCHEDULERS), "optimizer": tuple(OPTIMIZERS),
            "distributed": DISTRIBUTED, "excess_length_strategy": EXCESS_LENGTH,
-           "gradient_checkpointing": (False, True, "offload"), "rl": ("", *PREFERENCE_METHODS)}
+           "gradient_checkpointing": (False, True, "offload"), "rl": ("", *PREFERENCE_METHODS, "grpo")}
 
 # keys a resumed run may change: they leave the arithmetic of every step the same (logging, evaluation and
 # checkpoint cadence, memory-only settings) or only say how long to go on (max_steps, num_epochs)
@@ -360,9 +360,25 @@ def load_config(path: str | Path | None, report: Report | None = None) -> TrainC
     if not isinstance(data, dict):
         raise LowbitError(f"{p}: expected a mapping of keys to values")
     try:
-        return apply_overrides(cfg, data, report=report)
+        return _rewards_beside(apply_overrides(cfg, data, report=report), p.parent)
     except LowbitError as e:
         raise LowbitError(f"{p}: {e}") from None
+
+
+def _rewards_beside(cfg: TrainConfig, folder: Path) -> TrainConfig:
+    """``trl.reward_funcs`` entries ``module.fn`` whose ``module.py`` sits beside the config file, as
+    ``/that/module.py:fn`` (Axolotl imports them from where it runs; a config read from elsewhere finds them too)."""
+    funcs = (cfg.trl or {}).get("reward_funcs")
+    if not isinstance(funcs, list):
+        return cfg
+    out = []
+    for f in funcs:
+        if isinstance(f, str) and "." in f and ":" not in f:
+            module, name = f.rsplit(".", 1)
+            path = folder / (module.replace(".", "/") + ".py")
+            f = f"{path.resolve()}:{name}" if path.is_file() else f
+        out.append(f)
+    return dataclasses.replace(cfg, trl={**cfg.trl, "reward_funcs": out})
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

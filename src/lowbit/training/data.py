@@ -13,11 +13,12 @@ import dataclasses
 from ..data.batching import Batches
 from ..data.packing import PackedBatches
 from ..data.preference_batches import PreferenceBatches
+from ..data.prompt_batches import PromptBatches
 from ..data.sources import DataSource, parse_sources
 from ..data.table import deduplicate, source_tables
 from .config import TrainConfig
 
-__all__ = ["load_data", "load_preference_data", "sources_of"]
+__all__ = ["load_data", "load_preference_data", "load_prompt_data", "sources_of"]
 
 
 def sources_of(cfg: TrainConfig, datasets) -> list[DataSource]:
@@ -29,22 +30,22 @@ def sources_of(cfg: TrainConfig, datasets) -> list[DataSource]:
                                ("max_prompt_len", cfg.max_prompt_len if cfg.rl else 0))
              if v and v != "truncate"}
     sources = parse_sources(datasets, cfg.dataset_format)
-    if cfg.rl:  # Axolotl's type: chat_template under rl is its chat_template.default
+    if cfg.rl and cfg.rl != "grpo":  # Axolotl's type: chat_template under rl is its chat_template.default
         sources = [dataclasses.replace(s, fmt="chat_template.default") if s.fmt == "chat" else s for s in sources]
     return [dataclasses.replace(s, fields={**s.fields, **extra}) for s in sources]
 
 
-def _tables(cfg: TrainConfig, tok, preference: bool = False):
+def _tables(cfg: TrainConfig, tok, kind: str = "sft"):
     """(what was read, train table, held-out table or None, dropped, duplicates removed): ``datasets`` split by
     ``val_set_size`` (or held out by ``test_datasets``), exact duplicates removed when asked."""
     split = 0 if cfg.test_datasets is not None else cfg.val_set_size
-    learn_inputs = cfg.train_on_inputs and not preference
+    learn_inputs = cfg.train_on_inputs and kind == "sft"
     data = source_tables(sources_of(cfg, cfg.datasets), tok, split, cfg.seed, cfg.sequence_len, learn_inputs,
-                         cfg.dataset_processes, preference)
+                         cfg.dataset_processes, kind)
     train, valid, dropped = data.train, data.valid, data.dropped
     if cfg.test_datasets is not None:
         test = source_tables(sources_of(cfg, cfg.test_datasets), tok, 0, cfg.seed, cfg.sequence_len, learn_inputs,
-                             cfg.dataset_processes, preference)
+                             cfg.dataset_processes, kind)
         valid, dropped = test.train, dropped + test.dropped
     duplicates = 0
     if cfg.dataset_exact_deduplication:
@@ -79,7 +80,7 @@ def load_data(cfg: TrainConfig, tok, log=print) -> tuple[Batches | PackedBatches
 
 def load_preference_data(cfg: TrainConfig, tok, log=print) -> tuple[PreferenceBatches, PreferenceBatches | None]:
     """Train and held-out preference batches (``rl`` set): pairs, or KTO's examples (paired data unpaired)."""
-    data, train, valid, dropped, duplicates = _tables(cfg, tok, preference=True)
+    data, train, valid, dropped, duplicates = _tables(cfg, tok, "preference")
     kto = cfg.rl == "kto"
     shuffle = not cfg.curriculum_sampling
 
@@ -97,3 +98,18 @@ def load_preference_data(cfg: TrainConfig, tok, log=print) -> tuple[PreferenceBa
         f"{' (an empty completion, or a prompt that fills sequence_len)' if dropped else ''}"
         f"{f', {duplicates} duplicates removed' if duplicates else ''}")
     return out, held
+
+
+def load_prompt_data(cfg: TrainConfig, tok, world_size: int = 1, log=print) -> tuple[PromptBatches, None]:
+    """The prompts of an ``rl: grpo`` run, ``micro_batch_size × gradient_accumulation_steps × ranks /
+    num_generations`` of them a step (no held-out set: ``grpo_spec.validate_grpo``)."""
+    from .grpo_spec import grpo_spec_from
+
+    data, train, _, dropped, duplicates = _tables(cfg, tok, "prompt")
+    per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size // \
+        grpo_spec_from(cfg).num_generations
+    log(f"data: {len(train)} prompts, {per_step} a step; {data.truncated} truncated"
+        f"{f' (to their last {cfg.max_prompt_len} tokens)' if cfg.max_prompt_len else ''}, {dropped} dropped"
+        f"{' (a prompt that fills sequence_len)' if dropped else ''}"
+        f"{f', {duplicates} duplicates removed' if duplicates else ''}")
+    return PromptBatches(train, per_step, cfg.seed, not cfg.curriculum_sampling), None

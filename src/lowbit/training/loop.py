@@ -1,6 +1,7 @@
 """The training loop, handed its parts: a model with trainable (LoRA) parameters, an optimizer, batches.
 
     for step in state.step+1 .. steps:
+        (online training: ``rollout(the step's prompts, step)`` first makes this rank's micro-batches)
         for each of `accumulation` micro-batches:
             loss = Σ token losses / learned tokens in the whole step      (autocast in 16-bit dtypes;
                    a preference step: Σ pair losses / pairs, ``loss.loss_units``)
@@ -41,9 +42,10 @@ class NonFiniteLoss(LowbitError):
 
 def train_loop(model, optimizer, batches, *, steps: int, scheduler=None, state: TrainState | None = None,
                accumulation: int = 1, max_grad_norm: float = 1.0, dtype=None, loss_fn=None, callbacks=(),
-               world: World | None = None, device=None) -> TrainState:
+               world: World | None = None, device=None, rollout=None) -> TrainState:
     """Train until ``state.step == steps``; returns the state. ``loss_fn(model, batch) -> (sum, tokens)``
-    defaults to ``training.loss.lm_loss``."""
+    defaults to ``training.loss.lm_loss``. ``rollout(batch, step) -> [micro-batch, …]``: each step takes one
+    batch of ``batches`` (its prompts) and trains on the micro-batches the rollout makes of it (``grpo.py``)."""
     data, state, world = as_batches(batches), state or TrainState(), world or World()
     loss_fn = loss_fn or losses.lm_loss
     params = [p for p in model.parameters() if p.requires_grad]
@@ -54,8 +56,7 @@ def train_loop(model, optimizer, batches, *, steps: int, scheduler=None, state: 
     state.restart_clock()
     try:
         while state.step < steps and state.stop_reason is None:
-            keys = state.next_keys(data, accumulation * world.size)  # the same keys on every rank
-            group = [data.batch(k) for k in keys[world.rank :: world.size]]
+            group = _next_group(data, state, accumulation, world, rollout, dtype, device)
             loss, tokens = _forward_backward(model, group, loss_fn, dtype, world, device)
             if not math.isfinite(loss):
                 raise NonFiniteLoss(state.step + 1, loss)
@@ -76,6 +77,16 @@ def train_loop(model, optimizer, batches, *, steps: int, scheduler=None, state: 
         for cb in callbacks:
             cb.on_train_end(state)
     return state
+
+
+def _next_group(data, state: TrainState, accumulation: int, world: World, rollout, dtype, device) -> list[dict]:
+    """This rank's micro-batches of the next step."""
+    if rollout is not None:
+        (key,) = state.next_keys(data, 1)
+        with losses.autocast(dtype, getattr(device, "type", "cpu")):
+            return rollout(data.batch(key), state.step + 1)
+    keys = state.next_keys(data, accumulation * world.size)  # the same keys on every rank
+    return [data.batch(k) for k in keys[world.rank :: world.size]]
 
 
 def learned_tokens(group: list[dict], world: World) -> float:

@@ -6,18 +6,17 @@ same batch — or its log-probs computed once before training (``precompute_refe
 
 Batches (``data/preference_batches.py``): pairs hold the chosen rows then the rejected rows and ``units`` (the
 pairs); KTO batches hold each example's row, ``desirable``, and a ``kl`` sub-batch of mismatched pairs. The module
-returns ``(Σ losses, units)`` like ``loss.LossModule`` and keeps the step's metric sums in ``metrics``.
+returns ``(Σ losses, units)`` like ``loss.LossModule`` and keeps the step's metric sums in a ``metrics.MetricBook``.
 """
 
 from __future__ import annotations
-
-from collections import defaultdict
 
 import torch
 
 from ..data.formats import IGNORE
 from ..nn.lora import adapters_disabled
 from .loss import LossModule
+from .metrics import MetricBook
 from .preference_loss import kto_losses, pair_losses
 from .preference_spec import PreferenceSpec
 from .sequence_logps import sequence_logps
@@ -29,7 +28,7 @@ class PreferenceLoss(LossModule):
     def __init__(self, model, spec: PreferenceSpec):
         super().__init__(model)
         self.spec = spec
-        self.metrics = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
+        self.book = MetricBook()
 
     def _reference(self, batch: dict) -> dict | None:
         """The reference's summed completion log-probs of every row, or None when the batch carries them."""
@@ -43,10 +42,7 @@ class PreferenceLoss(LossModule):
         loss, units, metrics = self._kto(batch) if "desirable" in batch else self._pairs(batch)
         if empty:
             return loss * 0.0, 0
-        book = self.metrics["train" if self.training else "eval"]
-        for k, (s, c) in metrics.items():
-            book[k][0] += s
-            book[k][1] += c
+        self.book.add("train" if self.training else "eval", metrics)
         return loss, units
 
     def _pairs(self, batch: dict):
@@ -75,12 +71,7 @@ class PreferenceLoss(LossModule):
 
     def take_metrics(self, split: str, world) -> dict[str, float]:
         """The means of the metrics since the last call (over every rank), and a fresh start."""
-        book = self.metrics[split]
-        names = sorted(book)
-        sums = world.sum(*[v for k in names for v in book[k]]) if names else []
-        book.clear()
-        prefix = "eval_" if split == "eval" else ""
-        return {prefix + k: sums[2 * i] / sums[2 * i + 1] for i, k in enumerate(names) if sums[2 * i + 1]}
+        return self.book.take(split, world)
 
 
 @torch.no_grad()

@@ -57,8 +57,13 @@ def validate_preference(cfg, bad) -> None:
     """The preference keys of ``cfg`` (a ``TrainConfig``), and data whose kind (pairs or not) matches ``rl``;
     ``bad(key, why)`` raises the config's one-line error. Under ``rl`` Axolotl's ``type: chat_template`` is its
     ``chat_template.default``."""
-    if cfg.rl in ("grpo", "gdpo", "ebft"):
-        bad("rl:", f"{cfg.rl} (RL with rewards) is not built in; lowbit trains {', '.join(METHODS)}")
+    if cfg.rl == "grpo":
+        from .grpo_spec import validate_grpo
+
+        validate_grpo(cfg, bad)
+        return
+    if cfg.rl in ("gdpo", "ebft"):
+        bad("rl:", f"{cfg.rl} is not built in; lowbit trains {', '.join(METHODS)} and grpo")
     try:
         kinds = {is_preference_format(src.fmt) or bool(cfg.rl and src.fmt == "chat")
                  for src in parse_sources(cfg.datasets, cfg.dataset_format) if src.fmt != "auto"}

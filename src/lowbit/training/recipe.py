@@ -30,13 +30,15 @@ from ..planner.memory import HEADROOM
 from ..runlock import LOCK_NAME, RunLock
 from .cadence import per_epoch_cadence, total_steps
 from .calibrated_base import BASE_DIR, calibrated_base
-from .callbacks import Evaluator, MetricsLog, ProgressBar, StepMetrics
+from .callbacks import CompletionsLog, Evaluator, MetricsLog, ProgressBar, StepMetrics
 from .checkpoint import Checkpointer, latest_checkpoint, load_adapter_weights, load_trainer_state, saved_meta
 from .config import TrainConfig, config_changes, config_to_yaml
-from .data import load_data, load_preference_data
+from .data import load_data, load_preference_data, load_prompt_data
 from .device import free_device_memory, resolve_device
 from .distributed import World, base_bytes, check_same_base, init_world, wrap
 from .evaluation import evaluate
+from .grpo import GRPOLoss
+from .grpo_spec import grpo_spec_from
 from .loop import NonFiniteLoss, train_loop
 from .loss import module_loss
 from .model import load_model
@@ -47,6 +49,7 @@ from .preference import PreferenceLoss
 from .preference_spec import spec_from
 from .preflight import advice, free_memory, preflight
 from .reference import REFERENCE_FILE, reference
+from .reward_funcs import RewardError, load_reward_funcs
 from .state import TrainState
 from .stopping import EarlyStopping, LossWatchdog
 from .trackers import check_trackers, trackers_for
@@ -55,7 +58,8 @@ __all__ = ["train", "load_data", "load_model", "total_steps"]
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "loss.png", "adapter_model.safetensors", "adapter_config.json",
              "config.yaml", "tensorboard", "wandb", BASE_DIR, *TOKENIZER_FILES, "special_tokens_map.json",
-             "chat_template.jinja", "generation_config.json", "merges.txt", "added_tokens.json", REFERENCE_FILE)
+             "chat_template.jinja", "generation_config.json", "merges.txt", "added_tokens.json", REFERENCE_FILE,
+             "completions.jsonl")
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print,
@@ -96,21 +100,27 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
                                 cfg.eot_tokens)
     if changes.changed:
         log(f"tokenizer: {'; '.join(changes.notes)}")
-    spec = spec_from(cfg) if cfg.rl else None
-    batches, valid = (load_preference_data if spec else load_data)(cfg, tok, log)
+    grpo = grpo_spec_from(cfg) if cfg.rl == "grpo" else None
+    spec = spec_from(cfg) if cfg.rl and not grpo else None
+    funcs = load_reward_funcs(grpo.reward_funcs) if grpo else None  # a bad name fails before the model loads
+    batches, valid = load_prompt_data(cfg, tok, world.size, log) if grpo else \
+        (load_preference_data if spec else load_data)(cfg, tok, log)
     model = load_model(cfg, dtype, log, calibrated_base(cfg, out, batches.samples, tok, dtype, world, log, device),
                        changes, len(tok) if changes.added else None, device)
     check_same_base(model, world)
     if ck is not None:
         load_adapter_weights(ck, model)
-    trainer = wrap(model, world, PreferenceLoss(model, spec) if spec else None)
+    module = GRPOLoss(model, grpo, tok, funcs, [tok.eos_token_id, *changes.eot_ids], world, cfg.micro_batch_size) \
+        if grpo else PreferenceLoss(model, spec) if spec else None
+    trainer = wrap(model, world, module)
     if spec:
         reference(cfg, spec, model, batches, valid, ck, world, dtype, device, log)
     if world.mode == "fsdp":
         per_rank = world.sum(base_bytes(model))[0] / world.size
         log(f"fsdp over {world.size} ranks: {per_rank / 2**20:.2f} MiB of 4-bit base per rank")
-    total = total_steps(cfg, len(batches), world.size)
-    cfg = per_epoch_cadence(cfg, len(batches), world.size, log)
+    per_epoch = len(batches) * (cfg.gradient_accumulation_steps * world.size if grpo else 1)  # in micro-batches
+    total = total_steps(cfg, per_epoch, world.size)
+    cfg = per_epoch_cadence(cfg, per_epoch, world.size, log)
     opt, sched = make_optimizer(cfg, trainer, total, device)
     state = TrainState()
     if ck is not None:
@@ -129,7 +139,10 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
     checkpoints = Checkpointer(out, model, opt, cfg, total, world, tok if changes.changed else None, device)
     callbacks = [*_watchers(cfg, trainer, valid, total, run), *(_reporters(cfg, out, total, progress) if world.main
                                                                 else []), checkpoints, *extra]
-    _run(cfg, trainer, opt, sched, batches, total, state, callbacks, checkpoints, run)
+    if grpo and grpo.log_completions and world.main:
+        callbacks.insert(-1 - len(extra), CompletionsLog(module, out / "completions.jsonl", cfg.logging_steps))
+    _run(cfg, trainer, opt, sched, batches, total, state, callbacks, checkpoints, run,
+         module.rollout if grpo else None)
     if state.stop_reason:
         log(state.stop_reason)
     tensors = adapter_tensors(model)  # whole on every rank (gathered under FSDP); rank 0 writes
@@ -165,19 +178,20 @@ def _watchers(cfg: TrainConfig, trainer, valid, total: int, run: dict) -> list:
     """The callbacks every rank runs: evaluation, early stopping, the loss watchdog."""
     module = getattr(trainer, "module", trainer)  # under DDP, the loss module it wraps
     return [*([Evaluator(trainer, valid, cfg.eval_steps, total, **run)] if valid is not None else []),
-            *([StepMetrics(module, run["world"])] if isinstance(module, PreferenceLoss) else []),
+            *([StepMetrics(module, run["world"])] if isinstance(module, (PreferenceLoss, GRPOLoss)) else []),
             *([EarlyStopping(cfg.early_stopping_patience)] if cfg.early_stopping_patience and valid else []),
             *([LossWatchdog(cfg.loss_watchdog_threshold, cfg.loss_watchdog_patience)]
               if cfg.loss_watchdog_threshold else [])]
 
 
 def _run(cfg: TrainConfig, trainer, opt, sched, batches, total: int, state: TrainState, callbacks: list,
-         checkpoints: Checkpointer, run: dict) -> None:
+         checkpoints: Checkpointer, run: dict, rollout=None) -> None:
     """The loop, with what goes wrong in it turned into one line that names the checkpoint to go on from."""
     out, world, device = Path(cfg.output_dir), run["world"], run["device"]
     try:
         train_loop(trainer, opt, batches, steps=total, scheduler=sched, state=state, callbacks=callbacks,
-                   accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm, **run)
+                   accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm, rollout=rollout,
+                   **run)
     except KeyboardInterrupt:
         if world.size > 1:  # the ranks were stopped at different points: no collective save now
             raise LowbitError(f"interrupted; continue with --resume from the last checkpoint, "
@@ -185,6 +199,9 @@ def _run(cfg: TrainConfig, trainer, opt, sched, batches, total: int, state: Trai
         saved = _save_uninterruptibly(checkpoints, state) if state.step else None
         raise LowbitError(f"interrupted at step {state.step}; checkpoint saved to {saved}. Continue with --resume") \
             from None
+    except RewardError as e:
+        raise LowbitError(f"step {state.step + 1}: {e}; stopped. Last good checkpoint: "
+                          f"{latest_checkpoint(out) or 'none'}") from None
     except NonFiniteLoss as e:
         raise LowbitError(f"{e}; stopped. Last good checkpoint: {latest_checkpoint(out) or 'none'} "
                           "(try a lower learning_rate)") from None

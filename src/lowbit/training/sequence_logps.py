@@ -16,17 +16,21 @@ from ..data.formats import IGNORE
 from ..nn.cross_entropy import chunked_token_logps
 from .loss import _inputs, _split_head, _to
 
-__all__ = ["sequence_logps"]
+__all__ = ["sequence_logps", "token_logps"]
 
 
-def _token_logps(model, batch: dict, keep: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p of ``targets`` at the positions ``keep`` marks (rows × (L−1)), flattened in row order."""
+def token_logps(model, batch: dict, keep: torch.Tensor, targets: torch.Tensor,
+                temperature: float = 1.0) -> torch.Tensor:
+    """log p of ``targets`` at the positions ``keep`` marks (rows × (L−1)), flattened in row order; the logits
+    divided by ``temperature`` first (GRPO scores what it sampled)."""
     inputs = _to(_inputs(batch), keep.device)
     body, head = _split_head(model)
     if body is None:
-        logits = model(**inputs).logits[:, :-1][keep].float()
+        logits = model(**inputs).logits[:, :-1][keep].float() / temperature
         return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
     h = body(**inputs).last_hidden_state[:, :-1][keep]
+    if temperature != 1.0:
+        h = h / temperature
     if head.weight.requires_grad:
         logits = F.linear(h, head.weight.to(h.dtype)).float()
         return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
@@ -44,7 +48,7 @@ def sequence_logps(model, batch: dict, with_prompt: bool = False) -> dict[str, t
     keep = (real | learned) if with_prompt else learned
     rows = torch.arange(labels.shape[0], device="cpu")[:, None].expand_as(keep)[keep]
     targets = batch["input_ids"][:, 1:][keep]
-    tok = _token_logps(model, batch, keep.to(device), targets.to(device))
+    tok = token_logps(model, batch, keep.to(device), targets.to(device))
     counted = learned[keep].to(device)
     rows = rows.to(device)
     zeros = torch.zeros(labels.shape[0], dtype=torch.float32, device=device)
