@@ -1,0 +1,224 @@
+"""GRPO runs through ``lowbit.train`` (the reward rises, resume reproduces the same completions and losses, a failing
+reward function is named in one line), the sampler (greedy equals transformers' ``generate``; a prompt's completions
+do not depend on what shares its batch; top-k / top-p equal transformers' warpers), the config's checks, the prompt
+data and the built-in rewards."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.data.prompts import prompt_row
+from lowbit.data.records import Record
+from lowbit.errors import LowbitError
+from lowbit.rewards import answer_format, exact_answer
+from lowbit.training import recipe
+from lowbit.training.config import TrainConfig, load_config
+from lowbit.training.rollout import filter_logits, sample_completions
+
+REWARDS = '''
+def low_ids(prompts, completions, completion_ids, **_):
+    """The share of completion tokens with an id below 128: a behaviour a tiny random model can learn."""
+    return [sum(t < 128 for t in ids) / len(ids) for ids in completion_ids]
+
+
+def picky(prompts, completions, answer, **_):
+    return [{"ok": 1.0}[a] for a in answer]   # a KeyError for any other answer
+'''
+
+
+@pytest.fixture(scope="module")
+def task(setup, tmp_path_factory):
+    """A folder with rewards.py, prompts.jsonl (24 chat prompts with an answer column) and model/: the tiny model
+    with its (tied) output matrix tripled, so that its LoRA can move the token distribution far enough for a reward
+    on token ids to rise (the plain tiny model's logits stay within ~±0.6 of each other)."""
+    from tiny import save_tiny_with_tokenizer
+
+    root = tmp_path_factory.mktemp("grpo")
+    model, _ = save_tiny_with_tokenizer(root / "model")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3)
+    model.save_pretrained(root / "model")
+    (root / "rewards.py").write_text(REWARDS)
+    rows = [{"prompt": [{"role": "user", "content": f"what is the capital of france {i}"}], "answer": "ok"}
+            for i in range(24)]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _cfg(setup, task, out, trl=None, **kw):
+    base = dict(base_model=str(task / "model"), datasets=str(task / "prompts.jsonl"), compute_dtype="float32",
+                lora_r=4, lora_alpha=8, micro_batch_size=8, sequence_len=64, max_steps=12, learning_rate=3e-2,
+                warmup_steps=0,
+                save_steps=4, val_set_size=0, output_dir=str(task / out), rl="grpo",
+                trl={"num_generations": 4, "max_completion_length": 8,
+                     "reward_funcs": [f"{task / 'rewards.py'}:low_ids"], **(trl or {})})
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+class Interrupt:  # a Ctrl-C right after step 5
+    def on_train_begin(self, state):
+        pass
+
+    def on_step_end(self, state, record):
+        if state.step == 5:
+            raise KeyboardInterrupt
+
+    def on_train_end(self, state):
+        pass
+
+
+def test_grpo_raises_the_reward_and_resumes_exactly(setup, task):
+    logs = []
+    recipe.train(_cfg(setup, task, "full", trl={"log_completions": True}), progress=False, log=logs.append)
+    assert any("24 prompts, 2 a step" in str(m) for m in logs)
+    rows = _metrics(task / "full")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert {"reward", "reward_std", "rewards/low_ids/mean", "completions/mean_length", "clip_ratio/region_mean",
+            "frac_reward_zero_std"} <= set(rows[0])
+    first, last = rows[0]["reward"], sum(r["reward"] for r in rows[-4:]) / 4
+    assert last > first + 0.3, [r["reward"] for r in rows]
+    logged = [json.loads(line) for line in (task / "full" / "completions.jsonl").read_text().splitlines()]
+    assert {"step", "prompt", "completion", "reward"} <= set(logged[0]) and logged[-1]["step"] == 12
+
+    with pytest.raises(LowbitError, match="interrupted at step 5"):
+        recipe.train(_cfg(setup, task, "resumed"), progress=False, log=lambda *a: None, callbacks=[Interrupt()])
+    recipe.train(_cfg(setup, task, "resumed"), resume=True, progress=False, log=lambda *a: None)
+    got = _metrics(task / "resumed")
+    assert [r["step"] for r in got] == list(range(1, 13))
+    for a, b in zip(got, rows):  # the same completions (their rewards) and the same losses
+        assert a["reward"] == b["reward"] and a["completions/mean_length"] == b["completions/mean_length"], a["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), a["step"]
+
+
+def test_beta_and_batch_scaling_train(setup, task):
+    recipe.train(_cfg(setup, task, "beta", max_steps=3, trl={"beta": 0.05, "scale_rewards": "batch",
+                                                             "loss_type": "grpo", "epsilon_high": 0.28}),
+                 progress=False, log=lambda *a: None)
+    rows = _metrics(task / "beta")
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the adapter starts at zero: policy = reference
+    assert rows[-1]["kl"] > 0
+
+
+def test_a_failing_reward_function_is_named_with_its_sample(setup, task, tmp_path):
+    rows = [{"prompt": f"what is the capital of france {i}", "answer": "ok" if i != 5 else "no"} for i in range(8)]
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(setup, task, "fails", datasets=str(data), save_steps=1, max_steps=8,
+               trl={"reward_funcs": [f"{task / 'rewards.py'}:picky"]})
+    with pytest.raises(LowbitError) as e:
+        recipe.train(cfg, progress=False, log=lambda *a: None)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "reward function picky failed on sample 5 of the data, completion 1" in msg and "KeyError: 'no'" in msg
+    step = int(msg.split(":", 1)[0].removeprefix("step "))
+    kept = msg.rsplit("Last good checkpoint: ", 1)[1]
+    assert (kept == "none") == (step == 1)
+    if step > 1:
+        assert Path(kept).is_dir() and Path(kept).name.endswith(str(step - 1))
+
+
+def _greedy_reference(model, prompts, n, pad):
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n, pad_token_id=pad,
+                         eos_token_id=None, temperature=None, top_p=None, top_k=None)
+    return out[:, width:].tolist()
+
+
+def test_sampling_matches_greedy_generate_and_is_independent_of_the_batch(setup):
+    from lowbit.io.loader import load
+    from lowbit.io.tokenizer import tokenizer_for
+
+    tok = tokenizer_for(str(setup[1]))
+    model = load(setup[1], None, compute_dtype=torch.float32)
+    a = tok("what is the capital of france", add_special_tokens=False)["input_ids"]
+    b = tok("hello", add_special_tokens=False)["input_ids"]
+    greedy, _ = sample_completions(model, [a, b], 1, [1, 2], 10, [], tok.pad_token_id, temperature=1e-6)
+    assert greedy == _greedy_reference(model, [a, b], 10, tok.pad_token_id)
+    alone, _ = sample_completions(model, [b], 3, [7], 10, [tok.eos_token_id], tok.pad_token_id)
+    shared, _ = sample_completions(model, [a, b], 3, [9, 7], 10, [tok.eos_token_id], tok.pad_token_id)
+    assert shared[3:] == alone
+    other, _ = sample_completions(model, [b], 3, [8], 10, [tok.eos_token_id], tok.pad_token_id)
+    assert other != alone  # another seed, other completions
+
+
+@pytest.mark.parametrize("k,p", [(5, 1.0), (0, 0.7), (20, 0.5)])
+def test_top_k_and_top_p_equal_transformers(k, p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3
+    want = logits.clone()
+    if k:
+        want = TopKLogitsWarper(k)(None, want)
+    if p < 1:
+        want = TopPLogitsWarper(p)(None, want)
+    assert torch.equal(filter_logits(logits, k, p).isinf(), want.isinf())
+    assert torch.equal(filter_logits(logits, k, p)[~want.isinf()], logits[~want.isinf()])
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"trl": {"num_generations": 4}}, "trl.reward_funcs: rl: grpo needs at least one reward function"),
+    ({"trl": {"reward_funcs": ["m.f"], "loss_type": "gspo"}}, "trl.loss_type: must be one of grpo, bnpo"),
+    ({"trl": {"reward_funcs": ["m.f"], "num_iterations": 2}}, "trl.num_iterations: 2: lowbit generates"),
+    ({"trl": {"reward_funcs": ["m.f"], "num_generations": 3}}, "micro_batch_size × gradient_accumulation_steps "
+                                                                 r"\(8 completions a step\) must be a multiple"),
+    ({"trl": {"reward_funcs": ["m.f"], "num_gens": 3}}, "trl.num_gens: is not read by lowbit's GRPO"),
+    ({"trl": {"reward_funcs": ["m.f"], "importance_sampling_level": "sequence"}},
+     "trl.importance_sampling_level: 'sequence' is not built in"),
+    ({"trl": {"reward_funcs": ["m.f"], "reward_weights": [1, 2]}}, "trl.reward_weights: needs one number per"),
+    ({"trl": {"reward_funcs": ["m.f"]}, "val_set_size": 0.1}, "val_set_size held-out evaluation is not built in"),
+    ({"trl": {"reward_funcs": ["m.f"]}, "datasets": [{"path": "x.jsonl", "type": "alpaca"}]},
+     r"datasets\[0\].type: alpaca — rl: grpo reads prompts"),
+])
+def test_config_mistakes_are_one_line(change, message):
+    cfg = TrainConfig(**{**dict(rl="grpo", micro_batch_size=8, val_set_size=0, datasets="arithmetic"), **change})
+    with pytest.raises(LowbitError, match=message) as e:
+        cfg.validate()
+    assert "\n" not in str(e.value)
+
+
+def test_reward_functions_beside_the_config_and_import_errors(setup, task, tmp_path):
+    path = task / "grpo.yml"
+    path.write_text("rl: grpo\nval_set_size: 0\nmicro_batch_size: 8\ntrl:\n  reward_funcs: [rewards.low_ids, "
+                    "lowbit.rewards.exact_answer]\n")
+    cfg = load_config(path).validate()
+    assert cfg.trl["reward_funcs"] == [f"{(task / 'rewards.py').resolve()}:low_ids", "lowbit.rewards.exact_answer"]
+    bad = _cfg(setup, task, "bad-import", trl={"reward_funcs": ["no_such_module.f"]})
+    with pytest.raises(LowbitError, match=r"trl.reward_funcs: no_such_module.f: cannot import no_such_module"):
+        recipe.train(bad, progress=False, log=lambda *a: None)
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    bad = _cfg(setup, task, "bad-file", trl={"reward_funcs": [f"{tmp_path / 'broken.py'}:f"]})
+    with pytest.raises(LowbitError, match="broken.py failed to import: SyntaxError"):
+        recipe.train(bad, progress=False, log=lambda *a: None)
+    assert not (task / "bad-file" / "checkpoints").exists()
+
+
+def test_prompt_rows_tokenize_as_trl_and_keep_their_columns(setup):
+    from lowbit.io.tokenizer import tokenizer_for
+
+    tok = tokenizer_for(str(setup[1]))
+    msgs = [{"role": "user", "content": "what is the capital of france"}]
+    row = prompt_row(Record({"prompt": msgs, "answer": "paris", "n": 3}, "x:1"), tok, "prompt", 64, {})
+    want = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"]
+    assert row["prompt_ids"] == want and json.loads(row["columns"]) == {"prompt": msgs, "answer": "paris", "n": 3}
+    text = prompt_row(Record({"prompt": "hello how are you"}, "x:2"), tok, "prompt", 64, {})
+    assert text["prompt_ids"] == tok("hello how are you", add_special_tokens=False)["input_ids"]
+    assert prompt_row(Record({"prompt": "hello " * 80}, "x:3"), tok, "prompt", 16, {})["length"] == 0
+    with pytest.raises(LowbitError, match="x:4: field 'prompt' must be text or a list"):
+        prompt_row(Record({"prompt": 5}, "x:4"), tok, "prompt", 64, {})
+
+
+def test_builtin_rewards():
+    comps = ["The answer is 42.", [{"role": "assistant", "content": "#### 41"}], "no number", "7"]
+    assert exact_answer(None, comps, answer=["42", "41", "3", "7.0"]) == [1.0, 1.0, 0.0, 1.0]
+    assert exact_answer(None, comps[:1], answer=[None]) == [None]
+    assert answer_format(None, comps) == [0.0, 0.0, 0.0, 1.0]
