@@ -116,6 +116,8 @@ def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
         f"({100 * trainable / total:.2f}%){extra}")
     if cfg.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model.config, "use_cache", None):  # training never uses the cache (sampling asks for it itself)
+            model.config.use_cache = False
     return model
 
 

@@ -5,7 +5,8 @@ with a KV cache, without autograd state.
     each step = the last position's logits / temperature → top-k → top-p → a token by the Gumbel-max trick:
                 argmax(logits + g),  g = −log(−log u),  u ~ U[0,1) drawn from the row's prompt's own generator
 
-A token equal to a stop id ends its row (the stop token is part of the completion); ``max_new`` ends the rest.
+A token equal to a stop id ends its row (the stop token is part of the completion) and the row leaves the batch;
+``max_new`` ends the rest. A prompt is read once: its KV cache is repeated for its group.
 Each prompt's generator is seeded by the caller (run seed, step, sample index), so the same prompt at the same step
 gets the same completions whatever else shares the batch and after a resume.
 """
@@ -36,11 +37,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def _pick(logits: torch.Tensor, gens: list[torch.Generator], group: int, temperature: float, top_k: int,
-          top_p: float) -> torch.Tensor:
-    x = filter_logits(logits.float() / temperature, top_k, top_p)
-    u = torch.cat([torch.rand((group, x.shape[-1]), generator=g, device=x.device) for g in gens])
-    return torch.argmax(x - torch.log(-torch.log(u)), dim=-1)
+def _gumbel(gens: list[torch.Generator], group: int, vocab: int, device) -> torch.Tensor:
+    """Gumbel noise for every row, ``group`` rows from each prompt's generator (drawn whether a row is finished or
+    not, so a prompt's draws never depend on the others)."""
+    u = torch.cat([torch.rand((group, vocab), generator=g, device=device) for g in gens])
+    return -torch.log(-torch.log(u))
 
 
 def _forward(model, body, head, ids, mask, pos, cache):
@@ -61,38 +62,44 @@ def sample_completions(model, prompts: list[list[int]], group: int, seeds: list[
                        stop_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
                        top_p: float = 1.0) -> tuple[list[list[int]], list[bool]]:
     """(completion ids of every row — prompt i's group at rows i·group … — , whether each hit ``max_new`` without
-    a stop token)."""
+    a stop token). Each prompt is read once (its KV cache then repeated for its group); finished rows leave the
+    batch."""
     device = next(model.parameters()).device
     body, head = _split_head(model)
-    rows = [p for p in prompts for _ in range(group)]
-    width = max(len(p) for p in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    for i, p in enumerate(rows):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
         mask[i, width - len(p):] = 1
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    out = []
+    out = torch.full((len(prompts) * group, max(max_new, 1)), pad_id, dtype=torch.long, device=device)
     was = model.training
     model.eval()
     try:
         logits, cache = _forward(model, body, head, ids, mask, pos, None)
-        for _ in range(max_new):
-            tok = _pick(logits, gens, group, temperature, top_k, top_p).masked_fill(done, pad_id)
-            out.append(tok)
-            live = ~done
-            done = done | torch.isin(tok, stops)
-            if bool(done.all()) or len(out) == max_new:
+        logits, mask = logits.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+        pos = pos[:, -1:].repeat_interleave(group, 0)
+        cache.batch_repeat_interleave(group)
+        live = torch.arange(len(prompts) * group, device=device)
+        for t in range(max_new):
+            x = filter_logits(logits.float() / temperature, top_k, top_p)
+            tok = torch.argmax(x + _gumbel(gens, group, x.shape[-1], device)[live], dim=-1)
+            out[live, t] = tok
+            keep = ~torch.isin(tok, stops)
+            if t == max_new - 1 or not bool(keep.any()):
                 break
-            mask = torch.cat([mask, live[:, None].long()], 1)
-            pos = pos[:, -1:] + 1
+            if not bool(keep.all()):
+                live, tok, mask, pos = live[keep], tok[keep], mask[keep], pos[keep]
+                cache.batch_select_indices(keep.nonzero()[:, 0])
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            pos = pos + 1
             logits, cache = _forward(model, body, head, tok[:, None], mask, pos, cache)
     finally:
         model.train(was)
-    return _trim(torch.stack(out, 1).tolist() if out else [[] for _ in rows], stops.tolist())
+    return _trim(out[:, :max_new].tolist(), stops.tolist())
 
 
 def _trim(table: list[list[int]], stops: list[int]) -> tuple[list[list[int]], list[bool]]:
