@@ -4,12 +4,12 @@ and its peak memory against TRL's GRPOTrainer + peft + bitsandbytes with the sam
 SmolLM2-135M-Instruct, NF4 + double quantization, LoRA r=16 on all linear layers; ``arithmetic`` (800 prompts "What
 is a + b? Answer with only the number."), the last HELD of them held out; rewards ``lowbit.rewards.exact_answer``
 and ``answer_format``; 8 completions a prompt of at most 16 tokens, temperature 1, 2 prompts a step (micro-batch 16
-completions), β 0, TRL's default loss (dapo), gradient checkpointing on (TRL's GRPO default). The run stops after ``--minutes`` of training. Held-out reward:
-the mean (exact answer + format, each 0 or 1) of greedy completions on the held-out prompts, before (adapter off)
-and after. Sampling: 4 prompts × 8 completions × 32 new tokens from the same 4-bit model, lowbit's
-``sample_completions`` against ``generate(do_sample=True, num_return_sequences=8)``, without stopping (the same
-work) and with stopping at EOS (what a run does). Peak RSS is each process's VmHWM (imports included); TRL runs
-``--trl-steps`` steps.
+completions), β 0, TRL's default loss (dapo), gradient checkpointing on (TRL's GRPO default). The run stops after
+``--minutes`` of training. Held-out reward: the mean (exact answer + format, each 0 or 1) of greedy completions on
+the held-out prompts, before (adapter off) and after. Sampling: 4 prompts × 8 completions × 32 new tokens from the
+same 4-bit model, lowbit's ``sample_completions`` against ``generate(do_sample=True, num_return_sequences=8)``,
+without stopping (the same work) and with stopping at EOS (what a run does). Peak RSS is each process's VmHWM
+(imports included); TRL runs ``--trl-steps`` steps.
 
     python bench/grpo.py [--minutes 20] [--trl-steps 6] [--readme]
 """
