@@ -13,15 +13,15 @@ def _blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
-def test_readme_has_the_api_and_the_custom_loop_examples():
+def test_readme_has_the_api_the_custom_loop_and_the_reward_examples():
     blocks = _blocks()
-    assert len(blocks) == 2
-    assert "lowbit.train(cfg" in blocks[0] and "train_loop(" in blocks[1]
+    assert len(blocks) == 3
+    assert "def bare_number(" in blocks[0] and "lowbit.train(cfg" in blocks[1] and "train_loop(" in blocks[2]
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    api, loop = _blocks()
+    _, api, loop = _blocks()
     ns: dict = {}
     exec(compile(api, "README.md (API example)", "exec"), ns)
     assert round(ns["q"].bits_per_param, 3) == 4.127
@@ -33,3 +33,22 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     exec(compile(loop, "README.md (custom loop example)", "exec"), ns)
     assert ns["state"].step == 10 and ns["after"] < ns["before"]
     assert (tmp_path / "my-loop-adapter" / "adapter_model.safetensors").exists()
+
+
+def test_readme_grpo_example_runs(tmp_path, monkeypatch):
+    """The GRPO config and its rewards.py, as written, for two steps (the README's run is 100)."""
+    from lowbit.training.config import load_config
+    from lowbit.training.recipe import train
+
+    rewards = _blocks()[0]
+    config = next(b for b in re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S) if "rl: grpo" in b)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rewards.py").write_text(rewards)
+    (tmp_path / "grpo.yaml").write_text(config)
+    cfg = load_config(tmp_path / "grpo.yaml")
+    cfg.max_steps = 2
+    res = train(cfg, progress=False, log=lambda *a: None)
+    assert res["steps"] == 2 and (tmp_path / "runs" / "grpo" / "adapter_model.safetensors").exists()
+    rows = (tmp_path / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and '"rewards/bare_number/mean"' in rows[0] and '"rewards/exact_answer/mean"' in rows[0]
+    assert (tmp_path / "runs" / "grpo" / "completions.jsonl").stat().st_size > 0

@@ -129,3 +129,29 @@ def test_a_preference_run_plans_two_rows_per_pair():
     assert dpo.items["activations"] == same.items["activations"] > sft.items["activations"]
     assert dpo.total_bytes == same.total_bytes > sft.total_bytes == kto.total_bytes
     assert dpo.settings["rows_per_sample"] == 2 and kto.settings["rows_per_sample"] == 1
+
+
+def test_a_grpo_run_plans_prompt_plus_completion_rows_and_the_sampling_cache():
+    """rl: grpo trains rows of prompt + completion; its sampling between steps holds a KV cache of 2·kv per token and
+    layer for every row it generates: counted where it exceeds the training step's activations, which it never
+    coexists with."""
+    from lowbit.planner.catalog import load_model_config
+    from lowbit.planner.memory import plan_config
+    from lowbit.planner.shapes import shapes
+    from lowbit.training.config import TrainConfig
+
+    def cfg(**kw):
+        return TrainConfig(**{**dict(base_model="llama-2-7b", sequence_len=512, micro_batch_size=2, rl="grpo",
+                                     val_set_size=0, trl={"num_generations": 4, "max_completion_length": 256,
+                                                          "reward_funcs": ["m.f"]}), **kw})
+
+    grpo = plan_config(cfg())
+    same = plan_config(TrainConfig(base_model="llama-2-7b", sequence_len=768, micro_batch_size=2))
+    assert grpo.items["activations"] == same.items["activations"]
+    assert grpo.items["generation_kv_cache"] == 0  # 2 rows' cache is smaller than their activations
+    many = plan_config(cfg(gradient_checkpointing=True, gradient_accumulation_steps=64))
+    f = shapes(load_model_config("llama-2-7b"))
+    kv = 128 * 768 * f.L * 2 * f.kv * 2 + 3 * 4 * 128 * f.vocab  # bf16 cache, three float32 logit rows
+    training = sum(many.items[k] for k in ("activations", "logits_and_loss", "backward_and_allocator"))
+    assert many.items["generation_kv_cache"] == kv - training > 0
+    assert many.settings["generation_rows"] == 128 and many.settings["completion_len"] == 256

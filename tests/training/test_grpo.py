@@ -222,3 +222,57 @@ def test_builtin_rewards():
     assert exact_answer(None, comps, answer=["42", "41", "3", "7.0"]) == [1.0, 1.0, 0.0, 1.0]
     assert exact_answer(None, comps[:1], answer=[None]) == [None]
     assert answer_format(None, comps) == [0.0, 0.0, 0.0, 1.0]
+
+
+AXOLOTL_REWARDS = '''
+def oai_gsm8k_transform(cfg, *args, **kwargs):
+    def transform_fn(example, tokenizer=None):
+        label = example["answer"].split("####")[-1].strip().replace(",", "")
+        return {"prompt": [{"role": "user", "content": example["question"]}], "answer": label}
+    return transform_fn, {"remove_columns": ["question"]}
+
+
+def columns_seen(prompts, completions, **columns):
+    assert "question" not in columns and columns["answer"][0] == "42", sorted(columns)
+    assert prompts[0][0]["content"].startswith("what is")
+    return [0.0 for _ in completions]
+'''
+
+
+def test_an_axolotl_grpo_config_with_its_own_transform_trains(task, tmp_path):
+    """Axolotl's GRPO recipe as its docs write it: rewards.py beside the config holds the reward functions and the
+    data transform (``type: rewards.oai_gsm8k_transform``), a vllm: section (sampling runs in-process here)."""
+    (tmp_path / "rewards.py").write_text(AXOLOTL_REWARDS)
+    rows = [{"question": f"what is {i} + {42 - i}?", "answer": f"{i} + {42 - i} = 42 #### 42"} for i in range(8)]
+    (tmp_path / "gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "grpo.yml").write_text(f"""base_model: {task / 'model'}
+rl: grpo
+vllm:
+  host: 0.0.0.0
+  port: 8000
+trl:
+  use_vllm: true
+  beta: 0.001
+  max_completion_length: 8
+  num_generations: 4
+  reward_funcs: ["rewards.columns_seen"]
+  reward_weights: [1.0]
+datasets:
+  - path: {tmp_path / 'gsm.jsonl'}
+    type: rewards.oai_gsm8k_transform
+val_set_size: 0.0
+micro_batch_size: 4
+gradient_accumulation_steps: 2
+max_steps: 2
+sequence_len: 64
+output_dir: {tmp_path / 'out'}
+""")
+    cfg = load_config(tmp_path / "grpo.yml")
+    assert cfg.datasets[0]["type"] == f"{(tmp_path / 'rewards.py').resolve()}:oai_gsm8k_transform"
+    logs = []
+    res = recipe.train(cfg.validate(), progress=False, log=logs.append)
+    assert res["steps"] == 2 and any("8 prompts, 2 a step" in str(m) for m in logs)
+    (tmp_path / "rewards.py").write_text(AXOLOTL_REWARDS.replace("[-1]", "[0]"))  # the token cache follows the code
+    with pytest.raises(LowbitError, match="reward function columns_seen failed on sample .*AssertionError"):
+        recipe.train(load_config(tmp_path / "grpo.yml").validate(), progress=False, log=lambda *a: None,
+                     overwrite=True)

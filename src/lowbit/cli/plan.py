@@ -59,7 +59,9 @@ def run(args) -> int:
           f"{'on' if cfg.gradient_checkpointing else 'off'}, {s['compute_dtype']} on {args.device}"
           + (f", per rank of {args.world_size} ({s['distributed']})" if args.world_size > 1 else "")
           + (f", rl: {cfg.rl} (a row each for the chosen and the rejected completion)"
-             if s.get("rows_per_sample", 1) > 1 else "") + "\n")
+             if s.get("rows_per_sample", 1) > 1 else "")
+          + (f", rl: grpo (rows of prompt + {s['completion_len']} completion tokens; sampling "
+             f"{s['generation_rows']} rows a step with a KV cache)" if s.get("generation_rows") else "") + "\n")
     print(p.table())
     if s.get("model_type") not in KNOWN:
         print(f"note: model type {s.get('model_type')!r} is planned as a LLaMA-style decoder (q/k/v/o, gate/up/down); "

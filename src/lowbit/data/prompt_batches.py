@@ -32,10 +32,6 @@ class PromptBatches:
         wrapped = perm + perm * (-(-self.per_step // n))  # the last step filled from the start
         return [wrapped[k : k + self.per_step] for k in range(0, len(self) * self.per_step, self.per_step)]
 
-    def sequential(self) -> list[list[int]]:
-        """Every prompt in file order."""
-        return PromptBatches(self.samples, self.per_step, shuffle=False).order(0)
-
     def batch(self, idx: list[int]) -> dict:
         rows = [self.samples.row(int(i)) for i in idx]
         return {"index": list(idx), "prompt_ids": [list(r["prompt_ids"]) for r in rows],

@@ -7,16 +7,27 @@ reward functions.
 
 ``field`` names another prompt column. Every column (the prompt too, as given) is kept as JSON in ``columns``: each
 reaches the reward functions as a keyword argument of that name. ``max_prompt_len`` keeps the prompt's last tokens;
-a prompt that fills ``sequence_len`` is dropped (counted). Importing this module does not import torch.
+a prompt that fills ``sequence_len`` is dropped (counted).
+
+Axolotl's custom transform (``type: rewards.prompt_transform``, a source of ``PYTHON_TYPE``): its loader is called
+as Axolotl calls it, ``loader(cfg, dataset_idx=i)`` — ``cfg`` an Axolotl-style config whose keys all read None
+here —, and returns ``transform`` or ``(transform, {"remove_columns": [...] | "__all__"})``; each record becomes
+its columns less the removed ones, updated with ``transform(record)`` (``tokenizer=`` passed when it takes one).
+Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import os
 
 from ..errors import LowbitError
 from .preference import _template_kw
+from .python_funcs import load_function
 from .records import Record
+from .sources import PYTHON_TYPE
 
 __all__ = ["PROMPT_FORMAT", "prompt_row", "detect_prompt", "prompt_of"]
 
@@ -60,8 +71,64 @@ def _ids(tok, rec: Record, prompt, opts: dict) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
+class _AxolotlConfig(dict):
+    """What a transform's loader gets as ``cfg``: every key reads None (Axolotl's ``DictDefault``)."""
+
+    def __getattr__(self, name):
+        return self.get(name)
+
+
+@functools.lru_cache(maxsize=16)
+def _transform(name: str, dataset_idx: int, version: str):
+    """(transform, columns to remove, whether it takes the tokenizer) of the loader ``name`` (``version``: its
+    file's text, so an edited file is read again)."""
+    what = f"datasets[{dataset_idx}].type"
+    loader = load_function(name, what)
+    try:
+        got = loader(_AxolotlConfig(), dataset_idx=dataset_idx)
+    except Exception as e:
+        raise LowbitError(f"{what}: {name}(cfg, dataset_idx={dataset_idx}) failed: {type(e).__name__}: {e}") \
+            from None
+    fn, kw = got if isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict) else (got, {})
+    if not callable(fn):
+        raise LowbitError(f"{what}: {name} must return a transform function (or (function, map options)), got "
+                          f"{type(fn).__name__}")
+    try:
+        takes_tok = "tokenizer" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes_tok = False
+    return fn, kw.get("remove_columns") or [], takes_tok
+
+
+def _version(name: str) -> str:
+    """The size and modification time of the file a ``file.py:function`` name reads ("" for a module)."""
+    path = name.rsplit(":", 1)[0] if ":" in name else None
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}" if st else ""
+
+
+def _transformed(rec: Record, tok, fmt: str, opts: dict) -> Record:
+    name = fmt[len(PYTHON_TYPE):]
+    fn, remove, takes_tok = _transform(name, int(opts.get("dataset_idx", 0)), _version(name))
+    try:
+        new = fn(dict(rec.data), **({"tokenizer": tok} if takes_tok else {}))
+    except Exception as e:
+        raise LowbitError(f"{rec.where}: the transform {fmt[len(PYTHON_TYPE):]} failed: {type(e).__name__}: {e}") \
+            from None
+    if not isinstance(new, dict):
+        raise LowbitError(f"{rec.where}: the transform {fmt[len(PYTHON_TYPE):]} must return a mapping of columns, got "
+                          f"{type(new).__name__}")
+    kept = {} if remove == "__all__" else {k: v for k, v in rec.data.items() if k not in remove}
+    return Record({**kept, **new}, rec.where)
+
+
 def prompt_row(rec: Record, tok, fmt: str, sequence_len: int, opts: dict) -> dict:
     """The columns of one record: prompt_ids, columns (JSON), length (0: dropped), truncated, why."""
+    if fmt.startswith(PYTHON_TYPE):
+        rec = _transformed(rec, tok, fmt, opts)
     prompt = prompt_of(rec, opts)
     ids = _ids(tok, rec, prompt, opts)
     keep = opts.get("max_prompt_len") or 0

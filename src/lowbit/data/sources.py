@@ -25,8 +25,9 @@ from ..errors import LowbitError
 from .chat_templates import check_chat_template
 from .formats import FORMATS
 from .preference import PREFERENCE_FORMATS
+from .python_funcs import is_function_name
 
-__all__ = ["DataSource", "parse_sources", "TYPE_ALIASES", "SOURCE_KEYS"]
+__all__ = ["DataSource", "parse_sources", "TYPE_ALIASES", "SOURCE_KEYS", "PYTHON_TYPE"]
 
 # Axolotl's dataset ``type`` names that are not lowbit's own format names (data/formats.py FORMATS) → lowbit's
 TYPE_ALIASES = {"chat_template": "chat", "completion": "text", "pretrain": "text"}
@@ -43,6 +44,8 @@ FIELD_KEYS = ("field", "field_messages", "message_property_mappings", "message_f
               "roles", "roles_to_train", "field_instruction", "field_input", "field_output", "chat_template",
               "chat_template_jinja", "field_thinking", "template_thinking_key", "drop_system_message", "field_chosen",
               "field_rejected")
+# a source whose type is the user's own transform (``type: rewards.prompt_transform``, rl: grpo): "python:" + its name
+PYTHON_TYPE = "python:"
 # Axolotl's split names → the part of a folder lowbit reads; a slice follows HF datasets' syntax: train[:10%]
 SPLIT_NAMES = ("train", "valid", "validation", "test")
 
@@ -64,18 +67,20 @@ class DataSource:
         return self.path, self.fmt, self.ds_type, self.split, sorted((k, repr(v)) for k, v in self.fields.items())
 
 
-def _format_name(value, where: str) -> str:
+def _format_name(value, where: str, custom: bool = False) -> str:
     if value in FORMATS or value in PREFERENCE_FORMATS or value == "auto":
         return value
     if value in TYPE_ALIASES:
         return TYPE_ALIASES[value]
+    if custom and is_function_name(value):
+        return PYTHON_TYPE + value
     names = sorted({*FORMATS, *TYPE_ALIASES, *PREFERENCE_FORMATS})
     near = difflib.get_close_matches(str(value), names, n=1)
     raise LowbitError(f"{where}.type: unknown {value!r}; choose one of {', '.join(names)}"
                       + (f" — did you mean {near[0]!r}?" if near else ""))
 
 
-def _entry(d: dict, where: str, default_fmt: str) -> DataSource:
+def _entry(d: dict, where: str, default_fmt: str, custom: bool = False) -> DataSource:
     for k in d:
         if k not in SOURCE_KEYS:
             near = difflib.get_close_matches(str(k), SOURCE_KEYS, n=1)
@@ -128,13 +133,16 @@ def _entry(d: dict, where: str, default_fmt: str) -> DataSource:
     if split is not None and not re.fullmatch(r"(train|valid|validation|test)(\[-?\d*%?:-?\d*%?\])?", str(split)):
         raise LowbitError(f"{where}.split: expects train, valid, validation or test, optionally sliced as "
                           f"datasets does (train[:10%], train[100:200]), got {split!r}")
-    return DataSource(path, _format_name(d.get("type", default_fmt), where), split, ds_type, fields, float(weight),
-                      limit, where)
+    fmt = _format_name(d.get("type", default_fmt), where, custom)
+    if fmt.startswith(PYTHON_TYPE):  # Axolotl calls the transform's loader with the entry's index
+        fields["dataset_idx"] = int(where[len("datasets["):-1]) if where.startswith("datasets[") else 0
+    return DataSource(path, fmt, split, ds_type, fields, float(weight), limit, where)
 
 
-def parse_sources(datasets, default_fmt: str = "auto") -> list[DataSource]:
+def parse_sources(datasets, default_fmt: str = "auto", custom: bool = False) -> list[DataSource]:
     """``datasets`` (a string, a comma list, or Axolotl's list of strings / mappings) as ``DataSource`` entries;
-    ``default_fmt`` (``dataset_format``) applies where an entry names no type."""
+    ``default_fmt`` (``dataset_format``) applies where an entry names no type. ``custom``: a type spelled
+    ``module.function`` (or ``file.py:function``) is the user's transform (``PYTHON_TYPE``; rl: grpo reads them)."""
     items = datasets if isinstance(datasets, list) else [datasets]
     if not items:
         raise LowbitError("datasets is empty")
@@ -144,7 +152,7 @@ def parse_sources(datasets, default_fmt: str = "auto") -> list[DataSource]:
         if isinstance(item, str):
             out.append(DataSource(item, _format_name(default_fmt, "dataset_format"), label=where))
         elif isinstance(item, dict):
-            out.append(_entry(item, where, default_fmt))
+            out.append(_entry(item, where, default_fmt, custom))
         else:
             raise LowbitError(f"{where}: expects a path, a built-in name or a mapping with 'path', got {item!r}")
     return out

@@ -24,8 +24,9 @@ from ..errors import LowbitError
 from .formats import detect_format, tokenize_record
 from .preference import detect_preference, preference_row
 from .prompts import detect_prompt, prompt_row
+from .python_funcs import function_source
 from .records import Record, held_out_rows, load_records
-from .sources import DataSource
+from .sources import PYTHON_TYPE, DataSource
 
 __all__ = ["TokenTable", "source_tables", "READERS", "deduplicate"]
 
@@ -173,7 +174,8 @@ def _fingerprint(path: Path, src: DataSource, fmt: str, tok, sequence_len: int, 
     parts = [str(path.resolve()), st.st_size, st.st_mtime_ns, src.key, fmt, sequence_len, train_on_inputs,
              getattr(tok, "chat_template", None), tok.eos_token_id, tok.bos_token_id,
              getattr(tok, "add_bos_token", None), backend.to_str() if backend is not None else repr(tok),
-             *((Path(__file__).parent / f).read_text() for f in ("formats.py", "preference.py", "prompts.py"))]
+             *((Path(__file__).parent / f).read_text() for f in ("formats.py", "preference.py", "prompts.py")),
+             function_source(fmt[len(PYTHON_TYPE):]) if fmt.startswith(PYTHON_TYPE) else ""]
     return hashlib.sha256(json.dumps(parts, default=repr).encode()).hexdigest()[:24]
 
 

@@ -16,6 +16,10 @@ activations)::
                         — coefficients counted from the tensors autograd saves in lowbit's own training step; i and
                         n_adapted per token (MoE: the top-k experts' widths and adapters)
     logits / loss       one loss chunk (nn.loss_chunk): ≈8M logits × 8 B (bf16 logits, fp32 copy, bf16 gradient)
+    generation          rl: grpo — rows are prompt (≤ sequence_len) + completion (≤ max_completion_length); the
+                        step's sampling holds a KV cache of 2·kv per token and layer for each generated row, and
+                        three float32 logit rows per row (logits, filtered, noise); sampling runs between steps,
+                        so only what it needs beyond the training step's activations is counted
     transient weight    the largest dequantized weight, forward and backward
     backward+allocator  activation gradients during backward and memory the allocator keeps after freeing;
                         on CPU measured here (≈0.75× activations, ≈9.5 layers with checkpointing), on GPU estimated
@@ -48,6 +52,7 @@ from ..optim.registry import check_optimizer
 from ..quant.spec import INT8, NESTED_BLOCKSIZE, QUANT_TYPES, check_blocksize, check_quant_type, packed_bytes
 from ..sizes import GIB, parse_size
 from ..training.config import DISTRIBUTED
+from ..training.grpo_spec import grpo_spec_from
 from ..training.preference_spec import PAIRED
 from .catalog import load_model_config
 from .shapes import Layer, Shapes, shapes
@@ -153,10 +158,12 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
          blocksize: int = 64, optimizer: str = "adamw", gradient_checkpointing: bool = False,
          compute_dtype: str = "bfloat16", device_memory=None, device: str = "cuda", page_bytes: int = 0,
          world_size: int = 1, distributed: str = "auto", load_in_8bit: bool = False,
-         lora_modules_to_save: list | None = None, rows_per_sample: int = 1) -> Plan:
+         lora_modules_to_save: list | None = None, rows_per_sample: int = 1, completion_len: int = 0,
+         generation_rows: int = 0) -> Plan:
     """The itemised peak memory of QLoRA training on one device (of ``world_size``; see the module docstring).
     ``rows_per_sample``: 2 for preference pairs (chosen and rejected take a row each; the reference pass keeps
-    no activations)."""
+    no activations). ``completion_len``, ``generation_rows``: a GRPO run's completion length and the rows a rank
+    samples each step."""
     kind, dtype = _checked(sequence_len, micro_batch_size, lora_r, load_in_4bit, quant_type, blocksize, optimizer,
                            compute_dtype, device)
     f, lin, targets, cfg_type = _layers(model, lora_target_modules, lora_r)
@@ -168,7 +175,7 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     state = int(lora * kind.state_bytes_per_param)
     items["optimizer_state"] = min(state, page_bytes or kind.default_budget_bytes()) if kind.paged else state
     host = state - items["optimizer_state"]
-    tokens = sequence_len * micro_batch_size * rows_per_sample
+    tokens = (sequence_len + completion_len) * micro_batch_size * rows_per_sample
     # adapted layers a token passes through per decoder layer (an expert's only when routed to it)
     n_adapted = sum(x.count / f.L * (f.topk / f.experts if x.expert else 1) for x in f.layers if x.path in targets)
     per_layer_tok = (12 * f.h + 4 * f.kv + 6 * f.mlp_per_token + 2 * lora_r * n_adapted + 4 * f.heads + 8) \
@@ -194,6 +201,10 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
                   if v}
     items.update(_overheads(items, act, tokens * per_layer_tok, tokens * f.L * per_layer_tok,
                             gradient_checkpointing, device))
+    if generation_rows:
+        kv = generation_rows * (sequence_len + completion_len) * f.L * 2 * f.kv * dbytes
+        training = sum(items.get(k, 0) for k in ("activations", "logits_and_loss", "backward_and_allocator"))
+        items["generation_kv_cache"] = max(0, int(kv + 3 * 4 * generation_rows * f.vocab - training))
     total = sum(items.values())
     dev = parse_size(device_memory) if device_memory is not None else None
     fits = None if dev is None else total <= (1 - HEADROOM) * dev
@@ -202,6 +213,7 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
                     quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, optimizer=optimizer,
                     gradient_checkpointing=gradient_checkpointing, compute_dtype=dtype, device=device,
                     world_size=world_size, distributed=mode, model_type=cfg_type, rows_per_sample=rows_per_sample,
+                    completion_len=completion_len, generation_rows=generation_rows,
                     quantized_params=sum(a * b * c for _, a, b, c in lin), lora_params=lora)
     return Plan(items, sum(host_items.values()), total, dev, fits, settings, host_items)
 
@@ -290,9 +302,12 @@ def _overheads(items: dict, act: float, layer_act: float, act_without_checkpoint
 def config_settings(cfg, device: str = "cuda", world_size: int = 1) -> dict:
     """``plan``'s keyword arguments for the run ``train(cfg)`` does (``cfg`` a ``TrainConfig``) on each of
     ``world_size`` ranks."""
+    grpo = getattr(cfg, "rl", "") == "grpo"
+    completion = grpo_spec_from(cfg).max_completion_length if grpo else 0
     return {**{k: getattr(cfg, k) for k in PLAN_KEYS}, "device": device,
             "page_bytes": int(cfg.optimizer_budget_mb * 2**20), "world_size": world_size,
-            "rows_per_sample": 2 if getattr(cfg, "rl", "") in PAIRED else 1}
+            "rows_per_sample": 2 if getattr(cfg, "rl", "") in PAIRED else 1, "completion_len": completion,
+            "generation_rows": cfg.micro_batch_size * cfg.gradient_accumulation_steps if grpo else 0}
 
 
 def plan_config(cfg, device_memory=None, device: str = "cuda", world_size: int = 1) -> Plan:

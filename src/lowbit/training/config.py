@@ -18,6 +18,7 @@ import yaml
 
 from ..data.chat_templates import check_chat_template
 from ..data.formats import FORMATS
+from ..data.python_funcs import is_function_name
 from ..data.sources import parse_sources
 from ..dtypes import DTYPE_ALIASES, DTYPES
 from ..errors import LowbitError
@@ -219,9 +220,9 @@ class TrainConfig:
         try:
             check_chat_template(self.chat_template, self.chat_template_jinja)
             self.quant_spec()
-            parse_sources(self.datasets, self.dataset_format)
+            parse_sources(self.datasets, self.dataset_format, custom=self.rl == "grpo")
             if self.test_datasets is not None:
-                parse_sources(self.test_datasets, self.dataset_format)
+                parse_sources(self.test_datasets, self.dataset_format, custom=self.rl == "grpo")
             if self.memory_limit:
                 parse_size(self.memory_limit)
         except LowbitError as e:
@@ -360,25 +361,31 @@ def load_config(path: str | Path | None, report: Report | None = None) -> TrainC
     if not isinstance(data, dict):
         raise LowbitError(f"{p}: expected a mapping of keys to values")
     try:
-        return _rewards_beside(apply_overrides(cfg, data, report=report), p.parent)
+        return _python_beside(apply_overrides(cfg, data, report=report), p.parent)
     except LowbitError as e:
         raise LowbitError(f"{p}: {e}") from None
 
 
-def _rewards_beside(cfg: TrainConfig, folder: Path) -> TrainConfig:
-    """``trl.reward_funcs`` entries ``module.fn`` whose ``module.py`` sits beside the config file, as
-    ``/that/module.py:fn`` (Axolotl imports them from where it runs; a config read from elsewhere finds them too)."""
+def _python_beside(cfg: TrainConfig, folder: Path) -> TrainConfig:
+    """The functions a config names as ``module.fn`` (``trl.reward_funcs``; under rl: grpo a dataset's ``type``)
+    whose ``module.py`` sits beside the config file, as ``/that/module.py:fn`` — Axolotl imports them from where it
+    runs; a config read from elsewhere finds them too."""
+
+    def beside(f):
+        if not (isinstance(f, str) and is_function_name(f)) or ":" in f:
+            return f
+        module, name = f.rsplit(".", 1)
+        path = folder / (module.replace(".", "/") + ".py")
+        return f"{path.resolve()}:{name}" if path.is_file() else f
+
+    changes = {}
     funcs = (cfg.trl or {}).get("reward_funcs")
-    if not isinstance(funcs, list):
-        return cfg
-    out = []
-    for f in funcs:
-        if isinstance(f, str) and "." in f and ":" not in f:
-            module, name = f.rsplit(".", 1)
-            path = folder / (module.replace(".", "/") + ".py")
-            f = f"{path.resolve()}:{name}" if path.is_file() else f
-        out.append(f)
-    return dataclasses.replace(cfg, trl={**cfg.trl, "reward_funcs": out})
+    if isinstance(funcs, list):
+        changes["trl"] = {**cfg.trl, "reward_funcs": [beside(f) for f in funcs]}
+    if cfg.rl == "grpo" and isinstance(cfg.datasets, list):
+        changes["datasets"] = [{**d, "type": beside(d["type"])} if isinstance(d, dict) and "type" in d else d
+                               for d in cfg.datasets]
+    return dataclasses.replace(cfg, **changes)
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

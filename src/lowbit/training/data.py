@@ -29,7 +29,7 @@ def sources_of(cfg: TrainConfig, datasets) -> list[DataSource]:
                                ("chat_template_kwargs", cfg.chat_template_kwargs),
                                ("max_prompt_len", cfg.max_prompt_len if cfg.rl else 0))
              if v and v != "truncate"}
-    sources = parse_sources(datasets, cfg.dataset_format)
+    sources = parse_sources(datasets, cfg.dataset_format, custom=cfg.rl == "grpo")
     if cfg.rl and cfg.rl != "grpo":  # Axolotl's type: chat_template under rl is its chat_template.default
         sources = [dataclasses.replace(s, fmt="chat_template.default") if s.fmt == "chat" else s for s in sources]
     return [dataclasses.replace(s, fields={**s.fields, **extra}) for s in sources]

@@ -26,7 +26,7 @@ from .reward_funcs import func_name, score
 from .rollout import sample_completions
 from .sequence_logps import token_logps
 
-__all__ = ["GRPOLoss", "prompt_seed"]
+__all__ = ["GRPOLoss", "prompt_seed", "rollout_fn"]
 
 
 def prompt_seed(seed: int, step: int, position: int) -> int:
@@ -57,14 +57,15 @@ class GRPOLoss(LossModule):
         comps, cut = sample_completions(
             self.model, ids, g, [prompt_seed(self.spec.seed, step, k) for k in mine], self.spec.max_completion_length,
             self.stop_ids, self.tok.pad_token_id, self.spec.temperature, self.spec.top_k, self.spec.top_p)
-        rewards = self._score(cols, comps, [prompts["index"][k] for k in mine])
+        rewards, texts = self._score(cols, comps, [prompts["index"][k] for k in mine])
         adv, total = advantages(rewards, torch.tensor(self.spec.reward_weights), g, self.spec.scale_rewards,
                                 self._batch_stats)
-        self._note(rewards, total, comps, cut, cols)
+        self._note(rewards, total, comps, cut, cols, texts)
         rows = [(ids[i // g], c, bool(cut[i]) and self.spec.mask_truncated_completions) for i, c in enumerate(comps)]
         return [self._micro_batch(rows[k : k + self.mb], adv[k : k + self.mb]) for k in range(0, len(rows), self.mb)]
 
-    def _score(self, cols: list[dict], comps: list[list[int]], index: list[int]) -> torch.Tensor:
+    def _score(self, cols: list[dict], comps: list[list[int]], index: list[int]) -> tuple[torch.Tensor, list[str]]:
+        """``[completions, functions]`` rewards, and the completions' text."""
         g = self.spec.num_generations
         texts = self.tok.batch_decode(comps, skip_special_tokens=True)
         chat = [isinstance(c["prompt"], list) for c in cols]
@@ -74,8 +75,7 @@ class GRPOLoss(LossModule):
         columns = {k: [c.get(k) for c in cols for _ in range(g)] for k in keys}
         where = [f"sample {index[i // g]} of the data, completion {i % g + 1} ({texts[i][:40]!r})"
                  for i in range(len(texts))]
-        self._texts = texts
-        return score(self.funcs, self.names, prompts, completions, {**columns, "completion_ids": comps}, where)
+        return score(self.funcs, self.names, prompts, completions, {**columns, "completion_ids": comps}, where), texts
 
     def _batch_stats(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and unbiased std of the weighted rewards of the whole step, over every rank (NaNs left out)."""
@@ -87,7 +87,8 @@ class GRPOLoss(LossModule):
             return torch.tensor(mean), nanstd(r)
         return torch.tensor(mean), torch.tensor((sq / max(n - 1, 1.0)) ** 0.5, dtype=torch.float32)
 
-    def _note(self, rewards, total, comps, cut, cols) -> None:
+    def _note(self, rewards, total, comps, cut, cols, texts) -> None:
+        """The step's sampling metrics, and its first completions for ``log_completions``."""
         g = self.spec.num_generations
         m = {"reward": (float(torch.nansum(total)), int((~torch.isnan(total)).sum())),
              "reward_std": (float(nanstd(total)) if len(total) > 1 else 0.0, 1),
@@ -99,7 +100,7 @@ class GRPOLoss(LossModule):
             ok = ~torch.isnan(col)
             m[f"rewards/{name}/mean"] = (float(col[ok].sum()), int(ok.sum()))
         self.book.add("train", m)
-        self.samples = [{"prompt": cols[i // g]["prompt"], "completion": self._texts[i], "reward": float(total[i])}
+        self.samples = [{"prompt": cols[i // g]["prompt"], "completion": texts[i], "reward": float(total[i])}
                         for i in range(min(len(comps), 4))]
 
     def _micro_batch(self, rows: list, adv: torch.Tensor) -> dict:
@@ -126,6 +127,8 @@ class GRPOLoss(LossModule):
         return torch.zeros(keep.shape, dtype=flat.dtype, device=device).masked_scatter(keep, flat), keep
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, float]:
+        if "rollout" in batch:  # sampling inside the wrapper's forward: FSDP2 gathers the root's parameters for it
+            return self.rollout(batch["rollout"], batch["step"])
         logp, mask = self._logps(batch)
         ref = None
         if self.spec.beta != 0.0:
@@ -134,3 +137,16 @@ class GRPOLoss(LossModule):
         loss, units, metrics = policy_loss(self.spec, logp, None, ref, batch["adv"].to(logp.device), mask)
         self.book.add("train", metrics)
         return loss, units
+
+
+def rollout_fn(trainer, module: GRPOLoss, world):
+    """The loop's ``rollout``: the module's own, or under FSDP2 a call through the sharded root (whose forward
+    gathers the embeddings and head the sampler reads), without gradients."""
+    if world.mode != "fsdp":
+        return module.rollout
+
+    def through_root(prompts: dict, step: int) -> list[dict]:
+        with torch.no_grad():
+            return trainer({"rollout": prompts, "step": step})
+
+    return through_root

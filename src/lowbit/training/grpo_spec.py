@@ -152,15 +152,17 @@ def validate_grpo(cfg, bad) -> None:
 
 
 def _check_sources(cfg, bad) -> None:
-    """GRPO reads prompts: a source's ``type`` must be left out (its records need a prompt field)."""
-    from ..data.sources import parse_sources
+    """GRPO reads prompts: a source's ``type`` is left out (its records hold a prompt field) or names the user's
+    transform (Axolotl's ``type: rewards.prompt_transform``)."""
+    from ..data.sources import PYTHON_TYPE, parse_sources
     from ..errors import LowbitError
 
     try:
-        sources = parse_sources(cfg.datasets, cfg.dataset_format)
+        sources = parse_sources(cfg.datasets, cfg.dataset_format, custom=True)
     except LowbitError:
         return  # reported by the config's own check
     for s in sources:
-        if s.fmt != "auto":
+        if s.fmt != "auto" and not s.fmt.startswith(PYTHON_TYPE):
             bad(f"{s.label or 'datasets'}.type:", f"{s.fmt} — rl: grpo reads prompts (records with a prompt field: "
-                "text or chat messages, and the columns the rewards read); leave type out")
+                "text or chat messages, and the columns the rewards read); leave type out, or name your transform "
+                "(module.function)")

@@ -37,7 +37,7 @@ from .data import load_data, load_preference_data, load_prompt_data
 from .device import free_device_memory, resolve_device
 from .distributed import World, base_bytes, check_same_base, init_world, wrap
 from .evaluation import evaluate
-from .grpo import GRPOLoss
+from .grpo import GRPOLoss, rollout_fn
 from .grpo_spec import grpo_spec_from
 from .loop import NonFiniteLoss, train_loop
 from .loss import module_loss
@@ -130,7 +130,8 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
     if world.main:
         with writing_file(out / "config.yaml") as tmp:
             tmp.write_text(config_to_yaml(cfg))
-        _keep_metrics_up_to(out / "metrics.jsonl", state.step)
+        for log_file in ("metrics.jsonl", "completions.jsonl"):
+            _keep_metrics_up_to(out / log_file, state.step)
     run = dict(dtype=dtype, loss_fn=_loss_fn(cfg, device, log), world=world, device=device)
     if "base_eval_loss" not in state.history and valid is not None:
         state.history["base_eval_loss"] = evaluate(trainer, valid, **run)
@@ -142,7 +143,7 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
     if grpo and grpo.log_completions and world.main:
         callbacks.insert(-1 - len(extra), CompletionsLog(module, out / "completions.jsonl", cfg.logging_steps))
     _run(cfg, trainer, opt, sched, batches, total, state, callbacks, checkpoints, run,
-         module.rollout if grpo else None)
+         rollout_fn(trainer, module, world) if grpo else None)
     if state.stop_reason:
         log(state.stop_reason)
     tensors = adapter_tensors(model)  # whole on every rank (gathered under FSDP); rank 0 writes
@@ -287,8 +288,8 @@ def _prepare_output_dir(out: Path, cfg: TrainConfig, world: World, resume: bool,
 
 
 def _keep_metrics_up_to(path: Path, step: int) -> None:
-    """metrics.jsonl of a resumed run ends at its checkpoint's step (a killed run may have logged steps past its
-    last checkpoint, which the resumed run computes again); a fresh run starts it empty."""
+    """metrics.jsonl (and completions.jsonl) of a resumed run ends at its checkpoint's step (a killed run may have
+    logged steps past its last checkpoint, which the resumed run computes again); a fresh run starts it empty."""
     if not path.exists():
         return
     keep = []

@@ -1,24 +1,18 @@
-"""The reward functions of a GRPO run: named in ``trl.reward_funcs``, imported, and called with one line of error
-when they misbehave.
-
-    "module.function"       an importable module (the working directory first, as Axolotl does)
-    "path/to/file.py:name"  a file (a config's ``rewards.fn`` whose ``rewards.py`` sits beside it is rewritten so,
-                            ``config.load_config``)
+"""The reward functions of a GRPO run: named in ``trl.reward_funcs``, imported (``data/python_funcs.py``: an
+importable ``module.function`` or ``file.py:function``; a config's ``rewards.fn`` whose ``rewards.py`` sits beside it
+is read from there, ``config.load_config``), and called with one line of error when they misbehave.
 
 ``score`` returns ``[completions, functions]`` float32 with NaN where a function returned None.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import math
-import sys
-from pathlib import Path
 
 import torch
 
+from ..data.python_funcs import load_function
 from ..errors import LowbitError
 
 __all__ = ["load_reward_funcs", "score", "RewardError", "func_name"]
@@ -33,43 +27,11 @@ def func_name(spec: str) -> str:
     return spec.replace(":", ".").rsplit(".", 1)[-1]
 
 
-def _from_file(path: Path, name: str, spec: str):
-    if not path.is_file():
-        raise LowbitError(f"trl.reward_funcs: {spec}: no file {path}")
-    mod_spec = importlib.util.spec_from_file_location(f"_lowbit_rewards_{path.stem}", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    try:
-        mod_spec.loader.exec_module(mod)
-    except Exception as e:  # the user's file: say which and why, in one line
-        raise LowbitError(f"trl.reward_funcs: {path} failed to import: {type(e).__name__}: {e}") from None
-    return getattr(mod, name, None)
-
-
-def _load(spec: str):
-    if ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
-        path, name = spec.rsplit(":", 1)
-        fn = _from_file(Path(path), name, spec)
-    else:
-        module, name = spec.rsplit(".", 1)
-        if "" not in sys.path and str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))
-        try:
-            fn = getattr(importlib.import_module(module), name, None)
-        except ImportError as e:
-            raise LowbitError(f"trl.reward_funcs: {spec}: cannot import {module} ({e})") from None
-        except Exception as e:
-            raise LowbitError(f"trl.reward_funcs: {spec}: importing {module} failed: {type(e).__name__}: {e}") \
-                from None
-    if not callable(fn):
-        raise LowbitError(f"trl.reward_funcs: {spec}: no function {name!r} there")
-    return fn
-
-
 def load_reward_funcs(specs) -> list:
     """The functions ``specs`` name (see the module docstring), checked to take ``prompts`` and ``completions``."""
     fns = []
     for spec in specs:
-        fn = _load(spec)
+        fn = load_function(spec, "trl.reward_funcs")
         try:
             params = inspect.signature(fn).parameters
         except (TypeError, ValueError):
