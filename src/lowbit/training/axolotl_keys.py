@@ -233,7 +233,9 @@ UNSUPPORTED: dict[str, tuple[str, object]] = {
         ("expert_parallel_fallback_on_unsupported", None))},
     "nvfp4_merge_aware": ("NVFP4 bases are not read", None), "nvfp4_merge_aware_start_step": ("NVFP4 bases are not "
                                                                                              "read", None),
-    **{k: (_RL, None) for k in ("ebft", "reward_model", "process_reward_model", "center_rewards_coefficient",
+    "ebft": ("energy-based fine-tuning (EBFT) is not built in (RL with reward functions is: rl: grpo; preference "
+             "tuning: rl: dpo, ipo, orpo, kto, simpo)", None),
+    **{k: (_RL, None) for k in ("reward_model", "process_reward_model", "center_rewards_coefficient",
                                 "num_labels")},
     "dpo_use_weighting": ("WPO weighting is not built in (DPO's losses: sigmoid, hinge, ipo, robust)", None),
     "rpo_alpha": ("RPO's extra NLL term is not built in (ORPO and SimPO's cpo_alpha learn the chosen answers)", None),
