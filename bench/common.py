@@ -33,6 +33,49 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def vm_hwm_bytes() -> int:
+    """This process's own peak resident memory (Linux VmHWM; ``ru_maxrss`` carries over across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def peer_qlora_model(name: str):
+    """(model, tokenizer, compute dtype) as the peer stack loads a QLoRA base: transformers with bitsandbytes NF4 +
+    double quantization in lowbit's default compute dtype; the peer's warnings and logs quieted."""
+    import logging
+    import warnings
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lowbit.dtypes import default_compute_dtype
+    from lowbit.io.resolve import resolve_model
+    from lowbit.io.tokenizer import load_tokenizer
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    dtype = default_compute_dtype()
+    path = resolve_model(name)
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+    return net, load_tokenizer(path), dtype
+
+
+def hf_step_clock(times: list):
+    """A transformers ``TrainerCallback`` appending each optimizer step's wall time to ``times``."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    return Clock()
+
+
 def machine() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cores": os.cpu_count()}

@@ -24,17 +24,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import publish, run_worker, table
+from common import hf_step_clock, peer_qlora_model, publish, run_worker, table, vm_hwm_bytes
 
 MODEL, G, MAX_NEW, MB, LR, HELD, SEQ = "smollm2-135m", 8, 16, 16, 1e-4, 64, 256
 REWARDS = ["lowbit.rewards.exact_answer", "lowbit.rewards.answer_format"]
-
-
-def _vm_hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _data(folder: Path) -> Path:
@@ -103,7 +96,7 @@ def lowbit_worker(data: Path, out: Path, minutes: float) -> dict:
         before = _held_out_reward(model, tok, data)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"method": "lowbit", "steps": res["steps"], "step_s": statistics.median(budget.times[1:]),
-            "peak_rss_bytes": _vm_hwm(), "held_out_before": before, "held_out_after": after,
+            "peak_rss_bytes": vm_hwm_bytes(), "held_out_before": before, "held_out_after": after,
             "curve": [round(r["reward"], 4) for r in rows],
             "lengths": [round(r["completions/mean_length"], 2) for r in rows]}
 
@@ -121,44 +114,22 @@ def _rewards_for_trl():
 
 
 def trl_worker(data: Path, out: Path, steps: int) -> dict:
-    import logging
-    import warnings
-
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from lowbit.dtypes import default_compute_dtype
-    from lowbit.io.resolve import resolve_model
-    from lowbit.io.tokenizer import load_tokenizer
-
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    dtype = default_compute_dtype()
-    path = resolve_model(MODEL)
-    tok = load_tokenizer(path)
-    net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+    net, tok, _ = peer_qlora_model(MODEL)
     ds = load_dataset("json", data_files=str(data / "train.jsonl"), split="train")
     times = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t)
-
     args = GRPOConfig(output_dir=str(out), learning_rate=LR, per_device_train_batch_size=MB, num_generations=G,
                       max_completion_length=MAX_NEW, max_steps=steps, report_to=[], use_cpu=True, bf16=False,
                       save_strategy="no", logging_steps=1, disable_tqdm=True, lr_scheduler_type="constant")
     trainer = GRPOTrainer(model=net, reward_funcs=_rewards_for_trl(), args=args, train_dataset=ds,
-                          processing_class=tok, callbacks=[Clock()],
+                          processing_class=tok, callbacks=[hf_step_clock(times)],
                           peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     trainer.train()
     return {"method": "TRL GRPOTrainer + peft + bitsandbytes", "steps": steps,
-            "step_s": statistics.median(times[1:]), "peak_rss_bytes": _vm_hwm()}
+            "step_s": statistics.median(times[1:]), "peak_rss_bytes": vm_hwm_bytes()}
 
 
 def sampling_worker() -> dict:

@@ -22,16 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import publish, run_worker, table
+from common import hf_step_clock, peer_qlora_model, publish, run_worker, table, vm_hwm_bytes
 
 MODEL, BETA, LR, MB, SEQ, VALID = "smollm2-135m", 0.1, 5e-5, 4, 256, 64
-
-
-def _vm_hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _data(folder: Path) -> Path:
@@ -83,42 +76,21 @@ def lowbit_worker(data: Path, steps: int, out: Path, checkpointing: bool) -> dic
     timed = list(zip(clock.times, clock.tokens))[2:]
     step_s = statistics.median(t for t, _ in timed)
     return {"method": "lowbit", "step_s": step_s, "tokens_per_s": sum(n for _, n in timed) / sum(t for t, _ in timed),
-            "peak_rss_bytes": _vm_hwm(), "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
+            "peak_rss_bytes": vm_hwm_bytes(), "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
             "eval_loss_before": res["base_eval_loss"], "eval_loss_after": res["eval_loss"],
             "accuracy_before": acc0, "accuracy_after": rows[-1]["eval_rewards/accuracies"],
             "margin_before": margin0, "margin_after": rows[-1]["eval_rewards/margins"]}
 
 
 def trl_worker(data: Path, steps: int, out: Path, checkpointing: bool) -> dict:
-    import logging
-    import warnings
-
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from lowbit.dtypes import default_compute_dtype
-    from lowbit.io.resolve import resolve_model
-    from lowbit.io.tokenizer import load_tokenizer
-
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    dtype = default_compute_dtype()
-    path = resolve_model(MODEL)
-    tok = load_tokenizer(path)
-    net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+    net, tok, dtype = peer_qlora_model(MODEL)
     ds = load_dataset("json", data_files=str(data / "train.jsonl"), split="train")
     times, tokens = [], []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t)
 
     args = DPOConfig(output_dir=str(out), beta=BETA, learning_rate=LR, per_device_train_batch_size=MB,
                      max_length=SEQ, max_steps=steps, lr_scheduler_type="cosine", warmup_steps=0, report_to=[],
@@ -126,7 +98,8 @@ def trl_worker(data: Path, steps: int, out: Path, checkpointing: bool) -> dict:
                      train_sampling_strategy="sequential", optim="adamw_torch", weight_decay=0.0,
                      disable_tqdm=True, gradient_checkpointing=checkpointing,
                      gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainer = DPOTrainer(model=net, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()],
+    trainer = DPOTrainer(model=net, args=args, train_dataset=ds, processing_class=tok,
+                         callbacks=[hf_step_clock(times)],
                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     rows = [trainer.train_dataset[i] for i in range(steps * MB)]
     for k in range(steps):
@@ -136,7 +109,7 @@ def trl_worker(data: Path, steps: int, out: Path, checkpointing: bool) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     timed = list(zip(times, tokens))[2:]
     return {"method": "TRL DPOTrainer + peft + bitsandbytes", "step_s": statistics.median(t for t, _ in timed),
-            "tokens_per_s": sum(n for _, n in timed) / sum(t for t, _ in timed), "peak_rss_bytes": _vm_hwm(),
+            "tokens_per_s": sum(n for _, n in timed) / sum(t for t, _ in timed), "peak_rss_bytes": vm_hwm_bytes(),
             "first_loss": losses[0], "last_loss": losses[-1]}
 
 

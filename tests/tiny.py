@@ -147,3 +147,38 @@ def randomize_lora(m, seed=3):
         if isinstance(mod, LoRALinear):
             with torch.no_grad():
                 mod.lora_B.weight.copy_(torch.randn(mod.lora_B.weight.shape, generator=g) * 0.05)
+
+
+def tiny_with_random_lora(path, r=4, alpha=8, seed=0):
+    """(tokenizer, a tiny float32 lowbit model saved at ``path`` with LoRA r on every linear layer whose factors,
+    A and B, are all random — B ≠ 0, so the adapter changes the output): what oracle tests compare against TRL."""
+    from lowbit.io.loader import load
+    from lowbit.nn.lora import add_lora
+
+    save_tiny(path)
+    tok = tiny_tokenizer(path)
+    model = load(path, None, compute_dtype=torch.float32)
+    add_lora(model, r=r, alpha=alpha, verbose=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return tok, model
+
+
+class InterruptAt:
+    """A training callback that presses Ctrl-C right after step ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_begin(self, state):
+        pass
+
+    def on_step_end(self, state, record):
+        if state.step == self.step:
+            raise KeyboardInterrupt
+
+    def on_train_end(self, state):
+        pass

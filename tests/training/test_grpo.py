@@ -62,19 +62,9 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-class Interrupt:  # a Ctrl-C right after step 5
-    def on_train_begin(self, state):
-        pass
-
-    def on_step_end(self, state, record):
-        if state.step == 5:
-            raise KeyboardInterrupt
-
-    def on_train_end(self, state):
-        pass
-
-
 def test_grpo_raises_the_reward_and_resumes_exactly(setup, task):
+    from tiny import InterruptAt
+
     logs = []
     recipe.train(_cfg(setup, task, "full", trl={"log_completions": True}), progress=False, log=logs.append)
     assert any("24 prompts, 2 a step" in str(m) for m in logs)
@@ -88,7 +78,7 @@ def test_grpo_raises_the_reward_and_resumes_exactly(setup, task):
     assert {"step", "prompt", "completion", "reward"} <= set(logged[0]) and logged[-1]["step"] == 12
 
     with pytest.raises(LowbitError, match="interrupted at step 5"):
-        recipe.train(_cfg(setup, task, "resumed"), progress=False, log=lambda *a: None, callbacks=[Interrupt()])
+        recipe.train(_cfg(setup, task, "resumed"), progress=False, log=lambda *a: None, callbacks=[InterruptAt(5)])
     recipe.train(_cfg(setup, task, "resumed"), resume=True, progress=False, log=lambda *a: None)
     got = _metrics(task / "resumed")
     assert [r["step"] for r in got] == list(range(1, 13))

@@ -10,8 +10,6 @@ sampling does)."""
 import pytest
 import torch
 
-from lowbit.io.loader import load
-from lowbit.nn.lora import add_lora
 from lowbit.training.distributed import World
 from lowbit.training.grpo import GRPOLoss
 from lowbit.training.grpo_loss import advantages
@@ -23,18 +21,10 @@ COMPLETIONS = [" of france is paris", " today", " the capital of france is", " t
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from tiny import save_tiny, tiny_tokenizer
+    from tiny import tiny_with_random_lora
 
     path = tmp_path_factory.mktemp("grpo-model")
-    save_tiny(path)
-    tok = tiny_tokenizer(path)
-    mine = load(path, None, compute_dtype=torch.float32)
-    add_lora(mine, r=4, alpha=8, verbose=False)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in mine.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    tok, mine = tiny_with_random_lora(path)
     return path, tok, mine
 
 

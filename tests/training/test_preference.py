@@ -45,19 +45,11 @@ def test_dpo_learns_the_preference_and_resumes_exactly(setup, pairs):
     assert rows[-1]["eval_rewards/accuracies"] == 1.0 and rows[-1]["eval_rewards/margins"] > 0
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(rows[0])
 
-    class Interrupt:  # a Ctrl-C right after step 5
-        def on_train_begin(self, state):
-            pass
-
-        def on_step_end(self, state, record):
-            if state.step == 5:
-                raise KeyboardInterrupt
-
-        def on_train_end(self, state):
-            pass
+    from tiny import InterruptAt
 
     with pytest.raises(LowbitError, match="interrupted at step 5"):
-        recipe.train(_cfg(setup, pairs, "dpo-resumed"), progress=False, log=lambda *a: None, callbacks=[Interrupt()])
+        recipe.train(_cfg(setup, pairs, "dpo-resumed"), progress=False, log=lambda *a: None,
+                     callbacks=[InterruptAt(5)])
     recipe.train(_cfg(setup, pairs, "dpo-resumed"), resume=True, progress=False, log=lambda *a: None)
     got = _metrics(setup[0] / "dpo-resumed")
     assert [r["step"] for r in got] == list(range(1, 9))

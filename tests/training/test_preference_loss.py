@@ -7,8 +7,6 @@ import torch
 from lowbit.data.preference import preference_row
 from lowbit.data.preference_batches import PreferenceBatches
 from lowbit.data.records import Record
-from lowbit.io.loader import load
-from lowbit.nn.lora import add_lora
 from lowbit.training.preference import PreferenceLoss
 from lowbit.training.preference_spec import PreferenceSpec
 
@@ -36,18 +34,10 @@ class Table:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(model folder, tokenizer, lowbit model with random LoRA weights — B ≠ 0)."""
-    from tiny import save_tiny, tiny_tokenizer
+    from tiny import tiny_with_random_lora
 
     path = tmp_path_factory.mktemp("pref-model")
-    save_tiny(path)
-    tok = tiny_tokenizer(path)
-    mine = load(path, None, compute_dtype=torch.float32)
-    add_lora(mine, r=4, alpha=8, verbose=False)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in mine.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    tok, mine = tiny_with_random_lora(path)
     return path, tok, mine
 
 
