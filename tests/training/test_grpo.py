@@ -165,6 +165,8 @@ def test_top_k_and_top_p_equal_transformers(k, p):
      "trl.importance_sampling_level: 'sequence' is not built in"),
     ({"trl": {"reward_funcs": ["m.f"], "reward_weights": [1, 2]}}, "trl.reward_weights: needs one number per"),
     ({"trl": {"reward_funcs": ["m.f"]}, "val_set_size": 0.1}, "val_set_size held-out evaluation is not built in"),
+    ({"trl": {"reward_funcs": ["m.f"], "beta": 0.1}, "lora_model_dir": "runs/sft"},
+     "trl.beta: > 0 needs a run that starts from the base"),
     ({"trl": {"reward_funcs": ["m.f"]}, "datasets": [{"path": "x.jsonl", "type": "alpaca"}]},
      r"datasets\[0\].type: alpaca — rl: grpo reads prompts"),
 ])

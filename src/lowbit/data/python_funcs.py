@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import LowbitError
 
-__all__ = ["load_function", "function_source", "is_function_name"]
+__all__ = ["load_function", "function_source", "is_function_name", "beside"]
 
 _NAME = re.compile(r"(?:[A-Za-z_]\w*\.)+[A-Za-z_]\w*|.+\.py:[A-Za-z_]\w*")
 
@@ -22,6 +22,16 @@ _NAME = re.compile(r"(?:[A-Za-z_]\w*\.)+[A-Za-z_]\w*|.+\.py:[A-Za-z_]\w*")
 def is_function_name(value) -> bool:
     """Whether ``value`` is spelled as ``module.function`` or ``file.py:function``."""
     return isinstance(value, str) and bool(_NAME.fullmatch(value))
+
+
+def beside(spec, folder: Path):
+    """``module.fn`` as ``/folder/module.py:fn`` when that file exists (Axolotl imports a config's functions from
+    where it runs; a config read from elsewhere finds them beside it too); anything else as it is."""
+    if not is_function_name(spec) or ":" in spec:
+        return spec
+    module, name = spec.rsplit(".", 1)
+    path = Path(folder) / (module.replace(".", "/") + ".py")
+    return f"{path.resolve()}:{name}" if path.is_file() else spec
 
 
 def _split(spec: str) -> tuple[str, str, bool]:

@@ -157,9 +157,8 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
          lora_target_modules=ALL_LINEAR, load_in_4bit: bool = True, quant_type: str = "nf4", double_quant: bool = True,
          blocksize: int = 64, optimizer: str = "adamw", gradient_checkpointing: bool = False,
          compute_dtype: str = "bfloat16", device_memory=None, device: str = "cuda", page_bytes: int = 0,
-         world_size: int = 1, distributed: str = "auto", load_in_8bit: bool = False,
-         lora_modules_to_save: list | None = None, rows_per_sample: int = 1, completion_len: int = 0,
-         generation_rows: int = 0) -> Plan:
+         world_size: int = 1, distributed: str = "auto", load_in_8bit: bool = False, lora_modules_to_save=None,
+         rows_per_sample: int = 1, completion_len: int = 0, generation_rows: int = 0) -> Plan:
     """The itemised peak memory of QLoRA training on one device (of ``world_size``; see the module docstring).
     ``rows_per_sample``: 2 for preference pairs (chosen and rejected take a row each; the reference pass keeps
     no activations). ``completion_len``, ``generation_rows``: a GRPO run's completion length and the rows a rank
@@ -202,9 +201,7 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     items.update(_overheads(items, act, tokens * per_layer_tok, tokens * f.L * per_layer_tok,
                             gradient_checkpointing, device))
     if generation_rows:
-        kv = generation_rows * (sequence_len + completion_len) * f.L * 2 * f.kv * dbytes
-        training = sum(items.get(k, 0) for k in ("activations", "logits_and_loss", "backward_and_allocator"))
-        items["generation_kv_cache"] = max(0, int(kv + 3 * 4 * generation_rows * f.vocab - training))
+        items["generation_kv_cache"] = _generation(items, f, generation_rows, sequence_len + completion_len, dbytes)
     total = sum(items.values())
     dev = parse_size(device_memory) if device_memory is not None else None
     fits = None if dev is None else total <= (1 - HEADROOM) * dev
@@ -213,9 +210,16 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
                     quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, optimizer=optimizer,
                     gradient_checkpointing=gradient_checkpointing, compute_dtype=dtype, device=device,
                     world_size=world_size, distributed=mode, model_type=cfg_type, rows_per_sample=rows_per_sample,
-                    completion_len=completion_len, generation_rows=generation_rows,
-                    quantized_params=sum(a * b * c for _, a, b, c in lin), lora_params=lora)
+                    completion_len=completion_len, generation_rows=generation_rows, lora_params=lora,
+                    quantized_params=sum(a * b * c for _, a, b, c in lin))
     return Plan(items, sum(host_items.values()), total, dev, fits, settings, host_items)
+
+
+def _generation(items: dict, f: Shapes, rows: int, length: int, dbytes: int) -> int:
+    """What a GRPO step's sampling holds beyond the training step's activations (see the module docstring)."""
+    kv = rows * length * f.L * 2 * f.kv * dbytes
+    training = sum(items.get(k, 0) for k in ("activations", "logits_and_loss", "backward_and_allocator"))
+    return max(0, int(kv + 3 * 4 * rows * f.vocab - training))
 
 
 def _checked(sequence_len, micro_batch_size, lora_r, load_in_4bit, quant_type, blocksize, optimizer, compute_dtype,

@@ -18,7 +18,7 @@ import yaml
 
 from ..data.chat_templates import check_chat_template
 from ..data.formats import FORMATS
-from ..data.python_funcs import is_function_name
+from ..data.python_funcs import beside
 from ..data.sources import parse_sources
 from ..dtypes import DTYPE_ALIASES, DTYPES
 from ..errors import LowbitError
@@ -367,23 +367,14 @@ def load_config(path: str | Path | None, report: Report | None = None) -> TrainC
 
 
 def _python_beside(cfg: TrainConfig, folder: Path) -> TrainConfig:
-    """The functions a config names as ``module.fn`` (``trl.reward_funcs``; under rl: grpo a dataset's ``type``)
-    whose ``module.py`` sits beside the config file, as ``/that/module.py:fn`` — Axolotl imports them from where it
-    runs; a config read from elsewhere finds them too."""
-
-    def beside(f):
-        if not (isinstance(f, str) and is_function_name(f)) or ":" in f:
-            return f
-        module, name = f.rsplit(".", 1)
-        path = folder / (module.replace(".", "/") + ".py")
-        return f"{path.resolve()}:{name}" if path.is_file() else f
-
+    """``trl.reward_funcs`` and, under rl: grpo, the datasets' ``type`` read beside the config file
+    (``data.python_funcs.beside``)."""
     changes = {}
     funcs = (cfg.trl or {}).get("reward_funcs")
     if isinstance(funcs, list):
-        changes["trl"] = {**cfg.trl, "reward_funcs": [beside(f) for f in funcs]}
+        changes["trl"] = {**cfg.trl, "reward_funcs": [beside(f, folder) for f in funcs]}
     if cfg.rl == "grpo" and isinstance(cfg.datasets, list):
-        changes["datasets"] = [{**d, "type": beside(d["type"])} if isinstance(d, dict) and "type" in d else d
+        changes["datasets"] = [{**d, "type": beside(d["type"], folder)} if isinstance(d, dict) and "type" in d else d
                                for d in cfg.datasets]
     return dataclasses.replace(cfg, **changes)
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .preference_spec import starts_at_base
+
 __all__ = ["GRPOSpec", "GRPO_LOSS_TYPES", "SCALE_REWARDS", "grpo_spec_from", "validate_grpo", "GRPO_KEYS"]
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -123,6 +125,10 @@ def validate_grpo(cfg, bad) -> None:
     _number(t, "top_p", bad, 1e-6, 1)
     _number(t, "top_k", bad, 0, 1 << 24, whole=True)
     _number(t, "beta", bad, 0, 1e6)
+    if (t.get("beta") or cfg.rl_beta) and not starts_at_base(cfg):
+        bad("trl.beta:", "> 0 needs a run that starts from the base: its KL reference is the base with the adapters "
+            "switched off, not this start (lora_model_dir, LoftQ, modules trained whole); use beta: 0 (TRL's "
+            "default) or merge the starting adapter into the base first")
     _number(t, "epsilon", bad, 0, 1e3)
     _number(t, "epsilon_high", bad, 0, 1e3)
     if t.get("loss_type") is not None and t["loss_type"] not in GRPO_LOSS_TYPES:

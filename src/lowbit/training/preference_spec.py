@@ -11,7 +11,8 @@ from ..data.preference import is_preference_format
 from ..data.sources import parse_sources
 from ..errors import LowbitError
 
-__all__ = ["PreferenceSpec", "METHODS", "DPO_LOSS_TYPES", "PAIRED", "spec_from", "validate_preference"]
+__all__ = ["PreferenceSpec", "METHODS", "DPO_LOSS_TYPES", "PAIRED", "spec_from", "validate_preference",
+           "starts_at_base"]
 
 METHODS = ("dpo", "ipo", "orpo", "kto", "simpo")     # the config's rl: values
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
@@ -38,6 +39,12 @@ class PreferenceSpec:
     @property
     def paired(self) -> bool:
         return self.method in PAIRED
+
+
+def starts_at_base(cfg) -> bool:
+    """Whether the model as training starts computes what the base alone does (so adapters off = the start)."""
+    return not (cfg.lora_model_dir or cfg.lora_init != "default" or cfg.lora_modules_to_save
+                or cfg.unfrozen_parameters)
 
 
 def spec_from(cfg) -> PreferenceSpec:

@@ -100,11 +100,7 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
                                 cfg.eot_tokens)
     if changes.changed:
         log(f"tokenizer: {'; '.join(changes.notes)}")
-    grpo = grpo_spec_from(cfg) if cfg.rl == "grpo" else None
-    spec = spec_from(cfg) if cfg.rl and not grpo else None
-    funcs = load_reward_funcs(grpo.reward_funcs) if grpo else None  # a bad name fails before the model loads
-    batches, valid = load_prompt_data(cfg, tok, world.size, log) if grpo else \
-        (load_preference_data if spec else load_data)(cfg, tok, log)
+    grpo, spec, funcs, batches, valid = _objective_and_data(cfg, tok, world, log)
     model = load_model(cfg, dtype, log, calibrated_base(cfg, out, batches.samples, tok, dtype, world, log, device),
                        changes, len(tok) if changes.added else None, device)
     check_same_base(model, world)
@@ -138,10 +134,8 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
         log(f"eval loss before training: {state.history['base_eval_loss']:.4f}"
             f"{_preference_note(trainer.module if hasattr(trainer, 'module') else trainer, world)}")
     checkpoints = Checkpointer(out, model, opt, cfg, total, world, tok if changes.changed else None, device)
-    callbacks = [*_watchers(cfg, trainer, valid, total, run), *(_reporters(cfg, out, total, progress) if world.main
-                                                                else []), checkpoints, *extra]
-    if grpo and grpo.log_completions and world.main:
-        callbacks.insert(-1 - len(extra), CompletionsLog(module, out / "completions.jsonl", cfg.logging_steps))
+    callbacks = [*_watchers(cfg, trainer, valid, total, run),
+                 *(_reporters(cfg, out, total, progress, module) if world.main else []), checkpoints, *extra]
     _run(cfg, trainer, opt, sched, batches, total, state, callbacks, checkpoints, run,
          rollout_fn(trainer, module, world) if grpo else None)
     if state.stop_reason:
@@ -155,6 +149,16 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
     return {"output_dir": str(out), "steps": state.step, "base_eval_loss": state.history.get("base_eval_loss"),
             "eval_loss": evals[-1][1] if evals else None, "tokens_per_s": state.tokens_per_s(), "model": model,
             "tokenizer": tok, "rank": world.rank, "world_size": world.size, "stop_reason": state.stop_reason}
+
+
+def _objective_and_data(cfg: TrainConfig, tok, world: World, log) -> tuple:
+    """(GRPO spec, preference spec, reward functions — each None when the run is not of that kind —, training
+    batches, held-out batches or None). A reward function that cannot be loaded fails before the model loads."""
+    grpo = grpo_spec_from(cfg) if cfg.rl == "grpo" else None
+    spec = spec_from(cfg) if cfg.rl and not grpo else None
+    if grpo:
+        return grpo, None, load_reward_funcs(grpo.reward_funcs), *load_prompt_data(cfg, tok, world.size, log)
+    return None, spec, None, *(load_preference_data if spec else load_data)(cfg, tok, log)
 
 
 def _loss_fn(cfg: TrainConfig, device: torch.device, log):
@@ -244,10 +248,13 @@ def save_tokenizer(tok, out: Path, eot_ids: list[int] | None = None) -> None:
                                    "pad_token_id": tok.pad_token_id}, indent=2) + "\n")
 
 
-def _reporters(cfg: TrainConfig, out: Path, total: int, progress: bool) -> list:
-    """What rank 0 reports to: metrics.jsonl, the experiment trackers asked for, the progress bar."""
+def _reporters(cfg: TrainConfig, out: Path, total: int, progress: bool, module=None) -> list:
+    """What rank 0 reports to: metrics.jsonl, the experiment trackers asked for, the progress bar, and a GRPO run's
+    sampled completions (``trl.log_completions``)."""
+    completions = isinstance(module, GRPOLoss) and module.spec.log_completions
     return [MetricsLog(out / "metrics.jsonl", cfg.logging_steps), *trackers_for(cfg, out),
-            ProgressBar(total, progress)]
+            ProgressBar(total, progress),
+            *([CompletionsLog(module, out / "completions.jsonl", cfg.logging_steps)] if completions else [])]
 
 
 def _prepare_output_dir(out: Path, cfg: TrainConfig, world: World, resume: bool, overwrite: bool,

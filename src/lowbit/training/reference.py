@@ -22,17 +22,11 @@ from ..atomic import writing_file
 from ..errors import LowbitError
 from .config import TrainConfig
 from .preference import precompute_reference
-from .preference_spec import PreferenceSpec
+from .preference_spec import PreferenceSpec, starts_at_base
 
-__all__ = ["reference", "starts_at_base", "REFERENCE_FILE"]
+__all__ = ["reference", "REFERENCE_FILE"]
 
 REFERENCE_FILE = "reference_logps.safetensors"
-
-
-def starts_at_base(cfg: TrainConfig) -> bool:
-    """Whether the model as training starts computes what the base alone does (so adapters off = the start)."""
-    return not (cfg.lora_model_dir or cfg.lora_init != "default" or cfg.lora_modules_to_save
-                or cfg.unfrozen_parameters)
 
 
 def reference(cfg: TrainConfig, spec: PreferenceSpec, model, batches, valid, ck, world, dtype, device, log) -> None:
