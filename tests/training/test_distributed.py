@@ -217,8 +217,8 @@ def test_dpo_on_two_ranks_equals_one_process(varied, tmp_path, mode):
 @pytest.mark.parametrize("mode,scale", [("ddp", "batch"), ("fsdp", "group")])
 def test_grpo_on_two_ranks_equals_one_process(varied, tmp_path, mode, scale):
     """Each rank samples whole groups (seeded by step and position, not by rank): 2 ranks × accumulation 2 sample
-    the completions of one process with accumulation 4 and compute its losses and adapter — with the step's reward
-    statistics taken over both ranks for scale_rewards: batch."""
+    the completions of one process with accumulation 4 and compute its losses, held-out rewards and adapter — with
+    the step's reward statistics taken over both ranks for scale_rewards: batch."""
     model_dir, data = varied
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": json.loads(line)["messages"][:1]}) + "\n"
@@ -227,7 +227,7 @@ def test_grpo_on_two_ranks_equals_one_process(varied, tmp_path, mode, scale):
                                          "    return [len(c) / 8 for c in completion_ids]\n")
     trl = {"num_generations": 4, "max_completion_length": 8, "scale_rewards": scale, "beta": 0.05,
            "reward_funcs": [f"{tmp_path / 'rewards.py'}:length"]}
-    kw = dict(rl="grpo", trl=trl, micro_batch_size=4, val_set_size=0)
+    kw = dict(rl="grpo", trl=trl, micro_batch_size=4, val_set_size=3, eval_steps=2)  # 3 held out: a padding pass
     one = tmp_path / "one"
     recipe.train(TrainConfig(**_cfg(model_dir, prompts, one, **{**kw, "gradient_accumulation_steps": 4})),
                  progress=False, log=lambda *a: None)
@@ -236,4 +236,6 @@ def test_grpo_on_two_ranks_equals_one_process(varied, tmp_path, mode, scale):
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
     assert [r["reward"] for r in rows[0]] == pytest.approx([r["reward"] for r in rows[1]], rel=1e-6)
+    held = [[r["eval_reward"] for r in rs if "eval_reward" in r] for rs in rows]
+    assert len(held[0]) == 2 and held[0] == pytest.approx(held[1], rel=1e-6)
     assert _close(two, one), (_losses(two), _losses(one))

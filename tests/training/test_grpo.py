@@ -67,7 +67,7 @@ def test_grpo_raises_the_reward_and_resumes_exactly(setup, task):
 
     logs = []
     recipe.train(_cfg(setup, task, "full", trl={"log_completions": True}), progress=False, log=logs.append)
-    assert any("24 prompts, 2 a step" in str(m) for m in logs)
+    assert any("24 train / 0 valid prompts, 2 a step" in str(m) for m in logs)
     rows = _metrics(task / "full")
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert {"reward", "reward_std", "rewards/low_ids/mean", "completions/mean_length", "clip_ratio/region_mean",
@@ -85,6 +85,23 @@ def test_grpo_raises_the_reward_and_resumes_exactly(setup, task):
     for a, b in zip(got, rows):  # the same completions (their rewards) and the same losses
         assert a["reward"] == b["reward"] and a["completions/mean_length"] == b["completions/mean_length"], a["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), a["step"]
+
+
+def test_held_out_prompts_are_scored_before_during_and_after(setup, task):
+    """val_set_size holds prompts out: each evaluation samples a group for each with fixed seeds and reports the
+    mean reward (eval_reward; the eval loss is minus it) — it rises with the training reward."""
+    logs = []
+    res = recipe.train(_cfg(setup, task, "held", val_set_size=4, eval_steps=6), progress=False, log=logs.append)
+    assert any("20 train / 4 valid prompts" in str(m) for m in logs)
+    before = next(str(m) for m in logs if "eval loss before training" in str(m))
+    start = float(before.split("held-out reward ")[1].rstrip(")"))
+    assert res["base_eval_loss"] == pytest.approx(-start, abs=1e-4)
+    evals = [r for r in _metrics(task / "held") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    for r in evals:
+        assert r["eval_loss"] == pytest.approx(-r["eval_reward"], rel=1e-6)
+        assert "eval_rewards/low_ids/mean" in r
+    assert evals[-1]["eval_reward"] > start + 0.2, (start, [r["eval_reward"] for r in evals])
 
 
 def test_beta_and_batch_scaling_train(setup, task):
@@ -164,7 +181,6 @@ def test_top_k_and_top_p_equal_transformers(k, p):
     ({"trl": {"reward_funcs": ["m.f"], "importance_sampling_level": "sequence"}},
      "trl.importance_sampling_level: 'sequence' is not built in"),
     ({"trl": {"reward_funcs": ["m.f"], "reward_weights": [1, 2]}}, "trl.reward_weights: needs one number per"),
-    ({"trl": {"reward_funcs": ["m.f"]}, "val_set_size": 0.1}, "val_set_size held-out evaluation is not built in"),
     ({"trl": {"reward_funcs": ["m.f"], "beta": 0.1}, "lora_model_dir": "runs/sft"},
      "trl.beta: > 0 needs a run that starts from the base"),
     ({"trl": {"reward_funcs": ["m.f"]}, "datasets": [{"path": "x.jsonl", "type": "alpaca"}]},
@@ -263,7 +279,7 @@ output_dir: {tmp_path / 'out'}
     assert cfg.datasets[0]["type"] == f"{(tmp_path / 'rewards.py').resolve()}:oai_gsm8k_transform"
     logs = []
     res = recipe.train(cfg.validate(), progress=False, log=logs.append)
-    assert res["steps"] == 2 and any("8 prompts, 2 a step" in str(m) for m in logs)
+    assert res["steps"] == 2 and any("8 train / 0 valid prompts, 2 a step" in str(m) for m in logs)
     (tmp_path / "rewards.py").write_text(AXOLOTL_REWARDS.replace("[-1]", "[0]"))  # the token cache follows the code
     with pytest.raises(LowbitError, match="reward function columns_seen failed on sample .*AssertionError"):
         recipe.train(load_config(tmp_path / "grpo.yml").validate(), progress=False, log=lambda *a: None,

@@ -2,7 +2,8 @@
 
 ``order(epoch)`` lists each step's prompt indices (``per_step`` of them; the last step of an epoch is filled from
 the epoch's start, so every step has whole groups); ``batch(indices)`` gives their token ids and columns. The
-order of epoch e is a function of (seed, e), as in ``batching.Batches``.
+order of epoch e is a function of (seed, e), as in ``batching.Batches``. ``sequential()``: every prompt once, in
+file order, ``per_step`` at a time (held-out prompts).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class PromptBatches:
             perm = list(range(n))
         wrapped = perm + perm * (-(-self.per_step // n))  # the last step filled from the start
         return [wrapped[k : k + self.per_step] for k in range(0, len(self) * self.per_step, self.per_step)]
+
+    def sequential(self) -> list[list[int]]:
+        n = len(self.samples)
+        return [list(range(k, min(k + self.per_step, n))) for k in range(0, n, self.per_step)]
 
     def batch(self, idx: list[int]) -> dict:
         rows = [self.samples.row(int(i)) for i in idx]

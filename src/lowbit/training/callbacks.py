@@ -2,7 +2,8 @@
 which it may add to) and the end (also after Ctrl-C or an error, so files are closed).
 
     Evaluator      held-out loss every ``every`` steps and at the last one → record["eval_loss"], history
-    StepMetrics    a preference run's rewards, margins and accuracy (the step's and the evaluation's) → record
+    StepMetrics    a preference run's rewards, margins and accuracy, a GRPO run's rewards, lengths and clip ratios
+                   (the step's and the evaluation's) → record
     MetricsLog     one JSON line per logged step (metrics.jsonl)
     ProgressBar    tqdm on stderr: loss, lr, tokens/s, eval loss
     (experiment trackers — TensorBoard, Weights & Biases, MLflow — are in trackers.py)

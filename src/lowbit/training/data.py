@@ -100,16 +100,20 @@ def load_preference_data(cfg: TrainConfig, tok, log=print) -> tuple[PreferenceBa
     return out, held
 
 
-def load_prompt_data(cfg: TrainConfig, tok, world_size: int = 1, log=print) -> tuple[PromptBatches, None]:
+def load_prompt_data(cfg: TrainConfig, tok, world_size: int = 1, log=print) -> tuple[PromptBatches,
+                                                                                     PromptBatches | None]:
     """The prompts of an ``rl: grpo`` run, ``micro_batch_size × gradient_accumulation_steps × ranks /
-    num_generations`` of them a step (no held-out set: ``grpo_spec.validate_grpo``)."""
+    num_generations`` of them a step, and the held-out prompts (``eval_batch_size or micro_batch_size`` completions,
+    whole groups, a batch)."""
     from .grpo_spec import grpo_spec_from
 
-    data, train, _, dropped, duplicates = _tables(cfg, tok, "prompt")
-    per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size // \
-        grpo_spec_from(cfg).num_generations
-    log(f"data: {len(train)} prompts, {per_step} a step; {data.truncated} truncated"
-        f"{f' (to their last {cfg.max_prompt_len} tokens)' if cfg.max_prompt_len else ''}, {dropped} dropped"
-        f"{' (a prompt that fills sequence_len)' if dropped else ''}"
+    data, train, valid, dropped, duplicates = _tables(cfg, tok, "prompt")
+    g = grpo_spec_from(cfg).num_generations
+    per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size // g
+    log(f"data: {len(train)} train / {len(valid) if valid else 0} valid prompts, {per_step} a step; "
+        f"{data.truncated} truncated{f' (to their last {cfg.max_prompt_len} tokens)' if cfg.max_prompt_len else ''}, "
+        f"{dropped} dropped{' (a prompt that fills sequence_len)' if dropped else ''}"
         f"{f', {duplicates} duplicates removed' if duplicates else ''}")
-    return PromptBatches(train, per_step, cfg.seed, not cfg.curriculum_sampling), None
+    held = PromptBatches(valid, max(1, (cfg.eval_batch_size or cfg.micro_batch_size) // g), shuffle=False) \
+        if valid else None
+    return PromptBatches(train, per_step, cfg.seed, not cfg.curriculum_sampling), held

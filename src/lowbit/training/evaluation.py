@@ -1,4 +1,5 @@
-"""Held-out loss: the mean next-token loss per learned token over a data set, without gradients.
+"""Held-out loss: the mean next-token loss per learned token over a data set, without gradients (a GRPO run's:
+minus the mean reward of completions to held-out prompts, ``grpo.py``).
 
 With several ranks each evaluates every N-th batch and the sums are added; every rank runs the same number of
 forward passes (a rank short of batches runs a fully masked one), as DDP and FSDP need.
@@ -30,7 +31,7 @@ def evaluate(model, batches, dtype=None, max_batches: int | None = None, loss_fn
         for i in range(world.rank, -(-len(keys) // world.size) * world.size, world.size):
             b = batches.batch(keys[min(i, len(keys) - 1)])
             if i >= len(keys):  # a padding pass: same shapes, nothing counted
-                b = {**b, "labels": torch.full_like(b["labels"], IGNORE)}
+                b = {**b, "labels": torch.full_like(b["labels"], IGNORE)} if "labels" in b else {**b, "pad": True}
             with loss.autocast(dtype, getattr(device, "type", "cpu")):
                 s, c = loss_fn(model, b)
             tot, n = tot + float(s), n + c

@@ -7,6 +7,8 @@
     forward(micro-batch)     per-token log-probs of the completion (logits / temperature, chunked through the frozen
                              head) → ``grpo_loss.policy_loss``; with β > 0 the reference is the same model with its
                              adapters switched off (``nn.lora.adapters_disabled``), without gradients
+    forward(held-out prompts) a group sampled for each, scored: "loss" −Σ reward over the scored completions, so the
+                             evaluation's loss is minus the mean reward (``eval_reward`` in the metrics)
 
 Sampling is seeded per prompt by (seed, step, position in the step), so a resumed run samples what the first run
 did. The module returns ``(Σ loss, units)`` like ``loss.LossModule`` and keeps its metrics in a ``MetricBook``.
@@ -77,6 +79,28 @@ class GRPOLoss(LossModule):
                  for i in range(len(texts))]
         return score(self.funcs, self.names, prompts, completions, {**columns, "completion_ids": comps}, where), texts
 
+    def _evaluate(self, prompts: dict) -> tuple[torch.Tensor, int]:
+        """(−Σ weighted rewards, completions) of a group for each held-out prompt, sampled as in training from
+        seeds fixed per prompt (step 0), so every evaluation compares like with like; the rewards go to the book."""
+        g = self.spec.num_generations
+        comps, _ = sample_completions(
+            self.model, prompts["prompt_ids"], g, [prompt_seed(self.spec.seed, 0, k) for k in prompts["index"]],
+            self.spec.max_completion_length, self.stop_ids, self.tok.pad_token_id, self.spec.temperature,
+            self.spec.top_k, self.spec.top_p)
+        rewards, _ = self._score(prompts["columns"], comps, prompts["index"])
+        total = (rewards * torch.tensor(self.spec.reward_weights)[None]).nansum(1)
+        total[torch.isnan(rewards).all(1)] = torch.nan
+        device = next(self.model.parameters()).device
+        if prompts.get("pad"):  # a rank's padding pass: the same work, nothing counted
+            return torch.zeros((), device=device), 0
+        ok = ~torch.isnan(total)
+        m = {"reward": (float(total[ok].sum()), int(ok.sum()))}
+        for j, name in enumerate(self.names):
+            col = rewards[:, j]
+            m[f"rewards/{name}/mean"] = (float(col[~torch.isnan(col)].sum()), int((~torch.isnan(col)).sum()))
+        self.book.add("eval", m)
+        return torch.tensor(-float(total[ok].sum()), device=device), int(ok.sum())
+
     def _batch_stats(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and unbiased std of the weighted rewards of the whole step, over every rank (NaNs left out)."""
         ok = ~torch.isnan(r)
@@ -129,6 +153,8 @@ class GRPOLoss(LossModule):
     def forward(self, batch: dict) -> tuple[torch.Tensor, float]:
         if "rollout" in batch:  # sampling inside the wrapper's forward: FSDP2 gathers the root's parameters for it
             return self.rollout(batch["rollout"], batch["step"])
+        if "prompt_ids" in batch:  # held-out prompts (evaluation.evaluate)
+            return self._evaluate(batch)
         logp, mask = self._logps(batch)
         ref = None
         if self.spec.beta != 0.0:

@@ -18,6 +18,7 @@
 
 ``micro_batch_size`` counts completions (TRL's ``per_device_train_batch_size``): a step generates
 ``micro_batch_size × gradient_accumulation_steps × ranks`` completions, whole groups of ``num_generations``.
+Held-out prompts (``val_set_size``, ``test_datasets``) are scored as the training ones: ``grpo.py``.
 Importing this module does not import torch.
 """
 
@@ -147,10 +148,6 @@ def validate_grpo(cfg, bad) -> None:
                      ("train_on_inputs", "only the completions are scored")):
         if getattr(cfg, key):
             bad(f"{key}:", f"true cannot be used with rl: grpo ({why})")
-    if cfg.val_set_size or cfg.test_datasets is not None:
-        bad("val_set_size" if cfg.val_set_size else "test_datasets",
-            "held-out evaluation is not built in for rl: grpo (the training reward is logged every step; "
-            "set val_set_size: 0)")
     if cfg.quant_calibration != "none":
         bad("quant_calibration:", f"{cfg.quant_calibration} calibrates on supervised data: calibrate in the SFT "
             "run and start this one from its base")

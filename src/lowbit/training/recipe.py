@@ -171,7 +171,10 @@ def _loss_fn(cfg: TrainConfig, device: torch.device, log):
 
 
 def _preference_note(module, world) -> str:
-    """A preference run's held-out accuracy and margin (its evaluation metrics, taken)."""
+    """A preference run's held-out accuracy and margin, a GRPO run's held-out reward (evaluation metrics, taken)."""
+    if isinstance(module, GRPOLoss):
+        reward = module.take_metrics("eval", world).get("eval_reward")
+        return f" (held-out reward {reward:.4f})" if reward is not None else ""
     if not isinstance(module, PreferenceLoss):
         return ""
     m = module.take_metrics("eval", world)
