@@ -157,6 +157,30 @@ def test_sampling_matches_greedy_generate_and_is_independent_of_the_batch(setup)
     assert other != alone  # another seed, other completions
 
 
+def test_sampling_with_a_cache_that_cannot_repeat_or_drop_rows(setup, monkeypatch):
+    """Caches of other architectures may lack batch_repeat_interleave / batch_select_indices: the prompts are then
+    read once per row and finished rows run on — the same completions."""
+    from transformers.cache_utils import DynamicCache
+
+    from lowbit.io.loader import load
+    from lowbit.io.tokenizer import tokenizer_for
+
+    tok = tokenizer_for(str(setup[1]))
+    model = load(setup[1], None, compute_dtype=torch.float32)
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("what is the capital of france", "hello")]
+    args = (prompts, 3, [7, 9], 12, [tok.eos_token_id, *range(40, 120)], tok.pad_token_id)  # many stops: rows end
+    usual = sample_completions(model, *args)
+    assert len({len(c) for c in usual[0]}) > 2  # rows left the batch at different steps
+
+    def missing(self):
+        raise AttributeError
+
+    for name in ("batch_repeat_interleave", "batch_select_indices"):
+        monkeypatch.setattr(DynamicCache, name, property(missing), raising=False)
+    assert not hasattr(DynamicCache(), "batch_select_indices")
+    assert sample_completions(model, *args) == usual
+
+
 @pytest.mark.parametrize("k,p", [(5, 1.0), (0, 0.7), (20, 0.5)])
 def test_top_k_and_top_p_equal_transformers(k, p):
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper

@@ -1,14 +1,15 @@
 """Sampling a group of completions per prompt from the model being trained (4-bit base + current LoRA), batched,
 with a KV cache, without autograd state.
 
-    rows      = each prompt repeated ``group`` times, left-padded; positions count real tokens only
+    prefill   = each prompt once, left-padded (positions count real tokens only); its KV cache and last logits then
+                repeated for its group (a cache that cannot be repeated: the prompts read once per row instead)
     each step = the last position's logits / temperature → top-k → top-p → a token by the Gumbel-max trick:
                 argmax(logits + g),  g = −log(−log u),  u ~ U[0,1) drawn from the row's prompt's own generator
 
-A token equal to a stop id ends its row (the stop token is part of the completion) and the row leaves the batch;
-``max_new`` ends the rest. A prompt is read once: its KV cache is repeated for its group.
-Each prompt's generator is seeded by the caller (run seed, step, sample index), so the same prompt at the same step
-gets the same completions whatever else shares the batch and after a resume.
+A token equal to a stop id ends its row (the stop token is part of the completion) and the row leaves the batch
+(when the cache can drop rows; else it runs on, its extra tokens cut off); ``max_new`` ends the rest. Each prompt's
+generator is seeded by the caller (run seed, step, sample index), so the same prompt at the same step gets the same
+completions whatever else shares the batch and after a resume.
 """
 
 from __future__ import annotations
@@ -80,19 +81,25 @@ def sample_completions(model, prompts: list[list[int]], group: int, seeds: list[
     model.eval()
     try:
         logits, cache = _forward(model, body, head, ids, mask, pos, None)
-        logits, mask = logits.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
-        pos = pos[:, -1:].repeat_interleave(group, 0)
-        cache.batch_repeat_interleave(group)
+        mask, pos = mask.repeat_interleave(group, 0), pos.repeat_interleave(group, 0)
+        if hasattr(cache, "batch_repeat_interleave"):
+            logits = logits.repeat_interleave(group, 0)
+            cache.batch_repeat_interleave(group)
+        else:
+            logits, cache = _forward(model, body, head, ids.repeat_interleave(group, 0), mask, pos, None)
+        pos = pos[:, -1:]
         live = torch.arange(len(prompts) * group, device=device)
+        done = torch.zeros(len(live), dtype=torch.bool, device=device)
         for t in range(max_new):
             x = filter_logits(logits.float() / temperature, top_k, top_p)
             tok = torch.argmax(x + _gumbel(gens, group, x.shape[-1], device)[live], dim=-1)
             out[live, t] = tok
-            keep = ~torch.isin(tok, stops)
-            if t == max_new - 1 or not bool(keep.any()):
+            done = done | torch.isin(tok, stops)
+            if t == max_new - 1 or bool(done.all()):
                 break
-            if not bool(keep.all()):
-                live, tok, mask, pos = live[keep], tok[keep], mask[keep], pos[keep]
+            if bool(done.any()) and hasattr(cache, "batch_select_indices"):
+                keep = ~done
+                live, tok, mask, pos, done = live[keep], tok[keep], mask[keep], pos[keep], done[keep]
                 cache.batch_select_indices(keep.nonzero()[:, 0])
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             pos = pos + 1
