@@ -308,3 +308,19 @@ output_dir: {tmp_path / 'out'}
     with pytest.raises(LowbitError, match="reward function columns_seen failed on sample .*AssertionError"):
         recipe.train(load_config(tmp_path / "grpo.yml").validate(), progress=False, log=lambda *a: None,
                      overwrite=True)
+
+
+def test_prompts_under_another_field_and_a_missing_one(setup, tmp_path):
+    from lowbit.data.sources import parse_sources
+    from lowbit.data.table import source_tables
+    from lowbit.io.tokenizer import tokenizer_for
+
+    tok = tokenizer_for(str(setup[1]))
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"question": f"what is {i}", "answer": str(i)}) + "\n" for i in range(4)))
+    table = source_tables(parse_sources([{"path": str(data), "field": "question"}]), tok, 0, 0, 64,
+                          kind="prompt").train
+    assert json.loads(table.row(0)["columns"])["prompt"] == "what is 0"
+    with pytest.raises(LowbitError, match=r"q.jsonl:1: rl: grpo reads prompts: field 'prompt' .* is missing "
+                                          r"\(fields: answer, question; name another with field:\)"):
+        source_tables(parse_sources(str(data)), tok, 0, 0, 64, kind="prompt")

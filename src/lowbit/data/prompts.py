@@ -35,9 +35,7 @@ PROMPT_FORMAT = "prompt"
 
 
 def detect_prompt(rec: Record) -> str:
-    if "prompt" not in rec.data:
-        raise LowbitError(f"{rec.where}: rl: grpo reads prompts: a 'prompt' field (text or chat messages) is "
-                          f"missing (fields: {', '.join(sorted(map(str, rec.data))) or 'none'})")
+    """Every record of a GRPO source is a prompt record (``prompt_of`` names a missing field, with ``field``)."""
     return PROMPT_FORMAT
 
 
@@ -45,7 +43,8 @@ def prompt_of(rec: Record, opts: dict):
     """The record's prompt: text, or a list of chat messages."""
     key = opts.get("field") or "prompt"
     if key not in rec.data:
-        raise LowbitError(f"{rec.where}: field {key!r} (the prompt) is missing")
+        raise LowbitError(f"{rec.where}: rl: grpo reads prompts: field {key!r} (text or chat messages) is missing "
+                          f"(fields: {', '.join(sorted(map(str, rec.data))) or 'none'}; name another with field:)")
     p = rec.data[key]
     if isinstance(p, str) and p.strip():
         return p
