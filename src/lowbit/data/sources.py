@@ -80,7 +80,7 @@ def _format_name(value, where: str, custom: bool = False) -> str:
                       + (f" — did you mean {near[0]!r}?" if near else ""))
 
 
-def _entry(d: dict, where: str, default_fmt: str, custom: bool = False) -> DataSource:
+def _entry(d: dict, where: str, default_fmt: str, custom: bool = False, index: int = 0) -> DataSource:
     for k in d:
         if k not in SOURCE_KEYS:
             near = difflib.get_close_matches(str(k), SOURCE_KEYS, n=1)
@@ -135,7 +135,7 @@ def _entry(d: dict, where: str, default_fmt: str, custom: bool = False) -> DataS
                           f"datasets does (train[:10%], train[100:200]), got {split!r}")
     fmt = _format_name(d.get("type", default_fmt), where, custom)
     if fmt.startswith(PYTHON_TYPE):  # Axolotl calls the transform's loader with the entry's index
-        fields["dataset_idx"] = int(where[len("datasets["):-1]) if where.startswith("datasets[") else 0
+        fields["dataset_idx"] = index
     return DataSource(path, fmt, split, ds_type, fields, float(weight), limit, where)
 
 
@@ -152,7 +152,7 @@ def parse_sources(datasets, default_fmt: str = "auto", custom: bool = False) -> 
         if isinstance(item, str):
             out.append(DataSource(item, _format_name(default_fmt, "dataset_format"), label=where))
         elif isinstance(item, dict):
-            out.append(_entry(item, where, default_fmt, custom))
+            out.append(_entry(item, where, default_fmt, custom, i))
         else:
             raise LowbitError(f"{where}: expects a path, a built-in name or a mapping with 'path', got {item!r}")
     return out

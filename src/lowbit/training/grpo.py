@@ -20,7 +20,7 @@ import torch
 
 from ..data.formats import IGNORE
 from ..nn.lora import adapters_disabled
-from .grpo_loss import advantages, nanstd, policy_loss
+from .grpo_loss import advantages, nanstd, policy_loss, weighted_rewards
 from .grpo_spec import GRPOSpec
 from .loss import LossModule
 from .metrics import MetricBook
@@ -56,15 +56,27 @@ class GRPOLoss(LossModule):
         mine = range(world.rank * share, (world.rank + 1) * share)
         ids = [prompts["prompt_ids"][k] for k in mine]
         cols = [prompts["columns"][k] for k in mine]
-        comps, cut = sample_completions(
-            self.model, ids, g, [prompt_seed(self.spec.seed, step, k) for k in mine], self.spec.max_completion_length,
-            self.stop_ids, self.tok.pad_token_id, self.spec.temperature, self.spec.top_k, self.spec.top_p)
+        comps, cut = self._sample(ids, [prompt_seed(self.spec.seed, step, k) for k in mine])
         rewards, texts = self._score(cols, comps, [prompts["index"][k] for k in mine])
         adv, total = advantages(rewards, torch.tensor(self.spec.reward_weights), g, self.spec.scale_rewards,
-                                self._batch_stats)
+                                self._batch_std)
         self._note(rewards, total, comps, cut, cols, texts)
         rows = [(ids[i // g], c, bool(cut[i]) and self.spec.mask_truncated_completions) for i, c in enumerate(comps)]
         return [self._micro_batch(rows[k : k + self.mb], adv[k : k + self.mb]) for k in range(0, len(rows), self.mb)]
+
+    def _sample(self, ids: list[list[int]], seeds: list[int]) -> tuple[list[list[int]], list[bool]]:
+        """A group of completions for each prompt, with the run's sampling settings."""
+        return sample_completions(self.model, ids, self.spec.num_generations, seeds, self.spec.max_completion_length,
+                                  self.stop_ids, self.tok.pad_token_id, self.spec.temperature, self.spec.top_k,
+                                  self.spec.top_p)
+
+    def _function_means(self, rewards: torch.Tensor) -> dict:
+        """Each reward function's (sum, count) over the completions it scored."""
+        out = {}
+        for j, name in enumerate(self.names):
+            ok = ~torch.isnan(rewards[:, j])
+            out[f"rewards/{name}/mean"] = (float(rewards[ok, j].sum()), int(ok.sum()))
+        return out
 
     def _score(self, cols: list[dict], comps: list[list[int]], index: list[int]) -> tuple[torch.Tensor, list[str]]:
         """``[completions, functions]`` rewards, and the completions' text."""
@@ -82,34 +94,24 @@ class GRPOLoss(LossModule):
     def _evaluate(self, prompts: dict) -> tuple[torch.Tensor, int]:
         """(−Σ weighted rewards, completions) of a group for each held-out prompt, sampled as in training from
         seeds fixed per prompt (step 0), so every evaluation compares like with like; the rewards go to the book."""
-        g = self.spec.num_generations
-        comps, _ = sample_completions(
-            self.model, prompts["prompt_ids"], g, [prompt_seed(self.spec.seed, 0, k) for k in prompts["index"]],
-            self.spec.max_completion_length, self.stop_ids, self.tok.pad_token_id, self.spec.temperature,
-            self.spec.top_k, self.spec.top_p)
+        comps, _ = self._sample(prompts["prompt_ids"], [prompt_seed(self.spec.seed, 0, k) for k in prompts["index"]])
         rewards, _ = self._score(prompts["columns"], comps, prompts["index"])
-        total = (rewards * torch.tensor(self.spec.reward_weights)[None]).nansum(1)
-        total[torch.isnan(rewards).all(1)] = torch.nan
+        total = weighted_rewards(rewards, torch.tensor(self.spec.reward_weights))
         device = next(self.model.parameters()).device
         if prompts.get("pad"):  # a rank's padding pass: the same work, nothing counted
             return torch.zeros((), device=device), 0
         ok = ~torch.isnan(total)
-        m = {"reward": (float(total[ok].sum()), int(ok.sum()))}
-        for j, name in enumerate(self.names):
-            col = rewards[:, j]
-            m[f"rewards/{name}/mean"] = (float(col[~torch.isnan(col)].sum()), int((~torch.isnan(col)).sum()))
-        self.book.add("eval", m)
+        self.book.add("eval", {"reward": (float(total[ok].sum()), int(ok.sum())), **self._function_means(rewards)})
         return torch.tensor(-float(total[ok].sum()), device=device), int(ok.sum())
 
-    def _batch_stats(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and unbiased std of the weighted rewards of the whole step, over every rank (NaNs left out)."""
+    def _batch_std(self, r: torch.Tensor) -> torch.Tensor:
+        """The unbiased std of the weighted rewards of the whole step, over every rank (NaNs left out)."""
+        if self.world.size == 1:
+            return nanstd(r)
         ok = ~torch.isnan(r)
         s, n = self.world.sum(float(r[ok].sum()), float(ok.sum()))
-        mean = s / max(n, 1.0)
-        (sq,) = self.world.sum(float(((r[ok] - mean) ** 2).sum()))
-        if self.world.size == 1:
-            return torch.tensor(mean), nanstd(r)
-        return torch.tensor(mean), torch.tensor((sq / max(n - 1, 1.0)) ** 0.5, dtype=torch.float32)
+        (sq,) = self.world.sum(float(((r[ok] - s / max(n, 1.0)) ** 2).sum()))
+        return torch.tensor((sq / max(n - 1, 1.0)) ** 0.5, dtype=torch.float32)
 
     def _note(self, rewards, total, comps, cut, cols, texts) -> None:
         """The step's sampling metrics, and its first completions for ``log_completions``."""
@@ -118,11 +120,7 @@ class GRPOLoss(LossModule):
              "reward_std": (float(nanstd(total)) if len(total) > 1 else 0.0, 1),
              "frac_reward_zero_std": (float((nanstd(total.view(-1, g), 1) < 1e-6).sum()), len(total) // g),
              "completions/mean_length": (float(sum(len(c) for c in comps)), len(comps)),
-             "completions/clipped_ratio": (float(sum(cut)), len(comps))}
-        for j, name in enumerate(self.names):
-            col = rewards[:, j]
-            ok = ~torch.isnan(col)
-            m[f"rewards/{name}/mean"] = (float(col[ok].sum()), int(ok.sum()))
+             "completions/clipped_ratio": (float(sum(cut)), len(comps)), **self._function_means(rewards)}
         self.book.add("train", m)
         self.samples = [{"prompt": cols[i // g]["prompt"], "completion": texts[i], "reward": float(total[i])}
                         for i in range(min(len(comps), 4))]

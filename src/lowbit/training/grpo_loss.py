@@ -19,7 +19,7 @@ import torch
 
 from .grpo_spec import GRPOSpec
 
-__all__ = ["advantages", "policy_loss", "nanstd"]
+__all__ = ["advantages", "weighted_rewards", "policy_loss", "nanstd"]
 
 
 def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -32,18 +32,24 @@ def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return var.sqrt()
 
 
-def advantages(rewards: torch.Tensor, weights: torch.Tensor, group: int, scale: str,
-               batch_stats=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantage per completion, weighted reward per completion) from ``rewards`` ``[completions, functions]``
-    (NaN: a function returned None) in groups of ``group`` consecutive rows. ``batch_stats(r) -> (mean, std)``
-    gives the step's statistics over every rank for ``scale == "batch"`` (default: over ``rewards``)."""
-    unscorable = torch.isnan(rewards).all(1)
+def weighted_rewards(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """r_i per completion from ``rewards`` ``[completions, functions]`` (NaN: a function returned None); NaN where
+    every function returned None."""
     r = (rewards * weights[None]).nansum(1)
-    r[unscorable] = torch.nan
+    r[torch.isnan(rewards).all(1)] = torch.nan
+    return r
+
+
+def advantages(rewards: torch.Tensor, weights: torch.Tensor, group: int, scale: str,
+               batch_std=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantage per completion, weighted reward per completion) from ``rewards`` ``[completions, functions]``
+    (NaN: a function returned None) in groups of ``group`` consecutive rows. ``batch_std(r)`` gives the step's
+    standard deviation over every rank for ``scale == "batch"`` (default: over ``rewards``)."""
+    r = weighted_rewards(rewards, weights)
     grouped = r.view(-1, group)
     mean = torch.nanmean(grouped, 1).repeat_interleave(group)
     if scale == "batch":
-        std = (batch_stats(r)[1] if batch_stats else nanstd(r)).expand_as(r)
+        std = (batch_std(r) if batch_std else nanstd(r)).expand_as(r)
     else:
         std = nanstd(grouped, 1).repeat_interleave(group)
     adv = r - mean

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..data.python_funcs import is_function_name
 from .preference_spec import starts_at_base
 
 __all__ = ["GRPOSpec", "GRPO_LOSS_TYPES", "SCALE_REWARDS", "grpo_spec_from", "validate_grpo", "GRPO_KEYS"]
@@ -114,7 +115,7 @@ def validate_grpo(cfg, bad) -> None:
             "lowbit.rewards.exact_answer)")
     funcs = t["reward_funcs"] if isinstance(t["reward_funcs"], list) else [t["reward_funcs"]]
     for f in funcs:
-        if not isinstance(f, str) or "." not in f.replace(":", "."):
+        if not is_function_name(f):
             bad("trl.reward_funcs:", f"each entry is module.function (or file.py:function), got {f!r}")
     w = t.get("reward_weights")
     if w is not None and (not isinstance(w, list) or len(w) != len(funcs) or

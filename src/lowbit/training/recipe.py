@@ -132,7 +132,7 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
     if "base_eval_loss" not in state.history and valid is not None:
         state.history["base_eval_loss"] = evaluate(trainer, valid, **run)
         log(f"eval loss before training: {state.history['base_eval_loss']:.4f}"
-            f"{_preference_note(trainer.module if hasattr(trainer, 'module') else trainer, world)}")
+            f"{_held_out_note(trainer.module if hasattr(trainer, 'module') else trainer, world)}")
     checkpoints = Checkpointer(out, model, opt, cfg, total, world, tok if changes.changed else None, device)
     callbacks = [*_watchers(cfg, trainer, valid, total, run),
                  *(_reporters(cfg, out, total, progress, module) if world.main else []), checkpoints, *extra]
@@ -170,7 +170,7 @@ def _loss_fn(cfg: TrainConfig, device: torch.device, log):
     return offloading(module_loss, device)
 
 
-def _preference_note(module, world) -> str:
+def _held_out_note(module, world) -> str:
     """A preference run's held-out accuracy and margin, a GRPO run's held-out reward (evaluation metrics, taken)."""
     if isinstance(module, GRPOLoss):
         reward = module.take_metrics("eval", world).get("eval_reward")

@@ -45,11 +45,14 @@ def _gumbel(gens: list[torch.Generator], group: int, vocab: int, device) -> torc
     return -torch.log(-torch.log(u))
 
 
-def _forward(model, body, head, ids, mask, pos, cache):
-    """The next-token logits of the last position, and the grown cache (transformers ≥ 5.24 names it ``cache``,
-    earlier versions ``past_key_values``)."""
+def _cache_name(net) -> str:
+    """What ``net.forward`` calls its KV cache: ``cache`` (transformers ≥ 5.24) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
+
+
+def _forward(model, body, head, ids, mask, pos, cache, name: str):
+    """The next-token logits of the last position, and the grown cache (``name``: ``_cache_name``)."""
     net = model if body is None else body
-    name = "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
     out = net(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{name: cache})
     cache = out.cache if name == "cache" else out.past_key_values
     if body is None:
@@ -67,6 +70,7 @@ def sample_completions(model, prompts: list[list[int]], group: int, seeds: list[
     batch."""
     device = next(model.parameters()).device
     body, head = _split_head(model)
+    name = _cache_name(model if body is None else body)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
@@ -80,13 +84,13 @@ def sample_completions(model, prompts: list[list[int]], group: int, seeds: list[
     was = model.training
     model.eval()
     try:
-        logits, cache = _forward(model, body, head, ids, mask, pos, None)
+        logits, cache = _forward(model, body, head, ids, mask, pos, None, name)
         mask, pos = mask.repeat_interleave(group, 0), pos.repeat_interleave(group, 0)
         if hasattr(cache, "batch_repeat_interleave"):
             logits = logits.repeat_interleave(group, 0)
             cache.batch_repeat_interleave(group)
         else:
-            logits, cache = _forward(model, body, head, ids.repeat_interleave(group, 0), mask, pos, None)
+            logits, cache = _forward(model, body, head, ids.repeat_interleave(group, 0), mask, pos, None, name)
         pos = pos[:, -1:]
         live = torch.arange(len(prompts) * group, device=device)
         done = torch.zeros(len(live), dtype=torch.bool, device=device)
@@ -103,7 +107,7 @@ def sample_completions(model, prompts: list[list[int]], group: int, seeds: list[
                 cache.batch_select_indices(keep.nonzero()[:, 0])
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             pos = pos + 1
-            logits, cache = _forward(model, body, head, tok[:, None], mask, pos, cache)
+            logits, cache = _forward(model, body, head, tok[:, None], mask, pos, cache, name)
     finally:
         model.train(was)
     return _trim(out[:, :max_new].tolist(), stops.tolist())
