@@ -18,6 +18,7 @@ from torch import nn
 
 from ..data.formats import IGNORE
 from ..nn.cross_entropy import chunked_cross_entropy
+from ..nn.document_attention import packed_rows
 
 __all__ = ["lm_loss", "answer_tokens", "loss_units", "tokens_in", "autocast", "LossModule", "module_loss"]
 
@@ -55,8 +56,9 @@ def tokens_in(batch) -> int:
 
 
 def _inputs(batch) -> dict:
-    """What the model is called with: a packed batch (``position_ids``, no mask) without a cache, so transformers
-    builds its block-diagonal mask from the position restarts. A right-padded batch goes without its padding mask:
+    """What the model is called with: a packed batch (``position_ids``, no mask) without a cache, so each document
+    attends to itself alone (``nn/document_attention.py``; other attention implementations: transformers'
+    block-diagonal mask from the position restarts). A right-padded batch goes without its padding mask:
     under causal attention a real token never sees the padding after it, so every learned position computes the same
     as with the mask, and attention needs no L×L mask tensor (PyTorch's flash kernel: O(L) memory)."""
     if batch.get("position_ids") is not None:
@@ -88,18 +90,23 @@ def lm_loss(model, batch, chunk_tokens: int | None = None) -> tuple[torch.Tensor
     inputs = _to(_inputs(batch), device)
     labels = batch["labels"][:, 1:].reshape(-1).to(device, non_blocking=True)
     body, head = _split_head(model)
+    with packed_rows() if "position_ids" in inputs else contextlib.nullcontext():
+        return _loss(model, body, head, inputs, labels, chunk_tokens), n
+
+
+def _loss(model, body, head, inputs: dict, labels: torch.Tensor, chunk_tokens: int | None) -> torch.Tensor:
     if body is None:
         out = model(**inputs)
         logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float()
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum"), n
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
     h = body(**inputs).last_hidden_state
     h = h[:, :-1].reshape(-1, h.shape[-1])
     keep = labels != IGNORE
     h, labels = h[keep], labels[keep]
     if head.weight.requires_grad:  # a trainable head needs its weight gradient: the plain path
         logits = F.linear(h, head.weight.to(h.dtype)).float()
-        return F.cross_entropy(logits, labels, reduction="sum"), n
-    return chunked_cross_entropy(h, head.weight, labels, chunk_tokens), n
+        return F.cross_entropy(logits, labels, reduction="sum")
+    return chunked_cross_entropy(h, head.weight, labels, chunk_tokens)
 
 
 def autocast(dtype, device_type: str = "cpu"):

@@ -11,6 +11,8 @@ the configured layers and whatever else the config trains.
     NEFTune                    ``neftune_noise_alpha``: uniform noise of size α/√(L·d) on the input embeddings while
                                training (Jain et al., 2023), never in evaluation
     checkpointing              decoder layers recomputed in backward (non-reentrant)
+    attention                  transformers' SDPA becomes ``nn/document_attention.py``'s: packed rows without an
+                               L×L mask
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..errors import LowbitError
 from ..io.adapters import read_adapter, set_adapter_weights
 from ..io.loader import SourceWeights, load
 from ..io.tokenizer import TokenizerChanges
+from ..nn.document_attention import use_document_attention
 from ..nn.lora import add_lora, count_parameters, linear_module_names
 from ..nn.trainable import add_trainable_rows, train_modules
 from .config import TrainConfig
@@ -114,6 +117,7 @@ def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
     log(f"model: {base or cfg.base_model} ({f'{spec.quant_type} base, {spec}' if spec else 'unquantized'}, compute "
         f"{str(dtype).split('.')[-1]}); LoRA r={cfg.lora_r}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%){extra}")
+    use_document_attention(model)
     if cfg.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(model.config, "use_cache", None):  # training never uses the cache (sampling asks for it itself)
