@@ -6,7 +6,9 @@
 This equals attention under transformers' block-diagonal packed mask (a query sees exactly the earlier keys of its
 own document), but no mask tensor is built, so PyTorch's flash kernel runs (O(L) memory in forward and backward,
 on the CPU and on a GPU) instead of the masked kernel over a dense [L, L] mask (a 65,536-token row: 4 GiB of
-booleans); a sliding-window layer masks only a document longer than its window. It is registered with transformers as the attention implementation ``"lowbit_sdpa"``; outside a packed
+booleans); a sliding-window layer masks only a document longer than its window.
+
+It is registered with transformers as the attention implementation ``"lowbit_sdpa"``; outside a packed
 forward (``packed_rows()``) it is transformers' SDPA, mask and all (padding, caches, sliding windows), unchanged.
 
 The documents are read from the ``position_ids`` transformers hands each attention layer (also when a checkpointed
@@ -51,7 +53,7 @@ def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     out = []
     for row in starts:
         s = row.nonzero().flatten().tolist()
-        out.append(list(zip(s, s[1:] + [width])))
+        out.append(list(zip(s, [*s[1:], width])))
     return out
 
 
@@ -77,7 +79,7 @@ def document_attention(module, query, key, value, attention_mask, dropout: float
         spans = None
     else:
         spans = _spans(position_ids, query.shape[0])
-    if spans is None or all(len(s) == 1 for s in spans) and not kwargs.get("sliding_window"):
+    if spans is None or (all(len(s) == 1 for s in spans) and not kwargs.get("sliding_window")):
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       is_causal=True, **kwargs)
     window = kwargs.get("sliding_window")
@@ -141,7 +143,7 @@ def use_document_attention(model) -> bool:
                 with packed_rows():
                     got = model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
                 same = torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
-            except Exception:  # noqa: BLE001 — any failure of the probe keeps transformers' attention
+            except Exception:  # any failure of the probe keeps transformers' attention
                 same = False
     finally:
         model.train(was)
