@@ -46,7 +46,7 @@ def tiny_config(arch="llama", **kw):
     }
     if arch == "gpt2":
         gpt2 = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
-        gpt2.update({k: v for k, v in kw.items() if k in ("vocab_size", "n_embd", "n_layer", "n_head")})
+        gpt2.update({k: v for k, v in kw.items() if k in ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions")})
         return tf.GPT2Config(**gpt2)
     if arch not in ARCHITECTURES:
         raise ValueError(arch)

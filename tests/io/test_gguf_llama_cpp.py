@@ -80,3 +80,32 @@ def test_llama_cpp_tokenizes_a_sentencepiece_style_export_like_transformers(tmp_
     llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
     for text in [*TEXTS, "  two  spaces", "tab\there", " leading space", "ünïcödé ✓ 🙂"]:
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 4.0}, {"rope_type": "yarn", "factor": 4.0}])
+def test_llama_cpp_runs_a_rope_scaled_export_like_transformers(tmp_path, scaling):
+    """A tiny LLaMA of native length 64 loaded with ``model_config: {rope_scaling: …}`` and run over 200 positions:
+    llama.cpp's logits of the f32 export are transformers' (the unscaled model's are not: the scaling is read)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from lowbit.io.gguf_export import export_gguf
+    from lowbit.io.loader import load
+    from lowbit.io.tokenizer import load_tokenizer
+    from tiny import save_tiny, tiny_spm_tokenizer
+
+    tok = tiny_spm_tokenizer(tmp_path / "m")
+    save_tiny(tmp_path / "m", "llama", vocab_size=len(tok), max_position_embeddings=64)
+    net = load(tmp_path / "m", None, compute_dtype=torch.float32,
+               config_overrides={"rope_scaling": scaling, "max_position_embeddings": 256}).eval()
+    export_gguf(net, tmp_path / "r.gguf", load_tokenizer(tmp_path / "m"), "f32", progress=False)
+    ids = torch.randint(3, len(tok), (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        want = net(torch.tensor([ids])).logits[0].numpy()
+        plain = load(tmp_path / "m", None, compute_dtype=torch.float32).eval()(torch.tensor([ids])).logits[0].numpy()
+    llm = Llama(model_path=str(tmp_path / "r.gguf"), n_ctx=256, logits_all=True, verbose=False, n_threads=2, seed=0)
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    scale = float(np.abs(want).max())
+    assert np.abs(got - want).max() < 2e-3 * scale, (np.abs(got - want).max(), scale)
+    assert np.abs(plain - want).max() > 0.05 * scale

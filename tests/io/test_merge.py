@@ -66,3 +66,33 @@ def test_float32_merge_carries_what_was_never_quantized_exactly(tmp_path, tiny):
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "mg").eval()(ids).logits
         want = ref.eval()(ids).logits
     assert ((got - want).norm() / want.norm()).item() < 1e-6
+
+
+def test_rope_scaling_travels_with_the_adapter_into_merge(tmp_path, tiny):
+    """An adapter trained with ``model_config: {rope_scaling}`` keeps it in its header: ``lowbit merge`` (and
+    generate, export) loads the base with it, and the merged folder's config.json carries it for transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.cli import main
+    from lowbit.io.adapters import adapter_config_overrides, save_adapter
+
+    tiny = tiny[0]
+    over = {"rope_scaling": {"rope_type": "linear", "factor": 4.0}, "max_position_embeddings": 512}
+    net = load(tiny, compute_dtype=torch.float32, config_overrides=over)  # 4-bit, as merge loads it
+    add_lora(net, r=4, alpha=8, verbose=False)
+    _randomize_lora(net)
+    save_adapter(net, tmp_path / "a")
+    assert adapter_config_overrides(tmp_path / "a") == over
+    assert main(["merge", "--model", str(tiny), "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m"),
+                 "--dtype", "fp32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert merged.config.rope_parameters["rope_type"] == "linear" and merged.config.max_position_embeddings == 512
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, net.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+        from lowbit.io.adapters import load_adapter
+
+        with pytest.raises(LowbitError, match="trained with model_config"):
+            load_adapter(load(tiny, compute_dtype=torch.float32), tmp_path / "a")
+        unscaled = load_adapter(load(tiny, compute_dtype=torch.float32), tmp_path / "a", force=True).eval()
+        assert not torch.allclose(unscaled(ids).logits, merged(ids).logits, atol=1e-2)

@@ -8,7 +8,10 @@ Expert adapters are written in peft's ``target_parameters`` form (``peft_experts
 
 The base an adapter was trained on (name and content fingerprint) goes into the safetensors header, where
 peft does not look — peft warns about unknown keys in adapter_config.json — and ``load_adapter`` refuses an
-adapter trained on another base unless forced.
+adapter trained on another base unless forced. The config.json fields the run replaced (``model_config``: a
+``rope_scaling`` to train past the native length, ``max_position_embeddings``) go there too, as JSON:
+``adapter_config_overrides`` reads them, so that generating, merging and exporting load the base with the same
+positions (peft and vLLM users set them on the base themselves).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .loader import base_info
 from .peft_experts import expert_targets, from_peft, to_peft
 from .safetensors import open_safetensors
 
-__all__ = ["ADAPTER_FILES", "adapter_config", "save_adapter", "write_adapter_files", "read_adapter", "load_adapter",
+__all__ = ["ADAPTER_FILES", "adapter_config", "adapter_config_overrides", "save_adapter", "write_adapter_files", "read_adapter", "load_adapter",
            "set_adapter_weights", "adapter_tensors"]
 
 ROWS_KEY = "token_adapter.trainable_tokens_delta"  # peft's name for trained embedding rows
@@ -106,6 +109,8 @@ def _metadata(net: nn.Module) -> dict[str, str]:
     emb = net.get_input_embeddings() if hasattr(net, "get_input_embeddings") else None
     return {"format": "pt", "lowbit_base_name": str(info.name), "lowbit_base_fingerprint": str(info.fingerprint),
             "lowbit_quant_type": str(info.quant.quant_type if info.quant else None),
+            **({"lowbit_model_config": json.dumps(info.config_overrides, sort_keys=True)}
+               if info.config_overrides else {}),
             **({"lowbit_vocab_size": str(emb.weight.shape[0])} if emb is not None else {})}
 
 
@@ -163,6 +168,22 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     return cfg, tensors, meta
 
 
+def adapter_config_overrides(path: str | os.PathLike) -> dict | None:
+    """The config.json fields the adapter's run replaced (None: none), from its safetensors header."""
+    w_path = Path(path) / ADAPTER_FILES[0]
+    if not w_path.exists():
+        return None
+    with open_safetensors(w_path) as h:
+        text = (h.metadata() or {}).get("lowbit_model_config")
+    try:
+        out = json.loads(text) if text else None
+    except ValueError:
+        raise LowbitError(f"{w_path}: its lowbit_model_config header is not JSON") from None
+    if out is not None and not isinstance(out, dict):
+        raise LowbitError(f"{w_path}: its lowbit_model_config header is not a mapping")
+    return out
+
+
 def _is_lora_key(k: str) -> bool:
     return re.search(r"\.lora_[AB](\.[A-Za-z0-9_]+)?\.weight$", k) is not None
 
@@ -176,6 +197,11 @@ def load_adapter(net: nn.Module, path: str | os.PathLike, force: bool = False, t
     if not force and want not in (None, "None") and have and want != have:
         raise LowbitError(f"{path}: adapter was trained on base {meta.get('lowbit_base_name')!r} (fingerprint "
                           f"{want}), not on {info.name!r} ({have}); use --force to apply it anyway")
+    trained_with = json.loads(meta["lowbit_model_config"]) if meta.get("lowbit_model_config") else {}
+    if not force and any((info.config_overrides or {}).get(k) != v for k, v in trained_with.items()):
+        raise LowbitError(f"{path}: adapter was trained with model_config {trained_with}, the base is loaded with "
+                          f"{info.config_overrides}; load it with config_overrides={trained_with} (lowbit's commands "
+                          "do) or use --force")
     tensors = from_peft(net, tensors, path)
     _grow_for(net, cfg, tensors, meta, Path(path))
     names = sorted({re.sub(r"^base_model\.model\.|\.lora_[AB](\.[A-Za-z0-9_]+)?\.weight$", "", k)

@@ -48,10 +48,16 @@ def gguf_arch(config) -> GGUFArch:
     if t not in GGUF_ARCHS:
         raise LowbitError(f"GGUF export supports {', '.join(GGUF_ARCHS)}; this model is {t!r}")
     rope = _rope(config)
-    if rope.get("rope_type", "default") not in ("default", None):
-        raise LowbitError(f"GGUF export: rope scaling {rope.get('rope_type')!r} of this {t} model is not written yet "
-                          "(only plain rotary embeddings)")
+    kind = rope.get("rope_type") or "default"
+    if kind not in ROPE_SCALINGS or any(k in rope for k in _YARN_TUNING):
+        raise LowbitError(f"GGUF export: rope scaling {kind!r} of this {t} model is not written yet (plain, linear and "
+                          f"yarn without {'/'.join(_YARN_TUNING)} are)")
     return GGUF_ARCHS[t]
+
+
+ROPE_SCALINGS = ("default", "linear", "yarn")
+"""The RoPE scalings written as llama.cpp's ``rope.scaling.*`` keys (type, factor, yarn's original length)."""
+_YARN_TUNING = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim")
 
 
 def _rope(config) -> dict:
@@ -81,6 +87,14 @@ def write_metadata(writer, config, arch: GGUFArch) -> None:
     writer.add_vocab_size(config.vocab_size)
     rotary = int(d * float(_rope(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))))
     writer.add_rope_dimension_count(rotary)
+    rope = _rope(config)
+    if rope.get("rope_type") in ("linear", "yarn"):
+        from gguf import RopeScalingType
+
+        writer.add_rope_scaling_type(RopeScalingType(rope["rope_type"]))
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        if rope["rope_type"] == "yarn":
+            writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
     if arch.name in ("gemma2", "gemma3") and getattr(config, "sliding_window", None):
         writer.add_sliding_window(config.sliding_window)
     if arch.name == "gemma2":

@@ -51,6 +51,7 @@ class BaseInfo:
     quant: QuantSpec | None = None   # how the linear layers are stored; None: not quantized
     transposed: frozenset = frozenset()  # layers that were GPT-2-style Conv1D (weight stored in × out)
     calibration: dict | None = None  # a calibrated checkpoint's record: method, float source (calibration_record)
+    config_overrides: dict | None = None  # config.json fields the run replaced (rope_scaling, …): adapters keep them
 
 
 def base_info(net: nn.Module) -> BaseInfo:
@@ -71,11 +72,7 @@ def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, com
     """
     device = torch.device(device)
     folder = resolve_model(model)
-    raw, config = _read_config(folder, trust_remote_code)
-    for k, v in (config_overrides or {}).items():
-        if not hasattr(config, k):
-            raise LowbitError(f"model_config: {folder / 'config.json'} has no field {k!r}")
-        setattr(config, k, v)
+    raw, config = _read_config(folder, trust_remote_code, config_overrides)
     dtype = compute_dtype or default_compute_dtype(device)
     qc = raw.get("quantization_config") or {}
     bnb = qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit") or qc.get("load_in_8bit"))
@@ -109,11 +106,13 @@ def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, com
         hashlib.sha256(b"".join(digests[k] for k in sorted(digests))).hexdigest()[:16]
     net.lowbit_base = BaseInfo(name=str(model), path=str(folder), fingerprint=fingerprint,
                                compute_dtype=name_of(dtype), quant=stored, transposed=frozenset(transposed),
-                               calibration=raw.get(CONFIG_KEY))
+                               calibration=raw.get(CONFIG_KEY), config_overrides=config_overrides or None)
     return net
 
 
-def _read_config(folder: Path, trust_remote_code: bool):
+def _read_config(folder: Path, trust_remote_code: bool, overrides: dict | None = None):
+    """(config.json as read, the transformers config with ``overrides`` applied — as config.json fields, so that
+    transformers reads e.g. a ``rope_scaling`` into its RoPE parameters and checks it)."""
     from transformers import AutoConfig
 
     raw = read_object(folder / "config.json")
@@ -129,7 +128,38 @@ def _read_config(folder: Path, trust_remote_code: bool):
     if getattr(config, "is_encoder_decoder", False):
         raise LowbitError(f"{folder}: {raw.get('model_type')} is an encoder-decoder model; lowbit fine-tunes "
                           "decoder-only causal language models")
+    for k in overrides or {}:
+        if not hasattr(config, k):
+            raise LowbitError(f"model_config: {folder / 'config.json'} has no field {k!r}")
+    if overrides:
+        fields = dict(overrides)
+        if "rope_scaling" in fields:
+            fields["rope_parameters"] = _rope_parameters(config, fields.pop("rope_scaling"))
+        try:
+            config = type(config).from_dict({**config.to_dict(), **fields})
+            config.validate_rope()
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LowbitError(f"model_config: {', '.join(overrides)} — {str(e).splitlines()[0]}") from None
     return raw, config
+
+
+def _rope_parameters(config, scaling) -> dict:
+    """A ``rope_scaling`` override (transformers' names: linear, dynamic, yarn, llama3, …) as the model's RoPE
+    parameters: its theta and partial rotary factor kept, yarn/llama3's original length the model's native one."""
+    if not isinstance(scaling, dict):
+        raise LowbitError(f"model_config: rope_scaling must be a mapping (rope_type, factor, …), got {scaling!r}")
+    base = getattr(config, "rope_parameters", None) or {}
+    out = {k: base[k] for k in ("rope_theta", "partial_rotary_factor") if k in base}
+    out.update({("rope_type" if k == "type" else k): v for k, v in scaling.items()})
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    known = ("default", *ROPE_INIT_FUNCTIONS)
+    if out.get("rope_type", "default") not in known:
+        raise LowbitError(f"model_config: rope_scaling: rope_type {out.get('rope_type')!r} is not one of "
+                          f"{', '.join(known)}")
+    if out.get("rope_type") in ("yarn", "llama3", "longrope"):
+        out.setdefault("original_max_position_embeddings", getattr(config, "max_position_embeddings", None))
+    return out
 
 
 @contextlib.contextmanager

@@ -56,8 +56,6 @@ CHOICES = {
     "dpo_padding_free": "preference batches are right-padded rows (the pad is never attended to or learned)",
     "dpo_use_logits_to_keep": "the log-probs are computed only where the completions are (in chunks)",
     "vllm": "rl: grpo samples in-process from the model being trained (no vLLM server is started or used)",
-    "tiled_mlp": "the MLP runs whole over the sequence (tiling is not built in yet)",
-    "tiled_mlp_num_shards": "the MLP runs whole over the sequence (tiling is not built in yet)",
     "peft_ensure_weight_tying": "tied embeddings stay tied: one set of trained rows serves both",
     "tf32": "TF32 matmuls are a GPU setting lowbit leaves to PyTorch",
     "gradient_checkpointing_kwargs": "lowbit's checkpointing is non-reentrant whatever this says (same gradients)",

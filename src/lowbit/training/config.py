@@ -124,6 +124,8 @@ class TrainConfig:
     optimizer: str = "adamw"                    # optim.registry.OPTIMIZERS
     optimizer_budget_mb: float = 0.0            # paged optimizers: device bytes for state (0 = one page)
     gradient_checkpointing: bool | str = False  # true | false | offload (decoder-layer inputs in host memory)
+    tiled_mlp: bool | str = False               # true | false | auto (from 8,192 tokens): MLPs over sequence shards
+    tiled_mlp_num_shards: int = 0               # 0: from the memory target (nn/tiled_mlp.py)
     neftune_noise_alpha: float = 0.0            # > 0: NEFTune noise on the input embeddings while training
     # bookkeeping
     eval_steps: int | float = 50                # 0: only before and after training; 0 < x < 1: that fraction of
@@ -249,7 +251,7 @@ NON_NEGATIVE = ("max_steps", "warmup_steps", "evals_per_epoch", "saves_per_epoch
                 "loraplus_lr_ratio", "eval_batch_size", "neftune_noise_alpha", "early_stopping_patience",
                 "loss_watchdog_threshold", "min_sample_len", "pad_to_multiple_of", "embedding_lr",
                 "embedding_lr_scale", "simpo_gamma", "cpo_alpha", "kto_desirable_weight", "kto_undesirable_weight",
-                "max_prompt_len")
+                "max_prompt_len", "tiled_mlp_num_shards")
 
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 SPECIAL_TOKENS = ("pad_token", "bos_token", "eos_token", "unk_token")
@@ -259,20 +261,19 @@ EXCESS_LENGTH = ("truncate", "drop", "raise")
 CHOICES = {"quant_type": tuple(QUANT_TYPES), "quant_calibration": tuple(CALIBRATIONS),
            "compute_dtype": ("auto", *DTYPES), "lora_init": tuple(LORA_INITS),
            "dataset_format": ("auto", *FORMATS), "lr_scheduler": tuple(SCHEDULERS), "optimizer": tuple(OPTIMIZERS),
-           "distributed": DISTRIBUTED, "excess_length_strategy": EXCESS_LENGTH,
+           "distributed": DISTRIBUTED, "excess_length_strategy": EXCESS_LENGTH, "tiled_mlp": (False, True, "auto"),
            "gradient_checkpointing": (False, True, "offload"), "rl": ("", *PREFERENCE_METHODS, "grpo")}
 
 # keys a resumed run may change: they leave the arithmetic of every step the same (logging, evaluation and
 # checkpoint cadence, memory-only settings) or only say how long to go on (max_steps, num_epochs)
 # (the world size and distributed mode are checked on their own: a checkpoint resumes under the same ones)
-RESUMABLE = {"max_steps", "num_epochs", "eval_steps", "save_steps", "save_total_limit", "logging_steps",
-             "tensorboard", "output_dir", "gradient_checkpointing", "optimizer_budget_mb", "trust_remote_code",
-             "distributed", "ddp_timeout", "dataset_processes", "evals_per_epoch", "saves_per_epoch",
-             "save_first_step",
+RESUMABLE = {"max_steps", "num_epochs", "eval_steps", "save_steps", "save_total_limit", "logging_steps", "tensorboard",
+             "output_dir", "gradient_checkpointing", "optimizer_budget_mb", "trust_remote_code", "distributed",
+             "ddp_timeout", "dataset_processes", "evals_per_epoch", "saves_per_epoch", "save_first_step",
              "early_stopping_patience", "loss_watchdog_threshold", "loss_watchdog_patience", "memory_limit",
              "auto_resume_from_checkpoints", "eval_batch_size", "use_wandb", "wandb_project", "wandb_entity",
-             "wandb_name", "wandb_run_id", "wandb_mode", "use_mlflow", "mlflow_tracking_uri", "mlflow_experiment_name",
-             "mlflow_run_name"}
+             "wandb_name", "wandb_run_id", "wandb_mode", "use_mlflow", "mlflow_tracking_uri",
+             "mlflow_experiment_name", "mlflow_run_name"}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -285,6 +286,8 @@ def _coerce(key: str, value, from_string: bool):
             raise LowbitError("config: gradient_checkpointing: 'offload_disk' — checkpoints are kept in host memory "
                               "(offload), not on disk")
         return "offload"
+    if key == "tiled_mlp" and str(value).lower() == "auto":
+        return "auto"
     if key in ("lr_scheduler", "optimizer") and isinstance(value, str):
         return value.strip()
     if key == "compute_dtype" and value in DTYPE_ALIASES:  # bf16 → bfloat16

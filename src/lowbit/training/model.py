@@ -11,6 +11,8 @@ the configured layers and whatever else the config trains.
     NEFTune                    ``neftune_noise_alpha``: uniform noise of size α/√(L·d) on the input embeddings while
                                training (Jain et al., 2023), never in evaluation
     checkpointing              decoder layers recomputed in backward (non-reentrant)
+    tiled_mlp                  the MLP blocks run over shards of the sequence (``nn/tiled_mlp.py``; auto: rows
+                               of ``AUTO_TILED_TOKENS`` or more)
     attention                  transformers' SDPA becomes ``nn/document_attention.py``'s: packed rows without an
                                L×L mask
 """
@@ -29,10 +31,13 @@ from ..io.loader import SourceWeights, load
 from ..io.tokenizer import TokenizerChanges
 from ..nn.document_attention import use_document_attention
 from ..nn.lora import add_lora, count_parameters, linear_module_names
+from ..nn.tiled_mlp import tile_mlps
 from ..nn.trainable import add_trainable_rows, train_modules
 from .config import TrainConfig
 
-__all__ = ["load_model", "grow_vocabulary", "expert_targets_for", "add_neftune"]
+__all__ = ["load_model", "grow_vocabulary", "expert_targets_for", "add_neftune", "AUTO_TILED_TOKENS"]
+
+AUTO_TILED_TOKENS = 8192  # tiled_mlp: auto tiles rows of this many tokens or more
 
 
 def grow_vocabulary(model: nn.Module, size: int, to_32x: bool = False, mean: bool = False, seed: int = 0) -> None:
@@ -118,6 +123,10 @@ def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
         f"{str(dtype).split('.')[-1]}); LoRA r={cfg.lora_r}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%){extra}")
     use_document_attention(model)
+    if cfg.tiled_mlp is True or (cfg.tiled_mlp == "auto" and cfg.sequence_len >= AUTO_TILED_TOKENS):
+        n = tile_mlps(model, cfg.tiled_mlp_num_shards or None)
+        log(f"tiled_mlp: {n} MLP blocks run over shards of the sequence" if n else
+            "tiled_mlp: this model has no dense MLP blocks to tile (mixture-of-experts blocks run whole)")
     if cfg.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(model.config, "use_cache", None):  # training never uses the cache (sampling asks for it itself)
