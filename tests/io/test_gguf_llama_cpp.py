@@ -92,6 +92,7 @@ def test_llama_cpp_runs_a_rope_scaled_export_like_transformers(tmp_path, scaling
     from lowbit.io.gguf_export import export_gguf
     from lowbit.io.loader import load
     from lowbit.io.tokenizer import load_tokenizer
+
     from tiny import save_tiny, tiny_spm_tokenizer
 
     tok = tiny_spm_tokenizer(tmp_path / "m")
