@@ -33,7 +33,8 @@ from .loader import base_info
 from .peft_experts import expert_targets, from_peft, to_peft
 from .safetensors import open_safetensors
 
-__all__ = ["ADAPTER_FILES", "adapter_config", "adapter_config_overrides", "save_adapter", "write_adapter_files", "read_adapter", "load_adapter",
+__all__ = ["ADAPTER_FILES", "adapter_config", "adapter_config_overrides",
+           "save_adapter", "write_adapter_files", "read_adapter", "load_adapter",
            "set_adapter_weights", "adapter_tensors"]
 
 ROWS_KEY = "token_adapter.trainable_tokens_delta"  # peft's name for trained embedding rows

@@ -50,8 +50,8 @@ def gguf_arch(config) -> GGUFArch:
     rope = _rope(config)
     kind = rope.get("rope_type") or "default"
     if kind not in ROPE_SCALINGS or any(k in rope for k in _YARN_TUNING):
-        raise LowbitError(f"GGUF export: rope scaling {kind!r} of this {t} model is not written yet (plain, linear and "
-                          f"yarn without {'/'.join(_YARN_TUNING)} are)")
+        raise LowbitError(f"GGUF export: rope scaling {kind!r} of this {t} model is not written yet (plain, linear "
+                          f"and yarn without {'/'.join(_YARN_TUNING)} are)")
     return GGUF_ARCHS[t]
 
 
