@@ -32,3 +32,26 @@ def test_builtin_datasets(name, minimum):
     assert len(tr) + len(va) >= minimum
     msgs = tr[0].data["messages"]
     assert msgs[0]["role"] == "user" and msgs[-1]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("name,tokens,count", [("passkey-2k", 2048, 200), ("passkey-8k", 8192, 100)])
+def test_passkey_documents_hide_their_key_and_fit_the_length(name, tokens, count):
+    """Each document holds "The pass key is N." once, at a seeded depth, ends with the question, and fits
+    ``sequence_len`` = the name's length in SmolLM2's tokens (chat template included); the answer is N."""
+    import re
+
+    from lowbit.data.builtin import BUILTIN_DATASETS, PASSKEY_QUESTION
+    from lowbit.io.tokenizer import load_tokenizer
+
+    recs = BUILTIN_DATASETS[name]()
+    assert len(recs) == count and recs[0].data == BUILTIN_DATASETS[name]()[0].data  # deterministic
+    tok = load_tokenizer("smollm2-135m")
+    depths = []
+    for r in recs[:20]:
+        user, answer = r.data["messages"][0]["content"], r.data["messages"][1]["content"]
+        assert re.findall(r"The pass key is (\d{5})\.", user) == [answer] == [r.data["answer"]]
+        assert user.endswith(PASSKEY_QUESTION)
+        n = len(tok.apply_chat_template(r.data["messages"], tokenize=True, return_dict=False))
+        assert 0.6 * tokens < n <= tokens, n
+        depths.append(r.data["depth"])
+    assert min(depths) < 0.3 and max(depths) > 0.7  # the key is hidden all through the documents

@@ -6,7 +6,8 @@ import torch
 
 from lowbit.io.loader import load
 from lowbit.nn.lora import add_lora
-from lowbit.nn.tiled_mlp import mlp_blocks, shard_count, tile_mlps
+from lowbit.nn.mlp_shards import shard_count
+from lowbit.nn.tiled_mlp import mlp_blocks, tile_mlps
 from lowbit.quant.spec import QuantSpec
 
 from tiny import ARCHITECTURES, randomize_lora, save_tiny

@@ -155,3 +155,31 @@ def test_a_grpo_run_plans_prompt_plus_completion_rows_and_the_sampling_cache():
     training = sum(many.items[k] for k in ("activations", "logits_and_loss", "backward_and_allocator"))
     assert many.items["generation_kv_cache"] == kv - training > 0
     assert many.settings["generation_rows"] == 128 and many.settings["completion_len"] == 256
+
+
+def test_tiled_mlp_plans_one_shard_of_mlp_intermediates():
+    """tiled_mlp: the MLP's 6·i per token (bf16 units) becomes 6·i/shards + 2h; auto only from 8,192-token rows."""
+    from lowbit.nn.mlp_shards import shard_count
+
+    kw = dict(sequence_len=8192, micro_batch_size=1, gradient_checkpointing=True, device="cpu")
+    whole, tiled = plan(TINY, **kw), plan(TINY, **kw, tiled_mlp=True)
+    shards = shard_count(8192, 64, 128)
+    assert tiled.settings["mlp_shards"] == shards == 8
+    assert whole.settings["compute_dtype"] == "bfloat16"  # the torch-free planner's CPU default
+    saved = 8192 * (6 * 128 - 6 * 128 / shards - 2 * 64)  # bf16: 2 bytes per unit of 2
+    assert whole.items["activations"] - tiled.items["activations"] == pytest.approx(saved, abs=2)
+    assert plan(TINY, **kw, tiled_mlp="auto").items == tiled.items
+    short = dict(kw, sequence_len=4096)
+    assert plan(TINY, **short, tiled_mlp="auto").items == plan(TINY, **short).items
+
+
+def test_levers_list_what_each_technique_adds():
+    from lowbit.planner.levers import levers
+
+    rows = levers("llama-3.1-8b", "24GB", sequence_len=512, micro_batch_size=1, device="cuda")
+    assert [r["change"] for r in rows] == ["as configured", "gradient_checkpointing: true", "tiled_mlp: true",
+                                           "gradient_checkpointing: offload"]
+    lengths = [r["max_sequence_len"] for r in rows]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1] and len(set(lengths)) == 4
+    on = levers("llama-3.1-8b", "24GB", sequence_len=512, device="cpu", gradient_checkpointing=True, tiled_mlp=True)
+    assert [r["change"] for r in on] == ["as configured"]  # nothing left to switch on (offload: GPU only)

@@ -15,6 +15,12 @@ def test_config_keys_types_and_hints(tmp_path):
         apply_overrides(cfg, {"lora_r": "eight"})
     with pytest.raises(LowbitError, match="gradient_checkpointing must be one of false, true, offload"):
         apply_overrides(cfg, {"gradient_checkpointing": "maybe"}, from_string=True).validate()
+    for value, want in (("auto", "auto"), ("AUTO", "auto"), ("true", True), ("false", False)):
+        assert apply_overrides(TrainConfig(), {"tiled_mlp": value}, from_string=True).validate().tiled_mlp == want
+    with pytest.raises(LowbitError, match="tiled_mlp must be one of false, true, auto, got 'sometimes'"):
+        apply_overrides(TrainConfig(), {"tiled_mlp": "sometimes"}, from_string=True).validate()
+    with pytest.raises(LowbitError, match="tiled_mlp_num_shards must be >= 0"):
+        TrainConfig(tiled_mlp_num_shards=-1).validate()
     with pytest.raises(LowbitError, match="double_quant expects true/false"):
         apply_overrides(TrainConfig(), {"double_quant": "maybe"}, from_string=True)
     p = tmp_path / "c.yaml"

@@ -108,3 +108,26 @@ def test_resume_refuses_a_config_that_changes_the_math_and_reports_harmless_chan
     assert res["steps"] == 6
     assert any("max_steps: 4 -> 6" in s and "eval_steps: 4 -> 3" in s for s in said), said
     assert "max_steps: 6" in (out / "config.yaml").read_text()
+
+
+def test_tiled_mlp_and_rope_scaling_train_the_same_run(setup):
+    """The long-context levers through train(): packed rows, checkpointing, the MLP tiled in 3 shards — the same
+    losses step by step as the whole MLP (float tolerance), the loss going down; a rope_scaling override lands in the
+    adapter's header."""
+    from lowbit.io.adapters import adapter_config_overrides
+
+    kw = dict(sample_packing=True, sequence_len=256, micro_batch_size=1, gradient_checkpointing=True,
+              lora_dropout=0.0, max_steps=6, eval_steps=6, save_steps=6,
+              model_config={"rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+    logs = []
+    whole = recipe.train(_cfg(setup, "whole", **kw), progress=False, log=lambda *a: None)
+    tiled = recipe.train(_cfg(setup, "tiled", tiled_mlp=True, tiled_mlp_num_shards=3, **kw), progress=False,
+                         log=logs.append)
+    assert any("tiled_mlp: 2 MLP blocks" in str(x) for x in logs)
+    losses = {run: [json.loads(r)["loss"] for r in (setup[0] / run / "metrics.jsonl").read_text().splitlines()
+                    if "loss" in json.loads(r)] for run in ("whole", "tiled")}
+    assert len(losses["tiled"]) == 6
+    assert losses["tiled"] == pytest.approx(losses["whole"], rel=1e-4)
+    assert tiled["eval_loss"] < tiled["base_eval_loss"] and tiled["eval_loss"] == pytest.approx(whole["eval_loss"],
+                                                                                                rel=1e-4)
+    assert adapter_config_overrides(setup[0] / "tiled") == kw["model_config"]

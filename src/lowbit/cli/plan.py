@@ -22,7 +22,7 @@ def add_parser(sub, name):
     p.add_argument("--world-size", type=int, default=1, help="processes torchrun will start (the plan is per rank; "
                    "the config key distributed chooses ddp or fsdp)")
     p.add_argument("--max-sequence-len", "--max-seq-len", action="store_true",
-                   help="print the largest sequence_len that fits")
+                   help="print the largest sequence_len that fits, and what each memory lever adds to it")
     p.add_argument("--max-micro-batch-size", "--max-batch", action="store_true",
                    help="print the largest micro_batch_size that fits")
     p.add_argument("--json", action="store_true")
@@ -32,6 +32,7 @@ def add_parser(sub, name):
 
 def run(args) -> int:
     from ..errors import LowbitError
+    from ..planner.levers import levers
     from ..planner.memory import config_settings, largest, plan_config
     from ..planner.shapes import KNOWN
 
@@ -44,10 +45,12 @@ def run(args) -> int:
         raise LowbitError("--max-sequence-len / --max-micro-batch-size need --gpu-memory")
     p = plan_config(cfg, device_memory=args.gpu_memory, device=args.device, world_size=args.world_size)
     out = p.to_json()
+    settings = config_settings(cfg, args.device, args.world_size)
     for flag, key in ((args.max_sequence_len, "sequence_len"), (args.max_micro_batch_size, "micro_batch_size")):
         if flag:
-            settings = config_settings(cfg, args.device, args.world_size)
             out[f"max_{key}"] = largest(cfg.base_model, key, args.gpu_memory, **settings)
+    if args.max_sequence_len:
+        out["levers"] = levers(cfg.base_model, args.gpu_memory, **settings)
     if args.json:
         print(json.dumps(out))
         return 0
@@ -68,5 +71,9 @@ def run(args) -> int:
               "its own layer shapes are not known to the planner")
     for key in ("sequence_len", "micro_batch_size"):
         if f"max_{key}" in out:
-            print(f"largest {key} that fits: {out[f'max_{key}']}")
+            print(f"largest {key} that fits: {out[f'max_{key}']:,}")
+    if len(out.get("levers", [])) > 1:
+        print(f"longest sequence_len in {args.gpu_memory}, each lever on top of the ones above it:")
+        for row in out["levers"]:
+            print(f"  {row['change']:<36}{row['max_sequence_len']:>12,}")
     return 0

@@ -6,10 +6,16 @@
                        rejected = the answer of a question half the corpus away (another topic)
     arithmetic   800 prompts "What is a + b?" / "a - b" (1 ≤ a, b ≤ 20) with the answer column, generated (seeded):
                  a task with checkable answers for rl: grpo (lowbit.rewards.exact_answer, answer_format)
+    passkey-2k, passkey-8k, passkey-32k
+                 long-context retrieval (seeded): chatterbot's answers strung into one long text with "The pass key
+                 is N. Remember it." hidden at a random depth, then the question; the answer is N (5 digits). The
+                 documents run to ~75 % of the name's length in SmolLM2's tokens (they fit ``sequence_len`` 2,048 /
+                 8,192 / 32,768); 200 / 100 / 50 of them, an ``answer`` column for scoring
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -17,7 +23,7 @@ from pathlib import Path
 from ..errors import LowbitError
 from .records import Record
 
-__all__ = ["BUILTIN_DATASETS"]
+__all__ = ["BUILTIN_DATASETS", "PASSKEY_QUESTION", "passkey"]
 
 
 def _dialogue(turns: list[str]) -> dict | None:
@@ -85,5 +91,34 @@ def arithmetic() -> list[Record]:
             for i, (a, op, b) in enumerate(problems)]
 
 
+PASSKEY_QUESTION = "What is the pass key? Answer with only the number."
+
+
+def passkey(tokens: int, n: int) -> list[Record]:
+    """``n`` passkey documents of about 0.75 × ``tokens`` tokens (plain English words only, ≈ 4.5 characters a
+    token), seeded by length."""
+    import random
+    import re
+
+    words = [w for r in chatterbot() for w in r.data["messages"][1]["content"].split()
+             if re.fullmatch(r"[A-Za-z]+[,.;:!?']?[a-z]*", w)]
+    rng = random.Random(tokens)
+    out = []
+    for i in range(n):
+        start, filler, size = rng.randrange(len(words)), [], 0
+        while size < 0.75 * tokens * 4.5:
+            filler.append(words[(start + len(filler)) % len(words)])
+            size += len(filler[-1]) + 1
+        key = str(rng.randrange(10000, 100000))
+        at = rng.randrange(len(filler) + 1)
+        text = " ".join([*filler[:at], f"The pass key is {key}. Remember it.", *filler[at:]])
+        out.append(Record({"messages": [{"role": "user", "content": f"{text}\n\n{PASSKEY_QUESTION}"},
+                                        {"role": "assistant", "content": key}],
+                           "answer": key, "depth": round(at / max(len(filler), 1), 3)}, f"passkey-{tokens}:{i}"))
+    return out
+
+
 BUILTIN_DATASETS = {"chatterbot": chatterbot, "chitchat": chitchat, "chatterbot-pairs": chatterbot_pairs,
-                    "arithmetic": arithmetic}
+                    "arithmetic": arithmetic, "passkey-2k": functools.partial(passkey, 2048, 200),
+                    "passkey-8k": functools.partial(passkey, 8192, 100),
+                    "passkey-32k": functools.partial(passkey, 32768, 50)}

@@ -7,10 +7,9 @@ An MLP acts on each token alone, so splitting the tokens changes nothing but mem
 With gradients, each shard runs under a non-reentrant checkpoint: forward keeps only the shard's input (a view of
 ``x``), backward recomputes the shard's intermediates and frees them before the next shard. The intermediates
 (gate, up, act·up: ≥ 3 × intermediate_size per token, plus LoRA's) exist for one shard at a time instead of the
-whole sequence. Shard size from a memory target: a shard's intermediates ≈ one hidden-size activation of the
-whole sequence, i.e. ``⌈4·intermediate / hidden⌉`` shards (or ``num_shards``), never shards shorter than
-``hidden_size`` tokens. Dropout inside the MLP stays correct (the checkpoint replays the RNG), but draws its masks
-shard by shard.
+whole sequence. Shard size from a memory target (``mlp_shards.py``): a shard's intermediates ≈ one hidden-size
+activation of the whole sequence. Dropout inside the MLP stays correct (the checkpoint replays the RNG), but
+draws its masks shard by shard.
 
 The block's ``forward`` is replaced on the instance, so parameter names, state dicts and adapters are unchanged.
 Mixture-of-experts blocks are left whole (their router statistics are per batch).
@@ -25,15 +24,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["tile_mlps", "mlp_blocks", "shard_count"]
+from .mlp_shards import shard_count
+
+__all__ = ["tile_mlps", "mlp_blocks"]
 
 _NAMES = ("mlp", "feed_forward")
-
-
-def shard_count(tokens: int, hidden: int, intermediate: int, num_shards: int | None = None) -> int:
-    """How many shards a sequence of ``tokens`` is cut into (see the module docstring)."""
-    n = num_shards or math.ceil(4 * intermediate / hidden)
-    return max(1, min(n, tokens // max(hidden, 1)))
 
 
 def mlp_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -11,6 +11,7 @@ activations)::
     trained whole       lora_modules_to_save's embeddings / head: float32 weights, gradients and optimizer state
     optimizer state     AdamW 8 B/param; 8-bit 2 B + 8/256; paged: one page pair on the device, the rest on the host
     activations         tokens · layers · (12h + 4·kv + 6·i + 2r·n_adapted + 4·heads) · dtype/2   (no checkpointing)
+                        — ``tiled_mlp``: 6·i/shards + 2h instead of 6·i (one shard's intermediates at a time)
                         tokens · (2h·layers + one layer's activations)                            (checkpointing)
                         — with ``gradient_checkpointing: offload`` on a GPU the 2h·layers checkpoints wait on the host
                         — coefficients counted from the tensors autograd saves in lowbit's own training step; i and
@@ -22,7 +23,7 @@ activations)::
                         so only what it needs beyond the training step's activations is counted
     transient weight    the largest dequantized weight, forward and backward
     backward+allocator  activation gradients during backward and memory the allocator keeps after freeing;
-                        on CPU measured here (≈0.75× activations, ≈9.5 layers with checkpointing), on GPU estimated
+                        on CPU measured here (≈0.75× activations, ≈3.2 layers with checkpointing), on GPU estimated
     data pipeline       CPU: the tokenizer, the datasets/Arrow runtime and the token tables (≈150 MiB, measured)
     framework overhead  CUDA context (GPU) or runtime buffers (CPU)
 
@@ -48,6 +49,7 @@ from ..dtypes import DTYPES, canonical, default_compute_dtype_name
 from ..errors import LowbitError
 from ..nn.lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, PEFT_REFUSED, target_names
 from ..nn.loss_chunk import loss_chunk_tokens
+from ..nn.mlp_shards import shard_count, tiles
 from ..optim.registry import check_optimizer
 from ..quant.spec import INT8, NESTED_BLOCKSIZE, QUANT_TYPES, check_blocksize, check_quant_type, packed_bytes
 from ..sizes import GIB, parse_size
@@ -68,8 +70,8 @@ DATA_PIPELINE_CPU = 150 << 20
 FP32_CPU_ACTIVATIONS = 1.10
 # the training config keys a plan depends on
 PLAN_KEYS = ("sequence_len", "micro_batch_size", "lora_r", "lora_target_modules", "load_in_4bit", "load_in_8bit",
-             "lora_modules_to_save", "quant_type",
-             "double_quant", "blocksize", "optimizer", "gradient_checkpointing", "compute_dtype", "distributed")
+             "lora_modules_to_save", "quant_type", "double_quant", "blocksize", "optimizer", "gradient_checkpointing",
+             "compute_dtype", "distributed", "tiled_mlp", "tiled_mlp_num_shards")
 
 
 @dataclass
@@ -158,7 +160,8 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
          blocksize: int = 64, optimizer: str = "adamw", gradient_checkpointing: bool = False,
          compute_dtype: str = "bfloat16", device_memory=None, device: str = "cuda", page_bytes: int = 0,
          world_size: int = 1, distributed: str = "auto", load_in_8bit: bool = False, lora_modules_to_save=None,
-         rows_per_sample: int = 1, completion_len: int = 0, generation_rows: int = 0) -> Plan:
+         rows_per_sample: int = 1, completion_len: int = 0, generation_rows: int = 0, tiled_mlp=False,
+         tiled_mlp_num_shards: int = 0) -> Plan:
     """The itemised peak memory of QLoRA training on one device (of ``world_size``; see the module docstring).
     ``rows_per_sample``: 2 for preference pairs (chosen and rejected take a row each; the reference pass keeps
     no activations). ``completion_len``, ``generation_rows``: a GRPO run's completion length and the rows a rank
@@ -175,10 +178,9 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     items["optimizer_state"] = min(state, page_bytes or kind.default_budget_bytes()) if kind.paged else state
     host = state - items["optimizer_state"]
     tokens = (sequence_len + completion_len) * micro_batch_size * rows_per_sample
-    # adapted layers a token passes through per decoder layer (an expert's only when routed to it)
-    n_adapted = sum(x.count / f.L * (f.topk / f.experts if x.expert else 1) for x in f.layers if x.path in targets)
-    per_layer_tok = (12 * f.h + 4 * f.kv + 6 * f.mlp_per_token + 2 * lora_r * n_adapted + 4 * f.heads + 8) \
-        * dbytes / 2 * (FP32_CPU_ACTIVATIONS if device == "cpu" and dtype == "float32" else 1.0)
+    per_layer_tok, shards = _layer_bytes_per_token(f, targets, lora_r, dbytes, sequence_len + completion_len,
+                                                   tiled_mlp, tiled_mlp_num_shards)
+    per_layer_tok *= FP32_CPU_ACTIVATIONS if device == "cpu" and dtype == "float32" else 1.0
     checkpoints = tokens * 2 * f.h * f.L * dbytes / 2  # the decoder layers' inputs, kept for the recompute
     offloaded = gradient_checkpointing == "offload" and device == "cuda"
     act = tokens * per_layer_tok + (0 if offloaded else checkpoints) if gradient_checkpointing \
@@ -211,8 +213,20 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
                     gradient_checkpointing=gradient_checkpointing, compute_dtype=dtype, device=device,
                     world_size=world_size, distributed=mode, model_type=cfg_type, rows_per_sample=rows_per_sample,
                     completion_len=completion_len, generation_rows=generation_rows, lora_params=lora,
-                    quantized_params=sum(a * b * c for _, a, b, c in lin))
+                    tiled_mlp=tiled_mlp, mlp_shards=shards, quantized_params=sum(a * b * c for _, a, b, c in lin))
     return Plan(items, sum(host_items.values()), total, dev, fits, settings, host_items)
+
+
+def _layer_bytes_per_token(f: Shapes, targets: set[str], lora_r: int, dbytes: int, row: int, tiled_mlp,
+                           num_shards: int) -> tuple[float, int]:
+    """(what one decoder layer's training step keeps per token, the MLP's shards) for rows of ``row`` tokens (see the
+    module docstring; tiled: one shard's intermediates and the joined output)."""
+    # adapted layers a token passes through per decoder layer (an expert's only when routed to it)
+    n_adapted = sum(x.count / f.L * (f.topk / f.experts if x.expert else 1) for x in f.layers if x.path in targets)
+    shards = shard_count(row, f.h, int(f.mlp_per_token), num_shards or None) \
+        if tiles(tiled_mlp, row) and f.experts == 1 else 1
+    mlp = 6 * f.mlp_per_token / shards + (2 * f.h if shards > 1 else 0)
+    return (12 * f.h + 4 * f.kv + mlp + 2 * lora_r * n_adapted + 4 * f.heads + 8) * dbytes / 2, shards
 
 
 def _generation(items: dict, f: Shapes, rows: int, length: int, dbytes: int) -> int:
@@ -294,11 +308,12 @@ def _overheads(items: dict, act: float, layer_act: float, act_without_checkpoint
         back = 2 * layer_act if gradient_checkpointing else 0.5 * act
         return {"backward_and_allocator": int(back + 0.05 * sum(items.values())),
                 "framework_overhead": int(0.75 * GIB)}
-    # Measured on this CPU (bench/plan_validate.py): activation gradients in backward plus what glibc keeps after
-    # freeing come to ≈0.75× the saved activations without checkpointing, ≈9.5 layers' activations with it
-    # (recomputed layers leave freed pages behind) — never more than without checkpointing, which a model of
-    # fewer layers would otherwise get — plus ~32 MiB of runtime buffers.
-    back = min(9.5 * layer_act, 0.75 * act_without_checkpointing) if gradient_checkpointing else 0.75 * act
+    # Measured on this CPU: activation gradients in backward plus what glibc keeps after freeing come to ≈0.75× the
+    # saved activations without checkpointing (bench/plan_validate.py); with checkpointing ≈3.2 layers' activations
+    # (SmolLM2-135M, 2,048 and 8,192 tokens, MLP whole and tiled: 2.7–3.7, freed pages handed back between layers by
+    # training/host_memory.py; 9.5 before that) — never more than without checkpointing, which a model of fewer
+    # layers would otherwise get — plus ~32 MiB of runtime buffers.
+    back = min(3.2 * layer_act, 0.75 * act_without_checkpointing) if gradient_checkpointing else 0.75 * act
     return {"backward_and_allocator": int(back), "framework_overhead": 32 << 20,
             "data_pipeline": DATA_PIPELINE_CPU}
 

@@ -12,9 +12,10 @@ the configured layers and whatever else the config trains.
                                training (Jain et al., 2023), never in evaluation
     checkpointing              decoder layers recomputed in backward (non-reentrant)
     tiled_mlp                  the MLP blocks run over shards of the sequence (``nn/tiled_mlp.py``; auto: rows
-                               of ``AUTO_TILED_TOKENS`` or more)
+                               of ``nn.mlp_shards.AUTO_TILED_TOKENS`` or more)
     attention                  transformers' SDPA becomes ``nn/document_attention.py``'s: packed rows without an
                                L×L mask
+    host memory                on the CPU, freed heap pages go back to the OS between layers (``host_memory.py``)
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from ..io.loader import SourceWeights, load
 from ..io.tokenizer import TokenizerChanges
 from ..nn.document_attention import use_document_attention
 from ..nn.lora import add_lora, count_parameters, linear_module_names
+from ..nn.mlp_shards import tiles
 from ..nn.tiled_mlp import tile_mlps
 from ..nn.trainable import add_trainable_rows, train_modules
 from .config import TrainConfig
+from .host_memory import release_between_layers
 
-__all__ = ["load_model", "grow_vocabulary", "expert_targets_for", "add_neftune", "AUTO_TILED_TOKENS"]
-
-AUTO_TILED_TOKENS = 8192  # tiled_mlp: auto tiles rows of this many tokens or more
+__all__ = ["load_model", "grow_vocabulary", "expert_targets_for", "add_neftune"]
 
 
 def grow_vocabulary(model: nn.Module, size: int, to_32x: bool = False, mean: bool = False, seed: int = 0) -> None:
@@ -123,7 +124,8 @@ def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
         f"{str(dtype).split('.')[-1]}); LoRA r={cfg.lora_r}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%){extra}")
     use_document_attention(model)
-    if cfg.tiled_mlp is True or (cfg.tiled_mlp == "auto" and cfg.sequence_len >= AUTO_TILED_TOKENS):
+    release_between_layers(model)
+    if tiles(cfg.tiled_mlp, cfg.sequence_len):
         n = tile_mlps(model, cfg.tiled_mlp_num_shards or None)
         log(f"tiled_mlp: {n} MLP blocks run over shards of the sequence" if n else
             "tiled_mlp: this model has no dense MLP blocks to tile (mixture-of-experts blocks run whole)")

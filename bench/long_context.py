@@ -1,0 +1,205 @@
+"""Long context: the longest sequence whose QLoRA training step peaks under a memory budget, lowbit against
+transformers + bitsandbytes + peft, on this CPU, in one run.
+
+SmolLM2-135M-Instruct, NF4 + double quantization, LoRA r=16 on all linear layers, batch 1, gradient checkpointing
+on both sides, the default compute dtype (float32 on a CPU without AVX-512 BF16). One training step (forward,
+backward, AdamW) per length, each in a fresh process; peak RSS is that process's VmHWM (imports and model
+included). The search doubles the length while the step fits, then bisects — within a wall-clock budget: a length
+whose step would outlast what is left (extrapolated from the last step, quadratic in the length) is not run and the
+table says so. lowbit runs as ``lowbit train`` builds the model (``training/model.py``: document attention,
+``tiled_mlp``), the peer as its users write it (``get_peft_model``, ``gradient_checkpointing_enable``).
+
+Also per measured lowbit length: the step's seconds per token, the same with the attention kernels' own time taken
+out (SDPA forward twice — checkpointing recomputes it — and backward, timed alone at that length × layers), and the
+planner's estimate (``lowbit plan`` of the same run, less its data-pipeline item: the worker reads no files) against
+the measured peak above the process's RSS after its imports (as bench/plan_validate.py measures).
+
+    python bench/long_context.py [--budget-gib 4] [--minutes 60] [--tiled-mlp true|false] [--readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peer_qlora_model, publish, run_worker, table, vm_hwm_bytes
+
+MODEL, R = "smollm2-135m", 16
+
+
+def _ids(n: int):
+    import torch
+
+    return torch.randint(0, 49152, (1, n), generator=torch.Generator().manual_seed(n))
+
+
+def lowbit_worker(n: int, tiled: str) -> dict:
+    """One training step of ``n`` tokens as ``lowbit train`` runs it."""
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imports count in the baseline)
+
+    from lowbit.dtypes import to_torch
+    from lowbit.training.config import TrainConfig
+    from lowbit.training.loss import autocast, lm_loss
+    from lowbit.training.model import load_model
+
+    cfg = TrainConfig(base_model=MODEL, lora_r=R, lora_alpha=2 * R, sequence_len=n, micro_batch_size=1,
+                      gradient_checkpointing=True, tiled_mlp={"true": True, "false": False}.get(tiled, tiled))
+    dtype = to_torch(cfg.compute_dtype, "cpu")
+    baseline = vm_hwm_bytes()
+    net = load_model(cfg, dtype, log=lambda *a: None)
+    net.train()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    ids = _ids(n)
+    t = time.perf_counter()
+    with autocast(dtype):
+        s, k = lm_loss(net, {"input_ids": ids, "labels": ids})
+    (s / k).backward()
+    opt.step()
+    return {"seconds": time.perf_counter() - t, "peak_rss_bytes": vm_hwm_bytes(), "loss": float(s / k),
+            "baseline_rss_bytes": baseline, "attention_seconds": _attention_seconds(net.config, n, dtype),
+            "dtype": str(dtype).split(".")[-1]}
+
+
+def _attention_seconds(config, n: int, dtype) -> float:
+    """The attention kernels' own time in a checkpointed step of ``n`` tokens: SDPA forward twice and backward,
+    one layer's shapes timed alone, × layers."""
+    import torch
+    import torch.nn.functional as F
+
+    h, kv = config.num_attention_heads, config.num_key_value_heads
+    d = config.hidden_size // h
+    q = torch.randn(1, h, n, d, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, kv, n, d, dtype=dtype, requires_grad=True) for _ in range(2))
+    t = time.perf_counter()
+    with torch.no_grad():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    out.sum().backward()
+    return (time.perf_counter() - t) * config.num_hidden_layers
+
+
+def peer_worker(n: int) -> dict:
+    """One training step of ``n`` tokens with transformers + bitsandbytes + peft, gradient checkpointing on."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    net, _, _ = peer_qlora_model(MODEL)
+    net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net = get_peft_model(net, LoraConfig(r=R, lora_alpha=2 * R, target_modules="all-linear", lora_dropout=0.0))
+    net.train()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    ids = _ids(n)
+    t = time.perf_counter()
+    loss = net(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    opt.step()
+    return {"seconds": time.perf_counter() - t, "peak_rss_bytes": vm_hwm_bytes(), "loss": float(loss)}
+
+
+def _planned(n: int, tiled: str) -> int:
+    """``lowbit plan``'s peak for the worker's step, less the data pipeline (the worker reads no data files)."""
+    from lowbit.planner.memory import plan_config
+    from lowbit.training.config import TrainConfig
+
+    cfg = TrainConfig(base_model=MODEL, lora_r=R, lora_alpha=2 * R, sequence_len=n, micro_batch_size=1,
+                      gradient_checkpointing=True, tiled_mlp={"true": True, "false": False}.get(tiled, tiled))
+    p = plan_config(cfg, device="cpu")
+    return p.total_bytes - p.items.get("data_pipeline", 0)
+
+
+class Search:
+    """Doubling then bisection for the longest length whose step fits ``budget`` bytes, within ``deadline``."""
+
+    def __init__(self, side: str, budget: int, deadline: float, start: int, tiled: str):
+        self.side, self.budget, self.deadline, self.start, self.tiled = side, budget, deadline, start, tiled
+        self.runs: dict[int, dict] = {}
+        self.skipped: int | None = None  # the first length not run for want of time
+
+    def _step(self, n: int) -> dict | None:
+        done = [(k, r) for k, r in self.runs.items() if r]
+        if done:
+            k, r = max(done)
+            guess = r["seconds"] * max(1.0, (n / k) ** 2) + 30
+            if time.time() + guess > self.deadline:
+                self.skipped = n if self.skipped is None else min(self.skipped, n)
+                return None
+        args = ["--worker", self.side, str(n), self.tiled]
+        res = run_worker(__file__, args, f"{self.side} {n}", tail=800)
+        self.runs[n] = res or {"failed": True, "peak_rss_bytes": None}
+        fits = bool(res) and res["peak_rss_bytes"] <= self.budget
+        print(f"{self.side} {n}: " + (f"{res['peak_rss_bytes'] / 2**30:.2f} GiB, {res['seconds']:.1f} s"
+                                      if res else "failed (out of memory?)") + (" fits" if fits else ""), flush=True)
+        return {"fits": fits}
+
+    def run(self) -> int:
+        lo, hi, n = 0, None, self.start
+        while hi is None:
+            r = self._step(n)
+            if r is None:
+                return lo
+            lo, hi, n = (n, None, 2 * n) if r["fits"] else (lo, n, n)
+        while hi - lo > max(256, lo // 8):
+            mid = (lo + hi) // 2 // 256 * 256
+            r = self._step(mid)
+            if r is None:
+                break
+            lo, hi = (mid, hi) if r["fits"] else (lo, mid)
+        return lo
+
+
+def _rows(search: Search, tiled: str) -> list[dict]:
+    rows = []
+    for n, r in sorted(search.runs.items()):
+        if not r or r.get("failed"):
+            rows.append({"side": search.side, "tokens": n, "peak_GiB": "failed"})
+            continue
+        row = {"side": search.side, "tokens": n, "peak_GiB": round(r["peak_rss_bytes"] / 2**30, 3),
+               "step_s": round(r["seconds"], 1), "ms_per_token": round(1000 * r["seconds"] / n, 2)}
+        if search.side == "lowbit":
+            plan, above = _planned(n, tiled), r["peak_rss_bytes"] - r["baseline_rss_bytes"]
+            row.update({"ms_per_token_without_attention": round(1000 * (r["seconds"] - r["attention_seconds"]) / n, 2),
+                        "above_imports_GiB": round(above / 2**30, 3), "planned_GiB": round(plan / 2**30, 3),
+                        "plan_error_%": round(100 * (plan / above - 1), 1)})
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget-gib", type=float, default=4.0)
+    ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of the whole search")
+    ap.add_argument("--tiled-mlp", default="true", choices=("true", "false", "auto"))
+    ap.add_argument("--start", type=int, default=1024, help="first length of both searches")
+    ap.add_argument("--readme", action="store_true")
+    ap.add_argument("--worker", nargs=3)
+    a = ap.parse_args()
+    if a.worker:
+        side, n, tiled = a.worker
+        print("RESULT " + json.dumps(lowbit_worker(int(n), tiled) if side == "lowbit" else peer_worker(int(n))))
+        return
+    budget, t0 = int(a.budget_gib * 2**30), time.time()
+    peer = Search("peer", budget, t0 + a.minutes * 60 * 0.25, a.start, a.tiled_mlp)
+    peer_max = peer.run()
+    mine = Search("lowbit", budget, t0 + a.minutes * 60, a.start, a.tiled_mlp)
+    mine_max = mine.run()
+    rows = _rows(peer, a.tiled_mlp) + _rows(mine, a.tiled_mlp)
+    cols = ["side", "tokens", "peak_GiB", "step_s", "ms_per_token", "ms_per_token_without_attention",
+            "above_imports_GiB", "planned_GiB", "plan_error_%"]
+    stop = lambda s: f" (the search stopped for time before {s.skipped:,} tokens)" if s.skipped else ""
+    ratio = f"{mine_max / peer_max:.1f}×" if peer_max else "not measured (the peer fit no length tried)"
+    md = (f"Longest training step under {a.budget_gib:g} GiB RSS, SmolLM2-135M QLoRA r={R}, batch 1, gradient "
+          f"checkpointing, tiled_mlp {a.tiled_mlp} (bench/long_context.py, this CPU, one run):\n\n"
+          f"- transformers + bitsandbytes + peft: **{peer_max:,} tokens**{stop(peer)}\n"
+          f"- lowbit: **{mine_max:,} tokens**{stop(mine)} — {ratio} the peer\n\n" + table(rows, cols))
+    publish("long_context", md, {"budget_bytes": budget, "lowbit_max": mine_max, "peer_max": peer_max,
+                                 "lowbit_skipped": mine.skipped, "peer_skipped": peer.skipped, "rows": rows,
+                                 "minutes": a.minutes, "tiled_mlp": a.tiled_mlp}, a.readme)
+
+
+if __name__ == "__main__":
+    main()
