@@ -29,6 +29,7 @@ def worker(model: str, seq: int, batch: int, r: int, gc: bool) -> dict:
     from lowbit.io.loader import load
     from lowbit.io.resolve import resolve_model
     from lowbit.nn.lora import add_lora
+    from lowbit.training.host_memory import release_between_layers
     from lowbit.training.loss import autocast, lm_loss
 
     folder = resolve_model(model)
@@ -38,6 +39,7 @@ def worker(model: str, seq: int, batch: int, r: int, gc: bool) -> dict:
     base = peak_rss_bytes()
     net = load(folder, compute_dtype=torch.bfloat16)
     add_lora(net, r=r, alpha=2 * r, verbose=False)
+    release_between_layers(net)  # as lowbit train does (training/host_memory.py)
     if gc:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net.train()

@@ -52,3 +52,21 @@ def test_readme_grpo_example_runs(tmp_path, monkeypatch):
     rows = (tmp_path / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2 and '"rewards/bare_number/mean"' in rows[0] and '"rewards/exact_answer/mean"' in rows[0]
     assert (tmp_path / "runs" / "grpo" / "completions.jsonl").stat().st_size > 0
+
+
+def test_readme_long_context_config_and_planner_levers_are_current(tmp_path, capsys):
+    """The long-context config block is a valid config as written; the levers table is what `lowbit plan` prints."""
+    from lowbit.cli import main
+    from lowbit.training.config import load_config
+
+    text = README.read_text()
+    config = next(b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "tiled_mlp" in b)
+    (tmp_path / "long.yaml").write_text(config)
+    cfg = load_config(tmp_path / "long.yaml").validate()
+    assert cfg.tiled_mlp is True and cfg.sample_packing and cfg.datasets == "passkey-8k"
+    assert cfg.model_config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    at = text.index("longest sequence_len in 24GB")
+    shown = text[at:text.index("```", at)]
+    assert main(["plan", "llama-3.1-8b", "--micro-batch-size", "1", "--gpu-memory", "24GB", "--max-sequence-len"]) == 0
+    printed = capsys.readouterr().out
+    assert shown.strip() in printed, printed

@@ -18,7 +18,7 @@ def add_parser(sub, name):
                        epilog=f"known model families: {', '.join(known_families())}")
     p.add_argument("target", nargs="?", help="a training config (.yaml), or a model: folder, config.json or a "
                    "known family name (default: the config's base_model)")
-    p.add_argument("--gpu-memory", help="device memory, e.g. 48GB")
+    p.add_argument("--gpu-memory", "--memory", help="device memory, e.g. 48GB (with --device cpu: the host's)")
     p.add_argument("--world-size", type=int, default=1, help="processes torchrun will start (the plan is per rank; "
                    "the config key distributed chooses ddp or fsdp)")
     p.add_argument("--max-sequence-len", "--max-seq-len", action="store_true",
