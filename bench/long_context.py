@@ -15,6 +15,7 @@ planner's estimate (``lowbit plan`` of the same run, less its data-pipeline item
 the measured peak above the process's RSS after its imports (as bench/plan_validate.py measures).
 
     python bench/long_context.py [--budget-gib 4] [--minutes 60] [--tiled-mlp true|false] [--readme]
+    python bench/long_context.py --replan [--readme]    # the last run's table, planned with the current planner
 """
 
 from __future__ import annotations
@@ -169,12 +170,40 @@ def _rows(search: Search, tiled: str) -> list[dict]:
     return rows
 
 
+def _markdown(budget_gib: float, tiled: str, peer_max: int, mine_max: int, peer_skipped, mine_skipped,
+              rows: list[dict]) -> str:
+    cols = ["side", "tokens", "peak_GiB", "step_s", "ms_per_token", "ms_per_token_without_attention",
+            "above_imports_GiB", "planned_GiB", "plan_error_%"]
+    stop = lambda s: f" (the search stopped for time before {s:,} tokens)" if s else ""
+    ratio = f"{mine_max / peer_max:.1f}×" if peer_max else "not measured (the peer fit no length tried)"
+    return (f"Longest training step under {budget_gib:g} GiB RSS, SmolLM2-135M QLoRA r={R}, batch 1, gradient "
+            f"checkpointing, tiled_mlp {tiled} (bench/long_context.py, this CPU, one run):\n\n"
+            f"- transformers + bitsandbytes + peft: **{peer_max:,} tokens**{stop(peer_skipped)}\n"
+            f"- lowbit: **{mine_max:,} tokens**{stop(mine_skipped)} — {ratio} the peer\n\n" + table(rows, cols))
+
+
+def replan(readme: bool) -> None:
+    """The last run's table with the planner's current estimates (the measurements as they were)."""
+    from common import RESULTS
+
+    data = json.loads((RESULTS / "long_context.json").read_text())
+    for row in data["rows"]:
+        if row["side"] == "lowbit" and "above_imports_GiB" in row:
+            plan = _planned(row["tokens"], data["tiled_mlp"]) / 2**30
+            row.update({"planned_GiB": round(plan, 3),
+                        "plan_error_%": round(100 * (plan / row["above_imports_GiB"] - 1), 1)})
+    md = _markdown(data["budget_bytes"] / 2**30, data["tiled_mlp"], data["peer_max"], data["lowbit_max"],
+                   data["peer_skipped"], data["lowbit_skipped"], data["rows"])
+    publish("long_context", md, {k: v for k, v in data.items() if k != "machine"}, readme)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget-gib", type=float, default=4.0)
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of the whole search")
     ap.add_argument("--tiled-mlp", default="true", choices=("true", "false", "auto"))
     ap.add_argument("--start", type=int, default=1024, help="first length of both searches")
+    ap.add_argument("--replan", action="store_true", help="the last run's table with the current planner")
     ap.add_argument("--readme", action="store_true")
     ap.add_argument("--worker", nargs=3)
     a = ap.parse_args()
@@ -182,20 +211,16 @@ def main() -> None:
         side, n, tiled = a.worker
         print("RESULT " + json.dumps(lowbit_worker(int(n), tiled) if side == "lowbit" else peer_worker(int(n))))
         return
+    if a.replan:
+        replan(a.readme)
+        return
     budget, t0 = int(a.budget_gib * 2**30), time.time()
     peer = Search("peer", budget, t0 + a.minutes * 60 * 0.25, a.start, a.tiled_mlp)
     peer_max = peer.run()
     mine = Search("lowbit", budget, t0 + a.minutes * 60, a.start, a.tiled_mlp)
     mine_max = mine.run()
     rows = _rows(peer, a.tiled_mlp) + _rows(mine, a.tiled_mlp)
-    cols = ["side", "tokens", "peak_GiB", "step_s", "ms_per_token", "ms_per_token_without_attention",
-            "above_imports_GiB", "planned_GiB", "plan_error_%"]
-    stop = lambda s: f" (the search stopped for time before {s.skipped:,} tokens)" if s.skipped else ""
-    ratio = f"{mine_max / peer_max:.1f}×" if peer_max else "not measured (the peer fit no length tried)"
-    md = (f"Longest training step under {a.budget_gib:g} GiB RSS, SmolLM2-135M QLoRA r={R}, batch 1, gradient "
-          f"checkpointing, tiled_mlp {a.tiled_mlp} (bench/long_context.py, this CPU, one run):\n\n"
-          f"- transformers + bitsandbytes + peft: **{peer_max:,} tokens**{stop(peer)}\n"
-          f"- lowbit: **{mine_max:,} tokens**{stop(mine)} — {ratio} the peer\n\n" + table(rows, cols))
+    md = _markdown(a.budget_gib, a.tiled_mlp, peer_max, mine_max, peer.skipped, mine.skipped, rows)
     publish("long_context", md, {"budget_bytes": budget, "lowbit_max": mine_max, "peer_max": peer_max,
                                  "lowbit_skipped": mine.skipped, "peer_skipped": peer.skipped, "rows": rows,
                                  "minutes": a.minutes, "tiled_mlp": a.tiled_mlp}, a.readme)

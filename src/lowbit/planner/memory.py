@@ -23,7 +23,8 @@ activations)::
                         so only what it needs beyond the training step's activations is counted
     transient weight    the largest dequantized weight, forward and backward
     backward+allocator  activation gradients during backward and memory the allocator keeps after freeing;
-                        on CPU measured here (≈0.75× activations, ≈3.2 layers with checkpointing), on GPU estimated
+                        on CPU measured here (≈0.75× activations; with checkpointing ≈3.2 layers' activations,
+                        ≈0.8 once a layer's hidden states reach 32 MiB), on GPU estimated
     data pipeline       CPU: the tokenizer, the datasets/Arrow runtime and the token tables (≈150 MiB, measured)
     framework overhead  CUDA context (GPU) or runtime buffers (CPU)
 
@@ -67,6 +68,7 @@ HEADROOM = 0.05
 # in float32 compute the saved activations (and what backward frees after them) come to 1.10× the coefficients
 # counted for bf16 (float32 copies that autocast keeps in bf16 runs)
 DATA_PIPELINE_CPU = 150 << 20
+GLIBC_MMAP_MAX = 32 << 20  # glibc (64-bit) serves blocks from this size up with mmap, whatever its dynamic threshold
 FP32_CPU_ACTIVATIONS = 1.10
 # the training config keys a plan depends on
 PLAN_KEYS = ("sequence_len", "micro_batch_size", "lora_r", "lora_target_modules", "load_in_4bit", "load_in_8bit",
@@ -201,7 +203,7 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     host_items = {k: int(v) for k, v in (("optimizer_state", host), ("checkpoints", checkpoints if offloaded else 0))
                   if v}
     items.update(_overheads(items, act, tokens * per_layer_tok, tokens * f.L * per_layer_tok,
-                            gradient_checkpointing, device))
+                            gradient_checkpointing, device, hidden_bytes=tokens * f.h * dbytes))
     if generation_rows:
         items["generation_kv_cache"] = _generation(items, f, generation_rows, sequence_len + completion_len, dbytes)
     total = sum(items.values())
@@ -301,7 +303,7 @@ def _shard(items: dict, n: int, layers: int, lora_layer: float) -> None:
 
 
 def _overheads(items: dict, act: float, layer_act: float, act_without_checkpointing: float,
-               gradient_checkpointing: bool, device: str) -> dict:
+               gradient_checkpointing: bool, device: str, hidden_bytes: float = 0) -> dict:
     if device == "cuda":
         # CUDA context + caching-allocator slack; backward transients (activation gradients). Not yet measured
         # on a GPU here: an estimate.
@@ -309,11 +311,14 @@ def _overheads(items: dict, act: float, layer_act: float, act_without_checkpoint
         return {"backward_and_allocator": int(back + 0.05 * sum(items.values())),
                 "framework_overhead": int(0.75 * GIB)}
     # Measured on this CPU: activation gradients in backward plus what glibc keeps after freeing come to ≈0.75× the
-    # saved activations without checkpointing (bench/plan_validate.py); with checkpointing ≈3.2 layers' activations
-    # (SmolLM2-135M, 2,048 and 8,192 tokens, MLP whole and tiled: 2.7–3.7, freed pages handed back between layers by
-    # training/host_memory.py; 9.5 before that) — never more than without checkpointing, which a model of fewer
-    # layers would otherwise get — plus ~32 MiB of runtime buffers.
-    back = min(3.2 * layer_act, 0.75 * act_without_checkpointing) if gradient_checkpointing else 0.75 * act
+    # saved activations without checkpointing (bench/plan_validate.py). With checkpointing (bench/long_context.py,
+    # SmolLM2-135M, freed pages handed back every few layers by training/host_memory.py): ≈3.2 layers' activations
+    # while a layer's hidden states are under 32 MiB — glibc's largest mmap threshold: smaller blocks come from the
+    # heap and leave their pages behind until the next trim (2.6–3.2 from 2,048 to 8,192 tokens) — and ≈0.8 above it,
+    # where every freed block goes straight back (0.78 at 16,384 tokens). Never more than without checkpointing,
+    # which a model of fewer layers would otherwise get; plus ~32 MiB of runtime buffers.
+    layers = 3.2 if hidden_bytes < GLIBC_MMAP_MAX else 0.8
+    back = min(layers * layer_act, 0.75 * act_without_checkpointing) if gradient_checkpointing else 0.75 * act
     return {"backward_and_allocator": int(back), "framework_overhead": 32 << 20,
             "data_pipeline": DATA_PIPELINE_CPU}
 
