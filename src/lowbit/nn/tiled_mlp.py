@@ -57,9 +57,9 @@ def tile_mlps(model: nn.Module, num_shards: int | None = None) -> int:
     """Run every dense MLP block of ``model`` tiled; how many blocks were tiled."""
     cfg = model.config.get_text_config() if hasattr(model, "config") else None
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
     blocks = mlp_blocks(model)
     for _, mod in blocks:
-        inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
         if not getattr(mod, "_lowbit_tiled", False):
             mod.forward = functools.partial(_tiled, mod.forward, hidden, inner, num_shards)
             mod._lowbit_tiled = True
