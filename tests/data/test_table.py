@@ -3,6 +3,7 @@ columns, several sources of different formats mixed, the tokenization cache, wei
 errors naming the file, line or row, and field."""
 
 import json
+import re
 
 import pytest
 
@@ -159,7 +160,10 @@ def test_bad_parquet_and_csv_rows_are_named(tmp_path, tok):
     pd.DataFrame(rows).to_csv(tmp_path / "a.csv", index=False)
     with pytest.raises(LowbitError, match=r"a\.csv: row 4: alpaca record is missing field 'output'"):
         _load([{"path": str(tmp_path / "a.csv"), "type": "alpaca"}], tok)
-    missing = r"datasets\[0\]: data not found: nowhere\.jsonl \(a \.jsonl.*chitchat, chatterbot-pairs, arithmetic\)$"
+    from lowbit.data.builtin import BUILTIN_DATASETS
+
+    missing = r"datasets\[0\]: data not found: nowhere\.jsonl \(a \.jsonl.*one of: " + \
+        re.escape(", ".join(BUILTIN_DATASETS)) + r"\)$"
     with pytest.raises(LowbitError, match=missing):
         _load([{"path": "nowhere.jsonl"}], tok)
     with pytest.raises(LowbitError, match=r"data not found: tatsu-lab/alpaca .* hub data sets are not fetched"):

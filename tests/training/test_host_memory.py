@@ -52,14 +52,13 @@ def _rss() -> int:
 
 def test_the_trim_gives_pages_back():
     """glibc keeps the pages of freed blocks that lie between live ones; the trim returns them (measured on this
-    process: 20 freed 8 MB blocks between kept 2 MB ones)."""
-    big = torch.ones(25_000_000)  # a freed 100 MB block lifts glibc's mmap threshold: 8 MB blocks come from the heap
+    process: 40 freed 8 MB blocks, each followed by a kept 2 MB one)."""
+    big = torch.ones(6_000_000)  # a freed 24 MB mmapped block lifts the mmap threshold: 8 MB blocks come from the heap
     del big
-    keep, before = [], _rss()
-    for _ in range(20):
-        transient = torch.ones(2_000_000)
-        keep.append(torch.ones(500_000))
-        del transient
-    grown = _rss() - before
+    pairs = [(torch.ones(2_000_000), torch.ones(500_000)) for _ in range(40)]
+    keep = [k for _, k in pairs]
+    del pairs  # the 8 MB blocks are freed: holes between the kept ones
+    held = _rss()
     assert host_memory.trim_host_heap()
-    assert _rss() - before < grown - 80 * 2**20, (grown, _rss() - before)
+    assert held - _rss() > 200 * 2**20, held - _rss()  # their pages were still resident until the trim
+    assert len(keep) == 40
