@@ -125,7 +125,7 @@ class TrainConfig:
     optimizer_budget_mb: float = 0.0            # paged optimizers: device bytes for state (0 = one page)
     gradient_checkpointing: bool | str = False  # true | false | offload (decoder-layer inputs in host memory)
     tiled_mlp: bool | str = False               # true | false | auto (from 8,192 tokens): MLPs over sequence shards
-    tiled_mlp_num_shards: int = 0               # 0: from the memory target (nn/tiled_mlp.py)
+    tiled_mlp_num_shards: int = 0               # 0: from the memory target (nn/mlp_shards.py)
     neftune_noise_alpha: float = 0.0            # > 0: NEFTune noise on the input embeddings while training
     # bookkeeping
     eval_steps: int | float = 50                # 0: only before and after training; 0 < x < 1: that fraction of
