@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import torch
 
+from .clipping import quantize_with_scales
 from .codebooks import quant_order, zero_code
 from .packing import pack_codes
-from .spec import QUANT_TYPES
+from .spec import QUANT_TYPES, QuantSpec
 from .tensor import QuantizedTensor, quantize
 
 __all__ = ["second_moment", "gptq_quantize"]
@@ -33,9 +34,12 @@ def second_moment(x: torch.Tensor) -> torch.Tensor:
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
-                  double_quant: bool = True, damp: float = 0.01, block: int = 128) -> QuantizedTensor:
-    """``w`` (out, in) on round-to-nearest's grid with GPTQ's error compensation under ``hessian`` (in, in)."""
-    rtn = quantize(w, quant_type, blocksize, double_quant)  # the grid: its (double-quantized) absmax
+                  double_quant: bool = True, damp: float = 0.01, block: int = 128,
+                  scales: torch.Tensor | None = None) -> QuantizedTensor:
+    """``w`` (out, in) on round-to-nearest's grid with GPTQ's error compensation under ``hessian`` (in, in).
+    ``scales``: per-block scales to use instead of the absmax (clipped ones: ``clipping.py``)."""
+    spec = QuantSpec(quant_type, blocksize, double_quant)
+    rtn = quantize(w, spec) if scales is None else quantize_with_scales(w, scales, spec)  # the grid
     out_f, in_f = w.shape
     scale = rtn.absmax_float().float().repeat_interleave(blocksize)[: w.numel()].view(out_f, in_f)
     midpoints, order = quant_order(quant_type)

@@ -1,0 +1,109 @@
+"""Clipped block scales (OmniQuant's weight clipping, searched on a grid): each block's scale may sit below its
+absmax where that lowers the block's activation-weighted rounding error.
+
+For a block b of weights w_i (i: the input channel each multiplies) and d_i = E[x_i²] (the diagonal of the
+layer's input second moment)::
+
+    s_b(r)   = r · absmax_b                          r ∈ {1, 1 − (1 − r_min)/n, …, r_min}
+    ŵ_i(r)   = s_b(r) · code[nearest(clamp(w_i / s_b(r), −1, 1))]
+    err_b(r) = Σ_i d_i (w_i − ŵ_i(r))²               the block's share of E‖x (Ŵ − W)ᵀ‖² without cross terms
+
+and r_b is the ratio with the least error (r = 1 is plain absmax: never worse on this error). Fewer codes make
+outliers costlier to keep, so the lower the bits the more blocks clip. ``quantize_with_scales`` then stores any
+given scales as the absmax field (double-quantized like every absmax) and rounds each weight against the scale
+as stored: the same layout and bytes per weight as round-to-nearest — an NF4 result is still a plain bitsandbytes
+checkpoint, only its constants and codes differ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .codebooks import codebook, quant_order, zero_code
+from .double_quant import double_dequantize, double_quantize
+from .packing import pack_codes
+from .spec import QUANT_TYPES, QuantSpec
+from .tensor import QuantizedTensor
+
+__all__ = ["block_absmax", "clip_scales", "quantize_with_scales", "stored_scales"]
+
+_CHUNK = 1 << 20  # weights per search chunk
+
+
+def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """(blocks, blocksize) view of ``flat``, the last block zero-padded."""
+    pad = -flat.numel() % blocksize
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
+
+
+def block_absmax(w: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Per-block max |w| (float32), the blocks running over the row-major weight as bitsandbytes lays them."""
+    return _blocks(w.detach().reshape(-1).float(), blocksize).abs().amax(1)
+
+
+def _channel_weights(diag: torch.Tensor, shape: torch.Size, blocksize: int) -> torch.Tensor:
+    """d_i of every weight (the input channel's E[x²]), laid out as the weight's blocks."""
+    return _blocks(diag.float().clamp(min=0).repeat(shape[0]), blocksize)
+
+
+def _round(v: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """Nearest code value of v ∈ [−1, 1] (the sorted codebook's entry)."""
+    midpoints, order = quant_order(quant_type)
+    return codebook(quant_type)[order.long()].to(v.device)[torch.bucketize(v, midpoints.to(v.device))]
+
+
+def clip_scales(w: torch.Tensor, diag: torch.Tensor, spec: QuantSpec, grid: int = 28,
+                lowest: float = 0.3) -> torch.Tensor:
+    """Per-block scales of ``w`` (out, in) with the least activation-weighted error (``diag``: E[x²] per input
+    channel, length ``in``), searched over ``grid`` + 1 ratios of the absmax from 1 down to ``lowest``."""
+    flat = w.detach().reshape(-1).float()
+    scales = torch.empty(-(-flat.numel() // spec.blocksize), dtype=torch.float32, device=w.device)
+    d_all = _channel_weights(diag.to(w.device), w.shape, spec.blocksize)
+    ratios = [1 - (1 - lowest) * k / grid for k in range(grid + 1)]
+    step = max(1, _CHUNK // spec.blocksize)
+    blocks = _blocks(flat, spec.blocksize)
+    for b0 in range(0, blocks.shape[0], step):
+        x, d = blocks[b0: b0 + step], d_all[b0: b0 + step]
+        absmax = x.abs().amax(1, keepdim=True)
+        best_err, best = None, absmax
+        for r in ratios:
+            s = (absmax * r).clamp(min=1e-38)
+            err = (d * (x - _round((x / s).clamp(-1, 1), spec.quant_type) * s) ** 2).sum(1, keepdim=True)
+            if best_err is None:
+                best_err, best = err, s
+            else:
+                better = err < best_err
+                best_err, best = torch.where(better, err, best_err), torch.where(better, s, best)
+        scales[b0: b0 + x.shape[0]] = torch.where(absmax > 0, best, absmax).view(-1)
+    return scales
+
+
+def stored_scales(scales: torch.Tensor, double_quant: bool) -> tuple[torch.Tensor, tuple | None]:
+    """The scales as a checkpoint will hold them: ``(float scales after double quantization, (qabsmax,
+    nested_absmax, offset, nested_code) or None)``."""
+    if not double_quant:
+        return scales.float(), None
+    q, nested, offset, ncode = double_quantize(scales.float())
+    ncode = ncode.to(scales.device)
+    return double_dequantize(q, nested, offset, ncode), (q, nested, offset, ncode)
+
+
+def quantize_with_scales(w: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+    """``w`` on the grid of the given per-block ``scales``: the scales stored as the absmax field, each weight
+    rounded to the nearest code of its block's *stored* scale (after double quantization)."""
+    s, nested = stored_scales(scales, spec.double_quant)
+    flat = w.detach().reshape(-1).float()
+    n = flat.numel()
+    blocks = _blocks(flat, spec.blocksize)
+    safe = torch.where(s == 0, torch.ones_like(s), s)[:, None]
+    midpoints, order = (t.to(w.device) for t in quant_order(spec.quant_type))
+    codes = order[torch.bucketize((blocks * (1.0 / safe)).clamp(-1, 1), midpoints)].reshape(-1)[:n]
+    zero = zero_code(spec.quant_type)
+    codes = torch.where(s.repeat_interleave(spec.blocksize)[:n] == 0, torch.full_like(codes, zero), codes)
+    packed = pack_codes(codes, QUANT_TYPES[spec.quant_type].storage_bits, pad=zero).view(-1, 1)
+    code = codebook(spec.quant_type).to(w.device)
+    if nested is None:
+        return QuantizedTensor(packed, s.clone(), torch.Size(w.shape), w.dtype, spec.blocksize, spec.quant_type, code)
+    q, nested_absmax, offset, ncode = nested
+    return QuantizedTensor(packed, q, torch.Size(w.shape), w.dtype, spec.blocksize, spec.quant_type, code,
+                           nested_absmax, ncode, offset)
