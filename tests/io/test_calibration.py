@@ -1,6 +1,6 @@
-"""Calibration of a loaded 4-bit model (GPTQ, AWQ, both): the model's logits closer to the full-precision model's
-on held-out inputs than round-to-nearest's; GPTQ keeps the grid (only the codes move); AWQ's folding keeps the
-model's function exactly before rounding, grouped-query attention included."""
+"""Calibration of a loaded 4-bit model (GPTQ, AWQ, clipping, blockwise, chains of them): the model's logits closer
+to the full-precision model's on held-out inputs than round-to-nearest's; GPTQ keeps the grid (only the codes
+move); AWQ's folding keeps the model's function exactly before rounding, grouped-query attention included."""
 
 import copy
 
@@ -11,6 +11,7 @@ from lowbit.io.awq_fold import awq_groups, fold_awq
 from lowbit.io.calibration import calibrate, calibrate_gptq, input_statistics
 from lowbit.io.loader import SourceWeights, load
 from lowbit.nn.linear import Linear4bit
+from lowbit.quant.spec import QuantSpec
 
 from tiny import save_tiny
 
@@ -37,11 +38,13 @@ def _error(net, want, held):
         return sum(((net(**b).logits - w).norm() / w.norm()).item() for b, w in zip(held, want))
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "both"])
-def test_each_method_is_closer_to_full_precision_than_round_to_nearest(tmp_path, method):
+@pytest.mark.parametrize("method,quant_type", [("gptq", "nf4"), ("awq", "nf4"), ("both", "nf4"), ("clip", "nf3"),
+                                               ("clip", "nf2"), ("awq+clip+gptq", "nf3"), ("clip+blockwise", "nf2")])
+def test_each_method_is_closer_to_full_precision_than_round_to_nearest(tmp_path, method, quant_type):
     ref = _outlier_model(tmp_path)
-    rtn = load(tmp_path, compute_dtype=torch.float32).eval()
-    cal = load(tmp_path, compute_dtype=torch.float32).eval()
+    spec = QuantSpec(quant_type)
+    rtn = load(tmp_path, spec, compute_dtype=torch.float32).eval()
+    cal = load(tmp_path, spec, compute_dtype=torch.float32).eval()
     calibrate(cal, _batches(16, 0), method, log=lambda *a: None)
     held = _batches(4, 1)
     with torch.no_grad():
@@ -105,8 +108,11 @@ def test_statistics_leave_padding_out(tmp_path):
 def test_unknown_method_and_unfoldable_model_are_refused(tmp_path):
     save_tiny(tmp_path / "llama", "llama")
     net = load(tmp_path / "llama", compute_dtype=torch.float32)
-    with pytest.raises(ValueError, match="calibration method must be one of gptq, awq, both"):
+    with pytest.raises(ValueError, match="calibration method must be one of none, awq, clip, gptq, blockwise, both or "
+                                         "stages joined by"):
         calibrate(net, _batches(1, 0), "smoothquant")
+    with pytest.raises(ValueError, match="gptq and blockwise both choose the codes"):
+        calibrate(net, _batches(1, 0), "awq+gptq+blockwise")
     save_tiny(tmp_path / "gpt2", "gpt2")
     gpt2 = load(tmp_path / "gpt2", compute_dtype=torch.float32)
     with pytest.raises(ValueError, match="awq: this model has no place to fold scales into"):

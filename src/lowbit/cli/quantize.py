@@ -1,11 +1,12 @@
-"""``lowbit quantize --model M --out DIR [--calibrate DATA [--method gptq|awq|both]]``: a 4-bit checkpoint that
-transformers + bitsandbytes load as it is; with ``--calibrate``, its weights are calibrated under the model's inputs
-on DATA — GPTQ's error-compensating rounding on the same grid, AWQ's activation-aware scales folded into the norms,
-or both — and it is still a plain bitsandbytes checkpoint (train on it with ``base_model: DIR``)."""
+"""``lowbit quantize --model M --out DIR [--calibrate DATA [--method awq+clip+gptq|blockwise|…]]``: a 4-bit
+checkpoint that transformers + bitsandbytes load as it is; with ``--calibrate``, its weights are calibrated under the
+model's inputs on DATA — AWQ's activation-aware scales folded into the norms, clipped block scales, GPTQ's
+error-compensating rounding, or block scales and rounding trained per decoder block — and it is still a plain
+bitsandbytes checkpoint (train on it with ``base_model: DIR``)."""
 
 from __future__ import annotations
 
-from ..quant.spec import CALIBRATIONS
+from ..quant.spec import CALIBRATIONS, calibration_stages
 from .options import add_config_flags, config_from
 
 HELP = "write a 4-bit checkpoint transformers + bitsandbytes load as-is (NF3/NF2: lowbit's own)"
@@ -17,8 +18,8 @@ def add_parser(sub, name):
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--calibrate", metavar="DATA", help="calibration data (a file, folder or built-in name, as "
                    "datasets takes it): calibrate the 4-bit weights under the model's inputs on it")
-    p.add_argument("--method", default="gptq", choices=[c for c in CALIBRATIONS if c != "none"],
-                   help="; ".join(f"{k}: {v}" for k, v in CALIBRATIONS.items() if k != "none"))
+    p.add_argument("--method", default="gptq", help="a stage or stages joined by '+' (in this order): " + "; ".join(
+        f"{k}: {v}" for k, v in CALIBRATIONS.items() if k != "none"))
     p.add_argument("--samples", type=int, default=256, help="calibration samples (default 256)")
     add_config_flags(p, ("base_model", "quant_type", "blocksize", "double_quant", "compute_dtype",
                          "trust_remote_code", "sequence_len", "dataset_format"), required=("base_model",))
@@ -34,6 +35,8 @@ def run(args) -> int:
     from ..nn.linear import footprint_bytes
 
     cfg = config_from(args)
+    if args.calibrate:
+        calibration_stages(args.method, "--method")
     spec = cfg.quant_spec()
     tok = load_tokenizer(cfg.base_model, required=args.calibrate is not None)
     batches = _calibration(args, cfg, tok) if args.calibrate else None  # a bad file fails before the model loads

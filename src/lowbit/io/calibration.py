@@ -1,6 +1,6 @@
 """Calibrated 4-bit weights for a loaded model (#14): the model stays an ordinary 4-bit checkpoint.
 
-``calibrate(net, batches, method)`` with a method of ``quant.spec.CALIBRATIONS``:
+``calibrate(net, batches, method)`` with a method of ``quant.spec.CALIBRATIONS`` (stages joined by "+"):
 
     1. run the 4-bit model over calibration batches; at each ``Linear4bit`` accumulate H = Σ xᵀx / n and
        m = Σ|x| / n of its inputs (as the quantized layers before it make them, as sequential GPTQ sees them)
@@ -8,24 +8,31 @@
              round the scaled full-precision weights to nearest
        gptq: re-round each layer's full-precision weight (read again from the checkpoint, one layer at a time)
              with error compensation under its H (``quant/gptq.py``), on round-to-nearest's grid
-       both: awq, then a second pass for the scaled model's H, then gptq on the scaled weights
+       clip: each block's scale searched below its absmax under diag(H) (``quant/clipping.py``), a new pass
+             for H after awq; gptq then rounds on the clipped grid
+       blockwise: scales, rounding and a LoRA start trained block by block (``blockwise.py``)
+       both: awq+gptq
 
 Memory: the model, one H per layer (in²·8 bytes: 2.6 MB for SmolLM2's 576-wide inputs) and one float32 weight.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 
 import torch
 from torch import nn
 
 from ..errors import LowbitError
 from ..nn.linear import Linear4bit
+from ..quant.clipping import block_absmax, clip_scales, quantize_with_scales
 from ..quant.gptq import gptq_quantize
-from ..quant.spec import CALIBRATIONS
+from ..quant.spec import calibration_stages
 from ..quant.tensor import quantize
 from .awq_fold import Scaled, fold_awq
+from .blockwise import calibrate_blockwise
 from .calibration_record import CalibrationRecord
 from .loader import SourceWeights
 
@@ -73,29 +80,65 @@ def input_statistics(net: nn.Module, batches) -> dict[str, tuple[torch.Tensor, t
     return {n: (s / max(1, counts[n]), (abs_sums[n] / max(1, counts[n])).float()) for n, s in sums.items()}
 
 
-def calibrate(net: nn.Module, batches, method: str = "gptq", log=print) -> None:
-    """Calibrate every 4-bit layer of ``net`` (loaded by lowbit from a full-precision checkpoint) in place.
-    ``net.lowbit_calibration`` then records how (``calibration_record.py``; ``save_quantized`` writes it)."""
-    if method not in CALIBRATIONS or method == "none":
-        raise LowbitError(f"calibration method must be one of {', '.join(m for m in CALIBRATIONS if m != 'none')}, "
-                          f"got {method!r}")
+def calibrate(net: nn.Module, batches, method: str = "gptq", log=print, lora=None) -> dict:
+    """Calibrate every 4-bit layer of ``net`` (loaded by lowbit from a full-precision checkpoint) in place, by the
+    stages of ``method`` (``quant.spec.calibration_stages``: awq, clip, gptq, blockwise, in that order).
+    ``net.lowbit_calibration`` then records how (``calibration_record.py``; ``save_quantized`` writes it).
+    ``lora``: ``(r, scaling, layer names)`` for blockwise to train a LoRA start on those layers with the codes;
+    returns it (name → (A, B)), empty without."""
+    stages = calibration_stages(method, "calibration method")
+    if not stages:
+        raise LowbitError("calibration method must name at least one stage, got 'none'")
     batches = list(batches)
+    start = {}
     with SourceWeights(net) as source:
-        weights = source
-        if method in ("awq", "both"):
-            weights = calibrate_awq(net, batches, source, log)
-        if method in ("gptq", "both"):
-            calibrate_gptq(net, batches, log=log, weights=weights)
+        weights, scales = source, None
+        if "awq" in stages:
+            with _stage("awq", log):
+                weights = calibrate_awq(net, batches, source, log)
+        if "clip" in stages:
+            with _stage("clip", log):
+                scales = calibrate_clip(net, batches, weights, log)
+        if "gptq" in stages:
+            with _stage("gptq", log):
+                calibrate_gptq(net, batches, log=log, weights=weights, scales=scales)
+        if "blockwise" in stages:
+            start = calibrate_blockwise(net, batches, weights, log=log, lora=lora)  # logs its own time
         mul = lambda a, b: {k: a.get(k, 1) * b.get(k, 1) for k in a.keys() | b.keys()}
         new = weights if isinstance(weights, Scaled) else Scaled(source)  # scales on top of the source's own
         net.lowbit_calibration = CalibrationRecord(method, source.path, mul(source.rows, new.rows),
                                                    mul(source.cols, new.cols))
+    return start
 
 
-def calibrate_gptq(net: nn.Module, batches, damp: float = 0.01, log=print, weights=None) -> int:
+@contextlib.contextmanager
+def _stage(name: str, log):
+    t0 = time.perf_counter()
+    yield
+    log(f"calibration: {name} took {time.perf_counter() - t0:.1f} s")
+
+
+def calibrate_clip(net: nn.Module, batches, weights, log=print) -> dict[str, torch.Tensor]:
+    """Clip every 4-bit layer's block scales (``quant/clipping.py``) under the inputs the model now sees and round
+    to nearest on them. Returns name → the chosen scales (GPTQ rounds on them next)."""
+    stats = input_statistics(net, batches)
+    chosen, ratio = {}, []
+    for name, mod in net.named_modules():
+        if isinstance(mod, Linear4bit) and name in stats:
+            old, w = mod.weight, weights(name)
+            chosen[name] = clip_scales(w, torch.diagonal(stats[name][0]).float(), old.spec)
+            ratio.append(float((chosen[name] / block_absmax(w, old.blocksize).clamp(min=1e-38)).mean()))
+            mod.weight = dataclasses.replace(quantize_with_scales(w.to(old.dtype), chosen[name], old.spec),
+                                             dtype=old.dtype)
+    log(f"calibration: {len(chosen)} layers' block scales clipped (mean scale / absmax {sum(ratio) / len(ratio):.3f})")
+    return chosen
+
+
+def calibrate_gptq(net: nn.Module, batches, damp: float = 0.01, log=print, weights=None, scales=None) -> int:
     """Re-round every 4-bit linear layer of ``net`` with GPTQ's error compensation under its calibration inputs.
-    ``weights``: name → full-precision weight (default: read from the checkpoint ``net`` was loaded from).
-    Returns the number of layers changed."""
+    ``weights``: name → full-precision weight (default: read from the checkpoint ``net`` was loaded from);
+    ``scales``: name → block scales to round on (clipped ones) instead of the absmax. Returns the number of layers
+    changed."""
     if weights is None:
         with SourceWeights(net) as source:
             return calibrate_gptq(net, batches, damp, log, source)
@@ -104,7 +147,7 @@ def calibrate_gptq(net: nn.Module, batches, damp: float = 0.01, log=print, weigh
     for name, mod in layers.items():
         old = mod.weight  # the checkpoint's dtype first, as round-to-nearest quantized it
         q = gptq_quantize(weights(name).to(old.dtype), stats[name][0], old.quant_type, old.blocksize,
-                          old.double_quant, damp)
+                          old.double_quant, damp, scales=(scales or {}).get(name))
         mod.weight = dataclasses.replace(q, dtype=old.dtype)
     log(f"calibration: {len(layers)} layers re-rounded (GPTQ on the {old.quant_type} grid)")
     return len(layers)

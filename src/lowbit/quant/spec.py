@@ -17,19 +17,50 @@ from dataclasses import dataclass
 from ..errors import LowbitError
 
 __all__ = ["QuantType", "QUANT_TYPES", "QuantSpec", "NESTED_BLOCKSIZE", "check_blocksize", "check_quant_type",
-           "CALIBRATIONS", "PACKING", "packed_bytes", "LOWBIT_QUANT_METHOD", "INT8"]
+           "CALIBRATIONS", "CALIBRATION_STAGES", "calibration_stages", "PACKING", "packed_bytes",
+           "LOWBIT_QUANT_METHOD", "INT8"]
 
 NESTED_BLOCKSIZE = 256  # constants per nested absmax (bitsandbytes' double quantization)
 # config.json's quantization_config.quant_method for checkpoints of types bitsandbytes does not have (io/export.py)
 LOWBIT_QUANT_METHOD = "lowbit"
 
-# how the codes of a 4-bit weight are chosen (the grid — absmax and double quantization — is the same for all)
+# how the codes and block scales of a k-bit weight are chosen; a method is one stage or several joined by "+",
+# in this order (``calibration_stages``). The layout — codes, absmax field, double quantization — is the same for all.
+CALIBRATION_STAGES = {
+    "awq": "activation-aware per-channel scales folded into the norms / previous layers (quant/awq.py)",
+    "clip": "each block's scale clipped below its absmax where the activation-weighted error drops "
+            "(quant/clipping.py)",
+    "gptq": "GPTQ's error-compensating rounding under calibration inputs (quant/gptq.py)",
+    "blockwise": "block scales and rounding trained per decoder block against the float block's output "
+                 "(io/blockwise.py)",
+}
 CALIBRATIONS = {
     "none": "round to nearest (bitsandbytes' own choice)",
-    "gptq": "GPTQ's error-compensating rounding under calibration inputs (quant/gptq.py)",
-    "awq": "activation-aware per-channel scales folded into the norms / previous layers (quant/awq.py)",
-    "both": "awq's scales, then gptq's rounding of the scaled weights",
+    **CALIBRATION_STAGES,
+    "both": "awq's scales, then gptq's rounding of the scaled weights (= awq+gptq)",
 }
+_ALIASES = {"both": ("awq", "gptq")}
+
+
+def calibration_stages(method: str, what: str = "quant_calibration") -> tuple[str, ...]:
+    """The stages of a calibration method: ``"none"`` → (), ``"awq+clip+gptq"`` → ("awq", "clip", "gptq")."""
+    if not isinstance(method, str) or not method:
+        raise LowbitError(f"{what} must be none, a stage ({', '.join(CALIBRATION_STAGES)}) or stages joined by '+', "
+                          f"got {method!r}")
+    if method == "none":
+        return ()
+    stages = _ALIASES.get(method) or tuple(method.split("+"))
+    order = list(CALIBRATION_STAGES)
+    unknown = [s for s in stages if s not in CALIBRATION_STAGES]
+    if unknown:
+        names = ", ".join(CALIBRATIONS)
+        raise LowbitError(f"{what} must be one of {names} or stages joined by '+' in the order {', '.join(order)}, "
+                          f"got {method!r}")
+    if [order.index(s) for s in stages] != sorted({order.index(s) for s in stages}):
+        raise LowbitError(f"{what}: stages run once each in the order {', '.join(order)}, got {method!r}")
+    if "gptq" in stages and "blockwise" in stages:
+        raise LowbitError(f"{what}: gptq and blockwise both choose the codes; pick one, got {method!r}")
+    return stages
 
 
 @dataclass(frozen=True)

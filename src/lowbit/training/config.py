@@ -24,7 +24,7 @@ from ..dtypes import DTYPE_ALIASES, DTYPES
 from ..errors import LowbitError
 from ..nn.lora_options import ALL_LINEAR, LORA_INITS
 from ..optim.registry import OPTIMIZERS
-from ..quant.spec import CALIBRATIONS, QUANT_TYPES, QuantSpec
+from ..quant.spec import QUANT_TYPES, QuantSpec, calibration_stages
 from ..sizes import parse_size
 from .axolotl import (
     TRANSLATIONS,
@@ -55,8 +55,8 @@ class TrainConfig:
     quant_type: str = "nf4"                     # quant.spec.QUANT_TYPES
     double_quant: bool = True
     blocksize: int = 64
-    quant_calibration: str = "none"             # quant.spec.CALIBRATIONS: calibrate the 4-bit base on the training
-    quant_calibration_samples: int = 256        # data first (saved to output_dir/base)
+    quant_calibration: str = "none"             # quant.spec.calibration_stages (awq+clip+gptq, …): calibrate the
+    quant_calibration_samples: int = 256        # k-bit base on the training data first (saved to output_dir/base)
     compute_dtype: str = "auto"                 # auto | dtypes.DTYPES
     trust_remote_code: bool = False
     device: str = "auto"                        # auto | cpu | cuda | cuda:N (auto: the GPU when there is one)
@@ -192,6 +192,7 @@ class TrainConfig:
                   "warmup_ratio"):
             if getattr(self, k) >= 1 and not (k.startswith("cosine") and getattr(self, k) == 1):
                 bad(k, f"must be < 1, got {getattr(self, k)}")
+        calibration_stages(self.quant_calibration, "config: quant_calibration")
         if self.quant_calibration != "none":
             if not self.load_in_4bit:
                 bad("quant_calibration", "needs load_in_4bit: true (there is no 4-bit base to calibrate)")
@@ -258,7 +259,7 @@ SPECIAL_TOKENS = ("pad_token", "bos_token", "eos_token", "unk_token")
 EXCESS_LENGTH = ("truncate", "drop", "raise")
 
 # the keys that name something, and the tables they name
-CHOICES = {"quant_type": tuple(QUANT_TYPES), "quant_calibration": tuple(CALIBRATIONS),
+CHOICES = {"quant_type": tuple(QUANT_TYPES),
            "compute_dtype": ("auto", *DTYPES), "lora_init": tuple(LORA_INITS),
            "dataset_format": ("auto", *FORMATS), "lr_scheduler": tuple(SCHEDULERS), "optimizer": tuple(OPTIMIZERS),
            "distributed": DISTRIBUTED, "excess_length_strategy": EXCESS_LENGTH, "tiled_mlp": (False, True, "auto"),

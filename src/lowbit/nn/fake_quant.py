@@ -1,0 +1,69 @@
+"""A linear layer that rounds its weight onto a k-bit grid in every forward, with trainable latent weights, block
+scales and an optional LoRA start (what block-wise reconstruction trains: ``io/blockwise.py``).
+
+    s      = s₀ · exp(t)                                   one per block of ``blocksize`` weights; t trains
+    v      = clamp(W / s, −1, 1)
+    Ŵ      = s · (v + sg(code[nearest(v)] − v))            straight-through: ∂Ŵ/∂W = 1 inside the clamp, and
+                                                           ∂Ŵ/∂s = code[nearest(v)] − v (LSQ's scale gradient)
+    y      = x Ŵᵀ + b + (α/r) · (x Aᵀ) Bᵀ
+
+``freeze()`` gives the stored form: the scales double-quantized as a checkpoint keeps them and each latent weight
+rounded against its stored scale (``quant/clipping.quantize_with_scales``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant.clipping import quantize_with_scales
+from ..quant.codebooks import codebook, quant_order
+from ..quant.spec import QuantSpec
+from ..quant.tensor import QuantizedTensor
+
+__all__ = ["FakeQuantLinear"]
+
+
+class FakeQuantLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None = None,
+                 lora: tuple[torch.Tensor, torch.Tensor, float] | None = None, train_weight: bool = True):
+        super().__init__()
+        self.spec, self.shape = spec, weight.shape
+        self.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=train_weight)
+        self.register_buffer("s0", scales.detach().float().clamp(min=1e-12).clone())
+        self.log_scale = nn.Parameter(torch.zeros_like(self.s0))
+        self.bias = None if bias is None else bias.detach().float()
+        midpoints, order = quant_order(spec.quant_type)
+        self.register_buffer("midpoints", midpoints.to(weight.device))
+        self.register_buffer("levels", codebook(spec.quant_type)[order.long()].to(weight.device))
+        self.lora_A = self.lora_B = None
+        if lora is not None:
+            a, b, self.scaling = lora
+            self.lora_A = nn.Parameter(a.detach().float().clone())
+            self.lora_B = nn.Parameter(b.detach().float().clone())
+
+    def scales(self) -> torch.Tensor:
+        return self.s0 * self.log_scale.exp()
+
+    def rounded_weight(self) -> torch.Tensor:
+        """Ŵ with straight-through gradients to the latent weight and the scales."""
+        n, bs = self.weight.numel(), self.spec.blocksize
+        flat = torch.nn.functional.pad(self.weight.reshape(-1), (0, -n % bs)).view(-1, bs)
+        s = self.scales()[:, None]
+        v = (flat / s).clamp(-1, 1)
+        q = self.levels[torch.bucketize(v.detach(), self.midpoints)]
+        return ((v + (q - v).detach()) * s).reshape(-1)[:n].view(self.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.rounded_weight().to(x.dtype),
+                                       None if self.bias is None else self.bias.to(x.dtype))
+        if self.lora_A is not None:
+            y = y + self.scaling * ((x @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T)
+        return y
+
+    @torch.no_grad()
+    def freeze(self, dtype: torch.dtype = torch.float32) -> QuantizedTensor:
+        """The stored weight: codes of the latent weight against the double-quantized scales."""
+        q = quantize_with_scales(self.weight, self.scales(), self.spec)
+        q.dtype = dtype
+        return q
