@@ -76,9 +76,36 @@ def test_loftq_on_a_calibrated_base_starts_from_its_error(setup):
                 assert (w - fit).norm() < 0.97 * (w - q).norm(), name
 
 
+def test_blockwise_trains_the_lora_start_the_run_begins_from(setup):
+    """quant_calibration with blockwise and lora_init: loftq: the start trained with the codes is kept in
+    output_dir/base and the run's adapter begins from it; a run with another rank is refused it in one line."""
+    from safetensors.torch import load_file
+
+    from lowbit.nn.lora import LoRALinear
+
+    cfg = _cfg(setup, "cal-bw", lora_init="loftq", quant_calibration="clip+blockwise", max_steps=1,
+               lora_target_modules=["q_proj", "v_proj", "down_proj"])
+    logs = []
+    recipe.train(cfg, progress=False, log=logs.append)
+    assert any("blocks reconstructed" in line and "with a LoRA start" in line for line in logs)
+    base = setup[0] / "cal-bw" / "base"
+    saved = load_file(str(base / "lora_start.safetensors"))
+    start = recipe.load_model(cfg, torch.float32, lambda *a: None, base=str(base))
+    lora = {n: m for n, m in start.named_modules() if isinstance(m, LoRALinear)}
+    assert {k.rpartition(".")[0] for k in saved} == set(lora) and lora
+    for n, m in lora.items():
+        assert torch.equal(m.lora_A.weight, saved[f"{n}.lora_A"])
+        assert torch.equal(m.lora_B.weight, saved[f"{n}.lora_B"])
+    with pytest.raises(LowbitError, match="lora_start.safetensors: a LoRA start for r=4, scaling 2.0; this run has "
+                                          "r=8"):
+        recipe.load_model(_cfg(setup, "cal-bw", lora_init="loftq", quant_calibration="clip+blockwise", lora_r=8,
+                               lora_alpha=16), torch.float32, lambda *a: None, base=str(base))
+
+
 @pytest.mark.parametrize("kw,msg", [
     ({"load_in_4bit": False}, "quant_calibration needs load_in_4bit"),
-    ({"quant_calibration": "smoothquant"}, "quant_calibration must be one of none, gptq, awq, both"),
+    ({"quant_calibration": "smoothquant"}, "quant_calibration must be one of none, awq, clip, gptq, blockwise, both"),
+    ({"quant_calibration": "gptq+awq"}, "quant_calibration: stages run once each in the order awq, clip, gptq"),
     ({"quant_calibration_samples": 0}, "quant_calibration_samples must be > 0"),
 ])
 def test_bad_calibration_settings_are_refused(setup, kw, msg):

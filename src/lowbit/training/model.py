@@ -35,6 +35,7 @@ from ..nn.lora import add_lora, count_parameters, linear_module_names
 from ..nn.mlp_shards import tiles
 from ..nn.tiled_mlp import tile_mlps
 from ..nn.trainable import add_trainable_rows, train_modules
+from .calibrated_base import lora_start
 from .config import TrainConfig
 from .host_memory import release_between_layers
 
@@ -97,7 +98,11 @@ def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
 
         targets = sorted(set(select_targets(model, targets, cfg.lora_r, missing))
                          | set(expert_targets_for(model, cfg.lora_target_parameters)))
-    if cfg.lora_init == "loftq":
+    start = lora_start(cfg, base) if base else None
+    if start is not None:  # trained with the codes by blockwise calibration: LoftQ's role, done already
+        add_lora(model, target_modules=targets, **{**lora, "init": "default"}, missing=missing)
+        _copy_start(model, start, base)
+    elif cfg.lora_init == "loftq":
         with SourceWeights(model) as source:
             add_lora(model, target_modules=targets, **lora, source_weight=source, missing=missing)
     else:
@@ -161,3 +166,17 @@ def _start_from(model: nn.Module, folder: str) -> None:
     """LoRA (and trained modules) start from the adapter in ``folder`` (a finished run, or one peft wrote)."""
     _, tensors, _ = read_adapter(folder)
     set_adapter_weights(model, tensors, folder)
+
+
+@torch.no_grad()
+def _copy_start(model: nn.Module, start: dict, base: str) -> None:
+    """The LoRA layers take the start blockwise calibration trained (every adapted layer needs one)."""
+    from ..nn.lora import LoRALinear
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if set(layers) != set(start):
+        raise LowbitError(f"{base}: its LoRA start covers {len(start)} layers, this run adapts {len(layers)} "
+                          f"(lora_target_modules changed? remove {base} to calibrate again)")
+    for n, (a, b) in start.items():
+        layers[n].lora_A.weight.copy_(a)
+        layers[n].lora_B.weight.copy_(b)
