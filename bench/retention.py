@@ -139,11 +139,14 @@ def worker(method: str, task: Path, steps: int, seed: int) -> dict:
             cfg.quant_calibration = parts[2] if len(parts) > 2 and parts[2] != "init" else "none"
             if steps == 0:  # --pre-only: the base's held-out loss as training would start from it
                 cfg.max_steps = 1
-        res = train(cfg, overwrite=True, progress=False, log=lambda *a: None)
+        prep: list[str] = []  # the calibration's lines: each stage's time and block losses
+        res = train(cfg, overwrite=True, progress=False,
+                    log=lambda *a: prep.append(" ".join(map(str, a))) if "calibrat" in str(a[0]) else None)
         net, base_loss, loss = res["model"], res["base_eval_loss"], res["eval_loss"]
         tps = res["tokens_per_s"]
         if steps == 0:
-            return {"method": method, "pre_train_loss": base_loss, "bits_per_param": _bits_per_param(net)}
+            return {"method": method, "pre_train_loss": base_loss, "bits_per_param": _bits_per_param(net),
+                    "preparation": prep}
     else:  # full fine-tuning, or the reference stack; same batches, same schedule
         train_rows = tokenize_records(load_records(task / "train.jsonl"), tok, "chat", cfg.sequence_len)
         valid_rows = tokenize_records(load_records(task / "valid.jsonl"), tok, "chat", cfg.sequence_len)
@@ -184,7 +187,8 @@ def worker(method: str, task: Path, steps: int, seed: int) -> dict:
     return {"method": method, "eval_loss": loss, "base_eval_loss": base_loss, "accuracy": acc,
             "peak_rss_bytes": peak_rss_bytes(), "footprint_bytes": footprint, "tokens_per_s": tps,
             "wall_s": time.perf_counter() - t0, "pre_train_loss": base_loss,
-            "bits_per_param": _bits_per_param(net) if method != "full" else 32.0}
+            "bits_per_param": _bits_per_param(net) if method != "full" else 32.0,
+            **({"preparation": prep} if method.startswith("qlora") else {})}
 
 
 def _bits_per_param(net) -> float:
@@ -264,7 +268,8 @@ def main() -> None:
     if old:
         for m, e in old["methods"].items():
             base_eval = old["base"]["eval_loss"] if m in ("full", "lora") else None
-            runs[m] = [{"pre_train_loss": e.get("pre_train_loss"), "bits_per_param": e.get("bits_per_param"), **x}
+            kept = {k: e.get(k) for k in ("pre_train_loss", "bits_per_param", "preparation")}  # filled per method
+            runs[m] = [{**x, **{k: v for k, v in kept.items() if x.get(k) is None}}
                        for x in e.get("per_seed") or [{**e, "seed": e["seeds"][0], "base_eval_loss": base_eval}]]
     for m in methods:
         for seed in seeds:
@@ -292,7 +297,7 @@ def main() -> None:
             if ref_name in res and base - res[ref_name]["eval_loss"] > 0:
                 entry[f"retention_vs_{ref_name}"] = (base - r["eval_loss"]) / (base - res[ref_name]["eval_loss"])
         entry["seeds"] = sorted(x["seed"] for x in runs[m])
-        for k in ("pre_train_loss", "bits_per_param"):  # the same for every seed (the base, before training)
+        for k in ("pre_train_loss", "bits_per_param", "preparation"):  # the same for every seed (the base)
             entry[k] = next((x[k] for x in runs[m] if x.get(k) is not None), None)
         entry["per_seed"] = [{k: x.get(k) for k in ("seed", "eval_loss", "accuracy", "peak_rss_bytes",
                                                     "footprint_bytes", "tokens_per_s", "wall_s", "pre_train_loss",
@@ -349,7 +354,7 @@ def report(out: dict, results: Path, readme: bool) -> str:
              "bits/param": f"{e['bits_per_param']:.2f}" if e.get("bits_per_param") else "not measured",
              "loss_before_training": f"{e['pre_train_loss']:.4f}" if e.get("pre_train_loss") else "—",
              "weights_MiB": round(e["footprint_bytes"] / 2**20), "peak_RSS_MiB": round(e["peak_rss_bytes"] / 2**20),
-             "tokens/s": round(e["tokens_per_s"])} for m, e in out["methods"].items()]
+             "tokens/s": round(e["tokens_per_s"]), "prep_s": _prep_seconds(e)} for m, e in out["methods"].items()]
     b = out["budget"]
     md = (f"Base model (no fine-tuning, full precision): held-out loss {out['base']['eval_loss']:.4f}, topic accuracy "
           f"{out['base']['accuracy']:.3f}. Budget: {b['steps']} steps × {b['micro_batch_size']} sequences "
@@ -362,13 +367,25 @@ def report(out: dict, results: Path, readme: bool) -> str:
           f"weights), its bytes are qlora-nf4's.\n\n"
           + table(rows, ["method", "seeds", "bits/param", "loss_before_training", "eval_loss", "topic_acc",
                          "retention_vs_full", "retention_vs_lora", "weights_MiB",
-                         "peak_RSS_MiB", "tokens/s"]))
+                         "peak_RSS_MiB", "tokens/s", "prep_s"]))
+    preps = [f"- **{m}**: " + "; ".join(line.removeprefix("calibration: ") for line in e["preparation"])
+             for m, e in out["methods"].items() if e.get("preparation")]
+    if preps:
+        md += ("\n\nprep_s: the time to calibrate the base before training (one process, this machine). What each "
+               "stage logged:\n\n" + "\n".join(preps))
     (results / "retention.md").write_text(md + "\n")
     print("\n" + md)
     _chart(out, results / "retention.png")
     if readme:
         update_readme("retention", f"{md}\n\n![memory vs quality](bench/results/retention.png)")
     return md
+
+
+def _prep_seconds(e: dict) -> str:
+    import re
+
+    found = [re.search(r"samples, (\d+) s\)", line) for line in e.get("preparation") or []]
+    return next((f.group(1) for f in found if f), "—")
 
 
 def _chart(out: dict, path: Path):
