@@ -109,6 +109,34 @@ def test_quantize_with_awq_is_an_ordinary_checkpoint_transformers_runs(tiny_cli,
                 assert torch.equal(rtn.absmax, layer.weight.absmax), name
 
 
+def test_quantize_with_clip_and_blockwise_stays_a_bitsandbytes_checkpoint(tiny_cli, tmp_path, capsys):
+    """awq+clip+blockwise moves scales and codes; transformers + bitsandbytes still compute lowbit's logits; a chain
+    out of order is refused in one line before anything is written."""
+    from transformers import AutoModelForCausalLM
+
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": f"hello how are you today {i} the capital of france is paris"})
+                            + "\n" for i in range(24)))
+    out = tmp_path / "bw"
+    assert cli.main(["quantize", "--model", str(tiny_cli / "model"), "--out", str(out), "--calibrate", str(data),
+                     "--samples", "16", "--method", "awq+clip+blockwise", "--compute-dtype", "float32"]) == 0
+    assert "awq+clip+blockwise calibration on 16 samples" in capsys.readouterr().out
+    ours = load(out, compute_dtype=torch.float32)
+    plain = load(tiny_cli / "model", compute_dtype=torch.float32)
+    a, b = plain.model.layers[1].mlp.down_proj, ours.model.layers[1].mlp.down_proj
+    assert not torch.equal(a.absmax, b.absmax) and not torch.equal(a.codes, b.codes)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).train()  # bnb's CPU eval path: DESIGN §5
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids).logits, atol=1e-4)
+    capsys.readouterr()
+    assert cli.main(["quantize", "--model", str(tiny_cli / "model"), "--out", str(tmp_path / "x"), "--calibrate",
+                     str(data), "--method", "clip+awq"]) == 2
+    err = capsys.readouterr().err  # refused before the model loads: no progress bar either
+    assert err == "error: --method: stages run once each in the order awq, clip, gptq, blockwise, got 'clip+awq'\n"
+    assert not (tmp_path / "x").exists()
+
+
 def test_generate_command_streams(tiny_cli, capsys):
     rc = cli.main(["generate", "--model", str(tiny_cli / "model"), "--adapter", str(tiny_cli / "adapter"), "--prompt",
                    "hello how are you", "--max-new-tokens", "5", "--compute-dtype", "float32"])
