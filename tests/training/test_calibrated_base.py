@@ -100,6 +100,13 @@ def test_blockwise_trains_the_lora_start_the_run_begins_from(setup):
                                           "r=8"):
         recipe.load_model(_cfg(setup, "cal-bw", lora_init="loftq", quant_calibration="clip+blockwise", lora_r=8,
                                lora_alpha=16), torch.float32, lambda *a: None, base=str(base))
+    # a start killed between writing the base and its LoRA start: the next start makes both again
+    (base / "lora_start.safetensors").unlink()
+    logs.clear()
+    recipe.train(_cfg(setup, "cal-bw", lora_init="loftq", quant_calibration="clip+blockwise", max_steps=2,
+                      lora_target_modules=["q_proj", "v_proj", "down_proj"]), resume=True, progress=False,
+                 log=logs.append)
+    assert (base / "lora_start.safetensors").is_file() and any("calibrated base" in line for line in logs)
 
 
 @pytest.mark.parametrize("kw,msg", [

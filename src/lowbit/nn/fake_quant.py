@@ -3,8 +3,9 @@ scales and an optional LoRA start (what block-wise reconstruction trains: ``io/b
 
     s      = s₀ · exp(t)                                   one per block of ``blocksize`` weights; t trains
     v      = clamp(W / s, −1, 1)
-    Ŵ      = s · (v + sg(code[nearest(v)] − v))            straight-through: ∂Ŵ/∂W = 1 inside the clamp, and
-                                                           ∂Ŵ/∂s = code[nearest(v)] − v (LSQ's scale gradient)
+    Ŵ      = s · (v + sg(code[nearest(v)] − v))            straight-through: ∂Ŵ/∂W = 1 inside the clamp (0
+                                                           outside), ∂Ŵ/∂s = code[nearest(v)] − v inside, ±1
+                                                           outside (LSQ's scale gradient)
     y      = x Ŵᵀ + b + (α/r) · (x Aᵀ) Bᵀ
 
 ``freeze()`` gives the stored form: the scales double-quantized as a checkpoint keeps them and each latent weight

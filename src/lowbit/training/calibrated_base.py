@@ -39,9 +39,13 @@ def _scaling(cfg: TrainConfig) -> float:
     return cfg.lora_alpha / (math.sqrt(cfg.lora_r) if cfg.use_rslora else cfg.lora_r)
 
 
+def _wants_start(cfg: TrainConfig) -> bool:
+    return cfg.lora_init == "loftq" and "blockwise" in calibration_stages(cfg.quant_calibration)
+
+
 def _lora(cfg: TrainConfig, net) -> tuple | None:
     """(r, scaling, target names) for blockwise calibration to train the run's LoRA start; None otherwise."""
-    if cfg.lora_init != "loftq" or "blockwise" not in calibration_stages(cfg.quant_calibration):
+    if not _wants_start(cfg):
         return None
     return cfg.lora_r, _scaling(cfg), set(select_targets(net, cfg.lora_target_modules, cfg.lora_r))
 
@@ -67,7 +71,8 @@ def calibrated_base(cfg: TrainConfig, out: Path, samples, tok, dtype, world: Wor
     if cfg.quant_calibration == "none":
         return cfg.base_model
     base = out / BASE_DIR
-    if world.main and not (base / "config.json").exists():
+    made = (base / "config.json").exists() and (_wants_start(cfg) <= (base / START_FILE).exists())
+    if world.main and not made:  # (a start killed between the two writes makes it again)
         t0 = time.perf_counter()
         net = load(cfg.base_model, cfg.quant_spec(), compute_dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                    device=device)  # calibrated where the run computes
