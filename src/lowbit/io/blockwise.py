@@ -24,10 +24,12 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from ..nn.decoder_layers import decoder_layers
 from ..nn.fake_quant import FakeQuantLinear
 from ..nn.linear import Linear4bit
+from ..nn.lora import low_rank_factors
 
-__all__ = ["calibrate_blockwise", "decoder_layers"]
+__all__ = ["calibrate_blockwise"]
 
 LR = {"weight": 3e-4, "log_scale": 5e-3, "lora": 3e-3}  # Adam; tried on NF2 SmolLM2 (README: 2- and 3-bit)
 
@@ -45,13 +47,6 @@ class _Dense(nn.Module):
 
     def forward(self, x):
         return torch.nn.functional.linear(x, self.w.to(x.dtype), None if self.b is None else self.b.to(x.dtype))
-
-
-def decoder_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the model's decoder layers, in order."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [(n, m) for n, m in net.named_modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def _capture(net, layers, batches) -> tuple[list, list[list[dict]]]:
@@ -88,21 +83,17 @@ def _run(layer, x, kw):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _swap(layer: nn.Module, mods: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """Put ``mods`` in place of the layer's submodules of those names; returns what was there."""
-    old = {}
+def _swap(layer: nn.Module, mods: dict[str, nn.Module]) -> None:
+    """Put ``mods`` in place of the layer's submodules of those names."""
     for name, mod in mods.items():
         parent, _, child = name.rpartition(".")
-        pm = layer.get_submodule(parent) if parent else layer
-        old[name] = getattr(pm, child)
-        setattr(pm, child, mod)
-    return old
+        setattr(layer.get_submodule(parent) if parent else layer, child, mod)
 
 
 def _lora_start(w: torch.Tensor, q: torch.Tensor, r: int, scaling: float) -> tuple:
-    u, sv, vh = torch.linalg.svd(w - q, full_matrices=False)
-    root = sv[:r].sqrt()
-    return (root[:, None] * vh[:r]) / math.sqrt(scaling), (u[:, :r] * root) / math.sqrt(scaling), scaling
+    """LoftQ's start for W ≈ Q + s·B·A (``nn/lora.loftq_init``'s first round)."""
+    a, b = low_rank_factors(w - q, r)
+    return a / math.sqrt(scaling), b / math.sqrt(scaling), scaling
 
 
 def _mse(out, y, mask) -> torch.Tensor:
@@ -142,7 +133,7 @@ def calibrate_blockwise(net: nn.Module, batches, weights, log=print, lora=None, 
                                  if lora and f"{prefix}.{n}" in lora[2] else None)
               for n in names}
         _swap(layer, fq)
-        loss0, loss1 = _train_block(layer, fq, x_q, y, kws[i], masks, epochs, rng)
+        before = _train_block(layer, fq, x_q, y, kws[i], masks, epochs, rng)
         frozen = {}
         for n in names:
             mods[n].weight = fq[n].freeze(mods[n].weight.dtype)
@@ -154,21 +145,21 @@ def calibrate_blockwise(net: nn.Module, batches, weights, log=print, lora=None, 
         _swap(layer, frozen)
         with torch.no_grad():
             x_q = [_run(layer, x, kw) for x, kw in zip(x_q, kws[i])]
-            report.append((loss0, loss1, float(sum(_mse(a, b, m) for a, b, m in zip(x_q, y, masks)) / len(y))))
+            report.append((before, float(sum(_mse(a, b, m) for a, b, m in zip(x_q, y, masks)) / len(y))))
         _swap(layer, mods)
         x_fp = y
         del fq, frozen, w
     first, last = report[0], report[-1]
     log(f"calibration: {len(report)} blocks reconstructed in {time.perf_counter() - t0:.0f} s ({epochs} epochs of "
-        f"{len(batches)} batches; output MSE of block 1 {first[0]:.3g} → {first[2]:.3g}, of block {len(report)} "
-        f"{last[0]:.3g} → {last[2]:.3g}{', with a LoRA start' if lora else ''})")
+        f"{len(batches)} batches; output MSE of block 1 {first[0]:.3g} → {first[1]:.3g}, of block {len(report)} "
+        f"{last[0]:.3g} → {last[1]:.3g}{', with a LoRA start' if lora else ''})")
     net.lowbit_blockwise_report = report
     return starts
 
 
-def _train_block(layer, fq, x_q, y, kws, masks, epochs, rng) -> tuple[float, float]:
-    """Adam on the block's latent weights, log-scales and LoRA start; (output MSE before, after the last epoch's
-    steps), each the mean over the calibration batches."""
+def _train_block(layer, fq, x_q, y, kws, masks, epochs, rng) -> float:
+    """Adam on the block's latent weights, log-scales and LoRA start; returns the output MSE before (the mean over
+    the calibration batches)."""
     groups = {"weight": [], "log_scale": [], "lora": []}
     for m in fq.values():
         groups["weight"].append(m.weight)
@@ -177,8 +168,7 @@ def _train_block(layer, fq, x_q, y, kws, masks, epochs, rng) -> tuple[float, flo
     opt = torch.optim.Adam([{"params": p, "lr": LR[k]} for k, p in groups.items() if p])
     with torch.no_grad():
         before = sum(float(_mse(_run(layer, x, kw), t, m)) for x, t, kw, m in zip(x_q, y, kws, masks)) / len(y)
-    last = []
-    for epoch in range(epochs):
+    for _ in range(epochs):
         order = list(range(len(x_q)))
         rng.shuffle(order)
         for j in order:
@@ -186,6 +176,4 @@ def _train_block(layer, fq, x_q, y, kws, masks, epochs, rng) -> tuple[float, flo
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if epoch == epochs - 1:
-                last.append(float(loss.detach()))
-    return before, sum(last) / max(1, len(last))
+    return before

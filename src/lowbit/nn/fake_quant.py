@@ -27,10 +27,10 @@ __all__ = ["FakeQuantLinear"]
 
 class FakeQuantLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None = None,
-                 lora: tuple[torch.Tensor, torch.Tensor, float] | None = None, train_weight: bool = True):
+                 lora: tuple[torch.Tensor, torch.Tensor, float] | None = None):
         super().__init__()
         self.spec, self.shape = spec, weight.shape
-        self.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=train_weight)
+        self.weight = nn.Parameter(weight.detach().float().clone())
         self.register_buffer("s0", scales.detach().float().clamp(min=1e-12).clone())
         self.log_scale = nn.Parameter(torch.zeros_like(self.s0))
         self.bias = None if bias is None else bias.detach().float()

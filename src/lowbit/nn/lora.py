@@ -25,7 +25,7 @@ from ..quant.tensor import quantize
 from .experts import Experts
 from .linear import Linear4bit, parameter_counts
 from .linear8bit import QUANTIZED
-from .lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, LORA_INITS, PEFT_REFUSED, target_names
+from .lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, LORA_INITS, PEFT_REFUSED, lora_scaling, target_names
 
 __all__ = ["LoRALinear", "add_lora", "adapters_disabled", "lora_state_dict", "linear_module_names",
            "output_head_names", "loftq_init",
@@ -42,7 +42,7 @@ class LoRALinear(nn.Module):
         if r > min(self.in_features, self.out_features):
             raise LowbitError(f"lora_r={r} is larger than the layer ({self.out_features}x{self.in_features})")
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # made and initialised on the host with the CPU generator, whatever device the base is on: the same start
         # on a GPU as on the CPU (add_lora then moves them to the base's device)
@@ -260,6 +260,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return parameter_counts(model)
 
 
+def low_rank_factors(err: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B·A the best rank-r approximation of ``err`` (truncated SVD, √σ on each side)."""
+    u, sv, vh = torch.linalg.svd(err, full_matrices=False)
+    root = sv[:r].sqrt()
+    return root[:, None] * vh[:r], u[:, :r] * root
+
+
 @torch.no_grad()
 def loftq_init(lora: LoRALinear, weight: torch.Tensor | None, iters: int = 1) -> None:
     """LoftQ-style start: W ≈ deq(Q) + s·B·A, from the layer's full-precision ``weight``. The first round keeps
@@ -280,11 +287,7 @@ def loftq_init(lora: LoRALinear, weight: torch.Tensor | None, iters: int = 1) ->
     residual_fit = torch.zeros_like(w)
     for i in range(max(1, iters)):
         q = q0 if i == 0 else quantize(w - residual_fit, q0.spec)
-        err = w - q.dequantize(torch.float32)
-        u, sv, vh = torch.linalg.svd(err, full_matrices=False)
-        root = sv[:r].sqrt()
-        b = u[:, :r] * root
-        a = root[:, None] * vh[:r]
+        a, b = low_rank_factors(w - q.dequantize(torch.float32), r)
         residual_fit = b @ a
     base.weight = q
     lora.lora_A.weight.copy_(a / math.sqrt(s))

@@ -10,9 +10,10 @@ for the training code and the planner alike.
 
 from __future__ import annotations
 
+import math
 import re
 
-__all__ = ["ALL_LINEAR", "ALL_LINEAR_EXPERTS", "LORA_INITS", "target_names", "PEFT_REFUSED"]
+__all__ = ["ALL_LINEAR", "ALL_LINEAR_EXPERTS", "LORA_INITS", "target_names", "PEFT_REFUSED", "lora_scaling"]
 
 ALL_LINEAR = "all-linear"
 ALL_LINEAR_EXPERTS = "all-linear+experts"
@@ -26,6 +27,11 @@ LORA_INITS = {
     "default": "A kaiming-uniform, B zero: training starts from the base model exactly",
     "loftq": "start from the quantization error: W ≈ deq(Q) + s·B·A (helps NF3/NF2)",
 }
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """s in W + s·B·A: α/r, or α/√r with rank-stabilised LoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def target_names(targets) -> list[str] | None:

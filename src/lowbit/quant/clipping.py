@@ -41,9 +41,11 @@ def block_absmax(w: torch.Tensor, blocksize: int) -> torch.Tensor:
     return _blocks(w.detach().reshape(-1).float(), blocksize).abs().amax(1)
 
 
-def _channel_weights(diag: torch.Tensor, shape: torch.Size, blocksize: int) -> torch.Tensor:
-    """d_i of every weight (the input channel's E[x²]), laid out as the weight's blocks."""
-    return _blocks(diag.float().clamp(min=0).repeat(shape[0]), blocksize)
+def _channel_weights(diag: torch.Tensor, n: int, start: int, blocks: int, blocksize: int) -> torch.Tensor:
+    """d_i (the input channel's E[x²]) of the weights in ``blocks`` blocks from flat index ``start`` of a weight of
+    ``n`` elements with ``len(diag)`` columns, laid out as those blocks (0 past the end)."""
+    idx = torch.arange(start, start + blocks * blocksize, device=diag.device)
+    return torch.where(idx < n, diag[idx % diag.numel()], 0.0).view(blocks, blocksize)
 
 
 def _round(v: torch.Tensor, quant_type: str) -> torch.Tensor:
@@ -58,12 +60,13 @@ def clip_scales(w: torch.Tensor, diag: torch.Tensor, spec: QuantSpec, grid: int 
     channel, length ``in``), searched over ``grid`` + 1 ratios of the absmax from 1 down to ``lowest``."""
     flat = w.detach().reshape(-1).float()
     scales = torch.empty(-(-flat.numel() // spec.blocksize), dtype=torch.float32, device=w.device)
-    d_all = _channel_weights(diag.to(w.device), w.shape, spec.blocksize)
+    diag = diag.to(w.device).float().clamp(min=0)
     ratios = [1 - (1 - lowest) * k / grid for k in range(grid + 1)]
     step = max(1, _CHUNK // spec.blocksize)
     blocks = _blocks(flat, spec.blocksize)
     for b0 in range(0, blocks.shape[0], step):
-        x, d = blocks[b0: b0 + step], d_all[b0: b0 + step]
+        x = blocks[b0: b0 + step]
+        d = _channel_weights(diag, flat.numel(), b0 * spec.blocksize, x.shape[0], spec.blocksize)
         absmax = x.abs().amax(1, keepdim=True)
         best_err, best = None, absmax
         for r in ratios:

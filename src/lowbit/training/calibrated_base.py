@@ -12,7 +12,6 @@ in a seeded order (seed + 1, as ``lowbit quantize --calibrate`` takes them). Wit
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from ..io.calibration import calibrate
 from ..io.export import save_quantized
 from ..io.loader import load
 from ..nn.lora import select_targets
+from ..nn.lora_options import lora_scaling
 from ..quant.spec import calibration_stages
 from .config import TrainConfig
 from .distributed import World
@@ -36,7 +36,7 @@ START_FILE = "lora_start.safetensors"  # blockwise with lora_init: loftq — the
 
 
 def _scaling(cfg: TrainConfig) -> float:
-    return cfg.lora_alpha / (math.sqrt(cfg.lora_r) if cfg.use_rslora else cfg.lora_r)
+    return lora_scaling(cfg.lora_r, cfg.lora_alpha, cfg.use_rslora)
 
 
 def _wants_start(cfg: TrainConfig) -> bool:
@@ -71,7 +71,7 @@ def calibrated_base(cfg: TrainConfig, out: Path, samples, tok, dtype, world: Wor
     if cfg.quant_calibration == "none":
         return cfg.base_model
     base = out / BASE_DIR
-    made = (base / "config.json").exists() and (_wants_start(cfg) <= (base / START_FILE).exists())
+    made = (base / "config.json").exists() and (not _wants_start(cfg) or (base / START_FILE).exists())
     if world.main and not made:  # (a start killed between the two writes makes it again)
         t0 = time.perf_counter()
         net = load(cfg.base_model, cfg.quant_spec(), compute_dtype=dtype, trust_remote_code=cfg.trust_remote_code,

@@ -24,6 +24,8 @@ import math
 import torch
 from torch import nn
 
+from ..nn.decoder_layers import decoder_layers
+
 __all__ = ["release_between_layers", "trim_host_heap", "MIN_BYTES"]
 
 MIN_BYTES = 1 << 20  # a layer output smaller than this (a short step) is not worth the calls
@@ -48,17 +50,11 @@ def trim_host_heap() -> bool:
     return True
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
 def release_between_layers(model: nn.Module, calls_per_pass: int = 10) -> int:
     """Hooks on ``model``'s decoder layers that trim the heap (see the module docstring); how many layers got them."""
     if next(model.parameters()).device.type != "cpu" or _malloc_trim() is None:
         return 0
-    layers = _decoder_layers(model)
+    layers = [m for _, m in decoder_layers(model)]
     stride = max(1, math.ceil(len(layers) / calls_per_pass))
 
     def after_forward(module, args, out):

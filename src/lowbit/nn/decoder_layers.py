@@ -1,0 +1,15 @@
+"""The decoder layers of a transformers model: the modules transformers marks as ``GradientCheckpointingLayer``,
+in order (what the heap trim hooks and block-wise reconstruction walk)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["decoder_layers"]
+
+
+def decoder_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of ``net``'s decoder layers, in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [(n, m) for n, m in net.named_modules() if isinstance(m, GradientCheckpointingLayer)]
