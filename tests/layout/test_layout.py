@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "lowbit"
 # a module may import from its own layer and the layers below it
 LAYERS = {"errors": 0, "_lazy": 0, "atomic": 0, "cache": 0, "dtypes": 0, "jsonfile": 0, "runlock": 0, "sizes": 0,
           "rewards": 0, "quant": 1, "nn": 2, "optim": 2, "data": 2, "io": 3, "generation": 3, "training": 4,
-          "planner": 4, "cli": 5, "__init__": 5, "__main__": 6}
+          "planner": 4, "serve": 5, "cli": 5, "__init__": 5, "__main__": 6}
 
 
 def _modules():

@@ -1,4 +1,4 @@
-"""``lowbit`` command line: train, plan, eval, generate/chat, merge, quantize, export, demo — one module per command
+"""``lowbit`` command line: train, plan, eval, generate/chat, merge, quantize, export, demo, serve — one module per command
 over one option vocabulary (``options.py``: every training config key is a flag, spelled the same everywhere).
 
 No traceback reaches a user: a problem with the input, a file or the machine prints one line (``error: …``) and
@@ -18,7 +18,7 @@ __all__ = ["main", "build_parser"]
 
 # command → module (cli/<module>.py has add_parser(sub) and run(args)); chat is generate reading stdin
 COMMANDS = {"train": "train", "plan": "plan", "eval": "eval", "generate": "generate", "chat": "generate",
-            "merge": "merge", "quantize": "quantize", "export": "export", "demo": "demo"}
+            "merge": "merge", "quantize": "quantize", "export": "export", "demo": "demo", "serve": "serve"}
 
 
 def build_parser() -> Parser:

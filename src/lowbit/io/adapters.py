@@ -34,8 +34,8 @@ from .peft_experts import expert_targets, from_peft, to_peft
 from .safetensors import open_safetensors
 
 __all__ = ["ADAPTER_FILES", "adapter_config", "adapter_config_overrides",
-           "save_adapter", "write_adapter_files", "read_adapter", "load_adapter",
-           "set_adapter_weights", "adapter_tensors"]
+           "save_adapter", "write_adapter_files", "read_adapter", "load_adapter", "check_adapter_base",
+           "set_adapter_weights", "adapter_tensors", "is_lora_key", "lora_key_module"]
 
 ROWS_KEY = "token_adapter.trainable_tokens_delta"  # peft's name for trained embedding rows
 
@@ -185,28 +185,24 @@ def adapter_config_overrides(path: str | os.PathLike) -> dict | None:
     return out
 
 
-def _is_lora_key(k: str) -> bool:
+def is_lora_key(k: str) -> bool:
     return re.search(r"\.lora_[AB](\.[A-Za-z0-9_]+)?\.weight$", k) is not None
+
+
+def lora_key_module(k: str) -> str:
+    """The module path a LoRA key (peft's naming) belongs to."""
+    return re.sub(r"^base_model\.model\.|\.lora_[AB](\.[A-Za-z0-9_]+)?\.weight$", "", k)
 
 
 def load_adapter(net: nn.Module, path: str | os.PathLike, force: bool = False, trainable: bool = False) -> nn.Module:
     """Add the adapter in ``path`` (saved by lowbit or by peft) to ``net``: its LoRA layers, and the embedding rows
     and modules it trained (the vocabulary grown first when it added tokens)."""
     cfg, tensors, meta = read_adapter(path)
-    info = base_info(net)
-    want, have = meta.get("lowbit_base_fingerprint"), info.fingerprint
-    if not force and want not in (None, "None") and have and want != have:
-        raise LowbitError(f"{path}: adapter was trained on base {meta.get('lowbit_base_name')!r} (fingerprint "
-                          f"{want}), not on {info.name!r} ({have}); use --force to apply it anyway")
-    trained_with = json.loads(meta["lowbit_model_config"]) if meta.get("lowbit_model_config") else {}
-    if not force and any((info.config_overrides or {}).get(k) != v for k, v in trained_with.items()):
-        raise LowbitError(f"{path}: adapter was trained with model_config {trained_with}, the base is loaded with "
-                          f"{info.config_overrides}; load it with config_overrides={trained_with} (lowbit's commands "
-                          "do) or use --force")
+    if not force:
+        check_adapter_base(net, meta, path)
     tensors = from_peft(net, tensors, path)
     _grow_for(net, cfg, tensors, meta, Path(path))
-    names = sorted({re.sub(r"^base_model\.model\.|\.lora_[AB](\.[A-Za-z0-9_]+)?\.weight$", "", k)
-                    for k in tensors if _is_lora_key(k)})
+    names = sorted({lora_key_module(k) for k in tensors if is_lora_key(k)})
     present = set(linear_module_names(net))
     missing = [n for n in names if n not in present]
     if missing:
@@ -220,12 +216,27 @@ def load_adapter(net: nn.Module, path: str | os.PathLike, force: bool = False, t
     if names:
         add_lora(net, r=r, alpha=alpha, dropout=dropout, target_modules=f"({'|'.join(map(re.escape, names))})",
                  use_rslora=bool(cfg.get("use_rslora", False)), verbose=False)
-    set_adapter_weights(net, {k: v for k, v in tensors.items() if _is_lora_key(k)}, path)
-    _apply_extras(net, {k: v for k, v in tensors.items() if not _is_lora_key(k)}, cfg, path)
+    set_adapter_weights(net, {k: v for k, v in tensors.items() if is_lora_key(k)}, path)
+    _apply_extras(net, {k: v for k, v in tensors.items() if not is_lora_key(k)}, cfg, path)
     for n in names:
         for ab in ("lora_A", "lora_B"):
             getattr(net.get_submodule(n), ab).weight.requires_grad_(trainable)
     return net
+
+
+def check_adapter_base(net: nn.Module, meta: dict, path) -> None:
+    """Refuse an adapter (``meta``: its safetensors header) trained on another base, or with other config.json
+    fields (``model_config``) than the base was loaded with."""
+    info = base_info(net)
+    want, have = meta.get("lowbit_base_fingerprint"), info.fingerprint
+    if want not in (None, "None") and have and want != have:
+        raise LowbitError(f"{path}: adapter was trained on base {meta.get('lowbit_base_name')!r} (fingerprint "
+                          f"{want}), not on {info.name!r} ({have}); use --force to apply it anyway")
+    trained_with = json.loads(meta["lowbit_model_config"]) if meta.get("lowbit_model_config") else {}
+    if any((info.config_overrides or {}).get(k) != v for k, v in trained_with.items()):
+        raise LowbitError(f"{path}: adapter was trained with model_config {trained_with}, the base is loaded with "
+                          f"{info.config_overrides}; load it with config_overrides={trained_with} (lowbit's commands "
+                          "do) or use --force")
 
 
 def _grow_for(net: nn.Module, cfg: dict, tensors: dict, meta: dict, path: Path) -> None:
@@ -303,6 +314,6 @@ def set_adapter_weights(net: nn.Module, tensors: dict[str, torch.Tensor], path) 
                 raise LowbitError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, the model needs "
                                   f"{tuple(dst.shape)}")
             dst.copy_(tensors[key])
-    extras = {k: v for k, v in tensors.items() if not _is_lora_key(k)}
+    extras = {k: v for k, v in tensors.items() if not is_lora_key(k)}
     if extras:
         _apply_extras(net, extras, {}, path)

@@ -20,7 +20,7 @@ import torch
 
 from .loss import _split_head
 
-__all__ = ["sample_completions", "filter_logits"]
+__all__ = ["sample_completions", "filter_logits", "next_logits", "cache_kwarg"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -45,13 +45,13 @@ def _gumbel(gens: list[torch.Generator], group: int, vocab: int, device) -> torc
     return -torch.log(-torch.log(u))
 
 
-def _cache_name(net) -> str:
+def cache_kwarg(net) -> str:
     """What ``net.forward`` calls its KV cache: ``cache`` (transformers ≥ 5.24) or ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
 
 
-def _forward(model, body, head, ids, mask, pos, cache, name: str):
-    """The next-token logits of the last position, and the grown cache (``name``: ``_cache_name``)."""
+def next_logits(model, body, head, ids, mask, pos, cache, name: str):
+    """The next-token logits of the last position, and the grown cache (``name``: ``cache_kwarg``)."""
     net = model if body is None else body
     out = net(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{name: cache})
     cache = out.cache if name == "cache" else out.past_key_values
@@ -70,7 +70,7 @@ def sample_completions(model, prompts: list[list[int]], group: int, seeds: list[
     batch."""
     device = next(model.parameters()).device
     body, head = _split_head(model)
-    name = _cache_name(model if body is None else body)
+    name = cache_kwarg(model if body is None else body)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
@@ -84,13 +84,13 @@ def sample_completions(model, prompts: list[list[int]], group: int, seeds: list[
     was = model.training
     model.eval()
     try:
-        logits, cache = _forward(model, body, head, ids, mask, pos, None, name)
+        logits, cache = next_logits(model, body, head, ids, mask, pos, None, name)
         mask, pos = mask.repeat_interleave(group, 0), pos.repeat_interleave(group, 0)
         if hasattr(cache, "batch_repeat_interleave"):
             logits = logits.repeat_interleave(group, 0)
             cache.batch_repeat_interleave(group)
         else:
-            logits, cache = _forward(model, body, head, ids.repeat_interleave(group, 0), mask, pos, None, name)
+            logits, cache = next_logits(model, body, head, ids.repeat_interleave(group, 0), mask, pos, None, name)
         pos = pos[:, -1:]
         live = torch.arange(len(prompts) * group, device=device)
         done = torch.zeros(len(live), dtype=torch.bool, device=device)
@@ -107,7 +107,7 @@ def sample_completions(model, prompts: list[list[int]], group: int, seeds: list[
                 cache.batch_select_indices(keep.nonzero()[:, 0])
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             pos = pos + 1
-            logits, cache = _forward(model, body, head, tok[:, None], mask, pos, cache, name)
+            logits, cache = next_logits(model, body, head, tok[:, None], mask, pos, cache, name)
     finally:
         model.train(was)
     return _trim(out[:, :max_new].tolist(), stops.tolist())
