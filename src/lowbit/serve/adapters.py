@@ -1,9 +1,9 @@
 """Several LoRA adapters over one 4-bit base in memory, one of them active at a time.
 
 Every layer any adapter targets is wrapped once in a ``LoRALinear``; each keeps a slot per adapter (its A, B and
-scaling, on the base's device, in float32 as ``load_adapter`` keeps them). ``activate(name)`` points each wrapped layer at that
-adapter's factors (no copy) and switches off the layers it does not target; ``activate(None)`` is the base alone.
-Switching costs a pointer swap per layer, so a decode step can run one adapter's rows, then another's.
+scaling, on the base's device, in float32 as ``load_adapter`` keeps them). ``activate(name)`` points each wrapped
+layer at that adapter's factors (no copy) and switches off the layers it does not target; ``activate(None)`` is the
+base alone. Switching costs a pointer swap per layer, so a decode step can run one adapter's rows, then another's.
 
 An adapter is read from the folders given on the command line, or by name from under one root (no path leaves
 it). It must be LoRA only: trained embedding rows, modules trained whole or a grown vocabulary change the base

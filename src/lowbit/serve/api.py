@@ -33,10 +33,10 @@ from .requests import ApiError, parse_request
 
 __all__ = ["build_app"]
 
-OPEN = ("/health", "/", "/ui", "/favicon.ico")
+OPEN = ("/health", "/", "/ui", "/favicon.ico")  # no key needed: the page itself asks for one
 
 
-def build_app(server, api_key: str | None = None, extra_routes=None):
+def build_app(server, api_key: str | None = None, extra_routes=None) -> FastAPI:
     """The app; ``extra_routes(app, server)`` adds more (the page's)."""
     engine, metrics = server.engine, Metrics(server.engine)
 
@@ -51,45 +51,54 @@ def build_app(server, api_key: str | None = None, extra_routes=None):
     app = FastAPI(lifespan=lifespan, title="lowbit serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server, app.state.metrics = server, metrics
 
-    def error(e: ApiError, route: str):
-        metrics.requests.labels(route, str(e.status)).inc()
-        return JSONResponse(e.body(), status_code=e.status)
-
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
-        return error(e, request.url.path)
+        return _error(metrics, e, request.url.path)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, e: HTTPException):
-        return error(ApiError(str(e.detail), status=e.status_code, code="not_found" if e.status_code == 404 else None),
-                     request.url.path)
+        code = "not_found" if e.status_code == 404 else None
+        return _error(metrics, ApiError(str(e.detail), status=e.status_code, code=code), request.url.path)
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        path = request.url.path
-        if api_key and path not in OPEN and not path.startswith("/ui/static"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error(ApiError("Incorrect or missing API key (Authorization: Bearer <key>)", status=401,
-                                      code="invalid_api_key"), path)
+        path, limit = request.url.path, server.limits.max_body_bytes
+        if api_key and path not in OPEN and not hmac.compare_digest(
+                request.headers.get("authorization", "").encode(), f"Bearer {api_key}".encode()):
+            return _error(metrics, ApiError("Incorrect or missing API key (Authorization: Bearer <key>)", status=401,
+                                            code="invalid_api_key"), path)
         size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > server.limits.max_body_bytes):
-            return error(ApiError(f"the request body is over {server.limits.max_body_bytes} bytes", status=413,
-                                  code="request_too_large"), path)
+        if size is not None and (not size.isdigit() or int(size) > limit):
+            return _error(metrics, ApiError(f"the request body is over {limit} bytes", status=413,
+                                            code="request_too_large"), path)
         return await call_next(request)
 
-    async def read_json(request: Request):
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > server.limits.max_body_bytes:
-                raise ApiError(f"the request body is over {server.limits.max_body_bytes} bytes", status=413,
-                               code="request_too_large")
-        try:
-            return json.loads(body)
-        except ValueError as e:
-            raise ApiError(f"the request body is not JSON ({e})") from None
+    _openai_routes(app, server, metrics)
+    _adapter_routes(app, server, metrics)
+    if extra_routes is not None:
+        extra_routes(app, server)
+    return app
 
+
+def _error(metrics, e: ApiError, route: str) -> JSONResponse:
+    metrics.requests.labels(route, str(e.status)).inc()
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def read_json(request: Request, limit: int):
+    """The request's JSON body, refused past ``limit`` bytes (a chunked body too) or when it is not JSON."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(f"the request body is over {limit} bytes", status=413, code="request_too_large")
+    try:
+        return json.loads(body)
+    except ValueError as e:
+        raise ApiError(f"the request body is not JSON ({e})") from None
+
+
+def _openai_routes(app, server, metrics) -> None:
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -102,63 +111,72 @@ def build_app(server, api_key: str | None = None, extra_routes=None):
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await complete(request, True)
+        return await _complete(request, True, server, metrics)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await complete(request, False)
+        return await _complete(request, False, server, metrics)
 
-    async def complete(request: Request, chat: bool):
-        route, started = request.url.path, time.monotonic()
-        req = parse_request(await read_json(request), chat)
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        seqs, n_prompt = server.sequences(req, lambda i, k, p: loop.call_soon_threadsafe(queue.put_nowait, (i, k, p)))
-        try:
-            engine.submit(seqs)
-        except QueueFull as e:
-            raise ApiError(str(e), status=429, code="queue_full", kind="rate_limit_error") from None
-        metrics.prompt_tokens.inc(n_prompt)
-        answer = _Answer(req, seqs, n_prompt, "chatcmpl" if chat else "cmpl", server.created)
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4")
 
-        def finished(status: str) -> None:
-            metrics.requests.labels(route, status).inc()
-            metrics.completion_tokens.inc(answer.completion_tokens())
-            metrics.latency.labels(route).observe(time.monotonic() - started)
-            firsts = [s.first_token for s in seqs if s.first_token is not None]
-            if firsts:
-                metrics.first_token.observe(min(firsts) - started)
 
-        if req.stream:
-            return StreamingResponse(_events(answer, queue, finished), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            while not answer.done():
-                try:
-                    answer.take(*await asyncio.wait_for(queue.get(), 0.5))
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        answer.cancel()
-                        finished("499")
-                        return Response(status_code=499)
-        except asyncio.CancelledError:
-            answer.cancel()
-            raise
-        if answer.failure:
-            finished("500")
-            raise ApiError(answer.failure, status=500, kind="server_error")
-        finished("200")
-        return answer.whole()
+async def _complete(request: Request, chat: bool, server, metrics):
+    """One completion request: its sequences submitted, then the whole answer or its stream."""
+    route, started = request.url.path, time.monotonic()
+    req = parse_request(await read_json(request, server.limits.max_body_bytes), chat)
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    seqs, n_prompt = server.sequences(req, lambda i, k, p: loop.call_soon_threadsafe(queue.put_nowait, (i, k, p)))
+    try:
+        server.engine.submit(seqs)
+    except QueueFull as e:
+        raise ApiError(str(e), status=429, code="queue_full", kind="rate_limit_error") from None
+    metrics.prompt_tokens.inc(n_prompt)
+    answer = _Answer(req, seqs, n_prompt, "chatcmpl" if chat else "cmpl")
+
+    def finished(status: str) -> None:
+        metrics.requests.labels(route, status).inc()
+        metrics.completion_tokens.inc(answer.completion_tokens())
+        metrics.latency.labels(route).observe(time.monotonic() - started)
+        firsts = [s.first_token for s in seqs if s.first_token is not None]
+        if firsts:
+            metrics.first_token.observe(min(firsts) - started)
+
+    if req.stream:
+        return StreamingResponse(_events(answer, queue, finished), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        while not answer.done():
+            try:
+                answer.take(*await asyncio.wait_for(queue.get(), 0.5))
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    answer.cancel()
+                    finished("499")
+                    return Response(status_code=499)
+    except asyncio.CancelledError:
+        answer.cancel()
+        raise
+    if answer.failure:
+        finished("500")
+        raise ApiError(answer.failure, status=500, kind="server_error")
+    finished("200")
+    return answer.whole()
+
+
+def _adapter_routes(app, server, metrics) -> None:
+    engine = server.engine
 
     @app.post("/v1/adapters")
     async def add_adapter(request: Request):
-        body = await read_json(request)
+        body = await read_json(request, server.limits.max_body_bytes)
         if not isinstance(body, dict) or not isinstance(body.get("name"), str):
-            raise ApiError("give {\"name\": …, \"path\": … (under the adapter root; default: the name)}", param="name")
+            raise ApiError('give {"name": …, "path": … (under the adapter root; default: the name)}', param="name")
 
         def add():
             with engine.model_lock:
-                bank = server.bank
-                bank.add(body["name"], bank.resolve(body["name"], body.get("path")))
+                server.bank.add(body["name"], server.bank.resolve(body["name"], body.get("path")))
 
         try:
             await run_in_threadpool(add)
@@ -171,7 +189,7 @@ def build_app(server, api_key: str | None = None, extra_routes=None):
     @app.delete("/v1/adapters/{name}")
     async def remove_adapter(name: str):
         def remove():
-            with engine.model_lock:
+            with engine.model_lock:  # the engine is between steps: its batches hold still
                 if name not in server.bank.adapters:
                     raise ApiError(f"no adapter named {name!r}", status=404, code="model_not_found")
                 busy = engine.in_use(name)
@@ -183,14 +201,6 @@ def build_app(server, api_key: str | None = None, extra_routes=None):
         await run_in_threadpool(remove)
         metrics.requests.labels("/v1/adapters", "200").inc()
         return {"id": f"{server.name}:{name}", "object": "model", "deleted": True}
-
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.text(), media_type="text/plain; version=0.0.4")
-
-    if extra_routes is not None:
-        extra_routes(app, server)
-    return app
 
 
 async def _events(answer, queue, finished):
@@ -223,7 +233,7 @@ def _sse(obj) -> str:
 class _Answer:
     """One request's choices as their events come: the whole response, or its chunks."""
 
-    def __init__(self, req, seqs, n_prompt: int, prefix: str, created: int):
+    def __init__(self, req, seqs, n_prompt: int, prefix: str):
         self.req, self.seqs, self.n_prompt = req, seqs, n_prompt
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         self.texts, self.finish = [""] * len(seqs), [None] * len(seqs)

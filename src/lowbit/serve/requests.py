@@ -88,7 +88,8 @@ def _number(body: dict, key: str, kind, low, high, default):
     value = body.get(key)
     if value is None:
         return default
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        (kind is float or float(value).is_integer())
     if not ok or (low is not None and value < low) or (high is not None and value > high):
         span = f"from {low} to {high}" if high is not None else f"of at least {low}"
         raise ApiError(f"{key} must be {'an integer' if kind is int else 'a number'} {span}, got {value!r}",
