@@ -68,14 +68,14 @@ def client(url):
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
 
-def _reference(root, adapter, prompt, n, chat=True):
-    """``lowbit generate``'s greedy answer (the function its command calls)."""
+def _reference(root, adapter, prompt, n, chat=True, **sampling):
+    """``lowbit generate``'s answer (the function its command calls): greedy unless ``sampling`` says otherwise."""
     net = load(root / "model", compute_dtype=torch.float32)
     if adapter:
         load_adapter(net, root / "runs" / adapter)
     tok = tokenizer_for(root / "model", adapter and root / "runs" / adapter)
-    return generate(net, tok, prompt, n, temperature=0.0, chat=chat,
-                    stop_ids=end_token_ids(tok, adapter and root / "runs" / adapter))
+    return generate(net, tok, prompt, n, chat=chat, stop_ids=end_token_ids(tok, adapter and root / "runs" / adapter),
+                    **{"temperature": 0.0, **sampling})
 
 
 def test_models_lists_the_base_and_each_adapter(client):
@@ -110,10 +110,13 @@ def test_streaming_gives_the_same_text_in_chunks(client):
     assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
 
 
-def test_sampling_follows_the_seed_whatever_shares_the_batch(client):
+def test_sampling_follows_the_seed_whatever_shares_the_batch(client, root):
     kw = dict(model="model:one", prompt="what is the", max_tokens=12, temperature=0.9, top_p=0.95, n=3)
     alone = [c.text for c in client.completions.create(**kw, seed=11).choices]
     assert len(alone) == 3 and len(set(alone)) > 1  # each choice draws its own tokens
+    for i in range(3):  # choice i draws as lowbit generate does with seed + i
+        assert alone[i] == _reference(root, "one", "what is the", 12, chat=False, temperature=0.9, top_p=0.95,
+                                      seed=11 + i)
     assert [c.text for c in client.completions.create(**kw, seed=11).choices] == alone
     assert [c.text for c in client.completions.create(**kw, seed=12).choices] != alone
     out = {}

@@ -5,14 +5,13 @@ alone."""
 import threading
 
 import pytest
+from servers import running
 
 from lowbit import cli
 from lowbit.cli.serve import make_server
 from lowbit.generation import generate
 from lowbit.io.tokenizer import end_token_ids, tokenizer_for
 from lowbit.serve.api import build_app
-
-from servers import running
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai")

@@ -12,10 +12,11 @@ import torch
 from lowbit.data.prompts import prompt_row
 from lowbit.data.records import Record
 from lowbit.errors import LowbitError
+from lowbit.generation import filter_logits
 from lowbit.rewards import answer_format, exact_answer
 from lowbit.training import recipe
 from lowbit.training.config import TrainConfig, load_config
-from lowbit.training.rollout import filter_logits, sample_completions
+from lowbit.training.rollout import sample_completions
 
 REWARDS = '''
 def low_ids(prompts, completions, completion_ids, **_):

@@ -18,6 +18,7 @@ def add_parser(sub, name):
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (lowbit serve answers alike)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     add_config_flags(p, MODEL_KEYS, required=("base_model",))
     return p
@@ -34,7 +35,7 @@ def run(args) -> int:
 
     def answer(prompt):
         generate(net, tok, prompt, args.max_new_tokens, args.temperature, args.top_p, chat=not args.raw, stream=True,
-                 stop_ids=stops)
+                 seed=args.seed, stop_ids=stops)
 
     if args.prompt:
         answer(args.prompt)

@@ -127,7 +127,12 @@ async def _complete(request: Request, chat: bool, server, metrics):
     route, started = request.url.path, time.monotonic()
     req = parse_request(await read_json(request, server.limits.max_body_bytes), chat)
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    seqs, n_prompt = server.sequences(req, lambda i, k, p: loop.call_soon_threadsafe(queue.put_nowait, (i, k, p)))
+
+    def emit(index, kind, payload):  # from the engine's thread
+        with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening any more
+            loop.call_soon_threadsafe(queue.put_nowait, (index, kind, payload))
+
+    seqs, n_prompt = server.sequences(req, emit)
     try:
         server.engine.submit(seqs)
     except QueueFull as e:
@@ -252,8 +257,7 @@ class _Answer:
 
     def usage(self) -> dict:
         done = self.completion_tokens()
-        return {"prompt_tokens": self.n_prompt * len(self.seqs), "completion_tokens": done,
-                "total_tokens": self.n_prompt * len(self.seqs) + done}
+        return {"prompt_tokens": self.n_prompt, "completion_tokens": done, "total_tokens": self.n_prompt + done}
 
     def head(self) -> dict:
         kind = "chat.completion.chunk" if self.req.chat else "text_completion"

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LowbitError
-from ..training.loss import _split_head
-from ..training.rollout import cache_kwarg, filter_logits, next_logits
+from ..generation import cache_kwarg, next_logits, sample_token, split_head
 
 __all__ = ["Params", "Sequence", "Engine", "QueueFull"]
 
@@ -118,7 +117,7 @@ class Engine:
     def __init__(self, net, bank, max_batch: int = 32, max_queue: int = 256, pad_id: int = 0):
         self.net, self.bank, self.max_batch, self.max_queue, self.pad_id = net, bank, max_batch, max_queue, pad_id
         self.device = next(net.parameters()).device
-        self.body, self.head = _split_head(net)
+        self.body, self.head = split_head(net)
         self.kwarg = cache_kwarg(net if self.body is None else self.body)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.batches: dict[str | None, _Batch] = {}
@@ -246,23 +245,14 @@ class Engine:
         return _Batch(list(seqs), cache, mask, pos[:, -1:], logits)
 
     def _sample(self, batch: _Batch) -> None:
-        logits = batch.logits.float()
-        greedy = torch.argmax(logits, dim=-1).tolist()
         for i, s in enumerate(batch.rows):
             if s.finish is not None:
                 continue
             if s.cancelled:
                 s.finish = "cancelled"
                 continue
-            p = s.params
-            if p.temperature > 0:
-                x = filter_logits(logits[i: i + 1] / p.temperature, 0, p.top_p)
-                u = torch.rand(x.shape, generator=s.generator, device=self.device)
-                token = int(torch.argmax(x - torch.log(-torch.log(u)), dim=-1))
-            else:
-                token = greedy[i]
-            s.last = token
-            s.push(token)
+            s.last = sample_token(batch.logits[i: i + 1], s.params.temperature, s.params.top_p, s.generator)
+            s.push(s.last)
 
     def _drop_finished(self, name, batch: _Batch) -> None:
         keep = [i for i, s in enumerate(batch.rows) if s.finish is None]

@@ -32,7 +32,8 @@ __all__ = ["ui_routes", "FORM_KEYS"]
 # the form's fields: the config keys a run is planned and started with
 FORM_KEYS = ("base_model", "datasets", "load_in_4bit", "quant_type", "double_quant", "lora_r", "lora_alpha",
              "lora_target_modules", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "optimizer",
-             "learning_rate", "max_steps", "gradient_checkpointing", "device", "compute_dtype")
+             "learning_rate", "max_steps", "num_epochs", "val_set_size", "eval_steps", "gradient_checkpointing",
+             "device", "compute_dtype")
 
 
 def ui_routes(runs: Runs):

@@ -17,24 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.formats import IGNORE
+from ..generation import split_head
 from ..nn.cross_entropy import chunked_cross_entropy
 from ..nn.document_attention import packed_rows
 
 __all__ = ["lm_loss", "answer_tokens", "loss_units", "tokens_in", "autocast", "LossModule", "module_loss"]
-
-
-def _split_head(model):
-    """(body, head) when the model is body → lm_head, so the loss can be computed in chunks."""
-    from transformers import PreTrainedModel
-
-    if not isinstance(model, PreTrainedModel):  # e.g. a peft wrapper: use its own forward
-        return None, None
-    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    head = model.get_output_embeddings()
-    if not isinstance(body, PreTrainedModel) or body is model or head is None or \
-            getattr(model.config, "final_logit_softcapping", None):
-        return None, None
-    return body, head
 
 
 def answer_tokens(batch) -> int:
@@ -89,7 +76,7 @@ def lm_loss(model, batch, chunk_tokens: int | None = None) -> tuple[torch.Tensor
     device = next(model.parameters()).device
     inputs = _to(_inputs(batch), device)
     labels = batch["labels"][:, 1:].reshape(-1).to(device, non_blocking=True)
-    body, head = _split_head(model)
+    body, head = split_head(model)
     with packed_rows() if "position_ids" in inputs else contextlib.nullcontext():
         return _loss(model, body, head, inputs, labels, chunk_tokens), n
 

@@ -14,28 +14,11 @@ completions whatever else shares the batch and after a resume.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from .loss import _split_head
+from ..generation import cache_kwarg, filter_logits, next_logits, split_head
 
-__all__ = ["sample_completions", "filter_logits", "next_logits", "cache_kwarg"]
-
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Logits outside the ``top_k`` largest, and outside the smallest set whose probability reaches ``top_p``
-    (at least one kept), set to −inf — as transformers' top-k and top-p warpers do, in that order."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum <= 1 - top_p
-        drop[..., -1:] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
+__all__ = ["sample_completions"]
 
 
 def _gumbel(gens: list[torch.Generator], group: int, vocab: int, device) -> torch.Tensor:
@@ -43,22 +26,6 @@ def _gumbel(gens: list[torch.Generator], group: int, vocab: int, device) -> torc
     not, so a prompt's draws never depend on the others)."""
     u = torch.cat([torch.rand((group, vocab), generator=g, device=device) for g in gens])
     return -torch.log(-torch.log(u))
-
-
-def cache_kwarg(net) -> str:
-    """What ``net.forward`` calls its KV cache: ``cache`` (transformers ≥ 5.24) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
-
-
-def next_logits(model, body, head, ids, mask, pos, cache, name: str):
-    """The next-token logits of the last position, and the grown cache (``name``: ``cache_kwarg``)."""
-    net = model if body is None else body
-    out = net(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{name: cache})
-    cache = out.cache if name == "cache" else out.past_key_values
-    if body is None:
-        return out.logits[:, -1], cache
-    h = out.last_hidden_state[:, -1]
-    return torch.nn.functional.linear(h, head.weight.to(h.dtype)), cache
 
 
 @torch.no_grad()
@@ -69,7 +36,7 @@ def sample_completions(model, prompts: list[list[int]], group: int, seeds: list[
     a stop token). Each prompt is read once (its KV cache then repeated for its group); finished rows leave the
     batch."""
     device = next(model.parameters()).device
-    body, head = _split_head(model)
+    body, head = split_head(model)
     name = cache_kwarg(model if body is None else body)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)

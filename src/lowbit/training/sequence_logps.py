@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data.formats import IGNORE
+from ..generation import split_head
 from ..nn.cross_entropy import chunked_token_logps
-from .loss import _inputs, _split_head, _to
+from .loss import _inputs, _to
 
 __all__ = ["sequence_logps", "token_logps"]
 
@@ -24,7 +25,7 @@ def token_logps(model, batch: dict, keep: torch.Tensor, targets: torch.Tensor,
     """log p of ``targets`` at the positions ``keep`` marks (rows × (L−1)), flattened in row order; the logits
     divided by ``temperature`` first (GRPO scores what it sampled)."""
     inputs = _to(_inputs(batch), keep.device)
-    body, head = _split_head(model)
+    body, head = split_head(model)
     if body is None:
         logits = model(**inputs).logits[:, :-1][keep].float() / temperature
         return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
