@@ -301,3 +301,35 @@ def test_serve_refuses_an_adapter_that_trains_more_than_lora(root, tmp_path, cap
     save_adapter(m, tmp_path / "rows")
     rc = cli.main(["serve", "--model", str(root / "model"), "--adapter", f"x={tmp_path / 'rows'}"])
     assert rc == 2 and "merged model" in capsys.readouterr().err
+
+
+def test_the_serve_command_serves_until_ctrl_c(root):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from servers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lowbit", "serve", "--model", str(root / "model"), "--adapter",
+                             f"one={root / 'runs' / 'one'}", "--port", str(port), "--compute-dtype", "float32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < end, "the server did not start"
+            try:
+                if _http(f"http://127.0.0.1:{port}/health")[0] == 200:
+                    break
+            except OSError:  # not listening yet
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model="model:one", messages=[{"role": "user", "content": PROMPT}],
+                                      max_tokens=8, temperature=0)
+        assert r.choices[0].message.content == _reference(root, "one", PROMPT, 8)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "models: model, model:one" in out and f"127.0.0.1:{port}" in out

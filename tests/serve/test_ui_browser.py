@@ -133,3 +133,22 @@ def test_the_ui_api_refuses_bad_runs_in_one_line(setup, tmp_path):
     with pytest.raises(LowbitError, match="not running"):
         runs.stop("nothing")
     assert json.loads(json.dumps(runs.state("nothing")))["status"] == "new"
+
+
+def test_a_run_another_process_holds_is_shown_running_and_not_started_twice(setup, tmp_path):
+    from lowbit.errors import LowbitError
+    from lowbit.runlock import RunLock
+
+    root, model_dir, data = setup
+    runs = Runs(tmp_path / "runs")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "busy.yaml").write_text(f"base_model: {model_dir}\ndatasets: {data}\n")
+    with RunLock(tmp_path / "runs" / "busy"):  # as a `lowbit train` in another terminal holds it
+        assert runs.state("busy")["status"] == "running"
+        with pytest.raises(LowbitError, match="already running"):
+            runs.start("busy", resume=True)
+        with pytest.raises(LowbitError, match="already running"):
+            runs.start("busy", {"base_model": str(model_dir), "datasets": str(data)})
+    assert runs.state("busy")["status"] == "new"
+    with pytest.raises(LowbitError, match="exists; resume it"):
+        runs.start("busy", {"base_model": str(model_dir), "datasets": str(data)})
