@@ -13,7 +13,8 @@ One thread owns the model. Each step it
 
 A sequence ends at a stop token, a stop string (cut before it), ``max_tokens``, or when its client goes away; its
 row then leaves the batch, and padding columns no remaining row needs are cropped. Caches other than plain
-key/value layers (sliding windows, recurrent state) are not joined: newcomers wait until the running batch ends.
+key/value layers are not joined: with sliding windows newcomers wait until the running batch ends; a model with
+recurrent state (Mamba, convolutions) decodes each sequence in a batch of its own, unpadded.
 """
 
 from __future__ import annotations
@@ -120,11 +121,13 @@ class Engine:
         self.body, self.head = split_head(net)
         self.kwarg = cache_kwarg(net if self.body is None else self.body)
         self.waiting: collections.deque[Sequence] = collections.deque()
-        self.batches: dict[str | None, _Batch] = {}
+        self.batches: dict[tuple, _Batch] = {}  # (adapter, k) → its rows in flight
         self.cond = threading.Condition()
         self.model_lock = threading.RLock()  # held for each step; the bank is changed under it
         self.stopping = False
         self.steps = 0
+        self.serial = 0
+        self.paddable = _paddable(net, self.body, self.head, self.kwarg, self.device)
         self.rows = 0  # sequences in the running batches (updated by the engine's thread)
         self.thread = threading.Thread(target=self._run, name="lowbit-engine", daemon=True)
 
@@ -195,17 +198,20 @@ class Engine:
 
     def _step(self) -> None:
         self._admit()
-        for name in list(self.batches):
-            batch = self.batches[name]
+        for key in list(self.batches):
+            batch = self.batches[key]
             self._sample(batch)
-            self._drop_finished(name, batch)
-            if name in self.batches:
-                self.bank.activate(name)
+            self._drop_finished(key, batch)
+            if key in self.batches:
+                self.bank.activate(key[0])
                 self._decode(batch)
         self.steps += 1
         self.rows = sum(len(b.rows) for b in self.batches.values())
 
     def _admit(self) -> None:
+        """Newcomers into batches keyed (adapter, k): k = 0 for a model whose rows can be padded (one batch per
+        adapter: joined when the cache allows, else the newcomers wait for it to end); a fresh k per sequence
+        for a model with recurrent state, which padding would change."""
         with self.cond:
             room = self.max_batch - sum(len(b.rows) for b in self.batches.values())
             taken, kept = [], collections.deque()
@@ -214,23 +220,28 @@ class Engine:
                 if s.cancelled:
                     s.finish = "cancelled"
                     continue
-                busy = self.batches.get(s.adapter)
+                busy = self.batches.get((s.adapter, 0))
                 (kept if busy is not None and not _joinable(busy.cache) else taken).append(s)
             self.waiting.extendleft(reversed(kept))
-        by_adapter: dict[str | None, list[Sequence]] = {}
+        groups: dict[tuple, list[Sequence]] = {}
         for s in taken:
-            by_adapter.setdefault(s.adapter, []).append(s)
-        for name, seqs in by_adapter.items():
-            if name is not None and name not in self.bank.adapters:
+            key = (s.adapter, 0) if self.paddable else (s.adapter, self._serial())
+            groups.setdefault(key, []).append(s)
+        for key, seqs in groups.items():
+            if key[0] is not None and key[0] not in self.bank.adapters:
                 for s in seqs:
                     s.finish = "error"
-                    s.emit("error", f"adapter {name!r} was removed")
+                    s.emit("error", f"adapter {key[0]!r} was removed")
                 continue
-            self.bank.activate(name)
+            self.bank.activate(key[0])
             new = self._prefill(seqs)
-            old = self.batches.get(name)
-            self.batches[name] = new if old is None else _join(old, new)
+            old = self.batches.get(key)
+            self.batches[key] = new if old is None else _join(old, new)
         self.rows = sum(len(b.rows) for b in self.batches.values())
+
+    def _serial(self) -> int:
+        self.serial += 1
+        return self.serial
 
     def _prefill(self, seqs: list[Sequence]) -> _Batch:
         width = max(len(s.prompt) for s in seqs)
@@ -254,14 +265,14 @@ class Engine:
             s.last = sample_token(batch.logits[i: i + 1], s.params.temperature, s.params.top_p, s.generator)
             s.push(s.last)
 
-    def _drop_finished(self, name, batch: _Batch) -> None:
+    def _drop_finished(self, key, batch: _Batch) -> None:
         keep = [i for i, s in enumerate(batch.rows) if s.finish is None]
         if len(keep) == len(batch.rows):
             return
         if not keep:
-            del self.batches[name]
+            del self.batches[key]
             return
-        if not hasattr(batch.cache, "batch_select_indices"):
+        if not all(hasattr(x, "batch_select_indices") for x in _layers(batch.cache) or [None]):
             return  # finished rows run on until the batch ends; their tokens are not used
         idx = torch.tensor(keep, device=self.device)
         batch.cache.batch_select_indices(idx)
@@ -280,6 +291,20 @@ class Engine:
 def _layers(cache) -> list | None:
     layers = getattr(cache, "layers", None)
     return list(layers) if layers is not None else None
+
+
+def _paddable(net, body, head, kwarg, device) -> bool:
+    """Whether rows can be left-padded: the model's cache holds keys and values only (no recurrent state, which
+    padding tokens would run through) — probed with one token."""
+    from transformers import cache_utils
+
+    recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())
+    ids = torch.zeros((1, 1), dtype=torch.long, device=device)
+    with torch.inference_mode():
+        _, cache = next_logits(net, body, head, ids, torch.ones_like(ids), ids, None, kwarg)
+    layers = _layers(cache)
+    return layers is not None and all(getattr(x, "keys", None) is not None and not isinstance(x, recurrent)
+                                      for x in layers)
 
 
 def _joinable(cache) -> bool:
