@@ -52,8 +52,9 @@ _scratch = _Scratch()
 
 
 def _dequantized(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    """deq(Q) in the scratch buffer: valid until the next call on this thread."""
-    return q.dequantize(dtype, out=_scratch.get(q.shape, dtype, q.packed.device))
+    """deq(Q) in the scratch buffer: valid until the next call on this thread (a named range in profiles)."""
+    with torch.profiler.record_function("lowbit::dequantize"):
+        return q.dequantize(dtype, out=_scratch.get(q.shape, dtype, q.packed.device))
 
 
 class _Matmul4bit(torch.autograd.Function):
