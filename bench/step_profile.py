@@ -69,7 +69,7 @@ def worker(model: str, steps: int) -> dict:
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    from train import MODELS, R, SEQ, _batch, _model_path
+    from train import MODELS, SEQ, R, _batch, _model_path
 
     from lowbit.dtypes import default_compute_dtype
     from lowbit.io.loader import load

@@ -13,15 +13,16 @@ def _blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
-def test_readme_has_the_api_the_custom_loop_and_the_reward_examples():
+def test_readme_has_the_api_the_custom_loop_the_reward_and_the_client_examples():
     blocks = _blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     assert "def bare_number(" in blocks[0] and "lowbit.train(cfg" in blocks[1] and "train_loop(" in blocks[2]
+    assert "from openai import OpenAI" in blocks[3]
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    _, api, loop = _blocks()
+    _, api, loop, _ = _blocks()
     ns: dict = {}
     exec(compile(api, "README.md (API example)", "exec"), ns)
     assert round(ns["q"].bits_per_param, 3) == 4.127
@@ -70,3 +71,38 @@ def test_readme_long_context_config_and_planner_levers_are_current(tmp_path, cap
     assert main(["plan", "llama-3.1-8b", "--micro-batch-size", "1", "--gpu-memory", "24GB", "--max-sequence-len"]) == 0
     printed = capsys.readouterr().out
     assert shown.strip() in printed, printed
+
+
+def test_readme_client_example_runs_against_lowbit_serve(tmp_path, capsys):
+    """The openai-client example, as written, against ``lowbit serve --model smollm2-135m --adapter demo=…`` (the
+    demo's adapter stood in for by a random one; the port is the test's)."""
+    import sys
+
+    import torch
+
+    from lowbit import cli
+    from lowbit.cli.serve import make_server
+    from lowbit.io.adapters import save_adapter
+    from lowbit.io.loader import load
+    from lowbit.nn.lora import add_lora
+    from lowbit.serve.api import build_app
+
+    sys.path.insert(0, str(Path(__file__).parent / "serve"))
+    from servers import free_port, running
+
+    from tiny import randomize_lora
+
+    net = load("smollm2-135m", compute_dtype=torch.float32)
+    add_lora(net, r=4, verbose=False)
+    randomize_lora(net)
+    save_adapter(net, tmp_path / "demo")
+    del net
+    args = cli.build_parser().parse_args(["serve", "--model", "smollm2-135m", "--adapter", f"demo={tmp_path / 'demo'}",
+                                          "--compute-dtype", "float32"])
+    port = free_port()
+    example = _blocks()[3].replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    with running(build_app(make_server(args)), port):
+        exec(compile(example, "README.md (client example)", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "['smollm2-135m', 'smollm2-135m:demo']"  # what the comment in the example says
+    assert out[1].endswith(" 32") and len(out) >= 3
