@@ -97,9 +97,9 @@ def test_readme_client_example_runs_against_lowbit_serve(tmp_path, capsys):
     randomize_lora(net)
     save_adapter(net, tmp_path / "demo")
     del net
-    args = cli.build_parser().parse_args(["serve", "--model", "smollm2-135m", "--adapter", f"demo={tmp_path / 'demo'}",
-                                          "--compute-dtype", "float32"])
     port = free_port()
+    args = cli.build_parser().parse_args(["serve", "--model", "smollm2-135m", "--adapter", f"demo={tmp_path / 'demo'}",
+                                          "--compute-dtype", "float32", "--port", str(port)])
     example = _blocks()[3].replace("127.0.0.1:8000", f"127.0.0.1:{port}")
     with running(build_app(make_server(args)), port):
         exec(compile(example, "README.md (client example)", "exec"), {})

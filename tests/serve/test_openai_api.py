@@ -49,10 +49,13 @@ def root(tmp_path_factory):
 
 
 def _server(root, *extra):
+    """(a server over the tiny model and adapters one and two, its args); its --port is free (serve checks it)."""
+    from servers import free_port
+
     args = cli.build_parser().parse_args(
-        ["serve", "--model", str(root / "model"), "--adapter", f"one={root / 'runs' / 'one'}",
-         "--adapter", str(root / "runs" / "two"), "--adapter-root", str(root / "runs"), "--compute-dtype", "float32",
-         "--max-tokens", "48", *extra])
+        ["serve", "--model", str(root / "model"), "--port", str(free_port()),
+         "--adapter", f"one={root / 'runs' / 'one'}", "--adapter", str(root / "runs" / "two"),
+         "--adapter-root", str(root / "runs"), "--compute-dtype", "float32", "--max-tokens", "48", *extra])
     return make_server(args), args
 
 
@@ -289,9 +292,26 @@ def test_shutdown_lets_a_request_in_flight_finish(root):
     assert got["rest"][-1].choices[0].finish_reason == "length"
 
 
-def test_serve_refuses_a_public_host_without_a_key(root, capsys):
+def test_serve_refuses_a_public_host_without_a_key_a_busy_port_and_a_missing_adapter(root, capsys, monkeypatch):
+    import socket
+
+    from lowbit.cli import options
+
+    monkeypatch.setattr(options, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the checks"))
     rc = cli.main(["serve", "--model", str(root / "model"), "--host", "0.0.0.0"])
     assert rc == 2 and "needs --api-key" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        rc = cli.main(["serve", "--model", str(root / "model"), "--port", str(busy.getsockname()[1])])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot listen there" in err and len(err.strip().splitlines()) == 1
+    from servers import free_port
+
+    rc = cli.main(["serve", "--model", str(root / "model"), "--adapter", f"x={root / 'nothing'}", "--port",
+                   str(free_port())])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a PEFT adapter folder" in err and len(err.strip().splitlines()) == 1
 
 
 def test_serve_refuses_an_adapter_that_trains_more_than_lora(root, tmp_path, capsys):

@@ -5,7 +5,7 @@ alone."""
 import threading
 
 import pytest
-from servers import running
+from servers import free_port, running
 
 from lowbit import cli
 from lowbit.cli.serve import make_server
@@ -20,11 +20,13 @@ QUESTIONS = ["What is the capital of France?", "Name three colours.", "What is 2
 
 
 def test_smollm2_answers_as_lowbit_generate_does_alone_and_together():
-    args = cli.build_parser().parse_args(["serve", "--model", "smollm2-135m", "--compute-dtype", "float32"])
+    port = free_port()
+    args = cli.build_parser().parse_args(["serve", "--model", "smollm2-135m", "--compute-dtype", "float32",
+                                          "--port", str(port)])
     server = make_server(args)
     tok = tokenizer_for("smollm2-135m")
     want = [generate(server.net, tok, q, 24, stop_ids=end_token_ids(tok)) for q in QUESTIONS]
-    with running(build_app(server)) as url:
+    with running(build_app(server), port) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         model = c.models.list().data[0].id
         assert model == "smollm2-135m"

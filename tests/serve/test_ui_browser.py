@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from servers import running
+from servers import free_port, running
 
 from lowbit import cli
 from lowbit.cli.serve import make_server
@@ -47,13 +47,14 @@ def test_plan_start_watch_stop_resume_and_chat_in_a_browser(setup, tmp_path):
     assert CHROMIUM, "Chromium is not installed: apt-get install chromium (make test does), or set LOWBIT_CHROMIUM"
     root, model_dir, data = setup
     runs_dir = tmp_path / "runs"
+    port = free_port()
     args = cli.build_parser().parse_args(["ui", "--model", str(model_dir), "--runs", str(runs_dir),
-                                          "--compute-dtype", "float32"])
+                                          "--compute-dtype", "float32", "--port", str(port)])
     args.adapter_root = args.runs
     runs = Runs(runs_dir)
     shots = tmp_path / "shots"
     shots.mkdir()
-    with running(build_app(make_server(args), None, ui_routes(runs))) as url, \
+    with running(build_app(make_server(args), None, ui_routes(runs)), port) as url, \
             playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})

@@ -61,19 +61,38 @@ def check_host(host: str, api_key: str | None) -> None:
         raise LowbitError(f"--host {host}: serving beyond this machine needs --api-key (or $LOWBIT_API_KEY)")
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port another process listens on now, before the model is loaded."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise LowbitError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); choose another "
+                              "--port") from None
+
+
 def make_server(args):
-    """The model loaded (with the config.json fields its adapters were trained with) and the server over it."""
-    from ..io.adapters import adapter_config_overrides
+    """The model loaded (with the config.json fields its adapters were trained with) and the server over it; the
+    host, port and adapter folders checked first."""
+    from ..io.adapters import ADAPTER_FILES, adapter_config_overrides
     from ..serve.server import Limits, Server
     from .options import load_model
 
     check_host(args.host, args.api_key)
+    check_port(args.host, args.port)
     for flag in ("max_batch", "max_queue", "max_tokens", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise LowbitError(f"--{flag.replace('_', '-')} must be at least 1")
     adapters = adapter_args(args.adapter)
-    overrides = {str(p): adapter_config_overrides(p) for p in adapters.values()
-                 if (p / "adapter_config.json").exists()}
+    for p in adapters.values():
+        missing = [f for f in ADAPTER_FILES if not (p / f).exists()]
+        if missing:
+            raise LowbitError(f"--adapter {p}: no {missing[0]} there — not a PEFT adapter folder")
+    overrides = {str(p): adapter_config_overrides(p) for p in adapters.values()}
     kinds = {repr(sorted((o or {}).items())) for o in overrides.values()}
     if len(kinds) > 1:
         raise LowbitError("the adapters were trained with different model_config (e.g. rope_scaling); serve them "
