@@ -13,14 +13,12 @@ import torch
 from servers import free_port, running
 
 from lowbit import cli
-from lowbit.cli.serve import make_server
+from lowbit.cli.ui import make_ui
 from lowbit.generation import generate
 from lowbit.io.adapters import load_adapter
 from lowbit.io.loader import load
 from lowbit.io.tokenizer import end_token_ids, tokenizer_for
-from lowbit.serve.api import build_app
 from lowbit.serve.runs import Runs
-from lowbit.serve.ui import ui_routes
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -50,11 +48,10 @@ def test_plan_start_watch_stop_resume_and_chat_in_a_browser(setup, tmp_path):
     port = free_port()
     args = cli.build_parser().parse_args(["ui", "--model", str(model_dir), "--runs", str(runs_dir),
                                           "--compute-dtype", "float32", "--port", str(port)])
-    args.adapter_root = args.runs
-    runs = Runs(runs_dir)
+    app, runs = make_ui(args)
     shots = tmp_path / "shots"
     shots.mkdir()
-    with running(build_app(make_server(args), None, ui_routes(runs)), port) as url, \
+    with running(app, port) as url, \
             playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})

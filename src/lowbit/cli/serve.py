@@ -92,15 +92,13 @@ def make_server(args):
         missing = [f for f in ADAPTER_FILES if not (p / f).exists()]
         if missing:
             raise LowbitError(f"--adapter {p}: no {missing[0]} there — not a PEFT adapter folder")
-    overrides = {str(p): adapter_config_overrides(p) for p in adapters.values()}
-    kinds = {repr(sorted((o or {}).items())) for o in overrides.values()}
-    if len(kinds) > 1:
+    overrides = [adapter_config_overrides(p) or {} for p in adapters.values()]
+    if any(o != overrides[0] for o in overrides):
         raise LowbitError("the adapters were trained with different model_config (e.g. rope_scaling); serve them "
                           "from separate servers")
     cfg = config_from(args)
-    first = next(iter(overrides.values()), None)
-    if first:
-        cfg.model_config = {**(cfg.model_config or {}), **first}
+    if overrides and overrides[0]:
+        cfg.model_config = {**(cfg.model_config or {}), **overrides[0]}
     limits = Limits(args.max_batch, args.max_queue, args.max_tokens, args.max_prompt_tokens, args.max_body_bytes,
                     args.shutdown_timeout)
     net = load_model(cfg)

@@ -16,17 +16,22 @@ def add_parser(sub, name):
     return p
 
 
-def run(args) -> int:
+def make_ui(args):
+    """(the app: the server with the page's routes, the runs it starts); adapters are read from the runs folder."""
     from ..serve.api import build_app
     from ..serve.runs import Runs
     from ..serve.ui import ui_routes
 
     args.adapter_root = args.adapter_root or args.runs
     runs = Runs(args.runs)
-    server = make_server(args)
+    return build_app(make_server(args), args.api_key, ui_routes(runs)), runs
+
+
+def run(args) -> int:
+    app, runs = make_ui(args)
     try:
         print(f"the page: http://{args.host}:{args.port}/ui", flush=True)
-        serve(build_app(server, args.api_key, ui_routes(runs)), args)
+        serve(app, args)
     finally:
         runs.stop_all()
     return 0

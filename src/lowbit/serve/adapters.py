@@ -24,7 +24,7 @@ from ..errors import LowbitError
 from ..io.adapters import check_adapter_base, is_lora_key, lora_key_module, read_adapter
 from ..io.peft_experts import from_peft
 from ..io.tokenizer import end_token_ids, tokenizer_for
-from ..nn.lora import LoRALinear
+from ..nn.lora import LoRALinear, add_lora, linear_module_names
 from ..nn.lora_options import lora_scaling
 
 __all__ = ["Adapter", "AdapterBank", "NAME_RE", "check_name"]
@@ -89,13 +89,14 @@ class AdapterBank:
         except (TypeError, ValueError) as e:
             raise LowbitError(f"{path}/adapter_config.json: bad r / lora_alpha ({e})") from None
         scaling = lora_scaling(r, alpha, bool(cfg.get("use_rslora", False)))
-        layers = {}
+        pairs = {}
         for key in sorted(k for k in tensors if ".lora_A" in k):
-            module = lora_key_module(key)
-            a, b = tensors[key], tensors.get(key.replace(".lora_A", ".lora_B"))
+            b = tensors.get(key.replace(".lora_A", ".lora_B"))
             if b is None:
                 raise LowbitError(f"{path}: {key} has no matching lora_B")
-            layers[module] = self._slot(module, a, b, scaling, path)
+            pairs[lora_key_module(key)] = (tensors[key], b)
+        self._wrap(list(pairs), path)
+        layers = {m: self._slot(m, a, b, scaling, path) for m, (a, b) in pairs.items()}
         tok = tokenizer_for(self.base_model, path)
         adapter = Adapter(name, Path(path), tok, end_token_ids(tok, path), layers)
         self.adapters[name] = adapter
@@ -104,7 +105,7 @@ class AdapterBank:
         return adapter
 
     def _slot(self, module: str, a: torch.Tensor, b: torch.Tensor, scaling: float, path):
-        lora = self._wrap(module, path)
+        lora = self._wrapped[module]
         device = next(lora.base.parameters()).device
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != lora.in_features or b.shape[0] != lora.out_features \
                 or a.shape[0] != b.shape[1]:
@@ -112,22 +113,19 @@ class AdapterBank:
                               f"{tuple(b.shape)}, which do not fit the layer ({lora.out_features}x{lora.in_features})")
         return a.to(device, torch.float32), b.to(device, torch.float32), scaling  # float32, as load_adapter keeps them
 
-    def _wrap(self, module: str, path) -> LoRALinear:
-        """The ``LoRALinear`` around ``module`` (made on first use: switched off until an adapter uses it)."""
-        if module in self._wrapped:
-            return self._wrapped[module]
-        try:
-            base = self.net.get_submodule(module)
-        except AttributeError:
-            raise LowbitError(f"{path}: adapter has layers the model lacks, e.g. {module!r}") from None
-        if not hasattr(base, "in_features") and not hasattr(base, "weight"):
-            raise LowbitError(f"{path}: {module!r} is not a linear layer")
-        parent, _, child = module.rpartition(".")
-        lora = LoRALinear(base, 1, 1.0)
-        lora.disabled = True
-        setattr(self.net.get_submodule(parent) if parent else self.net, child, lora)
-        self._wrapped[module] = lora
-        return lora
+    def _wrap(self, modules: list[str], path) -> None:
+        """A ``LoRALinear`` around each of ``modules`` not wrapped yet (``add_lora``, as ``load_adapter`` adds
+        them), switched off until an adapter uses it."""
+        new = [m for m in modules if m not in self._wrapped]
+        missing = sorted(set(new) - set(linear_module_names(self.net)))
+        if missing:
+            raise LowbitError(f"{path}: adapter has layers the model lacks, e.g. {missing[0]!r}")
+        if not new:
+            return
+        add_lora(self.net, r=1, alpha=1.0, target_modules=f"({'|'.join(map(re.escape, new))})", verbose=False)
+        for m in new:
+            self._wrapped[m] = self.net.get_submodule(m)
+            self._wrapped[m].disabled = True
 
     def remove(self, name: str) -> None:
         if name not in self.adapters:

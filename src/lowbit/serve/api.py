@@ -277,7 +277,7 @@ class _Answer:
         if kind == "delta":
             self.texts[index] += payload
             return [self._chunk(index, payload, None)]
-        self.finish[index] = "stop" if payload == "stop" else "length" if payload == "length" else payload
+        self.finish[index] = payload  # stop or length
         return [self._chunk(index, None, self.finish[index])]
 
     def _chunk(self, index: int, text: str | None, finish: str | None) -> dict:

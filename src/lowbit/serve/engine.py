@@ -151,10 +151,14 @@ class Engine:
     def running(self) -> int:
         return self.rows
 
+    def _in_flight(self) -> list[Sequence]:
+        """Every sequence waiting or in a batch (callers hold ``cond`` or ``model_lock``: the batches hold still)."""
+        return list(self.waiting) + [s for b in self.batches.values() for s in b.rows]
+
     def in_use(self, adapter: str) -> int:
         """Sequences waiting or running on ``adapter``."""
         with self.cond:
-            rows = [s for b in self.batches.values() for s in b.rows] + list(self.waiting)
+            rows = self._in_flight()
         return sum(s.adapter == adapter and s.finish is None for s in rows)
 
     def stop(self, timeout: float = 0.0) -> None:
@@ -163,7 +167,7 @@ class Engine:
         while self.queued() and time.monotonic() < end:
             time.sleep(0.05)
         with self.cond:
-            for s in list(self.waiting) + [s for b in self.batches.values() for s in b.rows]:
+            for s in self._in_flight():
                 s.cancelled = True
             self.stopping = True
             self.cond.notify()
@@ -187,7 +191,7 @@ class Engine:
 
     def _fail_all(self, message: str, cancelled: bool = False) -> None:
         with self.cond:
-            seqs = list(self.waiting) + [s for b in self.batches.values() for s in b.rows]
+            seqs = self._in_flight()
             self.waiting.clear()
             self.batches.clear()
             self.rows = 0

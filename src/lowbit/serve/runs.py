@@ -98,7 +98,6 @@ class Runs:
         out = self.folder(name)
         child = self.children.get(name)
         code = child.poll() if child is not None else None
-        metrics = self.metrics(name)
         if (child is not None and code is None) or _locked(out):
             status = "running"
         elif (out / "adapter_model.safetensors").exists():
@@ -109,7 +108,7 @@ class Runs:
             status = "stopped"
         else:
             status = "new"
-        last = metrics[-1] if metrics else {}
+        last = _last_record(out / "metrics.jsonl")  # the page asks every second: the file's end only
         cfg = _read_yaml(self.root / f"{name}.yaml")
         return {"name": name, "status": status, "step": last.get("step", 0), "loss": last.get("loss"),
                 "max_steps": cfg.get("max_steps"), "base_model": cfg.get("base_model"),
@@ -148,10 +147,27 @@ def _read_yaml(path: Path) -> dict:
     return out if isinstance(out, dict) else {}
 
 
-def _last_line(path: Path) -> str:
+def _tail_lines(path: Path, size: int = 4096) -> list[str]:
+    """The non-empty lines in the last ``size`` bytes of ``path`` (the first may be cut)."""
     if not path.exists():
-        return ""
+        return []
     with open(path, "rb") as f:
-        f.seek(max(0, path.stat().st_size - 4096))
-        lines = [ln for ln in f.read().decode(errors="replace").replace("\r", "\n").splitlines() if ln.strip()]
+        f.seek(max(0, path.stat().st_size - size))
+        return [ln for ln in f.read().decode(errors="replace").replace("\r", "\n").splitlines() if ln.strip()]
+
+
+def _last_line(path: Path) -> str:
+    lines = _tail_lines(path)
     return lines[-1] if lines else ""
+
+
+def _last_record(path: Path) -> dict:
+    """The last whole JSON object of a .jsonl file ({} when there is none yet)."""
+    for line in reversed(_tail_lines(path)):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line being written, or cut by the tail
+        if isinstance(row, dict):
+            return row
+    return {}

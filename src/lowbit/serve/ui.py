@@ -13,7 +13,6 @@ The chat tab talks to ``/v1/chat/completions`` itself (a run's adapter added thr
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import yaml
@@ -24,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import LowbitError
 from ..sizes import parse_size
 from ..training.config import CHOICES, TrainConfig
+from .api import read_json
 from .requests import ApiError
 from .runs import Runs, config_of
 
@@ -65,7 +65,7 @@ def ui_routes(runs: Runs):
 
         @app.post("/ui/api/plan")
         async def plan(request: Request):
-            body = await request.json()
+            body = await _body(request, server.limits.max_body_bytes)
             return await run_in_threadpool(plan_answer, body.get("config") or {}, body.get("memory"))
 
         @app.get("/ui/api/runs")
@@ -74,7 +74,7 @@ def ui_routes(runs: Runs):
 
         @app.post("/ui/api/runs")
         async def start(request: Request):
-            body = await request.json()
+            body = await _body(request, server.limits.max_body_bytes)
             return _checked(runs.start, body.get("name"), body.get("config") or {})
 
         @app.post("/ui/api/runs/{name}/stop")
@@ -91,6 +91,13 @@ def ui_routes(runs: Runs):
             return {"rows": rows[max(since, 0):], "count": len(rows), "state": runs.state(name)}
 
     return add
+
+
+async def _body(request: Request, limit: int) -> dict:
+    body = await read_json(request, limit)
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object")
+    return body
 
 
 def _checked(fn, *args):
@@ -123,5 +130,4 @@ def plan_answer(values: dict, memory) -> dict:
            "yaml": yaml.safe_dump({k: v for k, v in values.items() if v not in (None, "")}, sort_keys=False)}
     if p.device_bytes and not p.fits:
         out["advice"] = _checked(advice, cfg, int(p.device_bytes * (1 - HEADROOM)), 1, 1, device)
-    out["config"] = {k: getattr(cfg, k) for k in FORM_KEYS if k in {f.name for f in dataclasses.fields(cfg)}}
     return out
