@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -93,14 +94,17 @@ def _stop_ids(net, tokenizer) -> list[int]:
 @torch.inference_mode()
 def generate(net: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, chat: bool = True, stream: bool = False, seed: int | None = 0,
-             stop_ids: list[int] | None = None) -> str:
+             stop_ids: list[int] | None = None, images: list[str] | None = None) -> str:
     """The model's continuation of ``prompt`` (only the new text); ``stop_ids``: tokens that end it (default: EOS).
-    ``seed`` None: a fresh random one."""
+    ``seed`` None: a fresh random one. ``images``: image files shown before the prompt (a vision-language model)."""
+    stops = set(stop_ids or _stop_ids(net, tokenizer))
+    seed = seed if seed is not None else int.from_bytes(os.urandom(6), "little")
+    if images:
+        return _generate_with_images(net, tokenizer, prompt, images, max_new_tokens, temperature, top_p, stream,
+                                     seed, stops)
     text = chat_prompt(tokenizer, prompt) if chat else prompt
     device = next(net.parameters()).device
     tokens = tokenizer(text, add_special_tokens=not chat)["input_ids"]  # lists: the tensors are made here, on device
-    stops = set(stop_ids or _stop_ids(net, tokenizer))
-    seed = seed if seed is not None else int.from_bytes(os.urandom(6), "little")
     gen = torch.Generator(device=device).manual_seed(seed)
     body, head = split_head(net)
     name = cache_kwarg(net if body is None else body)
@@ -130,6 +134,42 @@ def generate(net: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64, t
     if stream:
         _show(answer, shown, final=True)
     return answer
+
+
+def _generate_with_images(net, tokenizer, prompt: str, images: list[str], max_new_tokens: int, temperature: float,
+                          top_p: float, stream: bool, seed: int, stops: set[int]) -> str:
+    """A vision-language model's answer to ``images`` then ``prompt`` in one user turn, through its processor and
+    transformers' own decoding (which grows each model's image inputs — M-RoPE offsets, cross-attention masks —
+    with the cache); greedy at temperature 0, else sampled from ``torch``'s generator seeded by ``seed``."""
+    from transformers import TextStreamer
+
+    from .data.images import open_image, processor_of
+    from .errors import LowbitError
+
+    proc = processor_of(tokenizer)
+    if proc is None:
+        raise LowbitError("--image: the model is not a vision-language model (no image processor beside its "
+                          "tokenizer)")
+    pictures = [open_image(str(Path(f).resolve()), "--image") for f in images]
+    parts = [{"type": "image"} for _ in pictures] + [{"type": "text", "text": prompt}]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": parts}], tokenize=False,
+                                         add_generation_prompt=True)
+    device = next(net.parameters()).device
+    inputs = {k: v.to(device) for k, v in proc(text=[text], images=[pictures], add_special_tokens=False,
+                                                return_tensors="pt").items()}
+    torch.manual_seed(seed)
+    was_training = net.training
+    net.eval()
+    try:
+        out = net.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                           temperature=temperature if temperature > 0 else None, top_p=top_p if temperature > 0
+                           else None, top_k=None, eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_token_id,
+                           streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+                           if stream else None)
+    finally:
+        net.train(was_training)
+    new = [t for t in out[0, inputs["input_ids"].shape[1]:].tolist() if t not in stops]
+    return tokenizer.decode(new, skip_special_tokens=True)
 
 
 def _show(text: str, shown: int, final: bool = False) -> int:

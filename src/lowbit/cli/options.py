@@ -20,7 +20,7 @@ __all__ = ["Parser", "FIELDS", "MODEL_KEYS", "add_config_flags", "config_from", 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # the keys that say which model to load and how
 MODEL_KEYS = ("base_model", "load_in_4bit", "load_in_8bit", "quant_type", "blocksize", "double_quant", "compute_dtype",
-              "trust_remote_code", "device")
+              "trust_remote_code", "device", "quantize_vision")
 ALIASES = {"base_model": ("--model",), "datasets": ("--data",), "dataset_format": ("--format",),
            "micro_batch_size": ("--batch-size", "--batch"), "sequence_len": ("--seq-len",),
            "lora_target_modules": ("--lora-targets",)}
@@ -90,7 +90,7 @@ def load_model(cfg: TrainConfig, adapter=None, force: bool = False):
     dtype = to_torch(cfg.compute_dtype, device.type)
     overrides = {**(cfg.model_config or {}), **((adapter and adapter_config_overrides(adapter)) or {})}
     net = load(cfg.base_model, cfg.quant_spec(), compute_dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-               device=device, config_overrides=overrides or None)
+               device=device, config_overrides=overrides or None, quantize_vision=cfg.quantize_vision)
     if adapter:
         load_adapter(net, adapter, force=force)
     return net

@@ -47,13 +47,15 @@ class Batches:
     instead). ``pad_to``: every batch padded to this width (Axolotl's ``pad_to_sequence_len``: fixed shapes, more
     pad); ``multiple_of``: widths rounded up to a multiple of it. ``shuffle=False``: samples in file order every
     epoch (Axolotl's ``curriculum_sampling``). ``samples``: a list of (ids, labels) or a ``data.table.TokenTable``.
+    ``images``: a vision-language model's ``data.image_batches.ImageBatcher``, which adds each batch's images (the
+    table's ``images`` column).
     """
 
     def __init__(self, samples, micro_batch_size: int, pad_id: int, seed: int = 0, group_by_length: bool = True,
-                 pad_to: int | None = None, shuffle: bool = True, multiple_of: int = 0):
+                 pad_to: int | None = None, shuffle: bool = True, multiple_of: int = 0, images=None):
         self.samples, self.mb, self.pad_id = samples, micro_batch_size, pad_id
         self.seed, self.group, self.pad_to = seed, group_by_length, pad_to
-        self.shuffle, self.multiple_of = shuffle, multiple_of
+        self.shuffle, self.multiple_of, self.images = shuffle, multiple_of, images
         self.lengths = sample_lengths(samples)
 
     def __len__(self) -> int:
@@ -78,7 +80,10 @@ class Batches:
         return [list(range(i, min(i + self.mb, n))) for i in range(0, n, self.mb)]
 
     def batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        return collate([self.samples[i] for i in idx], self.pad_id, self.pad_to, self.multiple_of)
+        out = collate([self.samples[i] for i in idx], self.pad_id, self.pad_to, self.multiple_of)
+        if self.images is None:
+            return out
+        return self.images(out, [self.samples.row(i)["images"] for i in idx])
 
 
 def sample_batches(samples, pad_id: int, count: int, seed: int = 1, size: int = 8) -> list[dict[str, torch.Tensor]]:

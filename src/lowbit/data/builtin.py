@@ -11,6 +11,8 @@
                  is N. Remember it." hidden at a random depth, then the question; the answer is N (5 digits). The
                  documents run to ~75 % of the name's length in SmolLM2's tokens (they fit ``sequence_len`` 2,048 /
                  8,192 / 32,768); 200 / 100 / 50 of them, an ``answer`` column for scoring
+    shapes       360 generated pictures of a coloured shape with their description (``data/shapes.py``): a task
+                 for vision-language models, the images inside the records
 """
 
 from __future__ import annotations
@@ -118,7 +120,13 @@ def passkey(tokens: int, n: int) -> list[Record]:
     return out
 
 
+def _shapes() -> list[Record]:
+    from .shapes import shapes
+
+    return shapes()
+
+
 BUILTIN_DATASETS = {"chatterbot": chatterbot, "chitchat": chitchat, "chatterbot-pairs": chatterbot_pairs,
                     "arithmetic": arithmetic, "passkey-2k": functools.partial(passkey, 2048, 200),
                     "passkey-8k": functools.partial(passkey, 8192, 100),
-                    "passkey-32k": functools.partial(passkey, 32768, 50)}
+                    "passkey-32k": functools.partial(passkey, 32768, 50), "shapes": _shapes}

@@ -6,6 +6,8 @@ markers and built into Jinja (what ``tokenizer.chat_template`` holds). Torch-fre
     chat_template: NAME                              a format of ``FORMATS`` (Axolotl's names)
     chat_template: jinja  +  chat_template_jinja     a template of your own (the text, or a file holding it)
 
+A vision-language model keeps its own template (its processor's: it places the images) whatever format is named.
+
 A format is: whether it starts with the BOS token; for each role the text before and after its content
 (``{role}`` stands for the role's name in the format; ``{eos}`` for the tokenizer's EOS token); where a system
 message goes (its own turn, or in front of the first user message); an optional default system message; the
@@ -187,11 +189,13 @@ def resolve_chat_template(choice: str, jinja: str = "", tokenizer=None, where: s
         if "{" not in jinja:
             raise LowbitError(f"chat_template_jinja: {jinja!r} is neither a template nor a file")
         return jinja
+    if own and getattr(tokenizer, "lowbit_processor", None) is not None and (choice in FORMATS or choice in VISION):
+        return own  # a vision-language model: its own template, which places the images (named formats are text)
     if choice in FORMATS:
         return _built(choice)
     if choice in VISION:
-        raise LowbitError(f"{where}: {choice!r} is a format for images or audio; lowbit trains text models (use one "
-                          f"of {', '.join(FORMATS)})")
+        raise LowbitError(f"{where}: {choice!r} is a format for images or audio: with a vision-language model lowbit "
+                          f"uses the model's own template; for a text model use one of {', '.join(FORMATS)}")
     import difflib
 
     near = difflib.get_close_matches(choice, list(FORMATS), n=1)

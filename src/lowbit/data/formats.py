@@ -23,11 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import LowbitError
+from .images import content_parts, data_dir, image_token_id, piece_ids, processor_of
 from .records import Record
 
 __all__ = ["FORMATS", "IGNORE", "detect_format", "check_format", "tokenize_records", "tokenize_record", "Tokenized"]
 
 IGNORE = -100
+IMAGES = "lowbit_images"  # a message's images (parts mode), beside its content until the turn is tokenized
 ALPACA = ("Below is an instruction that describes a task{x}. Write a response that appropriately completes the "
           "request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
 # ShareGPT's speaker names → chat roles
@@ -79,8 +81,9 @@ def _input_output(rec: Record, tok, opts: dict) -> list[tuple[str, bool]]:
     return out
 
 
-def _messages(rec: Record, opts: dict, sharegpt: bool) -> list[dict]:
-    """The record's conversation as [{"role", "content"}], column names and roles mapped."""
+def _messages(rec: Record, opts: dict, sharegpt: bool, parts: bool = False) -> list[dict]:
+    """The record's conversation as [{"role", "content"}], column names and roles mapped. ``parts`` (a
+    vision-language model): content as a list of text and image parts, the images under ``IMAGES``."""
     key = opts.get("field_messages", "conversations" if sharegpt else "messages")
     mapping = opts.get("message_property_mappings") or {}
     role_key = mapping.get("role", opts.get("message_field_role", "from" if sharegpt else "role"))
@@ -95,8 +98,11 @@ def _messages(rec: Record, opts: dict, sharegpt: bool) -> list[dict]:
     thinking, think_key = opts.get("field_thinking"), opts.get("template_thinking_key") or "reasoning_content"
     out = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or not isinstance(m.get(content_key), str):
-            raise LowbitError(f"{rec.where}: {key}[{i}] needs string fields {role_key!r} and {content_key!r}")
+        content = m.get(content_key) if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or \
+                not (isinstance(content, str) or (parts and isinstance(content, list))):
+            raise LowbitError(f"{rec.where}: {key}[{i}] needs string fields {role_key!r} and {content_key!r}"
+                              f"{' (or a list of text and image parts)' if parts else ''}")
         role = m[role_key]
         # Axolotl's default speaker names (human → user, gpt → assistant) unless the entry maps roles itself
         role = roles.get(role, role) if roles else SHAREGPT_ROLES.get(role, None if sharegpt else role)
@@ -105,20 +111,24 @@ def _messages(rec: Record, opts: dict, sharegpt: bool) -> list[dict]:
                               f"{', '.join(SHAREGPT_ROLES)}; map others with 'roles')")
         if role == "system" and opts.get("drop_system_message"):
             continue
-        msg = {"role": role, "content": m[content_key]}
+        msg = {"role": role, "content": content}
+        if parts:  # a vision-language model's template reads content as parts; images travel beside them
+            text_part = [{"type": "text", "text": content}] if isinstance(content, str) else None
+            msg["content"], msg[IMAGES] = (text_part, []) if text_part else \
+                content_parts(content, f"{rec.where}: {key}[{i}]", data_dir(rec))
         if thinking and isinstance(m.get(thinking), str):
             msg[think_key] = m[thinking]
         out.append(msg)
     system = opts.get("default_system_message")
     if system and not any(m["role"] == "system" for m in out):
-        out.insert(0, {"role": "system", "content": system})
+        out.insert(0, {"role": "system", "content": [{"type": "text", "text": system}] if parts else system})
     return out
 
 
-def _chat(rec: Record, tok, opts: dict, sharegpt: bool = False) -> list[tuple[str, bool]]:
+def _chat(rec: Record, tok, opts: dict, sharegpt: bool = False) -> list[tuple[str, bool, list[str]]]:
     """The conversation rendered turn by turn; each turn of a trained role (assistant unless ``roles_to_train``
-    says otherwise), after its generation prompt, is learned."""
-    msgs = _messages(rec, opts, sharegpt)
+    says otherwise), after its generation prompt, is learned. Each piece carries the images of its turn."""
+    msgs = _messages(rec, opts, sharegpt, parts=processor_of(tok) is not None)
     trained = set(opts.get("roles_to_train") or ["assistant"])
     kw = dict(opts.get("chat_template_kwargs") or {})
     if opts.get("chat_template"):  # this entry's own template (Axolotl's per-dataset chat_template)
@@ -141,9 +151,13 @@ def _chat(rec: Record, tok, opts: dict, sharegpt: bool = False) -> list[tuple[st
                 head = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True, **kw)
                 cut = next((k for k, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
                 if cut > start:
-                    pieces.append((full[start:cut], False))
+                    pieces.append((full[start:cut], False, []))
                     start = cut
-            pieces.append((full[start:], m["role"] in trained))
+            images = m.pop(IMAGES, None) or []
+            if images and m["role"] in trained:
+                raise LowbitError(f"{rec.where}: an image in a {m['role']} turn, which is learned; images go in the "
+                                  "turns the model reads (user)")
+            pieces.append((full[start:], m["role"] in trained, images))
             prev = full
     except LowbitError:
         raise
@@ -153,7 +167,7 @@ def _chat(rec: Record, tok, opts: dict, sharegpt: bool = False) -> list[tuple[st
     return pieces
 
 
-def _sharegpt(rec: Record, tok, opts: dict) -> list[tuple[str, bool]]:
+def _sharegpt(rec: Record, tok, opts: dict) -> list[tuple[str, bool, list[str]]]:
     return _chat(rec, tok, opts, sharegpt=True)
 
 
@@ -186,13 +200,16 @@ class Tokenized:
 
 
 def tokenize_record(rec: Record, tok, fmt: str, sequence_len: int, train_on_inputs: bool = False,
-                    opts: dict | None = None) -> tuple[list[int], list[int], bool, str | None]:
-    """(input_ids, labels, truncated, why dropped) of one record in format ``fmt``; a dropped record (nothing
-    left to learn) has empty ids and the reason."""
+                    opts: dict | None = None) -> tuple[list[int], list[int], list[str], bool, str | None]:
+    """(input_ids, labels, images, truncated, why dropped) of one record in format ``fmt``; a dropped record (nothing
+    left to learn, or images cut off) has empty ids and the reason. ``images``: the record's images in order, as
+    ``data/images.py`` writes them (chat data for a vision-language model)."""
     opts = opts or {}
-    ids, labels = [], []
-    for text, learned in FORMATS[fmt][1](rec, tok, opts):
-        piece = tok(text, add_special_tokens=False)["input_ids"]
+    ids, labels, images = [], [], []
+    for text, learned, *pictures in FORMATS[fmt][1](rec, tok, opts):
+        piece = piece_ids(tok, text, pictures[0], rec.where) if pictures and pictures[0] else \
+            tok(text, add_special_tokens=False)["input_ids"]
+        images += pictures[0] if pictures else []
         ids += piece
         labels += piece if (learned or train_on_inputs) else [IGNORE] * len(piece)
     if fmt == "text" and tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
@@ -207,14 +224,17 @@ def tokenize_record(rec: Record, tok, fmt: str, sequence_len: int, train_on_inpu
         raise LowbitError(f"{rec.where}: {len(ids)} tokens, longer than sequence_len={sequence_len} "
                           "(excess_length_strategy: raise)")
     if truncated and opts.get("excess_length_strategy") == "drop":
-        return [], [], False, f"longer than sequence_len={sequence_len} (excess_length_strategy: drop)"
+        return [], [], [], False, f"longer than sequence_len={sequence_len} (excess_length_strategy: drop)"
     if len(ids) < (opts.get("min_sample_len") or 0):
-        return [], [], False, f"shorter than min_sample_len={opts['min_sample_len']} tokens"
+        return [], [], [], False, f"shorter than min_sample_len={opts['min_sample_len']} tokens"
+    if truncated and images and ids[sequence_len:].count(image_token_id(processor_of(tok))):
+        return [], [], [], False, f"its image tokens go past sequence_len={sequence_len}"
     ids, labels = ids[:sequence_len], labels[:sequence_len]
     if all(x == IGNORE for x in labels[1:]):
-        return [], [], truncated, (f"is sequence_len={sequence_len} shorter than the prompts? this prompt fills it"
-                                   if learnable else "it has nothing to learn (no assistant turn, or an empty answer)")
-    return ids, labels, truncated, None
+        return [], [], [], truncated, (f"is sequence_len={sequence_len} shorter than the prompts? this prompt fills it"
+                                       if learnable else "it has nothing to learn (no assistant turn, or an empty "
+                                       "answer)")
+    return ids, labels, images, truncated, None
 
 
 def check_format(fmt: str) -> None:
@@ -230,7 +250,7 @@ def tokenize_records(records: list[Record], tok, fmt: str = "auto", sequence_len
     fmt = detect_format(records[0]) if fmt == "auto" else fmt
     samples, truncated, dropped, why = [], 0, 0, None
     for rec in records:
-        ids, labels, cut, reason = tokenize_record(rec, tok, fmt, sequence_len, train_on_inputs, opts)
+        ids, labels, _, cut, reason = tokenize_record(rec, tok, fmt, sequence_len, train_on_inputs, opts)
         truncated += cut
         if reason:
             dropped += 1

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import LowbitError
 from .formats import detect_format, tokenize_record
+from .images import processor_of
 from .preference import detect_preference, preference_row
 from .prompts import detect_prompt, prompt_row
 from .python_funcs import function_source
@@ -174,14 +175,27 @@ def _fingerprint(path: Path, src: DataSource, fmt: str, tok, sequence_len: int, 
     parts = [str(path.resolve()), st.st_size, st.st_mtime_ns, src.key, fmt, sequence_len, train_on_inputs,
              getattr(tok, "chat_template", None), tok.eos_token_id, tok.bos_token_id,
              getattr(tok, "add_bos_token", None), backend.to_str() if backend is not None else repr(tok),
-             *((Path(__file__).parent / f).read_text() for f in ("formats.py", "preference.py", "prompts.py")),
+             *((Path(__file__).parent / f).read_text() for f in ("formats.py", "preference.py", "prompts.py",
+                                                                 "images.py")),
+             _processor_options(tok),
              function_source(fmt[len(PYTHON_TYPE):]) if fmt.startswith(PYTHON_TYPE) else ""]
     return hashlib.sha256(json.dumps(parts, default=repr).encode()).hexdigest()[:24]
 
 
+def _processor_options(tok) -> str:
+    """What a vision-language processor expands images with (its image processor's options and its own)."""
+    proc = processor_of(tok)
+    if proc is None:
+        return ""
+    return json.dumps([proc.image_processor.to_dict(), {k: v for k, v in vars(proc).items()
+                                                        if isinstance(v, (int, float, str, bool))}],
+                      sort_keys=True, default=repr)
+
+
 def _sft_row(rec: Record, tok, fmt: str, sequence_len: int, train_on_inputs: bool, opts: dict) -> dict:
-    ids, labels, cut, why = tokenize_record(rec, tok, fmt, sequence_len, train_on_inputs, opts)
-    return {"input_ids": ids, "labels": labels, "length": len(ids), "truncated": cut, "why": why or ""}
+    ids, labels, images, cut, why = tokenize_record(rec, tok, fmt, sequence_len, train_on_inputs, opts)
+    return {"input_ids": ids, "labels": labels, "images": images, "length": len(ids), "truncated": cut,
+            "why": why or ""}
 
 
 def _pref_row(rec: Record, tok, fmt: str, sequence_len: int, train_on_inputs: bool, opts: dict) -> dict:
@@ -201,7 +215,7 @@ def _features(kind: str):
     import datasets
 
     ids = datasets.List(datasets.Value("int32"))
-    cols = {"sft": {"input_ids": ids, "labels": ids},
+    cols = {"sft": {"input_ids": ids, "labels": ids, "images": datasets.List(datasets.Value("string"))},
             "preference": {"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids, "label": datasets.Value("bool")},
             "prompt": {"prompt_ids": ids, "columns": datasets.Value("string")}}[kind]
     return datasets.Features({**cols, "length": datasets.Value("int32"), "truncated": datasets.Value("bool"),

@@ -5,7 +5,9 @@ the model) and fuses others (every expert's ``w1``/``w3``, or ``gate_proj``/``up
 ``experts.gate_up_proj``; every ``w2``/``down_proj`` into ``experts.down_proj``). It publishes those rules
 (``transformers.conversion_mapping``); lowbit reads them backwards, since it reads the checkpoint a tensor at a
 time instead of converting it whole. Only renamings and per-expert fusions are understood; a model whose
-checkpoint needs other conversions is refused by name.
+checkpoint needs other conversions is refused by name. Vision-language models nest their rules per sub-model
+(scoped to a prefix, some of them regular expressions): there transformers' own renaming is run forwards over
+the checkpoint's names.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import re
 
 from ..errors import LowbitError
+from ..nn.vision import is_vision_model
 
 __all__ = ["CheckpointNames"]
 
@@ -27,6 +30,7 @@ class CheckpointNames:
         from transformers.conversion_mapping import WeightConverter, WeightRenaming
 
         self.present = present
+        self.forward: dict[str, str] = {}  # model name → checkpoint name, renamed forwards (vision-language models)
         self.renames: list[tuple[str, str, bool]] = []  # (in the model, in the checkpoint, only at the start)
         self.fused: list[tuple[str, list[str]]] = []
         for rule in rules or []:
@@ -47,6 +51,10 @@ class CheckpointNames:
         """The names for transformers model ``net`` (its class's rules, else its model type's)."""
         from transformers.conversion_mapping import extract_weight_conversions_for_model
 
+        if is_vision_model(net):
+            names = cls([], present)
+            names.forward = _renamed_forwards(net, present)
+            return names
         return cls(extract_weight_conversions_for_model(net), present, getattr(net.config, "model_type", None))
 
     def _renamed(self, name: str) -> str:
@@ -61,7 +69,7 @@ class CheckpointNames:
         """The checkpoint name of model tensor ``name`` (itself where the checkpoint has it)."""
         if name in self.present:
             return name
-        return self._renamed(name)
+        return self.forward.get(name) or self._renamed(name)
 
     def experts(self, name: str) -> list[str] | None:
         """Checkpoint names (``{e}`` = expert) of the parts of fused expert parameter ``name``, in fusing order."""
@@ -72,6 +80,24 @@ class CheckpointNames:
             if ckpt.endswith(target):
                 return [ckpt[: -len(target)] + s for s in sources]
         return None
+
+
+def _renamed_forwards(net, present) -> dict[str, str]:
+    """{model name: checkpoint name} for every checkpoint name transformers' renaming rules for ``net`` change."""
+    from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+    from transformers.core_model_loading import rename_source_key
+
+    rules = get_model_conversion_mapping(net)
+    if any(not isinstance(r, WeightRenaming) for r in rules):
+        raise LowbitError(f"{net.config.model_type}: its checkpoints need a conversion lowbit does not read "
+                          f"({next(type(r).__name__ for r in rules if not isinstance(r, WeightRenaming))})")
+    model_names = dict.fromkeys(net.state_dict(keep_vars=True))
+    out = {}
+    for key in getattr(present, "files", present):
+        name, _ = rename_source_key(key, rules, [], net.base_model_prefix, model_names)
+        if name != key:
+            out[name] = key
+    return out
 
 
 def _literal(pattern: str, target: bool = False) -> tuple[str, bool] | None:

@@ -28,12 +28,14 @@ from ..nn.fused import fuse_modules
 from ..nn.linear import Linear4bit
 from ..nn.linear8bit import QUANTIZED, Linear8bit
 from ..nn.lora import linear_module_names, output_head_names
+from ..nn.vision import float_layer_names
 from ..quant.spec import INT8, LOWBIT_QUANT_METHOD, QUANT_TYPES, QuantSpec
 from ..quant.tensor import QuantizedTensor, check_finite, quantize
 from .allocator import returning_allocator
 from .calibration_record import CONFIG_KEY, CalibrationRecord, scaled_weight
 from .checkpoint_names import CheckpointNames
 from .moe import expert_matrix, load_experts
+from .processor import is_vision_config
 from .resolve import resolve_model
 from .safetensors import Reader
 
@@ -61,11 +63,13 @@ def base_info(net: nn.Module) -> BaseInfo:
 
 def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, compute_dtype: torch.dtype | None = None,
          skip_modules: list[str] | None = None, trust_remote_code: bool = False, device: str = "cpu",
-         config_overrides: dict | None = None) -> nn.Module:
+         config_overrides: dict | None = None, quantize_vision: bool = False) -> nn.Module:
     """Load a causal LM, quantizing its linear layers as ``quant`` says while streaming the checkpoint.
 
     ``quant=None`` keeps the weights in ``compute_dtype`` (16-bit LoRA). ``skip_modules``: module names kept in
-    the compute dtype (default: the output head). Embeddings and norms are never quantized.
+    the compute dtype (default: the output head). Embeddings and norms are never quantized. A vision-language
+    model (image-text-to-text) quantizes its language model only; its vision tower and projector stay in the
+    compute dtype unless ``quantize_vision`` (the vision tower's linear layers too; ``nn/vision.py``).
     ``config_overrides``: fields of config.json to replace (``model_config`` in a training config).
     ``device``: where the model lives; each weight goes there as it is read and is quantized there (a GPU runs the
     Triton kernels), so the host holds one tensor at a time.
@@ -85,6 +89,7 @@ def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, com
     with torch.device(device):  # buffers transformers makes (rotary tables) where the model runs
         net = _skeleton(folder, raw, config, dtype, trust_remote_code)
     heads = set(skip_modules) if skip_modules is not None else output_head_names(net)
+    heads |= float_layer_names(net, quantize_vision)
     digests: dict[str, bytes] = {}
     transposed: set[str] = set()
     with Reader(folder) as reader, returning_allocator():
@@ -180,12 +185,14 @@ def params_on_meta():
 
 
 def _skeleton(folder: Path, raw: dict, config, dtype, trust_remote_code: bool) -> nn.Module:
-    """transformers' model for ``config`` with every parameter on the meta device."""
-    from transformers import AutoModelForCausalLM
+    """transformers' model for ``config`` (its image-text-to-text class for a vision-language model) with every
+    parameter on the meta device."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    auto = AutoModelForImageTextToText if is_vision_config(raw) else AutoModelForCausalLM
     with params_on_meta():
         try:
-            net = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            net = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         except ValueError as e:
             raise LowbitError(f"{folder}: unsupported architecture {raw.get('architectures')} "
                               f"({str(e).splitlines()[0]})") from None

@@ -23,6 +23,7 @@ from ..nn.lora import LoRALinear, is_conv1d
 from ..quant.spec import QuantSpec
 from ..quant.tensor import quantize
 from .loader import base_info
+from .processor import copy_processor_files
 
 __all__ = ["dequantize_model", "merge", "merge_report"]
 
@@ -84,7 +85,8 @@ def merge(net: nn.Module, out: str | os.PathLike, dtype: torch.dtype = torch.bfl
           overwrite: bool = False) -> Path:
     """Fold the adapters into dequantized weights and write a plain Hugging Face folder (no lowbit needed).
 
-    ``tokenizer``: copied into the folder when given (a model folder without one merges all the same).
+    ``tokenizer``: copied into the folder when given (a model folder without one merges all the same), with a
+    vision-language model's processor files.
     """
     if not any(isinstance(m, LoRALinear) for m in net.modules()):
         raise LowbitError("the model has no LoRA adapters to merge")
@@ -96,6 +98,7 @@ def merge(net: nn.Module, out: str | os.PathLike, dtype: torch.dtype = torch.bfl
         net.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            copy_processor_files(tokenizer, tmp)
     return Path(out)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LowbitError
+from .processor import PROCESSOR_FILE, load_processor
 from .resolve import resolve_model
 
 __all__ = ["load_tokenizer", "TOKENIZER_FILES", "prepare_tokenizer", "TokenizerChanges", "tokenizer_for",
@@ -34,16 +35,25 @@ def load_tokenizer(model: str | os.PathLike, required: bool = True):
     """The tokenizer of ``model`` (a built-in name, GGUF file or folder).
 
     ``required=False``: None for a folder with no tokenizer files at all (a broken one is still an error).
+    A folder with an image processor (a vision-language model): its processor's tokenizer, the processor as
+    ``tok.lowbit_processor`` (``io/processor.py``).
     """
     from transformers import AutoTokenizer
 
     folder = resolve_model(model) if not _has_tokenizer(model) else Path(model)
     if not required and not any((folder / f).exists() for f in TOKENIZER_FILES):
         return None
-    try:
-        tok = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError) as e:
-        raise LowbitError(f"{folder}: no usable tokenizer ({str(e).splitlines()[0]})") from None
+    if (folder / PROCESSOR_FILE).is_file():  # a vision-language model (or its adapter): the processor's tokenizer
+        proc = load_processor(folder)
+        tok = proc.tokenizer
+        tok.lowbit_processor = proc
+        if not getattr(tok, "chat_template", None):
+            tok.chat_template = getattr(proc, "chat_template", None)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, TypeError) as e:
+            raise LowbitError(f"{folder}: no usable tokenizer ({str(e).splitlines()[0]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -105,6 +115,8 @@ def prepare_tokenizer(tok, chat_template: str = "tokenizer_default", chat_templa
     if chat_template not in (None, "", "tokenizer_default") and template != getattr(tok, "chat_template", None):
         tok.chat_template = template
         ch.notes.append(f"chat template: {chat_template}")
+    elif chat_template not in (None, "", "tokenizer_default", "jinja") and getattr(tok, "lowbit_processor", None):
+        ch.notes.append(f"chat template: the model's own for {chat_template!r} (it places the images)")
     for key, value in (special_tokens or {}).items():
         if key not in SPECIAL_KEYS:
             raise LowbitError(f"special_tokens: unknown {key!r}; lowbit sets {', '.join(SPECIAL_KEYS)}")

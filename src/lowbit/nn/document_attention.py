@@ -69,9 +69,12 @@ def document_attention(module, query, key, value, attention_mask, dropout: float
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.pop("position_ids", None)
-    if attention_mask is not None or query.shape[2] != key.shape[2] or query.shape[2] < 2:
+    asked = kwargs.pop("is_causal", None)
+    causal = asked if asked is not None else getattr(module, "is_causal", True)  # a vision tower's is not
+    if attention_mask is not None or query.shape[2] != key.shape[2] or query.shape[2] < 2 or not causal:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      position_ids=position_ids, **kwargs)
+                                      position_ids=position_ids, **({} if asked is None else {"is_causal": asked}),
+                                      **kwargs)
     if position_ids is None:
         if _PACKED.get():
             raise LowbitError(f"sample_packing: this model's attention ({type(module).__name__}) is not given the "

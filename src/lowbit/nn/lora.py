@@ -26,6 +26,7 @@ from .experts import Experts
 from .linear import Linear4bit, parameter_counts
 from .linear8bit import QUANTIZED
 from .lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, LORA_INITS, PEFT_REFUSED, lora_scaling, target_names
+from .vision import float_layer_names
 
 __all__ = ["LoRALinear", "add_lora", "adapters_disabled", "lora_state_dict", "linear_module_names",
            "output_head_names", "loftq_init",
@@ -160,7 +161,8 @@ def select_targets(model: nn.Module, target_modules: str | Iterable[str], r: int
                    missing: list | None = None) -> list[str]:
     """Resolve ``target_modules`` (see ``lora_options``): names (the last part(s) of a module path, as peft
     matches), a regex matched against the full path, or a keyword: ``"all-linear"`` (every linear layer but the
-    head, the experts and what peft will not adapt in state-space mixers), ``"all-linear+experts"``. Keywords leave
+    head, the experts and what peft will not adapt in state-space mixers; in a vision-language model, its language
+    model's — names and regexes reach the vision side), ``"all-linear+experts"``. Keywords leave
     out layers narrower than the rank ``r`` (Qwen-MoE's 1-wide shared-expert gate).
 
     Names: as peft, names that match no layer are fine while another one matches — they are appended to
@@ -171,7 +173,7 @@ def select_targets(model: nn.Module, target_modules: str | Iterable[str], r: int
     if targets is None:
         if target_modules in (ALL_LINEAR, ALL_LINEAR_EXPERTS):
             experts = set() if target_modules == ALL_LINEAR_EXPERTS else expert_layer_names(model)
-            skip = experts | mixer_layer_names(model)
+            skip = experts | mixer_layer_names(model) | float_layer_names(model)  # a VLM: its language model's
             chosen = [n for n in names if n not in heads and n not in skip]
             fit = [n for n in chosen if min(in_out(model.get_submodule(n))) >= r]
             if chosen and not fit:

@@ -26,7 +26,6 @@ _INTERNAL = "Axolotl's own bookkeeping"
 _MOE = "lowbit runs mixture-of-experts layers with its own expert kernels (nn/experts.py)"
 _DIST = "lowbit runs several processes with torchrun (distributed: ddp | fsdp) and chooses these itself"
 _TRACKER = "not built in; lowbit logs to wandb_project, mlflow_tracking_uri or tensorboard: true"
-_MM = "vision/audio models are not trained by lowbit yet (decoder-only text models)"
 _RL = ("reward models are not built in (rl: grpo takes reward functions, trl.reward_funcs; preference tuning: "
        "rl: dpo, ipo, orpo, kto, simpo)")
 
@@ -106,7 +105,8 @@ CHOICES = {
     # Axolotl's own
     **dict.fromkeys(("strict", "axolotl_config_path", "total_num_tokens", "total_supervised_tokens",
                      "sample_packing_eff_est", "debug"), _INTERNAL),
-    "freeze_mm_modules": "text-only training: every module but LoRA (and what you unfreeze) is frozen anyway",
+    "freeze_mm_modules": "the vision tower and projector are frozen, as every module but LoRA (and what you unfreeze)",
+    "processor_type": "lowbit reads the processor the model folder holds (transformers' AutoProcessor)",
     "logging_dir": "lowbit writes metrics.jsonl (and tensorboard/) into output_dir",
     "eval_table_size": "lowbit evaluates the held-out loss",
     "eval_max_new_tokens": "lowbit evaluates the held-out loss",
@@ -126,8 +126,11 @@ UNSUPPORTED: dict[str, tuple[str, object]] = {
         ("jagged_restart_anneal_steps", None))},
     "tokenizer_use_mistral_common": ("mistral-common tokenizers are not read: give a folder with a Hugging Face "
                                      "tokenizer (tokenizer.json)", None),
-    "processor_type": (_MM, None), "processor_kwargs": (_MM, None), "image_size": (_MM, None),
-    "image_resize_algorithm": (_MM, None), "role_boundaries": (_MM, None),
+    "processor_kwargs": ("processor options are read from the model folder (preprocessor_config.json): set them "
+                         "there", None),
+    **{k: ("images reach the model's processor at their own size; it resizes them as the model expects", None)
+       for k in ("image_size", "image_resize_algorithm")},
+    "role_boundaries": ("turn boundaries come from the chat template (learned turns: roles_to_train)", None),
     "peft_use_dora": ("DoRA is not built in: use LoRA (lora_r, lora_alpha)", None),
     "peft_layer_replication": ("layer replication is not built in", None),
     "peft_layers_pattern": ("set lora_target_modules to a regex over the layers you want", None),

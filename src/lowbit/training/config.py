@@ -62,6 +62,7 @@ class TrainConfig:
     device: str = "auto"                        # auto | cpu | cuda | cuda:N (auto: the GPU when there is one)
     tokenizer_config: str = ""                  # a folder whose tokenizer to use (default: the model's)
     model_config: dict | None = None            # overrides of the model's config.json (e.g. rope_scaling)
+    quantize_vision: bool = False               # a vision-language model's vision tower in 4 bits too
     # adapter
     lora_r: int = 16
     lora_alpha: float = 32.0

@@ -11,11 +11,14 @@ from __future__ import annotations
 import dataclasses
 
 from ..data.batching import Batches
+from ..data.image_batches import ImageBatcher
+from ..data.images import processor_of
 from ..data.packing import PackedBatches
 from ..data.preference_batches import PreferenceBatches
 from ..data.prompt_batches import PromptBatches
 from ..data.sources import DataSource, parse_sources
 from ..data.table import deduplicate, source_tables
+from ..errors import LowbitError
 from .config import TrainConfig
 
 __all__ = ["load_data", "load_preference_data", "load_prompt_data", "sources_of"]
@@ -61,11 +64,12 @@ def load_data(cfg: TrainConfig, tok, log=print) -> tuple[Batches | PackedBatches
     data, train, valid, dropped, duplicates = _tables(cfg, tok)
     pad = tok.pad_token_id
     shuffle = not cfg.curriculum_sampling
+    images = _image_batcher(tok, train, cfg.sample_packing)
     batches = PackedBatches(train, cfg.micro_batch_size, pad, cfg.sequence_len, cfg.seed, shuffle=shuffle) \
         if cfg.sample_packing else \
         Batches(train, cfg.micro_batch_size, pad, cfg.seed, cfg.group_by_length and shuffle,
                 cfg.sequence_len if cfg.pad_to_sequence_len else None, shuffle=shuffle,
-                multiple_of=cfg.pad_to_multiple_of)
+                multiple_of=cfg.pad_to_multiple_of, images=images)
     packed = f"; packed into {len(batches.rows)} rows of {cfg.sequence_len} " \
              f"({100 * train.real_tokens() / (len(batches.rows) * cfg.sequence_len):.0f}% full)" \
         if cfg.sample_packing else ""
@@ -75,7 +79,20 @@ def load_data(cfg: TrainConfig, tok, log=print) -> tuple[Batches | PackedBatches
         f"{' (nothing to learn, or outside the length limits)' if dropped else ''}"
         f"{f', {duplicates} duplicates removed' if duplicates else ''}{packed}")
     eval_mb = cfg.eval_batch_size or cfg.micro_batch_size
-    return batches, Batches(valid, eval_mb, pad, cfg.seed, multiple_of=cfg.pad_to_multiple_of) if valid else None
+    return batches, Batches(valid, eval_mb, pad, cfg.seed, multiple_of=cfg.pad_to_multiple_of,
+                            images=images) if valid else None
+
+
+def _image_batcher(tok, train, packing: bool) -> ImageBatcher | None:
+    """A vision-language model's batcher of images (None for a text model); packing is refused with images (a row
+    of several samples would mix their images and positions)."""
+    proc = processor_of(tok)
+    if proc is None:
+        return None
+    if packing and any(len(train.row(k)["images"]) for k in range(len(train))):
+        raise LowbitError("sample_packing: the data has images; packing is not done with images — set "
+                          "sample_packing: false")
+    return ImageBatcher(proc)
 
 
 def load_preference_data(cfg: TrainConfig, tok, log=print) -> tuple[PreferenceBatches, PreferenceBatches | None]:

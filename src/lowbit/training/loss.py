@@ -47,13 +47,15 @@ def _inputs(batch) -> dict:
     attends to itself alone (``nn/document_attention.py``; other attention implementations: transformers'
     block-diagonal mask from the position restarts). A right-padded batch goes without its padding mask:
     under causal attention a real token never sees the padding after it, so every learned position computes the same
-    as with the mask, and attention needs no L×L mask tensor (PyTorch's flash kernel: O(L) memory)."""
+    as with the mask, and attention needs no L×L mask tensor (PyTorch's flash kernel: O(L) memory). A
+    vision-language batch adds its images (``data/image_batches.py``: the keys named in ``vision_keys``)."""
     if batch.get("position_ids") is not None:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     mask = batch.get("attention_mask")
     if mask is not None and _right_padded(mask):
         mask = None
-    return {"input_ids": batch["input_ids"], "attention_mask": mask}
+    vision = {k: batch[k] for k in batch.get("vision_keys", ())}  # a vision-language model's images
+    return {"input_ids": batch["input_ids"], "attention_mask": mask, **vision}
 
 
 def _right_padded(mask: torch.Tensor) -> bool:

@@ -86,7 +86,8 @@ def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
     """The base (``base``: another folder holding it, e.g. the calibrated one) with LoRA and the rest of what
     ``cfg`` trains, on ``device``; ``tokens``/``vocab_size``: the tokenizer's new tokens and its length."""
     model = load(base or cfg.base_model, cfg.quant_spec(), compute_dtype=dtype,
-                 trust_remote_code=cfg.trust_remote_code, config_overrides=cfg.model_config, device=device)
+                 trust_remote_code=cfg.trust_remote_code, config_overrides=cfg.model_config, device=device,
+                 quantize_vision=cfg.quantize_vision)
     if vocab_size:
         grow_vocabulary(model, vocab_size, cfg.resize_token_embeddings_to_32x, cfg.mean_resizing_embeddings, cfg.seed)
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,

@@ -25,6 +25,7 @@ from ..atomic import writing_file
 from ..dtypes import to_torch
 from ..errors import LowbitError
 from ..io.adapters import adapter_tensors, save_adapter
+from ..io.processor import copy_processor_files
 from ..io.tokenizer import TOKENIZER_FILES, prepare_tokenizer, tokenizer_for
 from ..planner.memory import HEADROOM
 from ..runlock import LOCK_NAME, RunLock
@@ -237,12 +238,14 @@ def _cuda() -> bool:
 
 
 def save_tokenizer(tok, out: Path, eot_ids: list[int] | None = None) -> None:
-    """The run's tokenizer (vocabulary, special tokens, chat template) beside its adapter, and a generation config
+    """The run's tokenizer (vocabulary, special tokens, chat template; a vision-language model's processor files)
+    beside its adapter, and a generation config
     whose end tokens include the turn-ending ones, so merge, generate and export use them."""
     import tempfile
 
     with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer.tmp-") as tmp:  # each file then replaced whole
         tok.save_pretrained(tmp)
+        copy_processor_files(tok, tmp)
         for f in Path(tmp).iterdir():
             os.replace(f, out / f.name)
     ends = [i for i in dict.fromkeys([tok.eos_token_id, *(eot_ids or [])]) if i is not None]

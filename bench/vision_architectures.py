@@ -1,0 +1,219 @@
+"""Which vision-language models lowbit takes end to end: a tiny random model of each, built from its transformers
+config with a tiny processor made here (tests/tiny_vlm.py, nothing downloaded), through the whole path on an image
+task. Prints the table, writes bench/results/vision_architectures.json and the README's table (``--readme``).
+
+    python bench/vision_architectures.py [--arch qwen2_vl …] [--readme]
+
+Columns (✓, or ✗ with the reason):
+- load: every language-model matrix holds exactly the bytes bitsandbytes' ``quantize_4bit`` gives its checkpoint
+  weight; the vision tower and projector stay float, equal to the checkpoint; the 4-bit model's logits on an
+  image + text prompt equal transformers' own model holding the dequantized weights.
+- train: ``lowbit.train`` on the built-in ``shapes`` task (a picture of a coloured shape → its description;
+  LoRA on the language model) lowers the held-out loss.
+- peft round trip: lowbit reloading the saved adapter, peft loading it onto transformers' model (same dequantized
+  weights), and lowbit loading peft's re-save all give the trained model's logits on the image prompt.
+- merge: transformers loads ``lowbit.merge``'s folder (its processor files beside it) and gives the trained
+  model's logits on the image prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from architectures import _bnb_quantize, _close, _quiet, _same_bits
+from tiny_vlm import VLM_ARCHITECTURES, save_tiny_vlm
+
+from common import machine, update_readme, write_json
+
+COLUMNS = ("load", "train", "peft round trip", "merge")
+
+
+def prompt_inputs(src: Path) -> dict:
+    """An image + text prompt as the model's processor makes it (a shapes picture)."""
+    from lowbit.data.images import open_image
+    from lowbit.data.shapes import shapes
+    from lowbit.io.tokenizer import load_tokenizer
+
+    proc = load_tokenizer(src).lowbit_processor
+    rec = shapes(1)[0].data["messages"]
+    image = open_image("base64:" + rec[0]["content"][0]["base64"], "shapes")
+    text = proc.tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                            {"type": "text", "text": "What?"}]}],
+                                              tokenize=False, add_generation_prompt=True)
+    return dict(proc(text=[text], images=[[image]], add_special_tokens=False, return_tensors="pt"))
+
+
+def _logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**inputs).logits.float()
+
+
+def _reference(src: Path, net) -> torch.nn.Module:
+    """transformers' own model of ``src`` holding ``net``'s weights dequantized (adapters left out)."""
+    from transformers import AutoModelForImageTextToText
+
+    from lowbit.io.loader import load
+    from lowbit.io.merging import dequantize_model
+
+    ref = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
+    plain = dequantize_model(load(src, compute_dtype=torch.float32))
+    missing, unexpected = ref.load_state_dict(plain.state_dict(), strict=False)
+    if missing or unexpected:
+        raise AssertionError(f"dequantized model's tensors differ from transformers': missing {missing[:2]}, "
+                             f"unexpected {unexpected[:2]}")
+    return ref.eval()
+
+
+def check_load(src: Path, inputs) -> str:
+    from transformers import AutoModelForImageTextToText
+
+    from lowbit.io.loader import SourceWeights, load
+    from lowbit.nn.linear import Linear4bit
+    from lowbit.nn.vision import language_model_prefix
+
+    net = load(src, compute_dtype=torch.float32)
+    lm = language_model_prefix(net)
+    layers = {n: m for n, m in net.named_modules() if isinstance(m, Linear4bit)}
+    outside = [n for n in layers if not n.startswith(lm + ".")]
+    if outside or not layers:
+        raise AssertionError(f"4-bit layers outside the language model: {outside[:2]}")
+    with SourceWeights(net) as source:
+        for name, layer in layers.items():
+            ref, deq = _bnb_quantize(source(name))
+            mine = layer.weight.state_dict("weight")
+            if set(mine) != set(ref) or not all(_same_bits(mine[k], v) for k, v in ref.items()):
+                raise AssertionError(f"{name}: 4-bit state differs from bitsandbytes'")
+            if not torch.equal(deq, layer.dequantize(torch.float32)):
+                raise AssertionError(f"{name}: dequantizes to other values than bitsandbytes'")
+    plain = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).state_dict()
+    floats = {n: p for n, p in net.state_dict().items() if not n.startswith(lm + ".") and n in plain}
+    if not all(torch.equal(p, plain[n]) for n, p in floats.items()):
+        raise AssertionError("the vision tower / projector differ from the checkpoint")
+    _close(_logits(net, inputs), _logits(_reference(src, net), inputs), "4-bit model vs transformers")
+    return f"✓ {len(layers)} 4-bit matrices, {len(floats)} vision/projector tensors float"
+
+
+def check_train(src: Path, out: Path, inputs) -> tuple[str, Path, torch.Tensor]:
+    from lowbit.training.config import TrainConfig
+    from lowbit.training.recipe import train
+
+    cfg = TrainConfig(base_model=str(src), datasets="shapes", lora_r=8, lora_alpha=16, sequence_len=256,
+                      micro_batch_size=8, max_steps=12, learning_rate=3e-3, warmup_steps=2, eval_steps=12,
+                      save_steps=100, val_set_size=32, output_dir=str(out), compute_dtype="float32")
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = train(cfg, progress=False, log=lambda *a: None, force=True)
+    before, after = res["base_eval_loss"], res["eval_loss"]
+    if not after < before:
+        raise AssertionError(f"held-out loss did not go down ({before:.3f} → {after:.3f})")
+    return f"✓ held-out {before:.2f} → {after:.2f}", Path(res["output_dir"]), _logits(res["model"], inputs)
+
+
+def _adapted(src: Path, adapter: Path):
+    from lowbit.io.adapters import load_adapter
+    from lowbit.io.loader import load
+
+    return load_adapter(load(src, compute_dtype=torch.float32), adapter)
+
+
+def check_peft(src: Path, adapter: Path, inputs, want: torch.Tensor, tmp: Path) -> str:
+    from peft import PeftModel
+
+    net = _adapted(src, adapter)
+    _close(_logits(net, inputs), want, "lowbit reloading its adapter vs the trained model")
+    peft_model = PeftModel.from_pretrained(_reference(src, net), adapter)
+    _close(_logits(peft_model, inputs), want, "peft on transformers vs the trained model")
+    resaved = tmp / "peft-resaved"
+    peft_model.save_pretrained(resaved)
+    _close(_logits(_adapted(src, resaved), inputs), want, "lowbit on peft's re-save vs the trained model")
+    return "✓"
+
+
+def check_merge(src: Path, adapter: Path, inputs, want: torch.Tensor, tmp: Path) -> str:
+    from transformers import AutoModelForImageTextToText
+
+    from lowbit.io.merging import merge
+    from lowbit.io.tokenizer import tokenizer_for
+
+    merge(_adapted(src, adapter), tmp / "merged", dtype=torch.float32, tokenizer=tokenizer_for(src, adapter))
+    _close(_logits(AutoModelForImageTextToText.from_pretrained(tmp / "merged"), inputs), want,
+           "merged vs the trained model")
+    _close(_logits(AutoModelForImageTextToText.from_pretrained(tmp / "merged"), prompt_inputs(tmp / "merged")),
+           want, "merged, with its own processor, vs the trained model")
+    return "✓"
+
+
+def check(arch: str, tmp: Path) -> dict:
+    """One row of the table: each column ✓ (with what was measured) or ✗ and why."""
+    from transformers import AutoConfig
+
+    src = tmp / "model"
+    save_tiny_vlm(src, arch)
+    row = {"architecture": arch, "class": AutoConfig.from_pretrained(src).architectures[0]}
+    t0 = time.perf_counter()
+    adapter = want = None
+
+    def column(name, fn):
+        try:
+            row[name] = fn()
+        except Exception as e:  # a ✗ names the reason; the other columns still run
+            row[name] = f"✗ {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+    inputs = prompt_inputs(src)
+    column("load", lambda: check_load(src, inputs))
+
+    def train_column():
+        nonlocal adapter, want
+        text, adapter, want = check_train(src, tmp / "run", inputs)
+        return text
+
+    column("train", train_column)
+    for name, fn in (("peft round trip", lambda: check_peft(src, adapter, inputs, want, tmp)),
+                     ("merge", lambda: check_merge(src, adapter, inputs, want, tmp))):
+        column(name, fn if adapter is not None else lambda: (_ for _ in ()).throw(RuntimeError("no adapter")))
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| model type | transformers class | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (2 + len(COLUMNS))]
+    for r in results:
+        lines.append(f"| {r['architecture']} | {r['class']} | " + " | ".join(r[c] for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", nargs="*", help="only these model types")
+    ap.add_argument("--readme", action="store_true", help="write the table into README.md")
+    args = ap.parse_args()
+    _quiet()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    results = []
+    for arch in [a for a in VLM_ARCHITECTURES if not args.arch or a in args.arch]:
+        with tempfile.TemporaryDirectory() as tmp:
+            results.append(check(arch, Path(tmp)))
+        print(f"{arch:12} " + "  ".join(results[-1][c][:1] for c in COLUMNS) + f"  {results[-1]['seconds']} s",
+              flush=True)
+    table = markdown(results)
+    print(table)
+    import transformers
+
+    write_json("vision_architectures", {"machine": machine(), "transformers": transformers.__version__,
+                                        "rows": results})
+    if args.readme and not args.arch:
+        update_readme("vision", table)
+    return 0 if all(r[c].startswith("✓") for r in results for c in COLUMNS) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
