@@ -138,25 +138,33 @@ def generate(net: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64, t
 
 def _generate_with_images(net, tokenizer, prompt: str, images: list[str], max_new_tokens: int, temperature: float,
                           top_p: float, stream: bool, seed: int, stops: set[int]) -> str:
-    """A vision-language model's answer to ``images`` then ``prompt`` in one user turn, through its processor and
-    transformers' own decoding (which grows each model's image inputs — M-RoPE offsets, cross-attention masks —
-    with the cache); greedy at temperature 0, else sampled from ``torch``'s generator seeded by ``seed``."""
+    """A vision-language model's answer to ``images`` then ``prompt`` in one user turn. The prompt's tokens and image
+    inputs are made as for training (``data/images.py``, ``data/image_batches.py``); transformers' own decoding
+    grows each model's image inputs (M-RoPE offsets, cross-attention masks) with the cache. Greedy at temperature
+    0, else sampled from torch's generator seeded by ``seed``."""
     from transformers import TextStreamer
 
-    from .data.images import open_image, processor_of
+    from .data.batching import collate
+    from .data.formats import IGNORE
+    from .data.image_batches import ImageBatcher
+    from .data.images import piece_ids, processor_of
     from .errors import LowbitError
 
     proc = processor_of(tokenizer)
     if proc is None:
         raise LowbitError("--image: the model is not a vision-language model (no image processor beside its "
                           "tokenizer)")
-    pictures = [open_image(str(Path(f).resolve()), "--image") for f in images]
-    parts = [{"type": "image"} for _ in pictures] + [{"type": "text", "text": prompt}]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": parts}], tokenize=False,
-                                         add_generation_prompt=True)
+    refs = [str(Path(f).resolve()) for f in images]
+    turn = [{"role": "user", "content": [{"type": "image"} for _ in refs] + [{"type": "text", "text": prompt}]}]
+    user = tokenizer.apply_chat_template(turn, tokenize=False)
+    full = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    if not full.startswith(user):
+        raise LowbitError("the chat template does not render the generation prompt after the user turn")
+    ids = piece_ids(tokenizer, user, refs, "--image") + tokenizer(full[len(user):], add_special_tokens=False)[
+        "input_ids"]
+    batch = ImageBatcher(proc)(collate([(ids, [IGNORE] * len(ids))], tokenizer.pad_token_id), [refs])
     device = next(net.parameters()).device
-    inputs = {k: v.to(device) for k, v in proc(text=[text], images=[pictures], add_special_tokens=False,
-                                                return_tensors="pt").items()}
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", *batch["vision_keys"])}
     torch.manual_seed(seed)
     was_training = net.training
     net.eval()
@@ -168,7 +176,7 @@ def _generate_with_images(net, tokenizer, prompt: str, images: list[str], max_ne
                            if stream else None)
     finally:
         net.train(was_training)
-    new = [t for t in out[0, inputs["input_ids"].shape[1]:].tolist() if t not in stops]
+    new = [t for t in out[0, len(ids):].tolist() if t not in stops]
     return tokenizer.decode(new, skip_special_tokens=True)
 
 

@@ -109,7 +109,6 @@ def _write(tmp_path, d):
     ({"tokenizer_use_mistral_common": True}, "tokenizer_use_mistral_common: True — mistral-common tokenizers"),
     ({"chat_template": "nosuch"}, "chat_template: unknown template 'nosuch'"),
     ({"chat_template": "jinja"}, "jinja needs the template in chat_template_jinja"),
-    ({"chat_template": "llava"}, "'llava' is a format for images or audio: with a vision-language"),
     ({"special_tokens": {"mask_token": "<m>"}}, "special_tokens: unknown 'mask_token'"),
     ({"plugins": ["axolotl.integrations.kd.KDPlugin"]}, "plugins: 'axolotl.integrations.kd.KDPlugin' — lowbit has no"),
     ({"lr_scheduler": "one_cycle"}, "lr_scheduler: 'one_cycle' — lowbit schedules cosine"),

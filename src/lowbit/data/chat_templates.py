@@ -204,7 +204,8 @@ def resolve_chat_template(choice: str, jinja: str = "", tokenizer=None, where: s
 
 
 def check_chat_template(choice: str, jinja: str = "") -> None:
-    """Refuse a ``chat_template`` choice that names no template (before any tokenizer is read)."""
+    """Refuse a ``chat_template`` choice that names no template (before any tokenizer is read; a format for images
+    waits for the tokenizer: a vision-language model keeps its own)."""
     name = choice[len("tokenizer_default_fallback_"):] if choice.startswith("tokenizer_default_fallback_") else choice
-    if name not in ("tokenizer_default",) and not (name == "jinja" and choice != name):
+    if name not in ("tokenizer_default", *VISION) and not (name == "jinja" and choice != name):
         resolve_chat_template(name, jinja, None)

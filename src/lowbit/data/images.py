@@ -67,7 +67,10 @@ def _image_ref(part: dict, where: str, base: Path) -> str:
     path = part.get("path", part.get("image"))
     if not isinstance(path, str) or not path:
         raise LowbitError(f"{where}: an image part needs 'path' (a file) or 'base64' (the bytes)")
-    return str((base / path).resolve())
+    full = (base / path).resolve()
+    if not full.is_file():
+        raise LowbitError(f"{where}: image {full} not found")
+    return str(full)
 
 
 def content_parts(content: list, where: str, base: Path) -> tuple[list[dict], list[str]]:
