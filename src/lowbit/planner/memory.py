@@ -42,6 +42,7 @@ Imports no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from ..training.grpo_spec import grpo_spec_from
 from ..training.preference_spec import PAIRED
 from .catalog import load_model_config
 from .shapes import Layer, Shapes, shapes
+from .vision import is_vision, layer_prefix, text_config, vision_params
 
 __all__ = ["Plan", "plan", "plan_config", "config_settings", "largest", "parse_size", "PLAN_KEYS", "GIB"]
 
@@ -147,7 +149,14 @@ def _layers(model: str | dict, lora_target_modules, lora_r: int) -> tuple[Shapes
     config dict)."""
     cfg = load_model_config(model) if isinstance(model, str) else model
     try:
-        f = shapes(cfg)
+        if is_vision(cfg):  # the language model as a text model; the vision side float (planner/vision.py)
+            text, prefix = text_config(cfg), layer_prefix(cfg)
+            f = shapes(text)
+            f = dataclasses.replace(f, other_params=f.other_params + vision_params(model, cfg), layers=[
+                dataclasses.replace(x, path=x.path.replace("model.", prefix, 1)) for x in f.layers])
+            cfg = {**text, "model_type": cfg.get("model_type")}
+        else:
+            f = shapes(cfg)
     except KeyError as e:
         raise LowbitError(f"model config lacks {e.args[0]!r}") from None
     targets = _targets(lora_target_modules, f.layers, lora_r, cfg.get("model_type", ""))
