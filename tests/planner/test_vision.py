@@ -3,14 +3,13 @@ the vision tower and projector as float weights (tiny random models of every row
 
 import pytest
 import torch
+from tiny_vlm import VLM_ARCHITECTURES, save_tiny_vlm
 
 from lowbit.io.loader import load
 from lowbit.nn.linear import Linear4bit
 from lowbit.nn.lora import add_lora
 from lowbit.planner.memory import plan
 from lowbit.planner.vision import vision_params
-
-from tiny_vlm import VLM_ARCHITECTURES, save_tiny_vlm
 
 AXOLOTL_REGEX = r"model.language_model.layers.[\d]+.(mlp|cross_attn|self_attn).(up|down|gate|q|k|v|o)_proj"
 
