@@ -14,6 +14,10 @@ Columns (✓, or ✗ with the reason):
   weights), and lowbit loading peft's re-save all give the trained model's logits on the image prompt.
 - merge: transformers loads ``lowbit.merge``'s folder (its processor files beside it) and gives the trained
   model's logits on the image prompt.
+- bnb-format save: transformers + bitsandbytes load ``save_quantized``'s folder with no missing or unexpected
+  tensor, the vision side left in 16 bits (``llm_int8_skip_modules``), every bitsandbytes 4-bit layer holding
+  lowbit's bytes, and its logits on the image prompt are lowbit's (< 1 %); lowbit reloads the folder to the same
+  logits.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from tiny_vlm import VLM_ARCHITECTURES, save_tiny_vlm
 
 from common import machine, update_readme, write_json
 
-COLUMNS = ("load", "train", "peft round trip", "merge")
+COLUMNS = ("load", "train", "peft round trip", "merge", "bnb-format save")
 
 
 def prompt_inputs(src: Path) -> dict:
@@ -152,6 +156,38 @@ def check_merge(src: Path, adapter: Path, inputs, want: torch.Tensor, tmp: Path)
     return "✓"
 
 
+def check_bnb_save(src: Path, inputs, tmp: Path) -> str:
+    from transformers import AutoModelForImageTextToText
+
+    from lowbit.io.export import save_quantized
+    from lowbit.io.loader import load
+    from lowbit.io.tokenizer import load_tokenizer
+    from lowbit.nn.linear import Linear4bit
+
+    net = load(src, compute_dtype=torch.float32)
+    want = _logits(net, inputs)
+    save_quantized(net, tmp / "bnb", tokenizer=load_tokenizer(src))
+    bq, info = AutoModelForImageTextToText.from_pretrained(tmp / "bnb", output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:
+        raise AssertionError(f"transformers + bitsandbytes: {bad}")
+    ours = {n: m for n, m in net.named_modules() if isinstance(m, Linear4bit)}
+    theirs = {n: m for n, m in bq.named_modules() if type(m).__name__ == "Linear4bit"}
+    if set(theirs) != set(ours):
+        raise AssertionError(f"bitsandbytes' 4-bit layers differ from lowbit's: {sorted(set(theirs) ^ set(ours))[:2]}")
+    for n, m in theirs.items():
+        if not torch.equal(m.weight.data.view(-1), ours[n].codes.view(-1)):
+            raise AssertionError(f"{n}: bitsandbytes holds other bytes than lowbit")
+    with torch.no_grad():  # train mode: bitsandbytes' CPU inference kernel wants layers 32 rows wide and more
+        got = bq.train()(**inputs).logits.float()
+    rel = ((got - want).norm() / want.norm()).item()
+    if not rel < 1e-2:
+        raise AssertionError(f"bitsandbytes' logits differ from lowbit's by {100 * rel:.2f}%")
+    _close(_logits(load(tmp / "bnb", compute_dtype=torch.float32), prompt_inputs(tmp / "bnb")), want,
+           "lowbit reloading its export (with the folder's own processor)")
+    return f"✓ {len(theirs)} bnb 4-bit layers, vision side 16-bit"
+
+
 def check(arch: str, tmp: Path) -> dict:
     """One row of the table: each column ✓ (with what was measured) or ✗ and why."""
     from transformers import AutoConfig
@@ -180,6 +216,7 @@ def check(arch: str, tmp: Path) -> dict:
     for name, fn in (("peft round trip", lambda: check_peft(src, adapter, inputs, want, tmp)),
                      ("merge", lambda: check_merge(src, adapter, inputs, want, tmp))):
         column(name, fn if adapter is not None else lambda: (_ for _ in ()).throw(RuntimeError("no adapter")))
+    column("bnb-format save", lambda: check_bnb_save(src, inputs, tmp))
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 

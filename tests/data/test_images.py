@@ -175,3 +175,22 @@ def test_a_named_template_is_the_vision_models_own_and_refused_for_a_text_model(
     assert tok.chat_template == own and "the model's own for 'gemma3'" in changes.notes[0]
     with pytest.raises(LowbitError, match="'llava' is a format for images or audio: with a vision-language model"):
         prepare_tokenizer(tiny_tokenizer(), "llava")
+
+
+def test_what_is_not_built_for_vision_models_says_so_in_one_line(vlm, tmp_path):
+    """GGUF export, calibration and preference tuning / GRPO refuse a vision-language model by name."""
+    from lowbit.io.calibration import calibrate
+    from lowbit.io.gguf_arch import gguf_arch
+    from lowbit.io.loader import load
+    from lowbit.training.config import TrainConfig
+    from lowbit.training.recipe import train
+
+    src, _ = vlm("qwen2_vl")
+    net = load(src)
+    with pytest.raises(LowbitError, match="GGUF export: qwen2_vl is a vision-language model; llama.cpp reads"):
+        gguf_arch(net.config)
+    with pytest.raises(LowbitError, match="calibration \\(awq\\) is not built for vision-language models"):
+        calibrate(net, [], "awq")
+    cfg = TrainConfig(base_model=str(src), datasets="chatterbot-pairs", rl="dpo", output_dir=str(tmp_path / "o"))
+    with pytest.raises(LowbitError, match="rl: dpo is not built for vision-language models yet"):
+        train(cfg, progress=False, log=lambda *a: None)

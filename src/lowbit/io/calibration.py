@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..nn.linear import Linear4bit
+from ..nn.vision import is_vision_model
 from ..quant.clipping import block_absmax, clip_scales, quantize_with_scales
 from ..quant.gptq import gptq_quantize
 from ..quant.spec import calibration_stages
@@ -89,6 +90,9 @@ def calibrate(net: nn.Module, batches, method: str = "gptq", log=print, lora=Non
     stages = calibration_stages(method, "calibration method")
     if not stages:
         raise LowbitError("calibration method must name at least one stage, got 'none'")
+    if is_vision_model(net):
+        raise LowbitError(f"calibration ({method}) is not built for vision-language models (their calibration "
+                          "inputs would need the images): quantize round-to-nearest (quant_calibration: none)")
     batches = list(batches)
     start = {}
     with SourceWeights(net) as source:

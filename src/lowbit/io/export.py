@@ -21,9 +21,11 @@ from ..errors import LowbitError
 from ..nn.linear import Linear4bit
 from ..nn.linear8bit import QUANTIZED
 from ..nn.lora import LoRALinear
+from ..nn.vision import language_model_prefix, vision_tower_prefix
 from ..quant.spec import INT8, LOWBIT_QUANT_METHOD, QuantSpec
 from .calibration_record import CONFIG_KEY, CalibrationRecord
 from .loader import base_info
+from .processor import copy_processor_files
 
 __all__ = ["save_quantized", "float_in_bitsandbytes"]
 
@@ -42,6 +44,20 @@ def float_in_bitsandbytes(net: nn.Module) -> list[str]:
     kinds = {n: m for n, m in skeleton.named_modules()}
     return [n for n, m in net.named_modules() if isinstance(m, QUANTIZED) and n in kinds
             and not (type(kinds[n]) is nn.Linear or isinstance(kinds[n], Conv1D))]
+
+
+def _float_modules(net: nn.Module) -> list[str] | None:
+    """What transformers + bitsandbytes must leave in 16 bits (``llm_int8_skip_modules``, matched as parts of module
+    names): a vision-language model's vision side that lowbit kept float — the vision tower whole when none of it
+    is quantized, else its float linear layers — and the head. None (transformers' default) for a text model."""
+    tower, lm = vision_tower_prefix(net), language_model_prefix(net)
+    if lm is None:
+        return None
+    floats = [n for n, m in net.named_modules() if isinstance(m, nn.Linear) and not n.startswith(lm + ".")]
+    under = [n for n in floats if tower and n.startswith(tower + ".")]
+    if tower and under and not any(isinstance(m, QUANTIZED) for m in net.get_submodule(tower).modules()):
+        floats = [tower] + [n for n in floats if n not in under]
+    return floats
 
 
 def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
@@ -86,7 +102,7 @@ def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overw
         "quant_method": method, "load_in_4bit": four, "load_in_8bit": not four, "_load_in_4bit": four,
         "_load_in_8bit": not four, "bnb_4bit_quant_type": spec.quant_type if four else "fp4",
         "bnb_4bit_use_double_quant": spec.double_quant, "bnb_4bit_compute_dtype": info.compute_dtype,
-        "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0,
+        "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": _float_modules(net), "llm_int8_threshold": 6.0,
         "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
     cfg["lowbit_fingerprint"] = info.fingerprint
     record = getattr(net, "lowbit_calibration", None) or \
@@ -100,4 +116,5 @@ def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overw
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            copy_processor_files(tokenizer, tmp)
     return Path(out)

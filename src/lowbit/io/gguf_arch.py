@@ -45,6 +45,10 @@ GGUF_ARCHS = {
 def gguf_arch(config) -> GGUFArch:
     """The llama.cpp architecture of a transformers config, or a one-line refusal."""
     t = getattr(config, "model_type", None)
+    if getattr(config, "vision_config", None) is not None:
+        raise LowbitError(f"GGUF export: {t} is a vision-language model; llama.cpp reads its vision tower from a "
+                          "separate mmproj file, which lowbit does not write yet — merge (lowbit merge) and use "
+                          "transformers")
     if t not in GGUF_ARCHS:
         raise LowbitError(f"GGUF export supports {', '.join(GGUF_ARCHS)}; this model is {t!r}")
     rope = _rope(config)

@@ -101,6 +101,9 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
                                 cfg.eot_tokens)
     if changes.changed:
         log(f"tokenizer: {'; '.join(changes.notes)}")
+    if cfg.rl and getattr(tok, "lowbit_processor", None) is not None:
+        raise LowbitError(f"rl: {cfg.rl} is not built for vision-language models yet (their supervised fine-tuning "
+                          "is); train a text model, or leave rl unset")
     grpo, spec, funcs, batches, valid = _objective_and_data(cfg, tok, world, log)
     model = load_model(cfg, dtype, log, calibrated_base(cfg, out, batches.samples, tok, dtype, world, log, device),
                        changes, len(tok) if changes.added else None, device)
