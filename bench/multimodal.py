@@ -42,16 +42,16 @@ def _setup() -> tuple[Path, Path]:
     if not (model / "config.json").exists():
         save_tiny_vlm(model, "qwen2_vl")  # the tiny one's tokenizer and processor files, then the large weights
         tiny = AutoConfig.from_pretrained(model)
-        cfg = AutoConfig.for_model(
-            "qwen2_vl", text_config=dict(tiny.text_config.to_dict(), layer_types=None, hidden_size=1024, intermediate_size=2816,
-                                         num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
-                                         head_dim=64, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                                       "mrope_section": [8, 12, 12]}),
-            vision_config=dict(depth=12, embed_dim=768, hidden_size=1024, num_heads=12, mlp_ratio=4, patch_size=14,
-                               spatial_merge_size=2, temporal_patch_size=2),
-            image_token_id=tiny.image_token_id, video_token_id=tiny.video_token_id,
-            vision_start_token_id=tiny.vision_start_token_id, vision_end_token_id=tiny.vision_end_token_id,
-            tie_word_embeddings=True)
+        rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}
+        text = dict(tiny.text_config.to_dict(), layer_types=None, hidden_size=1024, intermediate_size=2816,
+                    num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                    rope_parameters=rope)
+        vision = dict(depth=12, embed_dim=768, hidden_size=1024, num_heads=12, mlp_ratio=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        cfg = AutoConfig.for_model("qwen2_vl", text_config=text, vision_config=vision,
+                                   image_token_id=tiny.image_token_id, video_token_id=tiny.video_token_id,
+                                   vision_start_token_id=tiny.vision_start_token_id,
+                                   vision_end_token_id=tiny.vision_end_token_id, tie_word_embeddings=True)
         torch.manual_seed(0)
         net = AutoModelForImageTextToText.from_config(cfg).to(torch.bfloat16)
         net.save_pretrained(model, safe_serialization=True)
@@ -121,9 +121,9 @@ def peer_side(model: Path, data: Path, steps: int) -> dict:
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    net = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["visual", "lm_head"]))
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["visual", "lm_head"])
+    net = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32, quantization_config=quant)
     net = get_peft_model(net, LoraConfig(r=R, lora_alpha=2 * R, target_modules=TARGETS, lora_dropout=0.0))
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=LR)
     net.train()
@@ -153,7 +153,8 @@ def main() -> int:
         out = (lowbit_side if args.side == "lowbit" else peer_side)(model, data, args.steps)
         print("RESULT " + json.dumps(out))
         return 0
-    got = {side: run_worker(__file__, ["--side", side, "--steps", str(args.steps)], side) for side in ("lowbit", "peer")}
+    got = {side: run_worker(__file__, ["--side", side, "--steps", str(args.steps)], side)
+           for side in ("lowbit", "peer")}
     if not all(got.values()):
         return 1
     gib = lambda b: f"{b / 2**30:.2f} GiB"
