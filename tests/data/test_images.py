@@ -194,3 +194,47 @@ def test_what_is_not_built_for_vision_models_says_so_in_one_line(vlm, tmp_path):
     cfg = TrainConfig(base_model=str(src), datasets="chatterbot-pairs", rl="dpo", output_dir=str(tmp_path / "o"))
     with pytest.raises(LowbitError, match="rl: dpo is not built for vision-language models yet"):
         train(cfg, progress=False, log=lambda *a: None)
+
+
+def test_an_images_column_fills_the_image_parts_or_goes_first_in_the_first_user_turn(vlm, tmp_path):
+    """Axolotl's and TRL's form (llava-instruct-mix-vsft): image parts without a source take the record's
+    ``images`` in order; without image parts, the images go first in the first user turn."""
+    import datasets
+
+    _, tok = vlm("qwen2_vl")
+    _png(tmp_path / "red.png")
+    _png(tmp_path / "blue.png", (20, 20, 220))
+    by_path = _conversation({"type": "image", "path": "red.png"})
+    by_path["messages"][3]["content"][1] = {"type": "image", "path": "blue.png"}
+    want = tokenize_records([Record(by_path, _where(tmp_path))], tok, sequence_len=4096).samples[0]
+    column = _conversation({"type": "image"})
+    column["images"] = ["red.png", "blue.png"]
+    assert tokenize_records([Record(column, _where(tmp_path))], tok, sequence_len=4096).samples[0] == want
+
+    bare = _conversation({"type": "text", "text": ""})
+    bare["messages"][1]["content"] = [{"type": "text", "text": "what is it?"}]
+    bare["images"] = ["red.png"]
+    first = _conversation({"type": "image", "path": "red.png"})
+    first["messages"][3]["content"] = [{"type": "text", "text": "and now?"}]
+    first["messages"][1]["content"] = [{"type": "image", "path": "red.png"}, {"type": "text", "text": "what is it?"}]
+    assert tokenize_records([Record(bare, _where(tmp_path))], tok, sequence_len=4096).samples == \
+        tokenize_records([Record(first, _where(tmp_path))], tok, sequence_len=4096).samples
+
+    extra = dict(column, images=["red.png", "blue.png", "red.png"])
+    with pytest.raises(LowbitError, match="1 of the 3 images in 'images' have no image part"):
+        tokenize_records([Record(extra, _where(tmp_path))], tok, sequence_len=4096)
+    with pytest.raises(LowbitError, match="this record has images, and the model is not a vision-language model"):
+        tokenize_records([Record(dict(_conversation({"type": "text", "text": "x"}), images=["red.png"]),
+                                 _where(tmp_path))], tiny_tokenizer(), sequence_len=4096)
+
+    # a Parquet file whose images are a datasets Image column (bytes inside the file)
+    msgs = [dict(m, content=[{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else
+                 [dict({"type": "image", "text": None}) if p["type"] == "image" else dict(p) for p in m["content"]])
+            for m in column["messages"]]  # Arrow: every content a list of the same struct
+    rows = {"messages": [msgs] * 4,
+            "images": [[str(tmp_path / "red.png"), str(tmp_path / "blue.png")]] * 4}
+    ds = datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image()))
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    table = source_tables(parse_sources(str(tmp_path / "train.parquet")), tok, val_set_size=0,
+                          sequence_len=4096).train
+    assert table[0] == want and all(ref.startswith("base64:") for ref in table.row(0)["images"])

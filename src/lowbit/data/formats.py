@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import LowbitError
-from .images import content_parts, data_dir, image_token_id, piece_ids, processor_of
+from .images import content_parts, data_dir, image_column, image_token_id, piece_ids, processor_of
 from .records import Record
 
 __all__ = ["FORMATS", "IGNORE", "detect_format", "check_format", "tokenize_records", "tokenize_record", "Tokenized"]
@@ -97,6 +97,11 @@ def _messages(rec: Record, opts: dict, sharegpt: bool, parts: bool = False) -> l
         raise LowbitError(f"{rec.where}: {key!r} must be a non-empty list")
     thinking, think_key = opts.get("field_thinking"), opts.get("template_thinking_key") or "reasoning_content"
     out = []
+    column = image_column(rec)
+    if column and not parts:
+        raise LowbitError(f"{rec.where}: this record has images, and the model is not a vision-language model (no "
+                          "image processor beside its tokenizer)")
+    pending = iter(column)
     for i, m in enumerate(msgs):
         content = m.get(content_key) if isinstance(m, dict) else None
         if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or \
@@ -115,14 +120,34 @@ def _messages(rec: Record, opts: dict, sharegpt: bool, parts: bool = False) -> l
         if parts:  # a vision-language model's template reads content as parts; images travel beside them
             text_part = [{"type": "text", "text": content}] if isinstance(content, str) else None
             msg["content"], msg[IMAGES] = (text_part, []) if text_part else \
-                content_parts(content, f"{rec.where}: {key}[{i}]", data_dir(rec))
+                content_parts(content, f"{rec.where}: {key}[{i}]", data_dir(rec), pending)
         if thinking and isinstance(m.get(thinking), str):
             msg[think_key] = m[thinking]
         out.append(msg)
+    if column:
+        _place_column_images(rec, out, column, pending)
     system = opts.get("default_system_message")
     if system and not any(m["role"] == "system" for m in out):
         out.insert(0, {"role": "system", "content": [{"type": "text", "text": system}] if parts else system})
     return out
+
+
+def _place_column_images(rec: Record, msgs: list[dict], column: list, pending) -> None:
+    """The ``images`` column's images that no image part took: all of them first in the first user turn when the
+    messages have no image parts (Axolotl's rule); else a count that does not match, refused."""
+    used = sum(len(m.get(IMAGES) or []) for m in msgs)
+    left = list(pending)
+    if not left:
+        return
+    if used:
+        raise LowbitError(f"{rec.where}: {len(left)} of the {len(column)} images in 'images' have no image part "
+                          "in the messages to go to")
+    user = next((m for m in msgs if m["role"] == "user"), None)
+    if user is None:
+        raise LowbitError(f"{rec.where}: the record has images but no user turn to show them in")
+    _, refs = content_parts([{"type": "image"} for _ in left], f"{rec.where}: images", data_dir(rec), iter(left))
+    user["content"] = [{"type": "image"} for _ in refs] + user["content"]
+    user[IMAGES] = refs
 
 
 def _chat(rec: Record, tok, opts: dict, sharegpt: bool = False) -> list[tuple[str, bool, list[str]]]:

@@ -6,9 +6,12 @@ token ids of a piece of text with its images (the model's processor expands each
                                  {"type": "text", "text": "What is this?"}]}
 
 ``url`` / ``image_url`` parts with an http(s) address are refused (nothing is downloaded); ``image`` may hold a
-path. In the token tables an image is a string: an absolute path, or ``base64:`` and the bytes. The images are
-read once when the data is tokenized (the processor needs their sizes) and again, by ``data/image_batches.py``,
-when a batch is made. Importing this module does not import torch or Pillow.
+path or a decoded image. As Axolotl and TRL read them, a record's ``images`` (or ``image``) column fills the image
+parts that carry no image of their own, in order; with no such parts, its images go first in the first user turn.
+
+In the token tables an image is a string: an absolute path, or ``base64:`` and the bytes. The images are read once
+when the data is tokenized (the processor needs their sizes) and again, by ``data/image_batches.py``, when a batch
+is made. Importing this module does not import torch or Pillow.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from ..errors import LowbitError
 
-__all__ = ["content_parts", "open_image", "processor_of", "image_token_id", "piece_ids", "data_dir"]
+__all__ = ["content_parts", "image_column", "open_image", "processor_of", "image_token_id", "piece_ids", "data_dir"]
 
 BASE64 = "base64:"
 
@@ -48,42 +51,67 @@ def data_dir(rec) -> Path:
     return Path(path).resolve().parent
 
 
-def _image_ref(part: dict, where: str, base: Path) -> str:
-    if part.get("type") == "image_url":
-        url = part.get("image_url")
-        url = url.get("url") if isinstance(url, dict) else url
-    else:
-        url = part.get("url")
-        if url is None and isinstance(part.get("image"), str) and "://" in part["image"]:
-            url = part["image"]
-    if isinstance(url, str) and url.startswith("data:"):
-        return BASE64 + url.split(",", 1)[-1]
-    if url is not None:
-        raise LowbitError(f"{where}: image {url!r} is a URL; lowbit downloads nothing — save the image and give "
-                          "its file as 'path'")
-    if isinstance(part.get("base64"), str):
-        data = part["base64"]
-        return BASE64 + (data.split(",", 1)[-1] if data.startswith("data:") else data)
-    path = part.get("path", part.get("image"))
-    if not isinstance(path, str) or not path:
+def _source(value, where: str, base: Path) -> str:
+    """One image as a table string: a path (relative to the data file), a data: URL, the bytes as a ``datasets``
+    Image column holds them (``{"bytes", "path"}``), or a decoded image (Pillow)."""
+    if isinstance(value, dict) and value.get("bytes"):
+        return BASE64 + base64.b64encode(value["bytes"]).decode()
+    if isinstance(value, dict) and isinstance(value.get("path"), str):
+        value = value["path"]
+    if hasattr(value, "save") and hasattr(value, "size"):  # a PIL image (a decoded Image column)
+        out = io.BytesIO()
+        value.save(out, format="PNG")
+        return BASE64 + base64.b64encode(out.getvalue()).decode()
+    if not isinstance(value, str) or not value:
         raise LowbitError(f"{where}: an image part needs 'path' (a file) or 'base64' (the bytes)")
-    full = (base / path).resolve()
+    if value.startswith("data:"):
+        return BASE64 + value.split(",", 1)[-1]
+    if "://" in value:
+        raise LowbitError(f"{where}: image {value!r} is a URL; lowbit downloads nothing — save the image and give "
+                          "its file as 'path'")
+    full = (base / value).resolve()
     if not full.is_file():
         raise LowbitError(f"{where}: image {full} not found")
     return str(full)
 
 
-def content_parts(content: list, where: str, base: Path) -> tuple[list[dict], list[str]]:
+def _image_ref(part: dict, where: str, base: Path, column) -> str:
+    """The image of an image part: its own source, else the next one of the record's ``images`` column."""
+    if part.get("type") == "image_url":
+        url = part.get("image_url")
+        return _source(url.get("url") if isinstance(url, dict) else url, where, base)
+    if isinstance(part.get("base64"), str):
+        data = part["base64"]
+        return BASE64 + (data.split(",", 1)[-1] if data.startswith("data:") else data)
+    for key in ("url", "path", "image"):
+        if part.get(key) is not None:
+            return _source(part[key], where, base)
+    nxt = next(column, None)
+    if nxt is None:
+        raise LowbitError(f"{where}: an image part needs 'path' (a file) or 'base64' (the bytes), or the record an "
+                          "'images' column holding its image")
+    return _source(nxt, where, base)
+
+
+def image_column(rec) -> list:
+    """The record's ``images`` (or ``image``) column as a list (Axolotl's and TRL's form: the image parts of the
+    messages say where each one goes)."""
+    value = rec.data.get("images", rec.data.get("image"))
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def content_parts(content: list, where: str, base: Path, column=None) -> tuple[list[dict], list[str]]:
     """(the parts as chat templates read them — ``{"type": "text", "text"}`` / ``{"type": "image"}`` —, the images
-    in order as table strings) of a message's list content."""
-    parts, images = [], []
+    in order as table strings) of a message's list content; image parts without a source of their own take the
+    next image of ``column`` (an iterator over the record's ``images``)."""
+    parts, images, column = [], [], column if column is not None else iter(())
     for k, part in enumerate(content):
         at = f"{where}.content[{k}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             parts.append({"type": "text", "text": part["text"]})
         elif kind in ("image", "image_url"):
-            images.append(_image_ref(part, at, base))
+            images.append(_image_ref(part, at, base, column))
             parts.append({"type": "image"})
         else:
             raise LowbitError(f"{at}: a content part is {{'type': 'text', 'text': ...}} or {{'type': 'image', "
