@@ -38,8 +38,12 @@ VISION_WORDS = ("vision", "-vl", "vl-", "llava", "pixtral", "voxtral", "audio", 
                 "qwen2-vl", "qwen2_5-vl", "glm46v", "orpheus")
 
 
-def selected(examples: Path) -> list[tuple[str, dict]]:
-    """(relative path, config) of every LoRA/QLoRA text-model config without remote code or an RL stage."""
+AUDIO_WORDS = ("voxtral", "audio", "orpheus")
+
+
+def selected(examples: Path, vision: bool = False) -> list[tuple[str, dict]]:
+    """(relative path, config) of every LoRA/QLoRA text-model config without remote code (``vision``: of every
+    image-text config instead — a processor_type or a vision model's name —, audio models aside)."""
     out = []
     for f in sorted(examples.rglob("*.y*ml")):
         try:
@@ -47,12 +51,41 @@ def selected(examples: Path) -> list[tuple[str, dict]]:
         except yaml.YAMLError:
             continue
         rel = str(f.relative_to(examples))
-        if not isinstance(d, dict) or d.get("adapter") not in ("lora", "qlora") \
-                or d.get("trust_remote_code") or d.get("processor_type") \
-                or any(w in rel.lower() for w in VISION_WORDS):
+        if not isinstance(d, dict) or d.get("adapter") not in ("lora", "qlora") or d.get("trust_remote_code"):
             continue
-        out.append((rel, d))
+        is_vision = bool(d.get("processor_type")) or any(w in rel.lower() for w in VISION_WORDS)
+        if is_vision == vision and not (vision and any(w in rel.lower() for w in AUDIO_WORDS)):
+            out.append((rel, d))
     return out
+
+
+# a vision config's base model (a part of its name) → the tiny vision-language model it trains on here
+# (tests/tiny_vlm.py); families lowbit's table lacks train on the nearest one (named in the row)
+VISION_FAMILIES = (("qwen2.5-vl", "qwen2_5_vl"), ("qwen2_5-vl", "qwen2_5_vl"), ("qwen2-vl", "qwen2_vl"),
+                   ("qwen3-vl", "qwen3_vl"), ("qwen3.5", "qwen3_vl"), ("gemma", "gemma3"), ("llava", "llava"),
+                   ("vision", "mllama"), ("smolvlm", "idefics3"), ("paligemma", "paligemma"))
+
+
+def vision_model(cfg: dict, folder: Path) -> str:
+    """A tiny random vision-language model of the config's family (else Qwen2-VL's), made once per family."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_vlm import save_tiny_vlm
+
+    name = str(cfg.get("base_model", "")).lower()
+    arch = next((a for key, a in VISION_FAMILIES if key in name), "qwen2_vl")
+    if not (folder / arch / "config.json").exists():
+        save_tiny_vlm(folder / arch, arch)
+    return str(folder / arch)
+
+
+def vision_record(entry: dict, i: int) -> dict:
+    """Row ``i`` of a local image-text file in the shape of llava-instruct-mix-vsft (the examples' data set):
+    messages with an image part and an ``images`` column naming the picture."""
+    role, content, user, assistant = _speakers(entry)
+    return {entry.get("field_messages", "messages"): [
+        {role: user, content: [{"type": "image"}, {"type": "text", "text": f"what colour is picture {i}?"}]},
+        {role: assistant, content: [{"type": "text", "text": ("red", "blue")[i % 2]}]}],
+        "images": [f"{('red', 'blue')[i % 2]}.png"]}
 
 
 def _speakers(entry: dict) -> tuple[str, str, str, str]:
@@ -104,9 +137,15 @@ def record(entry: dict, i: int, rl: str = "") -> dict:
             [{role: user, content: q}, answer]}
 
 
-def localize(cfg: dict, folder: Path, model: str) -> dict:
-    """The config with only the model and the data paths changed."""
+def localize(cfg: dict, folder: Path, model: str, vision: bool = False) -> dict:
+    """The config with only the model and the data paths changed (``vision``: image-text rows, their pictures
+    beside them)."""
     cfg = dict(cfg, base_model=model)
+    if vision:
+        from PIL import Image
+
+        for colour, rgb in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+            Image.new("RGB", (48, 40), rgb).save(folder / f"{colour}.png")
     for key in ("datasets", "test_datasets"):
         entries = cfg.get(key)
         if not isinstance(entries, list):
@@ -115,7 +154,8 @@ def localize(cfg: dict, folder: Path, model: str) -> dict:
         for k, e in enumerate(entries):
             e = dict(e) if isinstance(e, dict) else {"path": e}
             path = folder / f"{key}-{k}.jsonl"
-            path.write_text("".join(json.dumps(record(e, i, str(cfg.get("rl") or ""))) + "\n" for i in range(ROWS)))
+            rows = (vision_record(e, i) if vision else record(e, i, str(cfg.get("rl") or "")) for i in range(ROWS))
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
             e["path"] = str(path)
             e.pop("data_files", None)  # the hub's file names inside the dataset repository
             if e.get("ds_type") not in (None, "json"):
@@ -147,11 +187,11 @@ def tiny_smollm2(folder: Path) -> str:
     return str(folder)
 
 
-def run_one(rel: str, cfg: dict, model: str, timeout: int) -> dict:
+def run_one(rel: str, cfg: dict, model: str, timeout: int, vision: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="lowbit-axolotl-") as tmp:
         folder = Path(tmp)
         path = folder / Path(rel).name
-        path.write_text(yaml.safe_dump(localize(cfg, folder, model), sort_keys=False))
+        path.write_text(yaml.safe_dump(localize(cfg, folder, model, vision), sort_keys=False))
         cmd = [sys.executable, "-m", "lowbit", "train", str(path), "--quiet", "--max-steps", "2",
                "--output-dir", str(folder / "out")]
         t = time.perf_counter()
@@ -205,7 +245,11 @@ def main():
     ap.add_argument("--readme", action="store_true")
     ap.add_argument("--merge", action="store_true", help="replace only the rows of the configs run (--only) in the "
                     "saved bench/results/axolotl_examples.json, keep the others, and publish the whole table")
+    ap.add_argument("--vision", action="store_true", help="the image-text configs instead, each on a tiny "
+                    "vision-language model of its family (bench/results/axolotl_vision_examples.json)")
     args = ap.parse_args()
+    if args.vision:
+        return vision_main(args)
     configs = [(r, c) for r, c in selected(args.examples) if re.search(args.only, r)]
     if args.model == "tiny":
         args.model = tiny_smollm2(Path(tempfile.mkdtemp(prefix="lowbit-tiny-smollm2-")))
@@ -237,6 +281,28 @@ def main():
                f"({100 * (counts['trained'] + own) / total:.0f} % train)")
     publish("axolotl_examples", summary + "\n\n" + "\n".join(lines),
             {"model": args.model, "counts": counts, "rows": rows}, args.readme)
+
+
+def vision_main(args) -> None:
+    """Every image-text config on a tiny model of its family, with image-text rows (llava-instruct-mix-vsft's
+    shape) written here."""
+    models = Path(tempfile.mkdtemp(prefix="lowbit-vlm-families-"))
+    rows = []
+    for rel, cfg in selected(args.examples, vision=True):
+        if not re.search(args.only, rel):
+            continue
+        model = vision_model(cfg, models)
+        rows.append(dict(run_one(rel, cfg, model, args.timeout, vision=True), stand_in=Path(model).name))
+        r = rows[-1]
+        print(f"{r['status']:8s} {r['seconds']:6.1f}s  {rel} ({r['stand_in']})  {r['reason']}", flush=True)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("trained", "refused", "failed")}
+    lines = ["| config | trained on a tiny | result | reason |", "|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['stand_in']} | {r['status']} | {r['reason'].replace('|', '/')} |"
+              for r in rows]
+    summary = (f"{len(rows)} image-text configs: {counts['trained']} trained, {counts['refused']} refused in one "
+               f"line, {counts['failed']} failed")
+    publish("axolotl_vision_examples", summary + "\n\n" + "\n".join(lines), {"counts": counts, "rows": rows},
+            args.readme)
 
 
 if __name__ == "__main__":

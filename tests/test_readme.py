@@ -106,3 +106,32 @@ def test_readme_client_example_runs_against_lowbit_serve(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "['smollm2-135m', 'smollm2-135m:demo']"  # what the comment in the example says
     assert out[1].endswith(" 32") and len(out) >= 3
+
+
+def test_readme_vision_config_and_data_format_train(tmp_path, monkeypatch):
+    """The vision-language config block, as written but for its model folder (a tiny random Qwen2-VL here) and its
+    data file (the README's record, with the picture it names), trains two steps and keeps the processor."""
+    import json
+
+    from PIL import Image
+
+    from lowbit.training.config import load_config
+    from lowbit.training.recipe import train
+
+    from tiny_vlm import save_tiny_vlm
+
+    text = README.read_text()
+    config = next(b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "processor_type" in b)
+    record = json.loads(next(b for b in re.findall(r"```json\n(.*?)```", text, re.S) if '"type": "image"' in b))
+    monkeypatch.chdir(tmp_path)
+    save_tiny_vlm(tmp_path / "Qwen2-VL-2B-Instruct", "qwen2_vl")
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (200, 120, 40)).save(tmp_path / "data" / "images" / "cat.png")
+    (tmp_path / "data" / "train.jsonl").write_text((json.dumps(record) + "\n") * 16)
+    (tmp_path / "vlm.yaml").write_text(config)
+    cfg = load_config(tmp_path / "vlm.yaml")
+    cfg.max_steps, cfg.compute_dtype = 2, "float32"
+    res = train(cfg, progress=False, log=lambda *a: None)
+    out = tmp_path / "outputs" / "vlm"
+    assert res["steps"] == 2 and (out / "adapter_model.safetensors").exists()
+    assert (out / "preprocessor_config.json").exists()

@@ -22,20 +22,25 @@ TOKENS = {
                  "<|vision_start|><|image_pad|><|vision_end|>"),
     "idefics3": (["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"], "<image>"),
     "llava": (["<image>"], "<image>"),
-    "gemma3": (["<start_of_image>", "<image_soft_token>", "<end_of_image>"], "<start_of_image>"),
+    "gemma3": (["<start_of_image>", "<image_soft_token>", "<end_of_image>", "<start_of_turn>", "<end_of_turn>"],
+               "<start_of_image>"),
     "mllama": (["<|image|>"], "<|image|>"),
     "paligemma": (["<image>"], "<image>"),
 }
 FAMILY = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen2_vl", "llava_next": "llava"}
 
 
-def vlm_template(placeholder: str) -> str:
-    """ChatML where a message's content may be a list of parts; an image part is written as ``placeholder``."""
-    return ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+def vlm_template(placeholder: str, gemma: bool = False) -> str:
+    """ChatML (Gemma's turns for Gemma 3: <start_of_turn>user / model … <end_of_turn>) where a message's content may
+    be a list of parts; an image part is written as ``placeholder``."""
+    start, end, answer = ("<start_of_turn>", "<end_of_turn>", "model") if gemma else \
+        ("<|im_start|>", "<|im_end|>", "assistant")
+    role = "('model' if m['role'] == 'assistant' else m['role'])" if gemma else "m['role']"
+    return ("{% for m in messages %}{{ '" + start + "' + " + role + " + '\\n' }}"
             "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
             "{% if p['type'] == 'image' %}{{ '" + placeholder + "' }}{% else %}{{ p['text'] }}{% endif %}"
-            "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+            "{% endfor %}{% endif %}{{ '" + end + "\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '" + start + answer + "\\n' }}{% endif %}")
 
 
 def _tokenizer(arch):
@@ -148,7 +153,7 @@ def save_tiny_vlm(path, arch="qwen2_vl", seed=0):
             if p.dim() == 2:
                 p.normal_(0, 0.08)
     model.save_pretrained(path, safe_serialization=True)
-    tok.chat_template = vlm_template(placeholder)
+    tok.chat_template = vlm_template(placeholder, gemma=arch == "gemma3")
     tok.save_pretrained(path)
     named = NAMED.get(FAMILY.get(arch, arch), {"image_token": TOKENS[FAMILY.get(arch, arch)][0][0]})
     if named:
@@ -161,5 +166,5 @@ def save_tiny_vlm(path, arch="qwen2_vl", seed=0):
     (path / "preprocessor_config.json").write_text(json.dumps(pre))
     proc = dict(PROCESSOR.get(FAMILY.get(arch, arch), {}), processor_class=PROCESSOR_MAPPING_NAMES[arch])
     (path / "processor_config.json").write_text(json.dumps(proc))
-    (path / "chat_template.jinja").write_text(vlm_template(placeholder))
+    (path / "chat_template.jinja").write_text(tok.chat_template)
     return model, tok

@@ -27,7 +27,7 @@ from torch import nn
 from ..atomic import writing_dir, writing_file
 from ..errors import LowbitError
 from ..jsonfile import read_object
-from ..nn.lora import LoRALinear, add_lora, is_conv1d, linear_module_names, lora_state_dict
+from ..nn.lora import LoRALinear, add_lora, is_conv1d, linear_module_names, lora_state_dict, output_head_names
 from ..nn.trainable import TrainableRows, trainable_rows, trained_modules
 from .loader import base_info
 from .peft_experts import expert_targets, from_peft, to_peft
@@ -42,6 +42,22 @@ ROWS_KEY = "token_adapter.trainable_tokens_delta"  # peft's name for trained emb
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
+def peft_targets(net: nn.Module, adapted: list[str]) -> list[str] | str:
+    """``target_modules`` for peft: the layers' short names when peft, matching them anywhere, finds exactly the
+    adapted layers; else (a vision tower with the same names, some layers only) a regular expression that peft
+    full-matches: the layer numbers as ``\\d+`` where that still finds exactly them, else every name."""
+    short = sorted({n.split(".")[-1] for n in adapted})
+    names = [n for n in linear_module_names(net) if n not in output_head_names(net)]
+    if not adapted or {n for n in names if n.split(".")[-1] in short} == set(adapted):
+        return short
+    general = sorted({r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in n.split("."))
+                      for n in adapted})
+    pattern = "(" + "|".join(general) + ")"
+    if {n for n in names if re.fullmatch(pattern, n)} == set(adapted):
+        return pattern
+    return "(" + "|".join(map(re.escape, sorted(adapted))) + ")"
+
+
 def adapter_config(net: nn.Module) -> dict:
     loras = {n: m for n, m in net.named_modules() if isinstance(m, LoRALinear)}
     if not loras:
@@ -50,7 +66,7 @@ def adapter_config(net: nn.Module) -> dict:
     experts = expert_targets(net)
     params = [f"{mod}.{m}" for mod, mats in experts.items() for m in mats]
     in_experts = tuple(f"{mod}." for mod in experts)
-    targets = sorted({n.split(".")[-1] for n in loras if not n.startswith(in_experts)})
+    targets = peft_targets(net, [n for n in loras if not n.startswith(in_experts)])
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
         "lora_dropout": getattr(first.lora_dropout, "p", 0.0), "target_modules": targets,

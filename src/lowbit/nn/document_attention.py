@@ -139,10 +139,10 @@ def use_document_attention(model) -> bool:
     was = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            want = model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
-            _set(configs, NAME)
+        with torch.no_grad(), _autocast_like(model):
             try:
+                want = model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
+                _set(configs, NAME)
                 with packed_rows():
                     got = model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
                 same = torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
@@ -153,6 +153,17 @@ def use_document_attention(model) -> bool:
     if not same:
         _set(configs, "sdpa")
     return same
+
+
+def _autocast_like(model):
+    """The probe runs as training does: under autocast when the model computes in 16 bits (its frozen weights'
+    dtype; trained float32 parts such as whole embeddings then mix as they do in a step)."""
+    import contextlib
+
+    dtype = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=dtype) if dtype in (torch.bfloat16, torch.float16) else \
+        contextlib.nullcontext()
 
 
 def _set(configs, name: str) -> None:
