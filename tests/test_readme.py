@@ -114,11 +114,10 @@ def test_readme_vision_config_and_data_format_train(tmp_path, monkeypatch):
     import json
 
     from PIL import Image
+    from tiny_vlm import save_tiny_vlm
 
     from lowbit.training.config import load_config
     from lowbit.training.recipe import train
-
-    from tiny_vlm import save_tiny_vlm
 
     text = README.read_text()
     config = next(b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "processor_type" in b)

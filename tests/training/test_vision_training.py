@@ -7,15 +7,14 @@ import random
 
 import pytest
 import torch
+from test_distributed import _close, _losses, _torchrun
+from tiny_vlm import save_tiny_vlm
 
 from lowbit.data.shapes import COLOURS, KINDS, SHAPES_QUESTION, SIZES, shape_image
 from lowbit.errors import LowbitError
 from lowbit.training import loss as loss_mod
 from lowbit.training import recipe
 from lowbit.training.config import TrainConfig
-
-from test_distributed import _close, _losses, _torchrun
-from tiny_vlm import save_tiny_vlm
 
 
 @pytest.fixture(scope="module")
