@@ -72,8 +72,17 @@ def _data(path: Path) -> Path:
 
 
 def _logits(model, ids) -> torch.Tensor:
+    """Logits of ``ids`` (a tensor of token ids, or a vision-language model's inputs as a dict)."""
     with torch.no_grad():
-        return model.eval()(ids).logits.float()
+        return (model.eval()(**ids) if isinstance(ids, dict) else model.eval()(ids)).logits.float()
+
+
+def auto_class(src: Path):
+    """transformers' auto class for the model in ``src`` (image-text-to-text for a vision-language model)."""
+    import transformers
+
+    vision = "vision_config" in json.loads((Path(src) / "config.json").read_text())
+    return transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = ATOL) -> None:
@@ -84,12 +93,10 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = ATOL) -> N
 
 def _reference(src: Path, net, quant=None) -> torch.nn.Module:
     """transformers' own model of ``src`` holding ``net``'s weights dequantized (adapters left out)."""
-    from transformers import AutoModelForCausalLM
-
     from lowbit.io.loader import load
     from lowbit.io.merging import dequantize_model
 
-    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    ref = auto_class(src).from_pretrained(src, dtype=torch.float32)
     plain = dequantize_model(load(src, quant, compute_dtype=torch.float32) if quant else
                              load(src, compute_dtype=torch.float32))
     missing, unexpected = ref.load_state_dict(plain.state_dict(), strict=False)

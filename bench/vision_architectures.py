@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from architectures import _bnb_quantize, _close, _quiet, _same_bits
+from architectures import _adapted, _bnb_quantize, _close, _logits, _quiet, _reference, _same_bits, check_peft
 from tiny_vlm import VLM_ARCHITECTURES, save_tiny_vlm
 
 from common import machine, update_readme, write_json
@@ -55,27 +55,6 @@ def prompt_inputs(src: Path) -> dict:
                                                                             {"type": "text", "text": "What?"}]}],
                                               tokenize=False, add_generation_prompt=True)
     return dict(proc(text=[text], images=[[image]], add_special_tokens=False, return_tensors="pt"))
-
-
-def _logits(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(**inputs).logits.float()
-
-
-def _reference(src: Path, net) -> torch.nn.Module:
-    """transformers' own model of ``src`` holding ``net``'s weights dequantized (adapters left out)."""
-    from transformers import AutoModelForImageTextToText
-
-    from lowbit.io.loader import load
-    from lowbit.io.merging import dequantize_model
-
-    ref = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
-    plain = dequantize_model(load(src, compute_dtype=torch.float32))
-    missing, unexpected = ref.load_state_dict(plain.state_dict(), strict=False)
-    if missing or unexpected:
-        raise AssertionError(f"dequantized model's tensors differ from transformers': missing {missing[:2]}, "
-                             f"unexpected {unexpected[:2]}")
-    return ref.eval()
 
 
 def check_load(src: Path, inputs) -> str:
@@ -120,26 +99,6 @@ def check_train(src: Path, out: Path, inputs) -> tuple[str, Path, torch.Tensor]:
     if not after < before:
         raise AssertionError(f"held-out loss did not go down ({before:.3f} → {after:.3f})")
     return f"✓ held-out {before:.2f} → {after:.2f}", Path(res["output_dir"]), _logits(res["model"], inputs)
-
-
-def _adapted(src: Path, adapter: Path):
-    from lowbit.io.adapters import load_adapter
-    from lowbit.io.loader import load
-
-    return load_adapter(load(src, compute_dtype=torch.float32), adapter)
-
-
-def check_peft(src: Path, adapter: Path, inputs, want: torch.Tensor, tmp: Path) -> str:
-    from peft import PeftModel
-
-    net = _adapted(src, adapter)
-    _close(_logits(net, inputs), want, "lowbit reloading its adapter vs the trained model")
-    peft_model = PeftModel.from_pretrained(_reference(src, net), adapter)
-    _close(_logits(peft_model, inputs), want, "peft on transformers vs the trained model")
-    resaved = tmp / "peft-resaved"
-    peft_model.save_pretrained(resaved)
-    _close(_logits(_adapted(src, resaved), inputs), want, "lowbit on peft's re-save vs the trained model")
-    return "✓"
 
 
 def check_merge(src: Path, adapter: Path, inputs, want: torch.Tensor, tmp: Path) -> str:
