@@ -45,13 +45,10 @@ def _without_video(folder: Path):
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    options = {}
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        f = folder / name
-        if f.is_file():
-            options = {**json.loads(f.read_text()), **options} if name == "processor_config.json" else options
+    own = folder / "processor_config.json"  # the processor's own options (image_seq_len, …) and class
+    options = json.loads(own.read_text()) if own.is_file() else {}
     cls_name = options.pop("processor_class", None) or \
-        json.loads((folder / "preprocessor_config.json").read_text()).get("processor_class")
+        json.loads((folder / PROCESSOR_FILE).read_text()).get("processor_class")
     cls = getattr(transformers, cls_name or "", None)
     if cls is None:
         raise LowbitError(f"{folder}: unknown processor class {cls_name!r}")

@@ -101,9 +101,6 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
                                 cfg.eot_tokens)
     if changes.changed:
         log(f"tokenizer: {'; '.join(changes.notes)}")
-    if cfg.rl and getattr(tok, "lowbit_processor", None) is not None:
-        raise LowbitError(f"rl: {cfg.rl} is not built for vision-language models yet (their supervised fine-tuning "
-                          "is); train a text model, or leave rl unset")
     grpo, spec, funcs, batches, valid = _objective_and_data(cfg, tok, world, log)
     model = load_model(cfg, dtype, log, calibrated_base(cfg, out, batches.samples, tok, dtype, world, log, device),
                        changes, len(tok) if changes.added else None, device)
@@ -158,6 +155,9 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
 def _objective_and_data(cfg: TrainConfig, tok, world: World, log) -> tuple:
     """(GRPO spec, preference spec, reward functions — each None when the run is not of that kind —, training
     batches, held-out batches or None). A reward function that cannot be loaded fails before the model loads."""
+    if cfg.rl and getattr(tok, "lowbit_processor", None) is not None:
+        raise LowbitError(f"rl: {cfg.rl} is not built for vision-language models yet (their supervised fine-tuning "
+                          "is); train a text model, or leave rl unset")
     grpo = grpo_spec_from(cfg) if cfg.rl == "grpo" else None
     spec = spec_from(cfg) if cfg.rl and not grpo else None
     if grpo:
