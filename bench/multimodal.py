@@ -3,8 +3,9 @@ Qwen2-VL-shaped model (~290 M parameters: a 16-layer, 1024-wide language model a
 tower), the same batches of the shapes task (224-pixel pictures: 64 image tokens each) and the same settings.
 
 Both sides: NF4 + double quantization of the language model's linear layers, the vision tower and projector in the
-compute dtype, LoRA r=16 on the language model's attention and MLP projections, AdamW, micro-batch 4, gradient
-checkpointing off, float32 compute (this CPU's), each side in its own fresh process. The peer's batches are lowbit's
+compute dtype, LoRA r=16 on the language model's attention and MLP projections, AdamW, micro-batch 4, float32
+compute (this CPU's); gradient checkpointing off on both sides, then on on both sides (non-reentrant); each side in
+its own fresh process. The peer's batches are lowbit's
 own (tokens, labels, pixel inputs: data/image_batches.py), fed to its model with ``labels`` as transformers trains.
 Peak RSS is the process's VmHWM (imports included); speed is the median step time after the first 2 steps.
 
@@ -85,7 +86,7 @@ def _batches(model: Path, data: Path, steps: int) -> list[dict]:
     return [batches.batch(order[i % len(order)]) for i in range(steps)]
 
 
-def lowbit_side(model: Path, data: Path, steps: int) -> dict:
+def lowbit_side(model: Path, data: Path, steps: int, gc: bool) -> dict:
     from lowbit.training.config import TrainConfig
     from lowbit.training.recipe import train
 
@@ -106,12 +107,13 @@ def lowbit_side(model: Path, data: Path, steps: int) -> dict:
     cfg = TrainConfig(base_model=str(model), datasets=str(data), micro_batch_size=MB, sequence_len=SEQ,
                       val_set_size=0, max_steps=steps, lora_r=R, lora_alpha=2 * R, lora_target_modules=TARGETS,
                       learning_rate=LR, warmup_steps=0, save_steps=10_000, compute_dtype="float32",
+                      gradient_checkpointing=gc,
                       output_dir=str(ROOT / "lowbit-run"))
     res = train(cfg, overwrite=True, progress=False, log=lambda *a: None, callbacks=[Clock()], force=True)
     return {"peak_rss": vm_hwm_bytes(), "step_s": statistics.median(times[2:]), "loss": res.get("train_loss")}
 
 
-def peer_side(model: Path, data: Path, steps: int) -> dict:
+def peer_side(model: Path, data: Path, steps: int, gc: bool) -> dict:
     import logging
     import warnings
 
@@ -124,6 +126,8 @@ def peer_side(model: Path, data: Path, steps: int) -> dict:
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["visual", "lm_head"])
     net = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32, quantization_config=quant)
+    if gc:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net = get_peft_model(net, LoraConfig(r=R, lora_alpha=2 * R, target_modules=TARGETS, lora_dropout=0.0))
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=LR)
     net.train()
@@ -144,28 +148,35 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--readme", action="store_true")
     ap.add_argument("--side", choices=["lowbit", "peer"], help=argparse.SUPPRESS)
+    ap.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(2)
     model, data = _setup()
     if args.side:
-        out = (lowbit_side if args.side == "lowbit" else peer_side)(model, data, args.steps)
+        out = (lowbit_side if args.side == "lowbit" else peer_side)(model, data, args.steps, args.gc)
         print("RESULT " + json.dumps(out))
         return 0
-    got = {side: run_worker(__file__, ["--side", side, "--steps", str(args.steps)], side)
-           for side in ("lowbit", "peer")}
+    got = {(side, gc): run_worker(__file__, ["--side", side, "--steps", str(args.steps)] + (["--gc"] if gc else []),
+                                  f"{side} (checkpointing {'on' if gc else 'off'})")
+           for gc in (False, True) for side in ("lowbit", "peer")}
     if not all(got.values()):
         return 1
     gib = lambda b: f"{b / 2**30:.2f} GiB"
-    rows = [{"stack": name, "peak RSS": gib(r["peak_rss"]), "step s": f"{r['step_s']:.2f}"}
-            for name, r in (("lowbit", got["lowbit"]), ("transformers + bitsandbytes + peft", got["peer"]))]
-    ratio = got["lowbit"]["peak_rss"] / got["peer"]["peak_rss"]
-    speed = got["peer"]["step_s"] / got["lowbit"]["step_s"]
-    md = table(rows, ["stack", "peak RSS", "step s"]) + \
-        f"\n\nlowbit's peak RSS {ratio:.2f}× the peer's; {speed:.2f}× its speed (same model, batches, settings)."
-    publish("multimodal", md, {"steps": args.steps, "micro_batch_size": MB, "lora_r": R, "results": got,
-                               "rss_ratio": ratio, "speedup": speed}, args.readme)
+    rows, ratios = [], {}
+    for gc in (False, True):
+        ours, peer = got[("lowbit", gc)], got[("peer", gc)]
+        ratios[gc] = (ours["peak_rss"] / peer["peak_rss"], peer["step_s"] / ours["step_s"])
+        rows.append({"checkpointing": "on" if gc else "off", "lowbit peak RSS": gib(ours["peak_rss"]),
+                     "peer peak RSS": gib(peer["peak_rss"]), "RSS ratio": f"{ratios[gc][0]:.2f}×",
+                     "lowbit step s": f"{ours['step_s']:.2f}", "peer step s": f"{peer['step_s']:.2f}",
+                     "speed": f"{ratios[gc][1]:.2f}×"})
+    md = table(rows, list(rows[0])) + "\n\npeer: transformers + bitsandbytes + peft; same model, batches, settings."
+    publish("multimodal", md, {"steps": args.steps, "micro_batch_size": MB, "lora_r": R,
+                               "results": {f"{s}{'-gc' if gc else ''}": r for (s, gc), r in got.items()},
+                               "rss_ratio": {"gc_off": ratios[False][0], "gc_on": ratios[True][0]},
+                               "speedup": {"gc_off": ratios[False][1], "gc_on": ratios[True][1]}}, args.readme)
     return 0
 
 
