@@ -37,6 +37,17 @@ def to_torch(name: str, device: str = "cpu"):
     return default_compute_dtype(device) if name == "auto" else getattr(torch, name)
 
 
+def autocast(dtype, device_type: str = "cpu"):
+    """Mixed precision for 16-bit compute dtypes; float32 (or None) runs as it is."""
+    import contextlib
+
+    import torch
+
+    if dtype in (None, torch.float32):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
 def name_of(dtype) -> str:
     """``torch.bfloat16`` → ``"bfloat16"``."""
     return str(dtype).rpartition(".")[2]

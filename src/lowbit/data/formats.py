@@ -231,10 +231,10 @@ def tokenize_record(rec: Record, tok, fmt: str, sequence_len: int, train_on_inpu
     ``data/images.py`` writes them (chat data for a vision-language model)."""
     opts = opts or {}
     ids, labels, images = [], [], []
-    for text, learned, *pictures in FORMATS[fmt][1](rec, tok, opts):
-        piece = piece_ids(tok, text, pictures[0], rec.where) if pictures and pictures[0] else \
-            tok(text, add_special_tokens=False)["input_ids"]
-        images += pictures[0] if pictures else []
+    for text, learned, *pictures in FORMATS[fmt][1](rec, tok, opts):  # chat pieces carry their turn's images
+        pictures = pictures[0] if pictures else []
+        piece = piece_ids(tok, text, pictures, rec.where)
+        images += pictures
         ids += piece
         labels += piece if (learned or train_on_inputs) else [IGNORE] * len(piece)
     if fmt == "text" and tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):

@@ -143,14 +143,11 @@ def open_image(ref: str, where: str):
 
 
 def piece_ids(tok, text: str, images: list[str], where: str) -> list[int]:
-    """Token ids of ``text``; with images, through the model's processor, which writes each image's tokens where
-    the chat template put its placeholder."""
+    """Token ids of ``text``; with images (only a vision-language model's data has them: ``formats._messages``),
+    through the model's processor, which writes each image's tokens where the chat template put its placeholder."""
     if not images:
         return tok(text, add_special_tokens=False)["input_ids"]
     proc = processor_of(tok)
-    if proc is None:
-        raise LowbitError(f"{where}: this record has images, and the model is not a vision-language model "
-                          "(no image processor beside its tokenizer)")
     pictures = [open_image(ref, where) for ref in images]
     try:
         out = proc(text=[text], images=[pictures], add_special_tokens=False)

@@ -47,7 +47,8 @@ def peft_targets(net: nn.Module, adapted: list[str]) -> list[str] | str:
     adapted layers; else (a vision tower with the same names, some layers only) a regular expression that peft
     full-matches: the layer numbers as ``\\d+`` where that still finds exactly them, else every name."""
     short = sorted({n.split(".")[-1] for n in adapted})
-    names = [n for n in linear_module_names(net) if n not in output_head_names(net)]
+    heads = output_head_names(net)
+    names = [n for n in linear_module_names(net) if n not in heads]
     if not adapted or {n for n in names if n.split(".")[-1] in short} == set(adapted):
         return short
     general = sorted({r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in n.split("."))

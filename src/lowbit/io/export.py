@@ -25,7 +25,7 @@ from ..nn.vision import language_model_prefix, vision_tower_prefix
 from ..quant.spec import INT8, LOWBIT_QUANT_METHOD, QuantSpec
 from .calibration_record import CONFIG_KEY, CalibrationRecord
 from .loader import base_info
-from .processor import copy_processor_files
+from .processor import save_tokenizer_files
 
 __all__ = ["save_quantized", "float_in_bitsandbytes"]
 
@@ -115,6 +115,5 @@ def save_quantized(net: nn.Module, out: str | os.PathLike, tokenizer=None, overw
             record.save(tmp)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-            copy_processor_files(tokenizer, tmp)
+            save_tokenizer_files(tokenizer, tmp)
     return Path(out)

@@ -23,7 +23,7 @@ from ..nn.lora import LoRALinear, is_conv1d
 from ..quant.spec import QuantSpec
 from ..quant.tensor import quantize
 from .loader import base_info
-from .processor import copy_processor_files
+from .processor import save_tokenizer_files
 
 __all__ = ["dequantize_model", "merge", "merge_report"]
 
@@ -97,8 +97,7 @@ def merge(net: nn.Module, out: str | os.PathLike, dtype: torch.dtype = torch.bfl
         net.config.dtype = dtype
         net.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-            copy_processor_files(tokenizer, tmp)
+            save_tokenizer_files(tokenizer, tmp)
     return Path(out)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import LowbitError
 
-__all__ = ["load_processor", "is_vision_config", "PROCESSOR_FILE", "PROCESSOR_FILES", "copy_processor_files"]
+__all__ = ["load_processor", "is_vision_config", "PROCESSOR_FILE", "PROCESSOR_FILES", "save_tokenizer_files"]
 
 PROCESSOR_FILE = "preprocessor_config.json"  # the image processor's options: a folder with it has a processor
 PROCESSOR_FILES = (PROCESSOR_FILE, "processor_config.json", "chat_template.jinja", "chat_template.json")
@@ -68,9 +68,10 @@ def _without_video(folder: Path):
                       tokenizer=AutoTokenizer.from_pretrained(folder), video_processor=None, **keep)
 
 
-def copy_processor_files(tok, dest: str | Path) -> None:
-    """Beside a saved tokenizer, the processor files of the vision-language model it was loaded with (nothing for a
-    text model's tokenizer), so that the folder reads back as the same processor."""
+def save_tokenizer_files(tok, dest: str | Path) -> None:
+    """``tok``'s files in ``dest``, and beside them the processor files of the vision-language model it was loaded
+    with (none for a text model's tokenizer), so that the folder reads back as the same processor."""
+    tok.save_pretrained(dest)
     if getattr(tok, "lowbit_processor", None) is None:
         return
     for name in PROCESSOR_FILES:

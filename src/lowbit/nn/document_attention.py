@@ -24,6 +24,7 @@ import contextvars
 
 import torch
 
+from ..dtypes import autocast
 from ..errors import LowbitError
 
 __all__ = ["NAME", "use_document_attention", "packed_rows", "document_spans", "document_attention"]
@@ -156,14 +157,10 @@ def use_document_attention(model) -> bool:
 
 
 def _autocast_like(model):
-    """The probe runs as training does: under autocast when the model computes in 16 bits (its frozen weights'
-    dtype; trained float32 parts such as whole embeddings then mix as they do in a step)."""
-    import contextlib
-
+    """The probe runs as training does: under autocast in the dtype the frozen weights compute in (trained float32
+    parts, such as whole embeddings, then mix with them as they do in a step)."""
     dtype = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
-    device = next(model.parameters()).device.type
-    return torch.autocast(device, dtype=dtype) if dtype in (torch.bfloat16, torch.float16) else \
-        contextlib.nullcontext()
+    return autocast(dtype, next(model.parameters()).device.type)
 
 
 def _set(configs, name: str) -> None:

@@ -14,6 +14,7 @@ are not counted.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 __all__ = ["is_vision", "text_config", "vision_params", "layer_prefix"]
@@ -48,7 +49,7 @@ def vision_params(model, cfg: dict) -> int:
         for f in files:
             with open(f, "rb") as fh:
                 header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-            total += sum(_numel(v["shape"]) for k, v in header.items()
+            total += sum(math.prod(v["shape"]) for k, v in header.items()
                          if k != "__metadata__" and any(p in k for p in VISION_PARTS))
         return total
     v = cfg["vision_config"]
@@ -59,10 +60,3 @@ def vision_params(model, cfg: dict) -> int:
     text = cfg["text_config"].get("hidden_size") or h
     patches = 3 * p * p * h * (v.get("temporal_patch_size") or 1) + (side // p) ** 2 * h
     return layers * (4 * h * h + 2 * h * i) + patches + h * text + text * text  # + a two-layer projector
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

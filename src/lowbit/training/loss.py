@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.formats import IGNORE
+from ..dtypes import autocast
 from ..generation import split_head
 from ..nn.cross_entropy import chunked_cross_entropy
 from ..nn.document_attention import packed_rows
@@ -96,13 +97,6 @@ def _loss(model, body, head, inputs: dict, labels: torch.Tensor, chunk_tokens: i
         logits = F.linear(h, head.weight.to(h.dtype)).float()
         return F.cross_entropy(logits, labels, reduction="sum")
     return chunked_cross_entropy(h, head.weight, labels, chunk_tokens)
-
-
-def autocast(dtype, device_type: str = "cpu"):
-    """Mixed precision for 16-bit compute dtypes; float32 (or None) runs as it is."""
-    if dtype in (None, torch.float32):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=dtype)
 
 
 class LossModule(nn.Module):

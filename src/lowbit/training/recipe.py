@@ -25,7 +25,7 @@ from ..atomic import writing_file
 from ..dtypes import to_torch
 from ..errors import LowbitError
 from ..io.adapters import adapter_tensors, save_adapter
-from ..io.processor import copy_processor_files
+from ..io.processor import save_tokenizer_files
 from ..io.tokenizer import TOKENIZER_FILES, prepare_tokenizer, tokenizer_for
 from ..planner.memory import HEADROOM
 from ..runlock import LOCK_NAME, RunLock
@@ -247,8 +247,7 @@ def save_tokenizer(tok, out: Path, eot_ids: list[int] | None = None) -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer.tmp-") as tmp:  # each file then replaced whole
-        tok.save_pretrained(tmp)
-        copy_processor_files(tok, tmp)
+        save_tokenizer_files(tok, tmp)
         for f in Path(tmp).iterdir():
             os.replace(f, out / f.name)
     ends = [i for i in dict.fromkeys([tok.eos_token_id, *(eot_ids or [])]) if i is not None]
