@@ -1,37 +1,66 @@
-"""glibc allocator tuning while a checkpoint streams in.
+"""glibc's heap: handing freed pages back to the OS, and allocator tuning while a checkpoint streams in.
+
+``trim_host_heap()`` is ``malloc_trim(0)``: every free page of the heap goes back (``madvise``), wherever it lies —
+glibc alone returns only the top of the heap, so pages freed between small long-lived blocks stay resident.
 
 While loading, allocations over 256 KiB are served with mmap so each freed temporary (a float weight, its
-scaled copy) goes straight back to the OS; otherwise glibc's heap fragments between the small packed tensors we
-keep and grows to several times the model. Afterwards: glibc's largest default threshold, and a trim.
-Elsewhere than glibc this does nothing.
+scaled copy) goes straight back to the OS; the smaller temporaries of quantization still fragment the heap between
+the small packed tensors we keep, so ``returning_allocator`` hands back a ``release`` the loader calls as it goes
+(measured on a ~290 M-parameter VLM: 260 MB of freed pages resident by the end of loading without it). Afterwards:
+glibc's largest default threshold, and a trim. Elsewhere than glibc this does nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 
-__all__ = ["returning_allocator"]
+__all__ = ["returning_allocator", "trim_host_heap", "can_trim"]
 
 _M_MMAP_THRESHOLD = -3
 
 
+@functools.cache
 def _libc():
+    name = ctypes.util.find_library("c")
     try:
-        import ctypes
-
-        lib = ctypes.CDLL("libc.so.6")
+        lib = ctypes.CDLL(name) if name else None
     except OSError:
         return None
-    return lib if hasattr(lib, "mallopt") else None
+    return lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else None
+
+
+def can_trim() -> bool:
+    """Whether this process's allocator is glibc's (``trim_host_heap`` does something)."""
+    return _libc() is not None
+
+
+def trim_host_heap() -> bool:
+    """Return the heap's free pages to the OS; whether glibc's ``malloc_trim`` was there to do it."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 @contextlib.contextmanager
-def returning_allocator():
-    libc = _libc()
+def returning_allocator(every: int = 8):
+    """Loading's allocator settings; yields ``release()``, to be called once per tensor made: it trims the heap
+    every ``every``-th call."""
+    libc, calls = _libc(), [0]
+
+    def release():
+        calls[0] += 1
+        if calls[0] % every == 0:
+            trim_host_heap()
+
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
     try:
-        yield
+        yield release
     finally:
         if libc is not None:
             libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)

@@ -92,17 +92,18 @@ def load(model: str | os.PathLike, quant: QuantSpec | None = QuantSpec(), *, com
     heads |= float_layer_names(net, quantize_vision)
     digests: dict[str, bytes] = {}
     transposed: set[str] = set()
-    with Reader(folder) as reader, returning_allocator():
+    with Reader(folder) as reader, returning_allocator() as release:
         names = CheckpointNames.for_model(net, reader)
 
         def make_linear(key: str, w: torch.Tensor) -> nn.Module:
             _fingerprint(digests, key, w)
+            release()
             return _frozen_linear(key, w.to(device), None, quant, dtype)
 
         load_experts(net, reader, names, make_linear)
         if quant is not None or prequantized:
-            transposed = _quantize_linears(net, reader, names, quant, dtype, heads, digests, folder, device)
-        _materialize(net, reader, names, dtype, digests, folder, device)
+            transposed = _quantize_linears(net, reader, names, quant, dtype, heads, digests, folder, device, release)
+        _materialize(net, reader, names, dtype, digests, folder, device, release)
     fuse_modules(net)  # leaner backward for RMSNorm / SwiGLU; forward unchanged
     net.eval()
     stored = next((m.weight.spec if isinstance(m, Linear4bit) else QuantSpec(INT8, double_quant=False)
@@ -200,7 +201,7 @@ def _skeleton(folder: Path, raw: dict, config, dtype, trust_remote_code: bool) -
 
 
 def _quantize_linears(net, reader: Reader, names: CheckpointNames, quant: QuantSpec | None, dtype, heads: set,
-                      digests: dict, folder: Path, device: torch.device) -> set[str]:
+                      digests: dict, folder: Path, device: torch.device, release=lambda: None) -> set[str]:
     """Replace every linear layer but the heads by a ``Linear4bit``: read as stored when the checkpoint is in
     bitsandbytes' layout, else quantized from its float weight (one weight in memory at a time). GPT-2-style
     ``Conv1D`` layers (weight stored in × out) are quantized transposed, as transformers + bitsandbytes do;
@@ -239,6 +240,7 @@ def _quantize_linears(net, reader: Reader, names: CheckpointNames, quant: QuantS
             new = Linear4bit(q.to(device), bias, compute_dtype=dtype)
         parent, _, child = name.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, child, new)
+        release()
         if conv:
             transposed.add(name)
     return transposed
@@ -276,7 +278,7 @@ def _fingerprint(digests: dict, key, t):
 
 
 def _materialize(net: nn.Module, reader: Reader, names: CheckpointNames, dtype, digests: dict, folder: Path,
-                 device: torch.device):
+                 device: torch.device, release=lambda: None):
     """Fill every parameter still on meta from the checkpoint; tied parameters stay tied."""
     slots: dict[int, list[tuple[nn.Module, str, str]]] = {}
     for mname, mod in net.named_modules():
@@ -294,6 +296,7 @@ def _materialize(net: nn.Module, reader: Reader, names: CheckpointNames, dtype, 
         new = nn.Parameter(t.to(device), requires_grad=False)
         for mod, pname, _ in places:
             mod._parameters[pname] = new
+        release()
 
 
 class SourceWeights:

@@ -16,14 +16,12 @@ on an accelerator, it does nothing.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import math
 
 import torch
 from torch import nn
 
+from ..io.allocator import can_trim, trim_host_heap
 from ..nn.decoder_layers import decoder_layers
 
 __all__ = ["release_between_layers", "trim_host_heap", "MIN_BYTES"]
@@ -31,28 +29,9 @@ __all__ = ["release_between_layers", "trim_host_heap", "MIN_BYTES"]
 MIN_BYTES = 1 << 20  # a layer output smaller than this (a short step) is not worth the calls
 
 
-@functools.cache
-def _malloc_trim():
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        return getattr(libc, "malloc_trim", None)
-    except OSError:
-        return None
-
-
-def trim_host_heap() -> bool:
-    """Return the heap's free pages to the OS; whether glibc's ``malloc_trim`` was there to do it."""
-    fn = _malloc_trim()
-    if fn is None:
-        return False
-    fn(0)
-    return True
-
-
 def release_between_layers(model: nn.Module, calls_per_pass: int = 10) -> int:
     """Hooks on ``model``'s decoder layers that trim the heap (see the module docstring); how many layers got them."""
-    if next(model.parameters()).device.type != "cpu" or _malloc_trim() is None:
+    if next(model.parameters()).device.type != "cpu" or not can_trim():
         return 0
     layers = [m for _, m in decoder_layers(model)]
     stride = max(1, math.ceil(len(layers) / calls_per_pass))
