@@ -49,7 +49,7 @@ def test_tiled_equals_whole(tmp_path, arch):
 
 
 def test_forward_keeps_only_the_input(tmp_path):
-    """Bytes autograd saves inside one MLP block over a 4,096-token row: the whole block keeps ≥ 3 intermediate-size
+    """Bytes autograd saves inside one MLP block over a 4,096-token row: the whole block keeps ≥ 2 intermediate-size
     activations, the tiled one only its input (the shards are views of it)."""
     save_tiny(tmp_path, "llama")
     model = load(tmp_path, None, compute_dtype=torch.float32)
@@ -71,5 +71,5 @@ def test_forward_keeps_only_the_input(tmp_path):
     whole = saved_bytes()
     tile_mlps(model)
     tiled = saved_bytes()
-    assert whole >= 3 * 4096 * 128 * 4
+    assert whole >= 2 * 4096 * 128 * 4  # the gate and up outputs
     assert tiled == x.numel() * 4, (whole, tiled)

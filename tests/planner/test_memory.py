@@ -158,7 +158,7 @@ def test_a_grpo_run_plans_prompt_plus_completion_rows_and_the_sampling_cache():
 
 
 def test_tiled_mlp_plans_one_shard_of_mlp_intermediates():
-    """tiled_mlp: the MLP's 6·i per token (bf16 units) becomes 6·i/shards + 2h; auto only from 8,192-token rows."""
+    """tiled_mlp: a dense MLP's 4·i per token (bf16 units) becomes 4·i/shards + 2h; auto from 8,192-token rows."""
     from lowbit.nn.mlp_shards import shard_count
 
     kw = dict(sequence_len=8192, micro_batch_size=1, gradient_checkpointing=True, device="cpu")
@@ -166,7 +166,7 @@ def test_tiled_mlp_plans_one_shard_of_mlp_intermediates():
     shards = shard_count(8192, 64, 128)
     assert tiled.settings["mlp_shards"] == shards == 8
     assert whole.settings["compute_dtype"] == "bfloat16"  # the torch-free planner's CPU default
-    saved = 8192 * (6 * 128 - 6 * 128 / shards - 2 * 64)  # bf16: 2 bytes per unit of 2
+    saved = 8192 * (4 * 128 - 4 * 128 / shards - 2 * 64)  # bf16: 2 bytes per unit of 2
     assert whole.items["activations"] - tiled.items["activations"] == pytest.approx(saved, abs=2)
     assert plan(TINY, **kw, tiled_mlp="auto").items == tiled.items
     short = dict(kw, sequence_len=4096)

@@ -1,14 +1,18 @@
-"""Leaner autograd for two blocks every LLaMA-style layer has: RMSNorm and the SwiGLU product.
+"""Leaner autograd for the blocks every LLaMA-style layer has: RMSNorm, the SwiGLU product and its LoRA'd
+down projection.
 
-Same forward arithmetic as transformers' modules (bit-identical outputs); only what is kept for backward
-changes. With frozen norm weights (QLoRA never trains them):
+Same forward arithmetic as transformers' modules and ``LoRALinear`` (bit-identical outputs); only what is kept for
+backward changes. With frozen norm weights (QLoRA never trains them):
 
     RMSNorm   y = w · (x · r).to(dtype),  r = 1/√(mean(x²) + ε)      saves x and r (1 float a token) instead of
               ∂x = r · (g' − x̂ · mean(g' · x̂)),  g' = g·w, x̂ = x·r      float32 copies of x and x·r
     SwiGLU    y = silu(a) · b                                          saves a and b instead of a, silu(a), b
               ∂a = g · b · σ(a)(1 + a(1 − σ(a))),  ∂b = g · silu(a)
+    down      out = W·m + s·B·A·m,  m = silu(a) · b                      the frozen 4-bit W needs no input for
+              ∂A = s·(Bᵀ·∂out)·mᵀ, ∂m = Wᵀ·∂out + s·Aᵀ·Bᵀ·∂out         backward and A's gradient gets m recomputed
+                                                                       from the saved a and b: m is never kept
 
-Per token and layer of SmolLM2 this keeps ≈40 % fewer activation bytes.
+Per token and layer of SmolLM2 this keeps ≈50 % fewer activation bytes than transformers' modules.
 """
 
 from __future__ import annotations
@@ -55,6 +59,29 @@ class _SiluMul(torch.autograd.Function):
         return ga.to(a.dtype), gb.to(b.dtype)
 
 
+class _LoRAOfSiluMul(torch.autograd.Function):
+    """out = y + s · m Aᵀ Bᵀ with m = silu(a)·b, as LoRALinear adds its product to the base output ``y`` (one
+    addmm in ``dt``); keeps A, B, the rank-r product h and a, b (which the SwiGLU product keeps anyway) — m is
+    recomputed for A's gradient instead of kept."""
+
+    @staticmethod
+    def forward(ctx, m, y, wa, wb, a, b, scaling: float, dt):
+        h = m.to(dt).reshape(-1, m.shape[-1]) @ wa.t()
+        out = torch.addmm(y.reshape(-1, y.shape[-1]).to(dt), h, wb.t(), alpha=scaling)
+        ctx.save_for_backward(a, b, h, wa, wb)
+        ctx.scaling, ctx.m_dtype, ctx.y_dtype = scaling, m.dtype, y.dtype
+        return out.view(*y.shape[:-1], -1).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, h, wa, wb = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1]).to(wb.dtype)
+        gh = (g2 @ wb) * ctx.scaling
+        m = (F.silu(a) * b).to(wa.dtype).reshape(-1, a.shape[-1])
+        gm = (gh @ wa).view(a.shape).to(ctx.m_dtype) if ctx.needs_input_grad[0] else None
+        return gm, g.to(ctx.y_dtype), gh.t() @ m, (g2.t() @ h) * ctx.scaling, None, None, None, None
+
+
 def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) · b, keeping only a and b for backward when gradients are on."""
     return _SiluMul.apply(a, b) if torch.is_grad_enabled() else F.silu(a) * b
@@ -69,7 +96,19 @@ def _norm_forward(self, x):
 def _mlp_forward(self, x):
     if not torch.is_grad_enabled():
         return self._lowbit_orig_forward(x)
-    return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+    from .lora import LoRALinear  # (lora → experts → this module)
+
+    a, b = self.gate_proj(x), self.up_proj(x)
+    m, down = _SiluMul.apply(a, b), self.down_proj
+    if not (isinstance(down, LoRALinear) and not down.disabled and isinstance(down.lora_dropout, nn.Identity)):
+        return down(m)
+    wa, wb = down.lora_A.weight, down.lora_B.weight
+    if torch.is_autocast_enabled(x.device.type):  # LoRALinear's dtype rule
+        dt = torch.get_autocast_dtype(x.device.type)
+        wa, wb = wa.to(dt), wb.to(dt)
+    else:
+        dt = wa.dtype
+    return _LoRAOfSiluMul.apply(m, down.base(m), wa, wb, a, b, down.scaling, dt)
 
 
 def fuse_modules(net: nn.Module) -> int:

@@ -10,8 +10,10 @@ activations)::
     LoRA params / grads r·(in+out) per adapted layer, float32 each
     trained whole       lora_modules_to_save's embeddings / head: float32 weights, gradients and optimizer state
     optimizer state     AdamW 8 B/param; 8-bit 2 B + 8/256; paged: one page pair on the device, the rest on the host
-    activations         tokens · layers · (12h + 4·kv + 6·i + 2r·n_adapted + 4·heads) · dtype/2   (no checkpointing)
-                        — ``tiled_mlp``: 6·i/shards + 2h instead of 6·i (one shard's intermediates at a time)
+    activations         tokens · layers · (12h + 4·kv + m·i + 2r·n_adapted + 4·heads) · dtype/2   (no checkpointing)
+                        — m = 4 for a dense MLP (the gate and up outputs: the down projection's input is recomputed,
+                        nn/fused.py), 6 for mixture-of-experts blocks (the routed experts' down inputs are kept)
+                        — ``tiled_mlp``: m·i/shards + 2h instead of m·i (one shard's intermediates at a time)
                         tokens · (2h·layers + one layer's activations)                            (checkpointing)
                         — with ``gradient_checkpointing: offload`` on a GPU the 2h·layers checkpoints wait on the host
                         — coefficients counted from the tensors autograd saves in lowbit's own training step; i and
@@ -236,7 +238,7 @@ def _layer_bytes_per_token(f: Shapes, targets: set[str], lora_r: int, dbytes: in
     n_adapted = sum(x.count / f.L * (f.topk / f.experts if x.expert else 1) for x in f.layers if x.path in targets)
     shards = shard_count(row, f.h, int(f.mlp_per_token), num_shards or None) \
         if tiles(tiled_mlp, row) and f.experts == 1 else 1
-    mlp = 6 * f.mlp_per_token / shards + (2 * f.h if shards > 1 else 0)
+    mlp = (6 if f.experts > 1 else 4) * f.mlp_per_token / shards + (2 * f.h if shards > 1 else 0)
     return (12 * f.h + 4 * f.kv + mlp + 2 * lora_r * n_adapted + 4 * f.heads + 8) * dbytes / 2, shards
 
 
