@@ -51,3 +51,23 @@ def test_a_vision_config_without_weights_is_estimated(arch, text, vision):
     whole = plan(config.to_dict(), sequence_len=64, device="cpu", compute_dtype="float32")
     assert whole.settings["quantized_params"] + whole.items["unquantized_params"] / 4 == pytest.approx(
         sum(p.numel() for p in net.parameters()), rel=0.05)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (448, 336)])
+def test_plan_counts_image_tokens_with_the_models_processor(tmp_path, capsys, size):
+    """`lowbit plan` on a Qwen2-VL folder: the image tokens of a W×H image are the processor's patch grid merged
+    2×2 (t·h·w / merge²), and an image size that is not WxH is one line."""
+    from PIL import Image
+
+    from lowbit.cli import main
+    from lowbit.io.processor import load_processor
+
+    save_tiny_vlm(tmp_path, "qwen2_vl")
+    proc = load_processor(tmp_path)
+    grid = proc.image_processor(images=[Image.new("RGB", size)], return_tensors="pt")["image_grid_thw"][0]
+    want = int(grid.prod()) // proc.image_processor.merge_size ** 2
+    assert main(["plan", str(tmp_path), "--image-size", f"{size[0]}x{size[1]}"]) == 0
+    assert f"images: {want} image tokens per {size[0]}x{size[1]} image (the model's processor)" in capsys.readouterr().out
+    assert main(["plan", str(tmp_path), "--image-size", "big"]) != 0
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --image-size: expected WIDTHxHEIGHT in pixels, "
+                                                             "e.g. 448x448, got 'big'"]

@@ -1,5 +1,6 @@
 """``lowbit plan config.yaml | MODEL [--key value ...] [--gpu-memory 48GB]``: will the run fit? An itemised
-memory plan of exactly the run ``lowbit train`` would do with the same file and flags. Imports no torch."""
+memory plan of exactly the run ``lowbit train`` would do with the same file and flags. Imports no torch, but for a
+vision-language model in a folder, whose processor counts the tokens an image takes (``--image-size``)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def add_parser(sub, name):
                    help="print the largest sequence_len that fits, and what each memory lever adds to it")
     p.add_argument("--max-micro-batch-size", "--max-batch", action="store_true",
                    help="print the largest micro_batch_size that fits")
+    p.add_argument("--image-size", default="448x448", metavar="WxH",
+                   help="a vision-language model: the image size whose tokens to count (default 448x448)")
     p.add_argument("--json", action="store_true")
     add_config_flags(p)
     return p
@@ -51,6 +54,9 @@ def run(args) -> int:
             out[f"max_{key}"] = largest(cfg.base_model, key, args.gpu_memory, **settings)
     if args.max_sequence_len:
         out["levers"] = levers(cfg.base_model, args.gpu_memory, **settings)
+    images = _image_tokens(cfg.base_model, args.image_size)
+    if images:
+        out["image_tokens"] = images
     if args.json:
         print(json.dumps(out))
         return 0
@@ -69,6 +75,9 @@ def run(args) -> int:
     if s.get("model_type") not in KNOWN:
         print(f"note: model type {s.get('model_type')!r} is planned as a LLaMA-style decoder (q/k/v/o, gate/up/down); "
               "its own layer shapes are not known to the planner")
+    if images:
+        print(f"images: {images['tokens']} image tokens per {images['size']} image ({images['source']}), part of "
+              "sequence_len like text" if images["tokens"] is not None else f"images: {images['source']}")
     for key in ("sequence_len", "micro_batch_size"):
         if f"max_{key}" in out:
             print(f"largest {key} that fits: {out[f'max_{key}']:,}")
@@ -77,3 +86,25 @@ def run(args) -> int:
         for row in out["levers"]:
             print(f"  {row['change']:<36}{row['max_sequence_len']:>12,}")
     return 0
+
+
+def _image_tokens(model: str, size: str) -> dict | None:
+    """{size, tokens, source} for a vision-language model: counted by its processor when ``model`` is a folder
+    holding one; None for a text model."""
+    from ..errors import LowbitError
+    from ..io.processor import PROCESSOR_FILE
+    from ..planner.catalog import load_model_config
+    from ..planner.vision import is_vision
+
+    if not is_vision(load_model_config(model)):
+        return None
+    w, _, h = size.lower().partition("x")
+    if not (w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+        raise LowbitError(f"--image-size: expected WIDTHxHEIGHT in pixels, e.g. 448x448, got {size!r}")
+    w, h = int(w), int(h)
+    if not (Path(model) / PROCESSOR_FILE).is_file():
+        return {"size": f"{w}x{h}", "tokens": None, "source": f"not counted: no {PROCESSOR_FILE} beside the model"}
+    from ..data.images import image_tokens
+    from ..io.processor import load_processor
+
+    return {"size": f"{w}x{h}", "tokens": image_tokens(load_processor(model), w, h), "source": "the model's processor"}

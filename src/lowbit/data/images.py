@@ -23,7 +23,8 @@ from pathlib import Path
 
 from ..errors import LowbitError
 
-__all__ = ["content_parts", "image_column", "open_image", "processor_of", "image_token_id", "piece_ids", "data_dir"]
+__all__ = ["content_parts", "image_column", "open_image", "processor_of", "image_token_id", "piece_ids", "data_dir",
+           "image_tokens"]
 
 BASE64 = "base64:"
 
@@ -40,6 +41,18 @@ def image_token_id(proc) -> int:
         if isinstance(tid, int):
             return tid
     return proc.tokenizer.convert_tokens_to_ids(proc.image_token)
+
+
+def image_tokens(proc, width: int, height: int) -> int:
+    """How many image tokens (``image_token_id``) the processor ``proc`` writes for one ``width``×``height`` image:
+    the sequence tokens it takes beside the few markers its chat template writes around it (Mllama's images reach
+    the text through cross-attention: one token each)."""
+    from PIL import Image
+
+    placeholder = getattr(proc, "image_token", None) or "<image>"
+    out = proc(text=[placeholder], images=[[Image.new("RGB", (width, height))]], add_special_tokens=False)
+    ids = out["input_ids"][0]
+    return sum(1 for t in (ids.tolist() if hasattr(ids, "tolist") else ids) if t == image_token_id(proc))
 
 
 def data_dir(rec) -> Path:

@@ -1,7 +1,8 @@
 """A vision-language model in the planner: its language model is planned as a text model (``text_config``), with
 the layer paths the loaded model has (``model.language_model.layers.0…``, Idefics3's ``model.text_model``), and
 its vision tower and projector are float weights in the compute dtype. Image tokens are tokens of
-``sequence_len`` like any other.
+``sequence_len`` like any other; how many one image takes is the model's processor's to say (``lowbit plan
+--image-size WxH`` asks it: ``data/images.image_tokens``).
 
     vision parameters   counted from the checkpoint's safetensors headers when the model is a folder (exact);
                         for a config alone, estimated from ``vision_config``: per layer 4·h² + 2·h·i, the patch
