@@ -17,9 +17,12 @@ import ctypes
 import ctypes.util
 import functools
 
-__all__ = ["returning_allocator", "trim_host_heap", "can_trim"]
+__all__ = ["returning_allocator", "trim_host_heap", "can_trim", "TRIM_MIN_BYTES"]
 
 _M_MMAP_THRESHOLD = -3
+# training trims between decoder layers whose outputs reach this size (training/host_memory.py); shorter steps leave
+# little behind and are not worth the calls — the planner's CPU backward term depends on which side a step is
+TRIM_MIN_BYTES = 1 << 20
 
 
 @functools.cache

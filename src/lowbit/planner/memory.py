@@ -25,8 +25,9 @@ activations)::
                         so only what it needs beyond the training step's activations is counted
     transient weight    the largest dequantized weight, forward and backward
     backward+allocator  activation gradients during backward and memory the allocator keeps after freeing;
-                        on CPU measured here (≈0.75× activations; with checkpointing ≈3.2 layers' activations,
-                        ≈0.8 once a layer's hidden states reach 32 MiB), on GPU estimated
+                        on CPU measured here (without checkpointing ≈0.2× activations once training trims the heap
+                        between layers — hidden states of ≥ 1 MiB — and ≈1.2× below that; with checkpointing ≈3.2
+                        layers' activations, ≈0.8 once a layer's hidden states reach 32 MiB), on GPU estimated
     data pipeline       CPU: the tokenizer, the datasets/Arrow runtime and the token tables (≈150 MiB, measured)
     framework overhead  CUDA context (GPU) or runtime buffers (CPU)
 
@@ -51,6 +52,7 @@ from dataclasses import dataclass, field
 
 from ..dtypes import DTYPES, canonical, default_compute_dtype_name
 from ..errors import LowbitError
+from ..io.allocator import TRIM_MIN_BYTES
 from ..nn.lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, PEFT_REFUSED, target_names
 from ..nn.loss_chunk import loss_chunk_tokens
 from ..nn.mlp_shards import shard_count, tiles
@@ -321,15 +323,18 @@ def _overheads(items: dict, act: float, layer_act: float, act_without_checkpoint
         back = 2 * layer_act if gradient_checkpointing else 0.5 * act
         return {"backward_and_allocator": int(back + 0.05 * sum(items.values())),
                 "framework_overhead": int(0.75 * GIB)}
-    # Measured on this CPU: activation gradients in backward plus what glibc keeps after freeing come to ≈0.75× the
-    # saved activations without checkpointing (bench/plan_validate.py). With checkpointing (bench/long_context.py,
+    # Measured on this CPU (bench/plan_validate.py): without checkpointing, activation gradients in backward plus what
+    # glibc keeps after freeing come to 0.06–0.19× the saved activations in steps whose freed pages training hands
+    # back between layers (training/host_memory.py: hidden states of ≥ TRIM_MIN_BYTES), 1.05–1.44× in shorter steps
+    # that keep them (a small absolute amount). With checkpointing (bench/long_context.py,
     # SmolLM2-135M, freed pages handed back every few layers by training/host_memory.py): ≈3.2 layers' activations
     # while a layer's hidden states are under 32 MiB — glibc's largest mmap threshold: smaller blocks come from the
     # heap and leave their pages behind until the next trim (2.6–3.2 from 2,048 to 8,192 tokens) — and ≈0.8 above it,
-    # where every freed block goes straight back (0.78 at 16,384 tokens). Never more than without checkpointing,
-    # which a model of fewer layers would otherwise get; plus ~32 MiB of runtime buffers.
+    # where every freed block goes straight back (0.78 at 16,384 tokens). Never more than the activations without
+    # checkpointing, which a model of fewer layers would otherwise get; plus ~32 MiB of runtime buffers.
     layers = 3.2 if hidden_bytes < GLIBC_MMAP_MAX else 0.8
-    back = min(layers * layer_act, 0.75 * act_without_checkpointing) if gradient_checkpointing else 0.75 * act
+    back = min(layers * layer_act, act_without_checkpointing) if gradient_checkpointing else \
+        (0.2 if hidden_bytes >= TRIM_MIN_BYTES else 1.2) * act
     return {"backward_and_allocator": int(back), "framework_overhead": 32 << 20,
             "data_pipeline": DATA_PIPELINE_CPU}
 

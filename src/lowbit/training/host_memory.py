@@ -21,12 +21,10 @@ import math
 import torch
 from torch import nn
 
-from ..io.allocator import can_trim, trim_host_heap
+from ..io.allocator import TRIM_MIN_BYTES, can_trim, trim_host_heap
 from ..nn.decoder_layers import decoder_layers
 
-__all__ = ["release_between_layers", "trim_host_heap", "MIN_BYTES"]
-
-MIN_BYTES = 1 << 20  # a layer output smaller than this (a short step) is not worth the calls
+__all__ = ["release_between_layers", "trim_host_heap"]
 
 
 def release_between_layers(model: nn.Module, calls_per_pass: int = 10) -> int:
@@ -38,7 +36,7 @@ def release_between_layers(model: nn.Module, calls_per_pass: int = 10) -> int:
 
     def after_forward(module, args, out):
         t = out[0] if isinstance(out, tuple) else out
-        if not torch.is_grad_enabled() or not torch.is_tensor(t) or t.numel() * t.element_size() < MIN_BYTES:
+        if not torch.is_grad_enabled() or not torch.is_tensor(t) or t.numel() * t.element_size() < TRIM_MIN_BYTES:
             return  # evaluation and sampling, and small steps, leave little behind
         trim_host_heap()
         if t.requires_grad:
