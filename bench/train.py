@@ -83,6 +83,7 @@ def worker(method: str, model: str, steps: int) -> dict:
     from lowbit.io.tokenizer import load_tokenizer
     from lowbit.nn.lora import add_lora
     from lowbit.quant.spec import QuantSpec
+    from lowbit.training.host_memory import release_between_layers
     from lowbit.training.loss import autocast, lm_loss
 
     dtype = default_compute_dtype()
@@ -95,6 +96,7 @@ def worker(method: str, model: str, steps: int) -> dict:
     if method.startswith("lowbit"):
         net = load(path, QuantSpec() if method == "lowbit-qlora" else None, compute_dtype=dtype)
         add_lora(net, r=R, alpha=32, target_modules="all-linear", verbose=False)
+        release_between_layers(net)  # as `lowbit train` does: the heap trimmed between layers (host_memory.py)
 
         def step():
             with autocast(dtype):
