@@ -54,7 +54,10 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _close(a: Path, b: Path, rtol=1e-5, atol=1e-6) -> bool:
+def _close(a: Path, b: Path, rtol=1e-5, atol=5e-6) -> bool:
+    """Same losses and adapters up to float32 summation order: on a machine whose oneDNN kernels sum in another
+    order across processes (measured on a 2-core AMX CPU) the adapters of 2 ranks and of one process differ by up
+    to 1.5e-6 after four AdamW steps at lr 3e-3 (Adam scales near-zero gradients' rounding up to the step size)."""
     la, lb = _losses(a), _losses(b)
     ta, tb = read_adapter(a)[1], read_adapter(b)[1]
     same_losses = len(la) == len(lb) and all(x == pytest.approx(y, rel=rtol) for x, y in zip(la, lb))

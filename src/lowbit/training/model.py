@@ -136,14 +136,19 @@ def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
         log(f"tiled_mlp: {n} MLP blocks run over shards of the sequence" if n else
             "tiled_mlp: this model has no dense MLP blocks to tile (mixture-of-experts blocks run whole)")
     if cfg.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # transformers also hooks every input embedding (a VLM's patch embedding too) to make its output require
-        # grad, which only reentrant checkpointing needs: autograd would then keep a frozen vision tower's
-        # activations and run its backward, and compute the first layer's input gradient, all for nothing.
-        model.disable_input_require_grads()
-        if getattr(model.config, "use_cache", None):  # training never uses the cache (sampling asks for it itself)
-            model.config.use_cache = False
+        _checkpoint_layers(model)
     return model
+
+
+def _checkpoint_layers(model: nn.Module) -> None:
+    """Non-reentrant gradient checkpointing of the decoder layers, without transformers' input-embedding hooks."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also hooks every input embedding (a VLM's patch embedding too) to make its output require grad,
+    # which only reentrant checkpointing needs: autograd would then keep a frozen vision tower's activations and run
+    # its backward, and compute the first layer's input gradient, all for nothing.
+    model.disable_input_require_grads()
+    if getattr(model.config, "use_cache", None):  # training never uses the cache (sampling asks for it itself)
+        model.config.use_cache = False
 
 
 def _trainable_rows(cfg: TrainConfig, tokens: TokenizerChanges | None) -> dict[str, list[int]]:
