@@ -67,7 +67,8 @@ def test_plan_counts_image_tokens_with_the_models_processor(tmp_path, capsys, si
     grid = proc.image_processor(images=[Image.new("RGB", size)], return_tensors="pt")["image_grid_thw"][0]
     want = int(grid.prod()) // proc.image_processor.merge_size ** 2
     assert main(["plan", str(tmp_path), "--image-size", f"{size[0]}x{size[1]}"]) == 0
-    assert f"images: {want} image tokens per {size[0]}x{size[1]} image (the model's processor)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"images: {want} image tokens per {size[0]}x{size[1]} image (the model's processor)" in out
     assert main(["plan", str(tmp_path), "--image-size", "big"]) != 0
     assert capsys.readouterr().err.strip().splitlines() == ["error: --image-size: expected WIDTHxHEIGHT in pixels, "
                                                              "e.g. 448x448, got 'big'"]
