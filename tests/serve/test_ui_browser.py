@@ -153,3 +153,25 @@ def test_a_run_another_process_holds_is_shown_running_and_not_started_twice(setu
     assert runs.state("busy")["status"] == "new"
     with pytest.raises(LowbitError, match="exists; resume it"):
         runs.start("busy", {"base_model": str(model_dir), "datasets": str(data)})
+
+
+def test_stop_checkpoints_a_run_started_with_ctrl_c_ignored(setup, tmp_path):
+    """A page started from a background job (`lowbit ui … &` in a script) has SIGINT ignored, and its runs inherit
+    that: Stop must still end the run with a checkpoint."""
+    import signal
+
+    root, model_dir, data = setup
+    runs = Runs(tmp_path / "runs")
+    prev = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        runs.start("bg", {"base_model": str(model_dir), "datasets": str(data), "max_steps": 100_000,
+                          "save_steps": 20, "sequence_len": 64, "compute_dtype": "float32"})
+    finally:
+        signal.signal(signal.SIGINT, prev)
+    try:
+        _wait(lambda: len(runs.metrics("bg")) > 20, 120, "the run to pass its first checkpoint")
+        assert runs.stop("bg")["status"] == "stopped"
+    finally:
+        runs.stop_all()
+    assert 20 < runs.state("bg")["step"] < 100_000
+    assert any((tmp_path / "runs" / "bg" / "checkpoints").iterdir())

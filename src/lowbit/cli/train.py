@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from .options import add_config_flags, config_from
@@ -27,6 +28,10 @@ def run(args) -> int:
     from ..training.config import config_to_yaml
     from ..training.recipe import train
 
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started from a background job (`nohup … &` in a script; the web page launched that way): Ctrl-C arrives
+        # ignored, inherited — the page's Stop and `kill -INT` must still checkpoint and end the run
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     report = Report()
     cfg = config_from(args, args.config, report)
     for line in report.lines():
