@@ -51,8 +51,8 @@ def image_tokens(proc, width: int, height: int) -> int:
 
     placeholder = getattr(proc, "image_token", None) or "<image>"
     out = proc(text=[placeholder], images=[[Image.new("RGB", (width, height))]], add_special_tokens=False)
-    ids = out["input_ids"][0]
-    return sum(1 for t in (ids.tolist() if hasattr(ids, "tolist") else ids) if t == image_token_id(proc))
+    ids, image = out["input_ids"][0], image_token_id(proc)
+    return sum(1 for t in (ids.tolist() if hasattr(ids, "tolist") else ids) if t == image)
 
 
 def data_dir(rec) -> Path:

@@ -67,4 +67,4 @@ def returning_allocator(every: int = 8):
     finally:
         if libc is not None:
             libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-            libc.malloc_trim(0)
+            trim_host_heap()

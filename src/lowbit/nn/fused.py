@@ -104,12 +104,7 @@ def _mlp_forward(self, x):
     m, down = _SiluMul.apply(a, b), self.down_proj
     if not (isinstance(down, LoRALinear) and not down.disabled and isinstance(down.lora_dropout, nn.Identity)):
         return down(m)
-    wa, wb = down.lora_A.weight, down.lora_B.weight
-    if torch.is_autocast_enabled(x.device.type):  # LoRALinear's dtype rule
-        dt = torch.get_autocast_dtype(x.device.type)
-        wa, wb = wa.to(dt), wb.to(dt)
-    else:
-        dt = wa.dtype
+    wa, wb, dt = down.factors(x.device.type)
     return _LoRAOfSiluMul.apply(m, down.base(m), wa, wb, a, b, down.scaling, dt)
 
 

@@ -55,16 +55,19 @@ class LoRALinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
 
+    def factors(self, device_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+        """(A, B, dtype) the product is computed with: the autocast dtype when autocast is on, else A's."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if torch.is_autocast_enabled(device_type):
+            dt = torch.get_autocast_dtype(device_type)
+            return a.to(dt), b.to(dt), dt
+        return a, b, a.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.disabled:
             return y
-        a, b = self.lora_A.weight, self.lora_B.weight
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            a, b = a.to(dt), b.to(dt)
-        else:
-            dt = a.dtype
+        a, b, dt = self.factors(x.device.type)
         h = self.lora_dropout(x.to(dt)).reshape(-1, x.shape[-1]) @ a.t()
         # y + s·(h Bᵀ) in one fused op (addmm), instead of a matmul, a scale and an add
         out = torch.addmm(y.reshape(-1, y.shape[-1]).to(dt), h, b.t(), alpha=self.scaling)
