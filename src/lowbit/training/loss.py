@@ -19,6 +19,7 @@ from torch import nn
 from ..data.formats import IGNORE
 from ..dtypes import autocast
 from ..generation import split_head
+from ..nn.compiled_layers import is_compiled
 from ..nn.cross_entropy import chunked_cross_entropy
 from ..nn.document_attention import packed_rows
 
@@ -49,14 +50,15 @@ def _inputs(batch) -> dict:
     block-diagonal mask from the position restarts). A right-padded batch goes without its padding mask:
     under causal attention a real token never sees the padding after it, so every learned position computes the same
     as with the mask, and attention needs no L×L mask tensor (PyTorch's flash kernel: O(L) memory). A
-    vision-language batch adds its images (``data/image_batches.py``: the keys named in ``vision_keys``)."""
+    vision-language batch adds its images (``data/image_batches.py``: the keys named in ``vision_keys``). Never a
+    cache: training does not decode (and a cache's per-layer state would make every compiled layer differ)."""
     if batch.get("position_ids") is not None:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     mask = batch.get("attention_mask")
     if mask is not None and _right_padded(mask):
         mask = None
     vision = {k: batch[k] for k in batch.get("vision_keys", ())}  # a vision-language model's images
-    return {"input_ids": batch["input_ids"], "attention_mask": mask, **vision}
+    return {"input_ids": batch["input_ids"], "attention_mask": mask, "use_cache": False, **vision}
 
 
 def _right_padded(mask: torch.Tensor) -> bool:
@@ -96,7 +98,7 @@ def _loss(model, body, head, inputs: dict, labels: torch.Tensor, chunk_tokens: i
     if head.weight.requires_grad:  # a trainable head needs its weight gradient: the plain path
         logits = F.linear(h, head.weight.to(h.dtype)).float()
         return F.cross_entropy(logits, labels, reduction="sum")
-    return chunked_cross_entropy(h, head.weight, labels, chunk_tokens)
+    return chunked_cross_entropy(h, head.weight, labels, chunk_tokens, compiled=is_compiled(head))
 
 
 class LossModule(nn.Module):
