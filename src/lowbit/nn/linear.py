@@ -140,6 +140,9 @@ class Linear4bit(nn.Module):
         self.register_buffer("nested_code", nested, persistent=False)
         self._layout = _Layout(torch.Size(q.shape), q.dtype, q.blocksize, q.quant_type, q.double_quant,
                                q.nested_offset, q.nested_blocksize)
+        # the double-quantization offset as a host tensor: compiled code passes it as data, not as a constant
+        # (one compiled layer serves every layer)
+        self._offset = None if q.nested_offset is None else torch.tensor([q.nested_offset], dtype=torch.float32)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec = QuantSpec(), compute_dtype=None) -> Linear4bit:
@@ -148,6 +151,11 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype_for(x, self.compute_dtype)
+        if torch.compiler.is_compiling():  # one opaque operator in the compiled graph (same arithmetic)
+            from .matmul4bit_op import matmul_4bit
+
+            y = matmul_4bit(x, self, dtype)
+            return y if self.bias is None else y + self.bias.to(dtype)
         return _Matmul4bit.apply(x, self.weight, self.bias, dtype)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
