@@ -20,17 +20,21 @@ probes a model before switching it, so such a model keeps transformers' attentio
 from __future__ import annotations
 
 import contextlib
-import contextvars
 
 import torch
 
 from ..dtypes import autocast
 from ..errors import LowbitError
+from .causal_attention import causal_attention, suits
 
-__all__ = ["NAME", "use_document_attention", "packed_rows", "document_spans", "document_attention"]
+__all__ = ["NAME", "use_document_attention", "packed_rows", "recompute_contexts", "document_spans",
+           "document_attention"]
 
 NAME = "lowbit_sdpa"
-_PACKED = contextvars.ContextVar("lowbit_packed_rows", default=False)
+# whether a packed forward is running: a plain flag of the process (training runs one forward at a time), because
+# compiled layers read it too and torch.compile reads a module flag (a guard: packed and unpacked get their own
+# graphs) but not a ContextVar
+_PACKED = [False]
 _spans_cache: list = [None, None]  # [position_ids tensor, its spans]: every layer of one forward shares them
 
 
@@ -38,11 +42,23 @@ _spans_cache: list = [None, None]  # [position_ids tensor, its spans]: every lay
 def packed_rows():
     """Within it, a model using ``"lowbit_sdpa"`` gets no mask for an unpadded batch: the attention splits its rows
     into documents at the position restarts."""
-    token = _PACKED.set(True)
+    with _packed_as(True):
+        yield
+
+
+def recompute_contexts():
+    """``context_fn`` for ``torch.utils.checkpoint``: a checkpointed layer is recomputed in backward (outside
+    ``packed_rows()``) with the packed flag its forward had, so both take the same attention path."""
+    return contextlib.nullcontext(), _packed_as(_PACKED[0])
+
+
+@contextlib.contextmanager
+def _packed_as(flag: bool):
+    was, _PACKED[0] = _PACKED[0], flag
     try:
         yield
     finally:
-        _PACKED.reset(token)
+        _PACKED[0] = was
 
 
 def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -76,16 +92,28 @@ def document_attention(module, query, key, value, attention_mask, dropout: float
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **({} if asked is None else {"is_causal": asked}),
                                       **kwargs)
-    if position_ids is None:
-        if _PACKED.get():
-            raise LowbitError(f"sample_packing: this model's attention ({type(module).__name__}) is not given the "
-                              "token positions, so packed documents cannot be kept apart; set sample_packing: false")
-        spans = None
-    else:
+    if position_ids is None and _PACKED[0]:
+        raise LowbitError(f"sample_packing: this model's attention ({type(module).__name__}) is not given the "
+                          "token positions, so packed documents cannot be kept apart; set sample_packing: false")
+    window = kwargs.get("sliding_window")
+    # eager: the documents from the positions whenever they are given (a checkpointed layer's recompute runs outside
+    # packed_rows()); a compiled layer reads them in packed forwards only (recomputes carry the flag: checkpoint.py),
+    # because finding them breaks the graph
+    if position_ids is not None and (_PACKED[0] or not torch.compiler.is_compiling()):
         spans = _spans(position_ids, query.shape[0])
-    if spans is None or (all(len(s) == 1 for s in spans) and not kwargs.get("sliding_window")):
-        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
-                                      is_causal=True, **kwargs)
+        if not all(len(s) == 1 for s in spans) or window:
+            return _document_rows(module, query, key, value, spans, dropout, scaling, kwargs)
+    if torch.compiler.is_compiling() and torch.is_grad_enabled() and suits(query, key, dropout):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return causal_attention(query, key, value, scale).transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                  is_causal=True, **kwargs)
+
+
+@torch.compiler.disable  # the documents are found from the positions' values: outside any compiled graph
+def _document_rows(module, query, key, value, spans, dropout, scaling, kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     window = kwargs.get("sliding_window")
     rows = []
     for b, row in enumerate(spans):
@@ -111,7 +139,7 @@ def _mask(*args, **kwargs):
     """transformers' SDPA mask, except in a packed forward of an unpadded batch without a cache: no mask at all."""
     from transformers.masking_utils import sdpa_mask
 
-    if _PACKED.get() and kwargs.get("attention_mask") is None and not kwargs.get("q_offset") and \
+    if _PACKED[0] and kwargs.get("attention_mask") is None and not kwargs.get("q_offset") and \
             not kwargs.get("kv_offset") and kwargs.get("q_length") == kwargs.get("kv_length"):
         return None
     return sdpa_mask(*args, **kwargs)
