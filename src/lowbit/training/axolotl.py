@@ -222,6 +222,7 @@ TRANSLATIONS = {
     "shrink_embeddings": _refuse_set("shrink_embeddings", "the embeddings keep their rows (new tokens add rows)"),
     "peft_trainable_token_indices": lambda v: {} if _empty(v) else {"trainable_token_indices": v},
     "dpo_beta": lambda v: {} if _empty(v) else {"rl_beta": v},
+    "torch_compile": lambda v: {} if v is None else {"compile": v},
 }
 
 

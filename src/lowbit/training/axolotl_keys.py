@@ -19,7 +19,7 @@ __all__ = ["CHOICES", "UNSUPPORTED", "PLUGINS"]
 
 _ATTN = "lowbit runs attention with PyTorch's scaled_dot_product_attention (same math)"
 _KERNELS = "lowbit's own fused kernels (4-bit dequantize, chunked loss, RMSNorm/SwiGLU backward) are used"
-_COMPILE = "compilation is lowbit's choice (eager PyTorch here)"
+_COMPILE = "lowbit compiles its decoder layers with inductor's defaults (torch_compile: → compile:)"
 _DATA = "lowbit's data layer decides this (memory-mapped Arrow tables, tokenization cached by content)"
 _NOTHING_UPLOADED = "nothing is uploaded: no model hub is reachable, the result stays in output_dir"
 _INTERNAL = "Axolotl's own bookkeeping"
@@ -43,8 +43,7 @@ CHOICES = {
     **dict.fromkeys(("chunked_cross_entropy", "chunked_cross_entropy_num_chunks", "cut_cross_entropy",
                      "liger_fused_linear_cross_entropy"),
                     "lowbit's loss is already chunked: the full logits tensor never exists"),
-    **dict.fromkeys(("torch_compile", "torch_compile_backend", "torch_compile_mode", "torch_compile_options"),
-                    _COMPILE),
+    **dict.fromkeys(("torch_compile_backend", "torch_compile_mode", "torch_compile_options"), _COMPILE),
     **dict.fromkeys(("experts_implementation", "use_scattermoe", "use_sonicmoe", "llama4_linearized_experts",
                      "expert_backend", "moe_grouped_backend", "moe_dequant_chunk_size", "moe_bnb_fast",
                      "dsv4_fp4_grouped_mode", "dsv4_fp8_nonexpert_mode", "dsv4_fp8_lora_kernel",

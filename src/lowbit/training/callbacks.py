@@ -6,6 +6,7 @@ which it may add to) and the end (also after Ctrl-C or an error, so files are cl
                    (the step's and the evaluation's) → record
     MetricsLog     one JSON line per logged step (metrics.jsonl)
     ProgressBar    tqdm on stderr: loss, lr, tokens/s, eval loss
+    CompileTime    with compiled layers: the first step's time (compiling included) against the second's
     (experiment trackers — TensorBoard, Weights & Biases, MLflow — are in trackers.py)
 
 Order matters: the Evaluator goes before StepMetrics, and both before the writers, so they see what is added.
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from .evaluation import evaluate
 
-__all__ = ["Callback", "Evaluator", "StepMetrics", "MetricsLog", "ProgressBar", "logged"]
+__all__ = ["Callback", "Evaluator", "StepMetrics", "MetricsLog", "ProgressBar", "CompileTime", "logged"]
 
 
 class Callback:
@@ -114,3 +116,20 @@ class ProgressBar(Callback):
     def on_train_end(self, state):
         if self.bar is not None:
             self.bar.close()
+
+
+class CompileTime(Callback):
+    """Says what compiling the layers cost: the first step of this process (compiled then) against the next."""
+
+    def __init__(self, log):
+        self.log, self.times = log, []
+
+    def on_train_begin(self, state):
+        self.times = [time.perf_counter()]
+
+    def on_step_end(self, state, record):
+        if len(self.times) < 3:
+            self.times.append(time.perf_counter())
+            if len(self.times) == 3:
+                first, second = self.times[1] - self.times[0], self.times[2] - self.times[1]
+                self.log(f"compile: the first step took {first:.1f} s (compiling included), the second {second:.1f} s")

@@ -127,6 +127,7 @@ class TrainConfig:
     gradient_checkpointing: bool | str = False  # true | false | offload (decoder-layer inputs in host memory)
     tiled_mlp: bool | str = False               # true | false | auto (from 8,192 tokens): MLPs over sequence shards
     tiled_mlp_num_shards: int = 0               # 0: from the memory target (nn/mlp_shards.py)
+    compile: bool | str = "auto"                # true | false | auto: decoder layers through torch.compile
     neftune_noise_alpha: float = 0.0            # > 0: NEFTune noise on the input embeddings while training
     # bookkeeping
     eval_steps: int | float = 50                # 0: only before and after training; 0 < x < 1: that fraction of
@@ -256,15 +257,14 @@ NON_NEGATIVE = ("max_steps", "warmup_steps", "evals_per_epoch", "saves_per_epoch
                 "max_prompt_len", "tiled_mlp_num_shards")
 
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
-SPECIAL_TOKENS = ("pad_token", "bos_token", "eos_token", "unk_token")
-EXCESS_LENGTH = ("truncate", "drop", "raise")
+SPECIAL_TOKENS, EXCESS_LENGTH = ("pad_token", "bos_token", "eos_token", "unk_token"), ("truncate", "drop", "raise")
 
 # the keys that name something, and the tables they name
-CHOICES = {"quant_type": tuple(QUANT_TYPES),
-           "compute_dtype": ("auto", *DTYPES), "lora_init": tuple(LORA_INITS),
+CHOICES = {"quant_type": tuple(QUANT_TYPES), "compute_dtype": ("auto", *DTYPES), "lora_init": tuple(LORA_INITS),
            "dataset_format": ("auto", *FORMATS), "lr_scheduler": tuple(SCHEDULERS), "optimizer": tuple(OPTIMIZERS),
            "distributed": DISTRIBUTED, "excess_length_strategy": EXCESS_LENGTH, "tiled_mlp": (False, True, "auto"),
-           "gradient_checkpointing": (False, True, "offload"), "rl": ("", *PREFERENCE_METHODS, "grpo")}
+           "compile": (False, True, "auto"), "gradient_checkpointing": (False, True, "offload"),
+           "rl": ("", *PREFERENCE_METHODS, "grpo")}
 
 # keys a resumed run may change: they leave the arithmetic of every step the same (logging, evaluation and
 # checkpoint cadence, memory-only settings) or only say how long to go on (max_steps, num_epochs)
@@ -288,7 +288,7 @@ def _coerce(key: str, value, from_string: bool):
             raise LowbitError("config: gradient_checkpointing: 'offload_disk' — checkpoints are kept in host memory "
                               "(offload), not on disk")
         return "offload"
-    if key == "tiled_mlp" and str(value).lower() == "auto":
+    if key in ("tiled_mlp", "compile") and str(value).lower() == "auto":
         return "auto"
     if key in ("lr_scheduler", "optimizer") and isinstance(value, str):
         return value.strip()

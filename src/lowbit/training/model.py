@@ -21,6 +21,7 @@ the configured layers and whatever else the config trains.
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import torch
@@ -30,7 +31,8 @@ from ..errors import LowbitError
 from ..io.adapters import read_adapter, set_adapter_weights
 from ..io.loader import SourceWeights, load
 from ..io.tokenizer import TokenizerChanges
-from ..nn.document_attention import use_document_attention
+from ..nn.compiled_layers import compile_layers, compiler_missing
+from ..nn.document_attention import recompute_contexts, use_document_attention
 from ..nn.lora import add_lora, count_parameters, linear_module_names
 from ..nn.mlp_shards import tiles
 from ..nn.tiled_mlp import tile_mlps
@@ -40,6 +42,8 @@ from .config import TrainConfig
 from .host_memory import release_between_layers
 
 __all__ = ["load_model", "grow_vocabulary", "expert_targets_for", "add_neftune"]
+
+COMPILE_MIN_PARAMS = 100_000_000  # compile: auto from this many parameters (SmolLM2-135M has 135 M)
 
 
 def grow_vocabulary(model: nn.Module, size: int, to_32x: bool = False, mean: bool = False, seed: int = 0) -> None:
@@ -137,12 +141,31 @@ def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
             "tiled_mlp: this model has no dense MLP blocks to tile (mixture-of-experts blocks run whole)")
     if cfg.checkpointing:
         _checkpoint_layers(model)
+    _compile(cfg, model, total, log)
     return model
+
+
+def _compile(cfg: TrainConfig, model: nn.Module, params: int, log) -> None:
+    """``compile``: true compiles the decoder layers (``nn/compiled_layers.py``); auto does so for models of
+    ``COMPILE_MIN_PARAMS`` or more in a single process (smaller ones spend more compiling than it saves them)."""
+    if not cfg.compile:
+        return
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    missing = compiler_missing(next(model.parameters()).device.type) or \
+        ("lowbit does not compile layers under torchrun yet" if several else None)
+    if cfg.compile == "auto" and (missing or params < COMPILE_MIN_PARAMS):
+        return
+    if missing:
+        log(f"compile: {missing}, so the layers run uncompiled")
+    else:
+        n = compile_layers(model)
+        log(f"compile: {n} decoder layers through torch.compile (built in the first steps, cached for later runs)")
 
 
 def _checkpoint_layers(model: nn.Module) -> None:
     """Non-reentrant gradient checkpointing of the decoder layers, without transformers' input-embedding hooks."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                       "context_fn": recompute_contexts})
     # transformers also hooks every input embedding (a VLM's patch embedding too) to make its output require grad,
     # which only reentrant checkpointing needs: autograd would then keep a frozen vision tower's activations and run
     # its backward, and compute the first layer's input gradient, all for nothing.

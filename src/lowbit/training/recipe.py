@@ -27,11 +27,12 @@ from ..errors import LowbitError
 from ..io.adapters import adapter_tensors, save_adapter
 from ..io.processor import save_tokenizer_files
 from ..io.tokenizer import TOKENIZER_FILES, prepare_tokenizer, tokenizer_for
+from ..nn.compiled_layers import is_compiled
 from ..planner.memory import HEADROOM
 from ..runlock import LOCK_NAME, RunLock
 from .cadence import per_epoch_cadence, total_steps
 from .calibrated_base import BASE_DIR, calibrated_base
-from .callbacks import CompletionsLog, Evaluator, MetricsLog, ProgressBar, StepMetrics
+from .callbacks import CompileTime, CompletionsLog, Evaluator, MetricsLog, ProgressBar, StepMetrics
 from .checkpoint import Checkpointer, latest_checkpoint, load_adapter_weights, load_trainer_state, saved_meta
 from .config import TrainConfig, config_changes, config_to_yaml
 from .data import load_data, load_preference_data, load_prompt_data
@@ -135,7 +136,8 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
         log(f"eval loss before training: {state.history['base_eval_loss']:.4f}"
             f"{_held_out_note(trainer.module if hasattr(trainer, 'module') else trainer, world)}")
     checkpoints = Checkpointer(out, model, opt, cfg, total, world, tok if changes.changed else None, device)
-    callbacks = [*_watchers(cfg, trainer, valid, total, run),
+    timing = [CompileTime(log)] if any(is_compiled(m) for m in model.modules()) and world.main else []
+    callbacks = [*timing, *_watchers(cfg, trainer, valid, total, run),
                  *(_reporters(cfg, out, total, progress, module) if world.main else []), checkpoints, *extra]
     _run(cfg, trainer, opt, sched, batches, total, state, callbacks, checkpoints, run,
          rollout_fn(trainer, module, world) if grpo else None)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..data.formats import IGNORE
 from ..generation import split_head
+from ..nn.compiled_layers import is_compiled
 from ..nn.cross_entropy import chunked_token_logps
 from .loss import _inputs, _to
 
@@ -35,7 +36,7 @@ def token_logps(model, batch: dict, keep: torch.Tensor, targets: torch.Tensor,
     if head.weight.requires_grad:
         logits = F.linear(h, head.weight.to(h.dtype)).float()
         return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
-    return chunked_token_logps(h, head.weight, targets)
+    return chunked_token_logps(h, head.weight, targets, compiled=is_compiled(head))
 
 
 def sequence_logps(model, batch: dict, with_prompt: bool = False) -> dict[str, torch.Tensor]:
