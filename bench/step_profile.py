@@ -5,16 +5,19 @@ self time of every operator put in one family by what it is and where it runs:
     base matmuls      matrix products of the base layers (neither side of rank r, not the vocabulary head)
     LoRA matmuls      matrix products with one side of rank r
     head and loss     the vocabulary head's products and the cross-entropy (log-softmax, gather, their backward)
-    attention         scaled-dot-product attention, forward and backward
-    elementwise       norms, activations, RoPE, residual adds, casts and copies
+    attention         scaled-dot-product attention, forward and backward (with compiled layers: the backward's
+                      batched products too)
+    elementwise       norms, activations, RoPE, residual adds, casts and copies (in compiled layers: the fused
+                      kernels of their graphs)
     optimizer         inside the optimizer step
     Python and other  the step's wall time not spent in an operator (interpreter, autograd bookkeeping)
 
 Same model, batch and settings as bench/train.py's lowbit-qlora row (SmolLM2-135M-Instruct 4×256; the random
-~1.2B LLaMA 2×256 with ``--models llama-1.2b``), r=16 on all linear layers, this machine's compute dtype. The
-profiler's own cost makes the profiled step slower than an unprofiled one; both are printed.
+~1.2B LLaMA 2×256 with ``--models llama-1.2b``), r=16 on all linear layers, this machine's compute dtype, the model
+prepared as ``lowbit train`` prepares it (``--compile false``: eager layers). The profiler's own cost makes the
+profiled step slower than an unprofiled one; both are printed.
 
-    python bench/step_profile.py [--models smollm2-135m,llama-1.2b] [--steps 2] [--readme]
+    python bench/step_profile.py [--models smollm2-135m,llama-1.2b] [--steps 2] [--compile false] [--readme]
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def _family(event, scopes: list[str], r: int, vocab: int) -> str:
     if "lowbit::optimizer" in scopes:
         return "optimizer"
     name = event.name
-    if "attention" in name or "scaled_dot_product" in name:
+    if "attention" in name or "scaled_dot_product" in name or name == "aten::bmm":
         return "attention"
     if any(k in name for k in LOSS):
         return "head and loss"
@@ -60,7 +63,7 @@ def _scopes(event) -> list[str]:
     return out
 
 
-def worker(model: str, steps: int) -> dict:
+def worker(model: str, steps: int, compiled: bool) -> dict:
     import logging
     import warnings
 
@@ -74,9 +77,15 @@ def worker(model: str, steps: int) -> dict:
     from lowbit.dtypes import default_compute_dtype
     from lowbit.io.loader import load
     from lowbit.io.tokenizer import load_tokenizer
+    from lowbit.nn.compiled_layers import is_compiled
+    from lowbit.nn.document_attention import use_document_attention
+    from lowbit.nn.linear import parameter_counts
     from lowbit.nn.lora import add_lora
     from lowbit.quant.spec import QuantSpec
+    from lowbit.training.config import TrainConfig
+    from lowbit.training.host_memory import release_between_layers
     from lowbit.training.loss import autocast, lm_loss
+    from lowbit.training.model import apply_compile
 
     dtype = default_compute_dtype()
     torch.manual_seed(0)
@@ -85,6 +94,9 @@ def worker(model: str, steps: int) -> dict:
     batch = _batch(tok, MODELS[model][0])
     net = load(path, QuantSpec(), compute_dtype=dtype)
     add_lora(net, r=R, alpha=32, target_modules="all-linear", verbose=False)
+    use_document_attention(net)  # as `lowbit train` prepares the model (training/model.py)
+    release_between_layers(net)
+    apply_compile(TrainConfig(compile="auto" if compiled else False), net, parameter_counts(net)[1], print)
     net.train()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     vocab = net.get_output_embeddings().weight.shape[0]
@@ -119,6 +131,7 @@ def worker(model: str, steps: int) -> dict:
         by[fam] += e.self_cpu_time_total / 1e6 / steps
     by["Python and other"] = max(0.0, wall - sum(v for k, v in by.items() if k != "Python and other"))
     return {"model": model, "batch": MODELS[model][0], "seq": SEQ, "compute_dtype": str(dtype),
+            "compiled": any(is_compiled(m) for m in net.modules()),
             "step_s": statistics.median(plain), "profiled_step_s": wall, "families_s": by}
 
 
@@ -127,15 +140,16 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--readme", action="store_true")
+    ap.add_argument("--compile", default="auto", choices=["auto", "false"])
     ap.add_argument("--worker", nargs=1)
     args = ap.parse_args()
     if args.worker:
         import json
 
-        print("RESULT " + json.dumps(worker(args.worker[0], args.steps)), flush=True)
+        print("RESULT " + json.dumps(worker(args.worker[0], args.steps, args.compile == "auto")), flush=True)
         return
-    results = [r for m in args.models.split(",")
-               if (r := run_worker(__file__, ["--worker", m, "--steps", str(args.steps)], m)) is not None]
+    results = [r for m in args.models.split(",") if (r := run_worker(
+        __file__, ["--worker", m, "--steps", str(args.steps), "--compile", args.compile], m)) is not None]
     rows = []
     for fam in FAMILIES:
         row = {"family": fam}
@@ -146,7 +160,8 @@ def main() -> None:
     rows.append({"family": "step, profiled", **{r["model"]: f"{r['profiled_step_s']:.3f} s" for r in results}})
     rows.append({"family": "step, not profiled", **{r["model"]: f"{r['step_s']:.3f} s" for r in results}})
     md = table(rows, ["family", *[r["model"] for r in results]])
-    md += "\n\n" + ", ".join(f"{r['model']}: batch {r['batch']}×{r['seq']}, {r['compute_dtype']}" for r in results)
+    md += "\n\n" + ", ".join(f"{r['model']}: batch {r['batch']}×{r['seq']}, {r['compute_dtype']}, "
+                             f"{'compiled' if r['compiled'] else 'eager'} layers" for r in results)
     publish("step_profile", md, {"results": results}, args.readme)
 
 

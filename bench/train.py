@@ -1,7 +1,13 @@
 """QLoRA training throughput and memory: lowbit vs transformers + bitsandbytes + peft vs LoRA on the unquantized
 base — same batch of real dialogue tokens, r=16, alpha=32, all linear layers, same compute dtype, in one run.
-Each method runs in its own process (peak RSS is per process), 2 warm-up steps then the median of ``--steps``
-steps; methods alternate over ``--rounds``.
+Each method runs in its own process (peak RSS is per process), 2 warm-up steps (lowbit's compile happens there:
+its time is reported) then the median of ``--steps`` steps; methods alternate over ``--rounds``. lowbit's model is
+prepared as ``lowbit train`` prepares it (document attention, heap trims, ``compile``); ``lowbit-qlora-eager`` is the
+same with ``compile: false``.
+
+The floor: the step's matrix products (base layers forward and input-gradient, LoRA's six products a layer, the
+chunked head three times, attention's five backward and two forward products at half for causality), each shape
+timed alone with ``torch.matmul`` in this run, in the compute dtype — the step if nothing but its GEMMs ran.
 
 Models: SmolLM2-135M-Instruct (batch 4 × 256), and LLaMA-shaped models with random weights and SmolLM2's
 tokenizer at ~0.6B and ~1.2B parameters (batch 2 × 256), built once into ``$LOWBIT_CACHE/bench/``.
@@ -21,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, peak_rss_bytes, run_worker, table, update_readme, write_json
 
-METHODS = ["lowbit-qlora", "peer-bnb-peft-qlora", "lowbit-lora-16bit"]
+METHODS = ["lowbit-qlora", "peer-bnb-peft-qlora", "lowbit-lora-16bit", "lowbit-qlora-eager"]
 SEQ, R = 256, 16
 # name → (batch, LLaMA shape of a random model: hidden, intermediate, layers, heads, kv heads; None: the real model)
 MODELS = {"smollm2-135m": (4, None), "llama-0.6b": (2, (1536, 4096, 20, 12, 4)),
@@ -81,10 +87,14 @@ def worker(method: str, model: str, steps: int) -> dict:
     from lowbit.dtypes import default_compute_dtype
     from lowbit.io.loader import load
     from lowbit.io.tokenizer import load_tokenizer
+    from lowbit.nn.document_attention import use_document_attention
+    from lowbit.nn.linear import parameter_counts
     from lowbit.nn.lora import add_lora
     from lowbit.quant.spec import QuantSpec
+    from lowbit.training.config import TrainConfig
     from lowbit.training.host_memory import release_between_layers
     from lowbit.training.loss import autocast, lm_loss
+    from lowbit.training.model import apply_compile
 
     dtype = default_compute_dtype()
     torch.manual_seed(0)
@@ -94,9 +104,12 @@ def worker(method: str, model: str, steps: int) -> dict:
     tok = load_tokenizer(path)
     batch = _batch(tok, MODELS[model][0])
     if method.startswith("lowbit"):
-        net = load(path, QuantSpec() if method == "lowbit-qlora" else None, compute_dtype=dtype)
+        net = load(path, None if method == "lowbit-lora-16bit" else QuantSpec(), compute_dtype=dtype)
         add_lora(net, r=R, alpha=32, target_modules="all-linear", verbose=False)
-        release_between_layers(net)  # as `lowbit train` does: the heap trimmed between layers (host_memory.py)
+        use_document_attention(net)  # as `lowbit train` prepares the model (training/model.py)
+        release_between_layers(net)
+        if method != "lowbit-qlora-eager":
+            apply_compile(TrainConfig(), net, parameter_counts(net)[1], print)
 
         def step():
             with autocast(dtype):
@@ -121,32 +134,60 @@ def worker(method: str, model: str, steps: int) -> dict:
     net.train()  # never an eval-mode forward on the peer: bnb's CPU repack trap (DESIGN.md §5)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
-    times, losses = [], []
+    times, losses, warmup = [], [], []
     for i in range(steps + 2):
         t = time.perf_counter()
         losses.append(step())
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - t)
+        (times if i >= 2 else warmup).append(time.perf_counter() - t)
     st = statistics.median(times)
-    return {"method": method, "model": model, "batch": MODELS[model][0], "step_s": st,
+    return {"method": method, "model": model, "batch": MODELS[model][0], "step_s": st, "warmup_s": warmup,
             "tokens_per_s": MODELS[model][0] * SEQ / st, "peak_rss_bytes": peak_rss_bytes(),
             "process_baseline_rss_bytes": base_rss, "load_s": load_s, "first_loss": losses[0], "last_loss": losses[-1],
             "step_times": times, "trainable_params": sum(p.numel() for p in params), "compute_dtype": str(dtype)}
 
 
-def gemm_ceiling() -> float:
+def _gemms(model: str) -> list[tuple[int, int, int, int, float]]:
+    """(count, m, k, n, weight) of every matrix product of one lowbit step of ``model`` (see the docstring)."""
+    from transformers import AutoConfig
+
+    from lowbit.nn.loss_chunk import loss_chunk_tokens
+
+    c = AutoConfig.from_pretrained(_model_path(model))
+    b, d, i, v = MODELS[model][0], c.hidden_size, c.intermediate_size, c.vocab_size
+    hd = getattr(c, "head_dim", None) or d // c.num_attention_heads
+    t, h, kv = b * SEQ, c.num_attention_heads, c.num_key_value_heads
+    out = []
+    for fan_in, fan_out in ((d, h * hd), (d, kv * hd), (d, kv * hd), (h * hd, d), (d, i), (d, i), (i, d)):
+        out += [(1, t, fan_in, fan_out, 1.0), (1, t, fan_out, fan_in, 1.0),  # base forward, input gradient
+                (1, t, fan_in, R, 1.0), (1, t, R, fan_out, 1.0), (1, t, fan_out, R, 1.0), (1, t, R, fan_in, 1.0),
+                (1, R, t, fan_in, 1.0), (1, fan_out, t, R, 1.0)]  # LoRA forward, input gradient, weight gradients
+    out = [(c.num_hidden_layers * n, *rest) for n, *rest in out]
+    rows, chunk = b * (SEQ - 1), loss_chunk_tokens(v)
+    for n_rows in [chunk] * (rows // chunk) + ([rows % chunk] if rows % chunk else []):
+        out += [(2, n_rows, d, v, 1.0), (1, n_rows, v, d, 1.0)]  # head forward, recomputed, input gradient
+    attn = b * h * c.num_hidden_layers
+    out += [(attn * 4, SEQ, hd, SEQ, 0.5), (attn * 3, SEQ, SEQ, hd, 0.5)]  # causal: half of each product
+    return out
+
+
+def floor_s(model: str) -> tuple[float, float]:
+    """(the step's GEMM time, its GEMM FLOPs) for ``model``: each product's shape timed alone in this process."""
     import torch
 
     from lowbit.dtypes import default_compute_dtype
 
     from common import timeit
 
-    dtype = default_compute_dtype()
-    a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
-    t = timeit(lambda: a @ b, 20)
-    return 2 * 1024 * 576 * 1536 / t / 1e9
+    dtype, total, flops, seen = default_compute_dtype(), 0.0, 0.0, {}
+    for count, m, k, n, weight in _gemms(model):
+        if (m, k, n) not in seen:
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            seen[(m, k, n)] = timeit(lambda: a @ b, 10, 3)
+        total += count * weight * seen[(m, k, n)]
+        flops += count * weight * 2 * m * k * n
+    return total, flops
 
 
 def _run(method: str, model: str, steps: int) -> dict | None:
@@ -167,7 +208,7 @@ def main() -> None:
     runs: dict[tuple, list[dict]] = {}
     for _ in range(args.rounds):
         for model in models:
-            for m in METHODS if model == "smollm2-135m" else METHODS[:2]:  # 16-bit LoRA: the small model only
+            for m in METHODS if model == "smollm2-135m" else METHODS[:2]:  # 16-bit LoRA, eager: the small model
                 r = _run(m, model, args.steps)
                 if r:
                     runs.setdefault((model, m), []).append(r)
@@ -183,7 +224,7 @@ def main() -> None:
     print(f"LoRA r={R} all-linear, compute {dtype}; {machine()}\n\n{md}")
     summary = {}
     for model in models:
-        q, peer, lora = (res.get((model, m)) for m in METHODS)
+        q, peer, lora = (res.get((model, m)) for m in METHODS[:3])
         s = {}
         if q and peer:
             s["speed_vs_peer"] = q["tokens_per_s"] / peer["tokens_per_s"]
@@ -191,17 +232,20 @@ def main() -> None:
         if q and lora:
             s["speed_vs_lora16"] = q["tokens_per_s"] / lora["tokens_per_s"]
         summary[model] = s
-    if models[0] == "smollm2-135m" and res.get(("smollm2-135m", METHODS[0])):
-        flops_per_token = 4 * 134.5e6  # forward 2N + input-gradient 2N (frozen base: no weight gradient)
-        summary["smollm2-135m"]["achieved_gflops"] = res[("smollm2-135m", METHODS[0])]["tokens_per_s"] * \
-            flops_per_token / 1e9
-        summary["gemm_ceiling_gflops"] = gemm_ceiling()
-    lines = "; ".join(f"{m}: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()) for m, s in summary.items()
-                      if isinstance(s, dict) and s)
-    lines += f"; gemm ceiling {summary['gemm_ceiling_gflops']:.0f} GFLOP/s" if "gemm_ceiling_gflops" in summary else ""
+    for model in models:
+        q = res.get((model, METHODS[0]))
+        if q:
+            floor, flops = floor_s(model)
+            eager = res.get((model, "lowbit-qlora-eager"))
+            summary[model].update(floor_s=floor, step_vs_floor=q["step_s"] / floor,
+                                  step_tflops=flops / q["step_s"] / 1e12, gemm_tflops=flops / floor / 1e12,
+                                  compile_warmup_s=sum(q["warmup_s"]) - 2 * q["step_s"],
+                                  **({"speed_vs_eager": eager["step_s"] / q["step_s"]} if eager else {}))
+    lines = "; ".join(f"{m}: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()) for m, s in summary.items() if s)
     print("\n" + lines)
     update_readme("train", f"{md}\n\n{lines}. Compute dtype {dtype}; the peer is never run in eval mode "
-                  "(DESIGN.md §5).")
+                  "(DESIGN.md §5); floor_s: the step's GEMMs alone (see bench/train.py); compile_warmup_s: the two "
+                  "warm-up steps' time beyond two steps (what compiling cost, with a warm or cold cache).")
     data = {"machine": machine(), "seq": SEQ, "r": R, "results": [{"model": k[0], **v} for k, v in res.items()],
             "summary": summary}
     print(f"wrote {write_json('train', data)}")

@@ -133,17 +133,17 @@ def test_compiled_layers_train_like_eager_layers(tmp_path, checkpointing):
 def test_compile_key_chooses_and_reports(tmp_path, monkeypatch):
     from lowbit.errors import LowbitError
     from lowbit.training.config import TrainConfig, apply_overrides
-    from lowbit.training.model import _compile
+    from lowbit.training.model import apply_compile
 
     m = _tiny(tmp_path, False)
     lines = []
-    _compile(TrainConfig(compile="auto"), m, 10**6, lines.append)  # a small model: auto leaves it eager
+    apply_compile(TrainConfig(compile="auto"), m, 10**6, lines.append)  # a small model: auto leaves it eager
     assert not any(is_compiled(x) for x in m.modules()) and not lines
     monkeypatch.setattr("shutil.which", lambda name: None)
-    _compile(TrainConfig(compile=True), m, 10**6, lines.append)
+    apply_compile(TrainConfig(compile=True), m, 10**6, lines.append)
     assert lines == ["compile: no C++ compiler (g++ or clang++) was found, so the layers run uncompiled"]
     monkeypatch.undo()
-    _compile(TrainConfig(compile=True), m, 10**6, lines.append)
+    apply_compile(TrainConfig(compile=True), m, 10**6, lines.append)
     assert lines[-1].startswith("compile: 2 decoder layers through torch.compile") and is_compiled(m.model.layers[0])
     assert apply_overrides(TrainConfig(), {"torch_compile": False}).compile is False
     assert apply_overrides(TrainConfig(), {"torch_compile": "auto"}).compile == "auto"

@@ -41,7 +41,7 @@ from .calibrated_base import lora_start
 from .config import TrainConfig
 from .host_memory import release_between_layers
 
-__all__ = ["load_model", "grow_vocabulary", "expert_targets_for", "add_neftune"]
+__all__ = ["load_model", "grow_vocabulary", "expert_targets_for", "add_neftune", "apply_compile"]
 
 COMPILE_MIN_PARAMS = 100_000_000  # compile: auto from this many parameters (SmolLM2-135M has 135 M)
 
@@ -141,11 +141,11 @@ def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
             "tiled_mlp: this model has no dense MLP blocks to tile (mixture-of-experts blocks run whole)")
     if cfg.checkpointing:
         _checkpoint_layers(model)
-    _compile(cfg, model, total, log)
+    apply_compile(cfg, model, total, log)
     return model
 
 
-def _compile(cfg: TrainConfig, model: nn.Module, params: int, log) -> None:
+def apply_compile(cfg: TrainConfig, model: nn.Module, params: int, log) -> None:
     """``compile``: true compiles the decoder layers (``nn/compiled_layers.py``); auto does so for models of
     ``COMPILE_MIN_PARAMS`` or more in a single process (smaller ones spend more compiling than it saves them)."""
     if not cfg.compile:
