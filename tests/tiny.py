@@ -182,3 +182,13 @@ class InterruptAt:
 
     def on_train_end(self, state):
         pass
+
+
+def runs_compiled_layers(fn):
+    """(fn's result, whether it ran a compiled decoder layer): only compiled code calls lowbit's 4-bit matmul
+    operator, so a compile that fell back to eager layers (a recompile limit, a graph break) reads False."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, any(e.name == "lowbit::matmul_4bit" for e in prof.events())

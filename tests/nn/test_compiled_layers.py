@@ -4,7 +4,6 @@ causal attention with a matmul backward, the compiled chunked loss — each agai
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 from lowbit.nn.causal_attention import MAX_SCORES, causal_attention, suits
 from lowbit.nn.compiled_layers import compile_layers, compiler_missing, is_compiled
@@ -97,10 +96,9 @@ def _tiny(tmp_path, checkpointing: bool):
 
 
 def _ran_operator(fn) -> bool:
-    """Whether ``fn()`` ran a compiled layer (only compiled code calls the 4-bit matmul operator)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return any(e.name == "lowbit::matmul_4bit" for e in prof.events())
+    from tiny import runs_compiled_layers
+
+    return runs_compiled_layers(fn)[1]
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

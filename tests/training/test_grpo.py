@@ -325,3 +325,17 @@ def test_prompts_under_another_field_and_a_missing_one(setup, tmp_path):
     with pytest.raises(LowbitError, match=r"q.jsonl:1: rl: grpo reads prompts: field 'prompt' .* is missing "
                                           r"\(fields: answer, question; name another with field:\)"):
         source_tables(parse_sources(str(data)), tok, 0, 0, 64, kind="prompt")
+
+
+def test_compiled_layers_give_the_same_grpo_run(setup, task):
+    """Sampling runs the eager layers (it uses a cache), the policy loss the compiled ones: the same rewards and
+    losses as an eager run."""
+    from tiny import runs_compiled_layers
+
+    for c in (False, True):
+        _, ran = runs_compiled_layers(lambda: recipe.train(_cfg(setup, task, f"compile-{c}", compile=c,
+                                                                max_steps=3), progress=False, log=lambda *a: None))
+        assert ran == c
+    eager, compiled = (_metrics(task / f"compile-{c}") for c in (False, True))
+    assert [r["reward"] for r in compiled] == [r["reward"] for r in eager]
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4, abs=1e-6)

@@ -121,3 +121,14 @@ def test_supervised_data_under_rl_names_the_problem(setup):
     cfg = _cfg(setup, setup[2], "refused-sft")
     with pytest.raises(LowbitError, match="not preference data"):
         recipe.train(cfg, progress=False, log=lambda *a: None)
+
+
+def test_compiled_layers_give_the_same_preference_run(setup, pairs):
+    from tiny import runs_compiled_layers
+
+    for c in (False, True):
+        _, ran = runs_compiled_layers(lambda: recipe.train(_cfg(setup, pairs, f"dpo-compile-{c}", compile=c,
+                                                                max_steps=3), progress=False, log=lambda *a: None))
+        assert ran == c
+    eager, compiled = (_metrics(setup[0] / f"dpo-compile-{c}") for c in (False, True))
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)

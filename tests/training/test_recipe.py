@@ -131,3 +131,24 @@ def test_tiled_mlp_and_rope_scaling_train_the_same_run(setup):
     assert tiled["eval_loss"] < tiled["base_eval_loss"] and tiled["eval_loss"] == pytest.approx(whole["eval_loss"],
                                                                                                 rel=1e-4)
     assert adapter_config_overrides(setup[0] / "tiled") == kw["model_config"]
+
+
+@pytest.mark.parametrize("extra", [{}, {"tiled_mlp": True, "tiled_mlp_num_shards": 3}])
+def test_compiled_layers_train_the_same_run(setup, extra):
+    """compile: true through train() — packed rows, checkpointing (and the tiled MLP): the same losses step by step
+    as the eager layers (float tolerance), and the compile is reported."""
+    kw = dict(sample_packing=True, sequence_len=256, micro_batch_size=1, gradient_checkpointing=True,
+              lora_dropout=0.0, max_steps=4, eval_steps=4, save_steps=4, **extra)
+    runs = [f"{how}{len(extra)}" for how in ("eager", "compiled")]
+    eager = recipe.train(_cfg(setup, runs[0], compile=False, **kw), progress=False, log=lambda *a: None)
+    from tiny import runs_compiled_layers
+
+    logs = []
+    compiled, ran = runs_compiled_layers(
+        lambda: recipe.train(_cfg(setup, runs[1], compile=True, **kw), progress=False, log=logs.append))
+    assert ran and any("compile: 2 decoder layers through torch.compile" in str(x) for x in logs)
+    assert any(str(x).startswith("compile: the first step took") for x in logs)
+    eager_losses, compiled_losses = ([json.loads(r)["loss"] for r in (setup[0] / run / "metrics.jsonl").read_text()
+                                      .splitlines()] for run in runs)
+    assert len(compiled_losses) == 4 and compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    assert compiled["eval_loss"] == pytest.approx(eager["eval_loss"], rel=1e-4)
