@@ -15,11 +15,11 @@ from lowbit.quant.spec import QuantSpec
 pytestmark = pytest.mark.skipif(compiler_missing("cpu") is not None, reason="torch.compile needs a C++ compiler")
 
 
-@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("nf3", True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matmul_4bit_operator_equals_the_eager_layer(double_quant, dtype):
+def test_matmul_4bit_operator_equals_the_eager_layer(quant_type, double_quant, dtype):
     torch.manual_seed(0)
-    layer = Linear4bit.from_linear(torch.nn.Linear(128, 96), QuantSpec("nf4", 64, double_quant))
+    layer = Linear4bit.from_linear(torch.nn.Linear(128, 96), QuantSpec(quant_type, 64, double_quant))
     x = torch.randn(3, 5, 128, requires_grad=True)
     g = torch.randn(3, 5, 96, dtype=dtype)
     want = layer(x.to(dtype))
@@ -148,3 +148,24 @@ def test_compile_key_chooses_and_reports(tmp_path, monkeypatch):
     assert apply_overrides(TrainConfig(), {"compile": "true"}, from_string=True).compile is True
     with pytest.raises(LowbitError, match="config: compile must be one of false, true, auto, got 'sometimes'"):
         apply_overrides(TrainConfig(), {"compile": "sometimes"}).validate()
+
+
+@pytest.mark.parametrize("arch,why", [("granitemoehybrid", "state-space or convolution mixers"),
+                                      ("mixtral", "mixture-of-experts layers"), ("llama", None)])
+def test_only_attention_and_dense_layers_are_compiled(tmp_path, arch, why):
+    from lowbit.io.loader import load
+    from lowbit.nn.compiled_layers import not_compiled_because
+    from lowbit.training.config import TrainConfig
+    from lowbit.training.model import apply_compile
+
+    from tiny import save_tiny
+
+    save_tiny(tmp_path, arch)
+    m = load(tmp_path, QuantSpec(), compute_dtype=torch.float32)
+    reason = not_compiled_because(m)
+    assert (reason is None) if why is None else (why in reason)
+    lines = []
+    apply_compile(TrainConfig(compile=True), m, 10**9, lines.append)
+    assert lines[-1] == (f"compile: {reason}, so the layers run uncompiled" if why else
+                         "compile: 2 decoder layers through torch.compile (built in the first steps, cached for later "
+                         "runs)")

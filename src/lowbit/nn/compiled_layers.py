@@ -27,7 +27,7 @@ from torch import nn
 from ..cache import cache_root
 from .decoder_layers import decoder_layers
 
-__all__ = ["compile_layers", "compiler_missing", "is_compiled"]
+__all__ = ["compile_layers", "compiler_missing", "not_compiled_because", "is_compiled"]
 
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
 
@@ -40,6 +40,20 @@ def compiler_missing(device_type: str) -> str | None:
         return f"lowbit compiles layers on the CPU and CUDA only, not on {device_type}"
     if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
         return "no C++ compiler (g++ or clang++) was found"
+    return None
+
+
+def not_compiled_because(net: nn.Module) -> str | None:
+    """Why ``net``'s layers are not compiled (tried and tested on attention + dense MLP layers only), or None."""
+    from .experts import Experts
+
+    layers = [m for _, m in decoder_layers(net)]
+    if not layers:
+        return "this model has no decoder layers lowbit knows"
+    if any(isinstance(m, nn.Conv1d) for layer in layers for m in layer.modules()):  # Mamba and short-conv mixers
+        return "layers with state-space or convolution mixers are not compiled yet"
+    if any(isinstance(m, Experts) for layer in layers for m in layer.modules()):
+        return "mixture-of-experts layers are not compiled yet"
     return None
 
 

@@ -97,8 +97,8 @@ def document_attention(module, query, key, value, attention_mask, dropout: float
                           "token positions, so packed documents cannot be kept apart; set sample_packing: false")
     window = kwargs.get("sliding_window")
     # eager: the documents from the positions whenever they are given (a checkpointed layer's recompute runs outside
-    # packed_rows()); a compiled layer reads them in packed forwards only (recomputes carry the flag: checkpoint.py),
-    # because finding them breaks the graph
+    # packed_rows()); a compiled layer reads them in packed forwards only (its recomputes carry the flag:
+    # recompute_contexts), because finding them breaks the graph
     if position_ids is not None and (_PACKED[0] or not torch.compiler.is_compiling()):
         spans = _spans(position_ids, query.shape[0])
         if not all(len(s) == 1 for s in spans) or window:

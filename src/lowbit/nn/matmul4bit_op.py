@@ -19,10 +19,12 @@ __all__ = ["matmul_4bit"]
 
 
 def _tensor(codes, absmax, code, nested_absmax, nested_code, shape, blocksize, nested_offset, nested_blocksize):
+    """The ``QuantizedTensor`` the operator's arguments hold (what dequantizing needs: the codebook gives the code
+    width, so the type's name and the original dtype are not carried)."""
     double = nested_absmax is not None
     nested_offset = None if nested_offset is None else float(nested_offset)  # a host tensor: no device sync
     return QuantizedTensor(codes, absmax if double else absmax.view(torch.float32), torch.Size(shape),
-                           torch.float32, blocksize, "nf4", code.view(torch.float32),
+                           torch.float32, blocksize, "", code.view(torch.float32),
                            nested_absmax.view(torch.float32) if double else None,
                            nested_code.view(torch.float32) if double else None, nested_offset, nested_blocksize)
 

@@ -39,6 +39,7 @@ def mlp_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
                                                              for n, _ in mod.named_modules())]
 
 
+@torch.compiler.disable  # its shards are checkpointed one by one: eager, also inside a compiled layer
 def _tiled(forward, hidden: int, intermediate: int, num_shards: int | None, x, *args, **kwargs):
     if not torch.is_tensor(x) or x.dim() < 2:
         return forward(x, *args, **kwargs)

@@ -44,21 +44,22 @@ def tokens_in(batch) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def _inputs(batch) -> dict:
+def _inputs(batch, compiled: bool = False) -> dict:
     """What the model is called with: a packed batch (``position_ids``, no mask) without a cache, so each document
     attends to itself alone (``nn/document_attention.py``; other attention implementations: transformers'
     block-diagonal mask from the position restarts). A right-padded batch goes without its padding mask:
     under causal attention a real token never sees the padding after it, so every learned position computes the same
     as with the mask, and attention needs no L×L mask tensor (PyTorch's flash kernel: O(L) memory). A
-    vision-language batch adds its images (``data/image_batches.py``: the keys named in ``vision_keys``). Never a
-    cache: training does not decode (and a cache's per-layer state would make every compiled layer differ)."""
+    vision-language batch adds its images (``data/image_batches.py``: the keys named in ``vision_keys``). With
+    ``compiled`` layers no cache either (they take only forwards without one)."""
     if batch.get("position_ids") is not None:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     mask = batch.get("attention_mask")
     if mask is not None and _right_padded(mask):
         mask = None
     vision = {k: batch[k] for k in batch.get("vision_keys", ())}  # a vision-language model's images
-    return {"input_ids": batch["input_ids"], "attention_mask": mask, "use_cache": False, **vision}
+    cache = {"use_cache": False} if compiled else {}
+    return {"input_ids": batch["input_ids"], "attention_mask": mask, **vision, **cache}
 
 
 def _right_padded(mask: torch.Tensor) -> bool:
@@ -79,9 +80,9 @@ def lm_loss(model, batch, chunk_tokens: int | None = None) -> tuple[torch.Tensor
     model's device."""
     n = answer_tokens(batch)  # counted on the host batch: no device sync
     device = next(model.parameters()).device
-    inputs = _to(_inputs(batch), device)
-    labels = batch["labels"][:, 1:].reshape(-1).to(device, non_blocking=True)
     body, head = split_head(model)
+    inputs = _to(_inputs(batch, is_compiled(head)), device)
+    labels = batch["labels"][:, 1:].reshape(-1).to(device, non_blocking=True)
     with packed_rows() if "position_ids" in inputs else contextlib.nullcontext():
         return _loss(model, body, head, inputs, labels, chunk_tokens), n
 

@@ -31,7 +31,7 @@ from ..errors import LowbitError
 from ..io.adapters import read_adapter, set_adapter_weights
 from ..io.loader import SourceWeights, load
 from ..io.tokenizer import TokenizerChanges
-from ..nn.compiled_layers import compile_layers, compiler_missing
+from ..nn.compiled_layers import compile_layers, compiler_missing, not_compiled_because
 from ..nn.document_attention import recompute_contexts, use_document_attention
 from ..nn.lora import add_lora, count_parameters, linear_module_names
 from ..nn.mlp_shards import tiles
@@ -151,7 +151,7 @@ def apply_compile(cfg: TrainConfig, model: nn.Module, params: int, log) -> None:
     if not cfg.compile:
         return
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    missing = compiler_missing(next(model.parameters()).device.type) or \
+    missing = compiler_missing(next(model.parameters()).device.type) or not_compiled_because(model) or \
         ("lowbit does not compile layers under torchrun yet" if several else None)
     if cfg.compile == "auto" and (missing or params < COMPILE_MIN_PARAMS):
         return

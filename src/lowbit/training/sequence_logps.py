@@ -25,8 +25,8 @@ def token_logps(model, batch: dict, keep: torch.Tensor, targets: torch.Tensor,
                 temperature: float = 1.0) -> torch.Tensor:
     """log p of ``targets`` at the positions ``keep`` marks (rows × (L−1)), flattened in row order; the logits
     divided by ``temperature`` first (GRPO scores what it sampled)."""
-    inputs = _to(_inputs(batch), keep.device)
     body, head = split_head(model)
+    inputs = _to(_inputs(batch, is_compiled(head)), keep.device)
     if body is None:
         logits = model(**inputs).logits[:, :-1][keep].float() / temperature
         return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
