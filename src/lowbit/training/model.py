@@ -146,14 +146,16 @@ def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
 
 
 def apply_compile(cfg: TrainConfig, model: nn.Module, params: int, log) -> None:
-    """``compile``: true compiles the decoder layers (``nn/compiled_layers.py``); auto does so for models of
-    ``COMPILE_MIN_PARAMS`` or more in a single process (smaller ones spend more compiling than it saves them)."""
+    """``compile``: true compiles the decoder layers (``nn/compiled_layers.py``); auto does so on the CPU (where it
+    was measured; on a GPU it is not yet) for models of ``COMPILE_MIN_PARAMS`` or more in a single process (smaller
+    ones spend more compiling than it saves them)."""
     if not cfg.compile:
         return
+    device = next(model.parameters()).device.type
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    missing = compiler_missing(next(model.parameters()).device.type) or not_compiled_because(model) or \
+    missing = compiler_missing(device) or not_compiled_because(model) or \
         ("lowbit does not compile layers under torchrun yet" if several else None)
-    if cfg.compile == "auto" and (missing or params < COMPILE_MIN_PARAMS):
+    if cfg.compile == "auto" and (missing or params < COMPILE_MIN_PARAMS or device != "cpu"):
         return
     if missing:
         log(f"compile: {missing}, so the layers run uncompiled")
