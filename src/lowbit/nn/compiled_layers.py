@@ -10,8 +10,8 @@ each linear layer; its arithmetic is the eager layer's.
 Only training forwards (gradients on, no KV cache) take the compiled path; evaluation and sampling stay eager, so
 they never compile anything. A new sequence length compiles once more with a symbolic length, then every length
 reuses it. Compiled code is cached on disk (``LOWBIT_CACHE``/inductor), so a later run on the machine skips most
-of the compile time. Needs a C compiler on the CPU (Triton on CUDA): without one ``compile_layers`` says why and
-changes nothing.
+of the compile time. Needs a C++ compiler on the CPU (Triton on CUDA): ``compiler_missing`` says when one is
+missing, and ``not_compiled_because`` which models are left eager (state-space or convolution mixers, experts).
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ the configured layers and whatever else the config trains.
     attention                  transformers' SDPA becomes ``nn/document_attention.py``'s: packed rows without an
                                L×L mask
     host memory                on the CPU, freed heap pages go back to the OS between layers (``host_memory.py``)
+    compile                    the decoder layers' training forwards through torch.compile (``nn/compiled_layers.py``;
+                               auto: on the CPU, models of ``COMPILE_MIN_PARAMS`` or more, one process)
 """
 
 from __future__ import annotations
