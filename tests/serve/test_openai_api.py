@@ -225,6 +225,26 @@ def test_body_limits_and_bad_json(url):
     assert status == 413 and json.loads(text)["error"]["code"] == "request_too_large"
 
 
+def test_an_oversized_body_still_being_sent_gets_its_413(url):
+    """The refusal comes after the body is read: a client still sending (here: the second half a moment later) gets
+    the 413, not a connection reset mid-send."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    body = b"x" * (2 << 20)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body[: len(body) // 2])
+        time.sleep(0.5)  # the server has the headers: without reading the rest it would answer and close now
+        sock.sendall(body[len(body) // 2:])
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413") and b"request_too_large" in reply
+
+
 def test_metrics_count_requests_and_tokens(client, url):
     client.completions.create(model="model", prompt="hello", max_tokens=3, temperature=0)
     status, text = _http(url + "/metrics")

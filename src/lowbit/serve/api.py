@@ -34,6 +34,7 @@ from .requests import ApiError, parse_request
 __all__ = ["build_app"]
 
 OPEN = ("/health", "/", "/ui", "/favicon.ico")  # no key needed: the page itself asks for one
+DRAIN_MAX_BYTES = 64 << 20  # an over-limit body up to this size is read (and dropped) before the 413 is sent
 
 
 def build_app(server, api_key: str | None = None, extra_routes=None) -> FastAPI:
@@ -69,6 +70,10 @@ def build_app(server, api_key: str | None = None, extra_routes=None) -> FastAPI:
                                             code="invalid_api_key"), path)
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > limit):
+            if size.isdigit() and int(size) <= DRAIN_MAX_BYTES:
+                # read it away first: a client still sending when the answer comes would see a broken pipe, not 413
+                async for _ in request.stream():
+                    pass
             return _error(metrics, ApiError(f"the request body is over {limit} bytes", status=413,
                                             code="request_too_large"), path)
         return await call_next(request)
