@@ -135,6 +135,7 @@ def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
     log(f"model: {base or cfg.base_model} ({f'{spec.quant_type} base, {spec}' if spec else 'unquantized'}, compute "
         f"{str(dtype).split('.')[-1]}); LoRA r={cfg.lora_r}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%){extra}")
+    _check_packed_mixers(cfg, model)
     use_document_attention(model)
     release_between_layers(model)
     if tiles(cfg.tiled_mlp, cfg.sequence_len):
@@ -164,6 +165,21 @@ def apply_compile(cfg: TrainConfig, model: nn.Module, params: int, log) -> None:
     else:
         n = compile_layers(model)
         log(f"compile: {n} decoder layers through torch.compile (built in the first steps, cached for later runs)")
+
+
+def _check_packed_mixers(cfg: TrainConfig, model: nn.Module) -> None:
+    """Packed rows train without a cache, and then transformers' Mamba layers (GraniteMoeHybrid's) take a fused path
+    that reads ``out_proj.weight`` itself: a LoRA there would fail (peft's would be skipped). Refused in one line."""
+    from ..nn.lora import LoRALinear
+
+    if not cfg.sample_packing:
+        return
+    for name, mod in model.named_modules():
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if isinstance(mod, LoRALinear) and name.endswith("out_proj") and "Mamba" in type(parent).__name__:
+            raise LowbitError(f"sample_packing: {name} carries LoRA, but this model's Mamba layers read out_proj's "
+                              "weight directly when training packed rows; leave out_proj out of lora_target_modules "
+                              "or set sample_packing: false")
 
 
 def _checkpoint_layers(model: nn.Module) -> None:
