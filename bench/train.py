@@ -5,9 +5,10 @@ its time is reported) then the median of ``--steps`` steps; methods alternate ov
 prepared as ``lowbit train`` prepares it (document attention, heap trims, ``compile``); ``lowbit-qlora-eager`` is the
 same with ``compile: false``.
 
-The floor: the step's matrix products (base layers forward and input-gradient, LoRA's six products a layer, the
-chunked head three times, attention's five backward and two forward products at half for causality), each shape
-timed alone with ``torch.matmul`` in this run, in the compute dtype — the step if nothing but its GEMMs ran.
+The floor: the step's matrix products (base layers forward and input-gradient, LoRA's six products per adapted
+layer, the chunked head three times, attention's five backward and two forward products at half for causality),
+each shape timed alone with ``torch.matmul`` in this run, in the compute dtype — the step if nothing but its GEMMs
+ran.
 
 Models: SmolLM2-135M-Instruct (batch 4 × 256), and LLaMA-shaped models with random weights and SmolLM2's
 tokenizer at ~0.6B and ~1.2B parameters (batch 2 × 256), built once into ``$LOWBIT_CACHE/bench/``.
