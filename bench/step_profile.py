@@ -78,14 +78,12 @@ def worker(model: str, steps: int, compiled: bool) -> dict:
     from lowbit.io.loader import load
     from lowbit.io.tokenizer import load_tokenizer
     from lowbit.nn.compiled_layers import is_compiled
-    from lowbit.nn.document_attention import use_document_attention
     from lowbit.nn.linear import parameter_counts
     from lowbit.nn.lora import add_lora
     from lowbit.quant.spec import QuantSpec
     from lowbit.training.config import TrainConfig
-    from lowbit.training.host_memory import release_between_layers
     from lowbit.training.loss import autocast, lm_loss
-    from lowbit.training.model import apply_compile
+    from lowbit.training.model import prepare_model
 
     dtype = default_compute_dtype()
     torch.manual_seed(0)
@@ -94,9 +92,8 @@ def worker(model: str, steps: int, compiled: bool) -> dict:
     batch = _batch(tok, MODELS[model][0])
     net = load(path, QuantSpec(), compute_dtype=dtype)
     add_lora(net, r=R, alpha=32, target_modules="all-linear", verbose=False)
-    use_document_attention(net)  # as `lowbit train` prepares the model (training/model.py)
-    release_between_layers(net)
-    apply_compile(TrainConfig(compile="auto" if compiled else False), net, parameter_counts(net)[1], print)
+    # as `lowbit train` prepares the model (training/model.py: document attention, heap trims, compile)
+    prepare_model(TrainConfig(compile="auto" if compiled else False), net, parameter_counts(net)[1], print)
     net.train()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     vocab = net.get_output_embeddings().weight.shape[0]

@@ -88,14 +88,12 @@ def worker(method: str, model: str, steps: int) -> dict:
     from lowbit.dtypes import default_compute_dtype
     from lowbit.io.loader import load
     from lowbit.io.tokenizer import load_tokenizer
-    from lowbit.nn.document_attention import use_document_attention
     from lowbit.nn.linear import parameter_counts
     from lowbit.nn.lora import add_lora
     from lowbit.quant.spec import QuantSpec
     from lowbit.training.config import TrainConfig
-    from lowbit.training.host_memory import release_between_layers
     from lowbit.training.loss import autocast, lm_loss
-    from lowbit.training.model import apply_compile
+    from lowbit.training.model import prepare_model
 
     dtype = default_compute_dtype()
     torch.manual_seed(0)
@@ -107,10 +105,9 @@ def worker(method: str, model: str, steps: int) -> dict:
     if method.startswith("lowbit"):
         net = load(path, None if method == "lowbit-lora-16bit" else QuantSpec(), compute_dtype=dtype)
         add_lora(net, r=R, alpha=32, target_modules="all-linear", verbose=False)
-        use_document_attention(net)  # as `lowbit train` prepares the model (training/model.py)
-        release_between_layers(net)
-        if method != "lowbit-qlora-eager":
-            apply_compile(TrainConfig(), net, parameter_counts(net)[1], print)
+        # as `lowbit train` prepares the model (training/model.py: document attention, heap trims, compile)
+        cfg = TrainConfig(compile=False if method == "lowbit-qlora-eager" else "auto")
+        prepare_model(cfg, net, parameter_counts(net)[1], print)
 
         def step():
             with autocast(dtype):

@@ -73,25 +73,23 @@ def test_compiled_chunked_loss_equals_eager(dtype):
 
 
 def _tiny(tmp_path, checkpointing: bool):
+    """A tiny 4-bit LLaMA with random LoRA, prepared as training prepares it (document attention, checkpointing)."""
     from lowbit.io.loader import load
-    from lowbit.nn.document_attention import recompute_contexts, use_document_attention
-    from lowbit.nn.lora import LoRALinear, add_lora
+    from lowbit.nn.document_attention import NAME
+    from lowbit.nn.lora import add_lora
+    from lowbit.training.config import TrainConfig
+    from lowbit.training.model import prepare_model
 
-    from tiny import save_tiny
+    from tiny import randomize_lora, save_tiny
 
     if not (tmp_path / "config.json").exists():
         save_tiny(tmp_path, "llama")
     torch.manual_seed(0)
     m = load(tmp_path, QuantSpec(), compute_dtype=torch.float32)
     add_lora(m, r=4, verbose=False)
-    for mod in m.modules():
-        if isinstance(mod, LoRALinear):
-            with torch.no_grad():
-                mod.lora_B.weight.normal_(0, 0.05)
-    assert use_document_attention(m)
-    if checkpointing:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
-                                                                       "context_fn": recompute_contexts})
+    randomize_lora(m)
+    prepare_model(TrainConfig(gradient_checkpointing=checkpointing, compile=False), m, 0, print)
+    assert m.config._attn_implementation == NAME
     return m.train()
 
 

@@ -43,7 +43,7 @@ from .calibrated_base import lora_start
 from .config import TrainConfig
 from .host_memory import release_between_layers
 
-__all__ = ["load_model", "grow_vocabulary", "expert_targets_for", "add_neftune", "apply_compile"]
+__all__ = ["load_model", "prepare_model", "grow_vocabulary", "expert_targets_for", "add_neftune", "apply_compile"]
 
 COMPILE_MIN_PARAMS = 100_000_000  # compile: auto from this many parameters (SmolLM2-135M has 135 M)
 
@@ -135,6 +135,13 @@ def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
     log(f"model: {base or cfg.base_model} ({f'{spec.quant_type} base, {spec}' if spec else 'unquantized'}, compute "
         f"{str(dtype).split('.')[-1]}); LoRA r={cfg.lora_r}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%){extra}")
+    prepare_model(cfg, model, total, log)
+    return model
+
+
+def prepare_model(cfg: TrainConfig, model: nn.Module, params: int, log) -> None:
+    """How ``cfg`` runs a loaded model with its adapters (attention, heap trims, tiled MLP, checkpointing, compile):
+    the tail of ``load_model``, also what the benches call on a model they built themselves."""
     _check_packed_mixers(cfg, model)
     use_document_attention(model)
     release_between_layers(model)
@@ -144,8 +151,7 @@ def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
             "tiled_mlp: this model has no dense MLP blocks to tile (mixture-of-experts blocks run whole)")
     if cfg.checkpointing:
         _checkpoint_layers(model)
-    apply_compile(cfg, model, total, log)
-    return model
+    apply_compile(cfg, model, params, log)
 
 
 def apply_compile(cfg: TrainConfig, model: nn.Module, params: int, log) -> None:
@@ -175,11 +181,10 @@ def _check_packed_mixers(cfg: TrainConfig, model: nn.Module) -> None:
     if not cfg.sample_packing:
         return
     for name, mod in model.named_modules():
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if isinstance(mod, LoRALinear) and name.endswith("out_proj") and "Mamba" in type(parent).__name__:
-            raise LowbitError(f"sample_packing: {name} carries LoRA, but this model's Mamba layers read out_proj's "
-                              "weight directly when training packed rows; leave out_proj out of lora_target_modules "
-                              "or set sample_packing: false")
+        if "Mamba" in type(mod).__name__ and isinstance(getattr(mod, "out_proj", None), LoRALinear):
+            raise LowbitError(f"sample_packing: {name}.out_proj carries LoRA, but this model's Mamba layers read "
+                              "out_proj's weight directly when training packed rows; leave out_proj out of "
+                              "lora_target_modules or set sample_packing: false")
 
 
 def _checkpoint_layers(model: nn.Module) -> None:
