@@ -178,8 +178,24 @@ def test_levers_list_what_each_technique_adds():
 
     rows = levers("llama-3.1-8b", "24GB", sequence_len=512, micro_batch_size=1, device="cuda")
     assert [r["change"] for r in rows] == ["as configured", "gradient_checkpointing: true", "tiled_mlp: true",
-                                           "gradient_checkpointing: offload"]
+                                           "gradient_checkpointing: offload"]  # disk: the same device bytes
     lengths = [r["max_sequence_len"] for r in rows]
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1] and len(set(lengths)) == 4
     on = levers("llama-3.1-8b", "24GB", sequence_len=512, device="cpu", gradient_checkpointing=True, tiled_mlp=True)
-    assert [r["change"] for r in on] == ["as configured"]  # nothing left to switch on (offload: GPU only)
+    assert [r["change"] for r in on] == ["as configured", "gradient_checkpointing: offload_disk"]
+    assert on[1]["max_sequence_len"] > on[0]["max_sequence_len"]
+    done = levers("llama-3.1-8b", "24GB", device="cuda", gradient_checkpointing="offload_disk", tiled_mlp=True)
+    assert [r["change"] for r in done] == ["as configured"]  # nothing left to switch on
+
+
+def test_offload_disk_plans_the_checkpoints_on_disk():
+    """offload_disk: the decoder layers' inputs (2h·layers per token, bf16 units) leave the device's total, on any
+    device, and the table says where they are."""
+    for device in ("cpu", "cuda"):
+        kw = dict(sequence_len=4096, micro_batch_size=1, device=device)
+        plain = plan(TINY, **kw, gradient_checkpointing=True)
+        disk = plan(TINY, **kw, gradient_checkpointing="offload_disk")
+        checkpoints = 4096 * TINY["hidden_size"] * TINY["num_hidden_layers"] * 2
+        assert plain.items["activations"] - disk.items["activations"] == checkpoints
+        assert disk.settings["disk_bytes"] == checkpoints and disk.host_bytes == plain.host_bytes
+        assert "checkpoints on disk" in disk.table() and "checkpoints on disk" not in plain.table()

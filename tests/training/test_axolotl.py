@@ -116,7 +116,6 @@ def _write(tmp_path, d):
     ({"adam_eps": 1e-5}, "unknown key 'adam_eps' — did you mean 'adam_epsilon'"),
     ({"context_parapllel_size": 2}, "unknown key 'context_parapllel_size' — did you mean 'context_parallel_size'"),
     ({"context_parallel_size": 2}, "context_parallel_size: 2 — context / tensor parallelism is not built in"),
-    ({"gradient_checkpointing": "offload_disk"}, "'offload_disk' — checkpoints are kept in host memory"),
     ({"bf16": "yes"}, "bf16: 'yes' — expects true, false or auto"),
     ({"evals_per_epoch": -1}, "evals_per_epoch must be >= 0"),
     ({"learning_rate": "fast"}, "learning_rate expects a number, got 'fast'"),

@@ -6,6 +6,8 @@ created without an explicit device lands on meta and the run fails — what woul
 """
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from lowbit.errors import LowbitError
 from lowbit.training import recipe
 from lowbit.training.config import TrainConfig, apply_overrides
 from lowbit.training.device import resolve_device
-from lowbit.training.offload import HostOffload
+from lowbit.training.offload import DiskOffload, HostOffload, disk_note
 from lowbit.training.optimizer import PAGED_FREE_SHARE, page_budget
 
 
@@ -164,8 +166,80 @@ def test_axolotl_activation_offloading():
     assert apply_overrides(TrainConfig(), {"activation_offloading": False}).gradient_checkpointing is False
     with pytest.raises(LowbitError, match="activation_offloading needs gradient_checkpointing, which is false"):
         apply_overrides(TrainConfig(), {"gradient_checkpointing": False, "activation_offloading": True})
-    with pytest.raises(LowbitError, match="activation_offloading: 'disk' — checkpointed activations wait in host"):
-        apply_overrides(TrainConfig(), {"activation_offloading": "disk"})
+    assert apply_overrides(TrainConfig(), {"activation_offloading": "disk"}).gradient_checkpointing == "offload_disk"
+    cfg = apply_overrides(TrainConfig(), {"gradient_checkpointing": True, "activation_offloading": "disk"})
+    assert cfg.gradient_checkpointing == "offload_disk" and cfg.checkpointing
+    assert apply_overrides(TrainConfig(), {"gradient_checkpointing": "offload_disk"}).gradient_checkpointing == \
+        "offload_disk"  # Axolotl's older spelling
+
+
+def _open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_disk_offloaded_checkpoints_give_the_same_gradients(tmp_path):
+    """offload_disk: every checkpointed layer's input goes to a file and comes back; the gradients equal plain
+    checkpointing's bit for bit, and the files are gone once backward has run."""
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for offload in (False, True):
+        m = _tiny_lm(gc=True)
+        hooks = DiskOffload(str(tmp_path), min_bytes=0)
+        files = _open_files()
+        ctx = hooks if offload else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        with ctx:
+            loss = m(ids, labels=ids).loss
+        if offload:
+            assert hooks.moved > 3 * 2 * 16 * 32 * 4  # at least one hidden-state input per layer
+            assert _open_files() > files + 3 and os.listdir(tmp_path) == []  # open, but unlinked
+        loss.backward()
+        del loss
+        assert _open_files() == files
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n
+
+
+def test_disk_offload_round_trips_every_dtype_and_leaves_small_tensors_alone():
+    hooks = DiskOffload(min_bytes=1 << 20)
+    w = torch.nn.Parameter(torch.randn(1024, 512))
+    strided = torch.randn(512, 1024).t()
+    assert hooks.pack_hook(w) is w and hooks.pack_hook(strided) is strided and hooks.moved == 0
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool):
+        big = (torch.randn(2048, 513) * 100).to(dtype)  # ≥ 1 MiB even as bool
+        packed = hooks.pack_hook(big)
+        assert not isinstance(packed, torch.Tensor)
+        for _ in range(2):  # autograd may unpack a saved tensor more than once (retain_graph)
+            back = hooks.unpack_hook(packed)
+            assert back.dtype == dtype and back.shape == big.shape and torch.equal(back, big)
+
+
+def test_disk_offload_that_cannot_write_says_so_in_one_line(tmp_path):
+    m, ids = _tiny_lm(gc=True), torch.randint(0, 64, (2, 16))
+    with pytest.raises(LowbitError, match=r"offload_disk could not write [0-9,]+ bytes under .*missing: No such file or "
+                                          r"directory — free disk space there, point TMPDIR elsewhere") as e:
+        with DiskOffload(str(tmp_path / "missing"), min_bytes=0):
+            m(ids, labels=ids)
+    assert "\n" not in str(e.value)
+
+
+def test_offload_disk_trains_as_plain_checkpointing(setup):
+    said = []
+    runs = [recipe.train(_cfg(setup, f"disk-{gc}", gradient_checkpointing=gc, max_steps=3, val_set_size=0),
+                         progress=False, log=said.append) for gc in (True, "offload_disk")]
+    assert runs[1]["steps"] == 3
+    losses = [_losses(setup[0] / f"disk-{gc}") for gc in (True, "offload_disk")]
+    assert losses[0] == losses[1]
+    assert any(s.startswith("gradient_checkpointing: offload_disk — checkpoints wait in files under") for s in said)
+
+
+def test_disk_note_says_when_the_folder_is_in_memory():
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    for m in [m[1] for m in mounts if m[2] == "tmpfs" and os.access(m[1], os.R_OK)][:1]:
+        assert disk_note(m).endswith(f"under {Path(m).resolve()} (tmpfs: in memory, so this saves none; set TMPDIR "
+                                     "to a folder on disk)")
+    here = Path(__file__).resolve().parent  # the checkout: on disk
+    assert disk_note(str(here)) == f"gradient_checkpointing: offload_disk — checkpoints wait in files under {here}"
 
 
 def test_paged_budget_on_a_gpu_takes_a_share_of_free_memory():

@@ -143,6 +143,18 @@ def test_a_run_too_big_for_the_machine_is_refused_with_the_cheapest_change(setup
     assert cli.main(["train", str(cfg_file), "--quiet", "--force"]) == 0
 
 
+def test_preflight_offloads_the_checkpoints_before_it_shortens_the_rows():
+    from lowbit.training import preflight
+    from lowbit.training.config import TrainConfig
+
+    cfg = TrainConfig(base_model="smollm2-135m", gradient_checkpointing=True, micro_batch_size=1,
+                      optimizer="paged_adamw_8bit", sequence_len=4096)
+    for device, offload in (("cpu", "offload_disk"), ("cuda", "offload")):
+        steps = list(preflight.cheaper(cfg, device))
+        assert steps[0][0].gradient_checkpointing == offload and steps[0][1] == f"gradient_checkpointing: {offload}"
+        assert steps[1][0].sequence_len == 2048 and steps[1][0].gradient_checkpointing == offload
+
+
 def test_running_out_of_memory_mid_run_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch, capsys):
     real, calls = loss_mod.lm_loss, {"n": 0}
 

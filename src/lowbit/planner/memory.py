@@ -15,7 +15,8 @@ activations)::
                         nn/fused.py), 6 for mixture-of-experts blocks (the routed experts' down inputs are kept)
                         — ``tiled_mlp``: m·i/shards + 2h instead of m·i (one shard's intermediates at a time)
                         tokens · (2h·layers + one layer's activations)                            (checkpointing)
-                        — with ``gradient_checkpointing: offload`` on a GPU the 2h·layers checkpoints wait on the host
+                        — with ``gradient_checkpointing: offload`` on a GPU the 2h·layers checkpoints wait on the host,
+                        with ``offload_disk`` (any device) in files: counted on neither
                         — coefficients counted from the tensors autograd saves in lowbit's own training step; i and
                         n_adapted per token (MoE: the top-k experts' widths and adapters)
     logits / loss       one loss chunk (nn.loss_chunk): ≈8M logits × 8 B (bf16 logits, fp32 copy, bf16 gradient)
@@ -105,6 +106,9 @@ class Plan:
         for k, v in self.host_items.items():
             why = "paged" if k == "optimizer_state" else "gradient_checkpointing: offload"
             out.append(f"{k.replace('_', ' ') + ' on host':<{w}}{_fmt(v):>12}  ({why}; not on the device)")
+        if self.settings.get("disk_bytes"):
+            out.append(f"{'checkpoints on disk':<{w}}{_fmt(self.settings['disk_bytes']):>12}  "
+                       "(gradient_checkpointing: offload_disk; files under TMPDIR)")
         if self.device_bytes:
             verdict = "fits" if self.fits else "does NOT fit"
             out.append(f"{verdict} in {_fmt(self.device_bytes)} ({100 * self.total_bytes / self.device_bytes:.0f}% "
@@ -198,7 +202,8 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     per_layer_tok *= FP32_CPU_ACTIVATIONS if device == "cpu" and dtype == "float32" else 1.0
     checkpoints = tokens * 2 * f.h * f.L * dbytes / 2  # the decoder layers' inputs, kept for the recompute
     offloaded = gradient_checkpointing == "offload" and device == "cuda"
-    act = tokens * per_layer_tok + (0 if offloaded else checkpoints) if gradient_checkpointing \
+    on_disk = gradient_checkpointing == "offload_disk"
+    act = tokens * per_layer_tok + (0 if offloaded or on_disk else checkpoints) if gradient_checkpointing \
         else tokens * f.L * per_layer_tok
     items["activations"] = int(act + tokens * (2 * f.h + 8) * dbytes / 2)
     chunk = min(tokens, loss_chunk_tokens(f.vocab))
@@ -228,7 +233,8 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
                     gradient_checkpointing=gradient_checkpointing, compute_dtype=dtype, device=device,
                     world_size=world_size, distributed=mode, model_type=cfg_type, rows_per_sample=rows_per_sample,
                     completion_len=completion_len, generation_rows=generation_rows, lora_params=lora,
-                    tiled_mlp=tiled_mlp, mlp_shards=shards, quantized_params=sum(a * b * c for _, a, b, c in lin))
+                    tiled_mlp=tiled_mlp, mlp_shards=shards, quantized_params=sum(a * b * c for _, a, b, c in lin),
+                    disk_bytes=int(checkpoints) if on_disk else 0)
     return Plan(items, sum(host_items.values()), total, dev, fits, settings, host_items)
 
 

@@ -184,9 +184,7 @@ def _refuse_set(key, why):
 def _offloading(v):
     if _empty(v):
         return {}
-    if v == "disk":
-        _refuse("activation_offloading", v, "checkpointed activations wait in host memory (true), not on disk")
-    return {"gradient_checkpointing": "offload"}
+    return {"gradient_checkpointing": "offload_disk" if v == "disk" else "offload"}
 
 
 def _model_config(v):

@@ -124,7 +124,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     optimizer: str = "adamw"                    # optim.registry.OPTIMIZERS
     optimizer_budget_mb: float = 0.0            # paged optimizers: device bytes for state (0 = one page)
-    gradient_checkpointing: bool | str = False  # true | false | offload (decoder-layer inputs in host memory)
+    gradient_checkpointing: bool | str = False  # true | false | offload (layer inputs in host memory) | offload_disk
     tiled_mlp: bool | str = False               # true | false | auto (from 8,192 tokens): MLPs over sequence shards
     tiled_mlp_num_shards: int = 0               # 0: from the memory target (nn/mlp_shards.py)
     compile: bool | str = "auto"                # true | false | auto: decoder layers through torch.compile
@@ -242,8 +242,8 @@ class TrainConfig:
 
     @property
     def checkpointing(self) -> bool:
-        """Whether decoder layers are recomputed in backward (``gradient_checkpointing`` true or offload)."""
-        return self.gradient_checkpointing in (True, "offload")
+        """Whether decoder layers are recomputed in backward (``gradient_checkpointing`` true or an offload)."""
+        return self.gradient_checkpointing in (True, *OFFLOADS)
 
 
 POSITIVE = ("lora_r", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "blocksize", "ddp_timeout",
@@ -256,14 +256,14 @@ NON_NEGATIVE = ("max_steps", "warmup_steps", "evals_per_epoch", "saves_per_epoch
                 "embedding_lr_scale", "simpo_gamma", "cpo_alpha", "kto_desirable_weight", "kto_undesirable_weight",
                 "max_prompt_len", "tiled_mlp_num_shards")
 
-DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
+DISTRIBUTED, OFFLOADS = ("auto", "none", "ddp", "fsdp"), ("offload", "offload_disk")  # OFFLOADS: checkpoints aside
 SPECIAL_TOKENS, EXCESS_LENGTH = ("pad_token", "bos_token", "eos_token", "unk_token"), ("truncate", "drop", "raise")
 
 # the keys that name something, and the tables they name
 CHOICES = {"quant_type": tuple(QUANT_TYPES), "compute_dtype": ("auto", *DTYPES), "lora_init": tuple(LORA_INITS),
            "dataset_format": ("auto", *FORMATS), "lr_scheduler": tuple(SCHEDULERS), "optimizer": tuple(OPTIMIZERS),
            "distributed": DISTRIBUTED, "excess_length_strategy": EXCESS_LENGTH, "tiled_mlp": (False, True, "auto"),
-           "compile": (False, True, "auto"), "gradient_checkpointing": (False, True, "offload"),
+           "compile": (False, True, "auto"), "gradient_checkpointing": (False, True, *OFFLOADS),
            "rl": ("", *PREFERENCE_METHODS, "grpo")}
 
 # keys a resumed run may change: they leave the arithmetic of every step the same (logging, evaluation and
@@ -283,11 +283,8 @@ _HINTS = typing.get_type_hints(TrainConfig)
 
 
 def _coerce(key: str, value, from_string: bool):
-    if key == "gradient_checkpointing" and str(value).lower() in ("offload", "offload_disk"):
-        if str(value).lower() == "offload_disk":
-            raise LowbitError("config: gradient_checkpointing: 'offload_disk' — checkpoints are kept in host memory "
-                              "(offload), not on disk")
-        return "offload"
+    if key == "gradient_checkpointing" and str(value).lower() in OFFLOADS:
+        return str(value).lower()
     if key in ("tiled_mlp", "compile") and str(value).lower() == "auto":
         return "auto"
     if key in ("lr_scheduler", "optimizer") and isinstance(value, str):
@@ -315,19 +312,19 @@ def apply_overrides(cfg: TrainConfig, values: dict, from_string: bool = False, r
         if k in _FIELDS:
             mine[k] = value
         elif is_axolotl_key(k):
-            offload = translated.get("gradient_checkpointing") == "offload"
+            offload = translated.get("gradient_checkpointing")
             translated.update(translate(k, value, report))
-            if offload:  # activation_offloading outranks an FSDP activation_checkpointing: true
-                translated["gradient_checkpointing"] = "offload"
+            if offload in OFFLOADS:  # activation_offloading outranks an FSDP activation_checkpointing: true
+                translated["gradient_checkpointing"] = offload
         else:
             raise _unknown(key)
     linear = values.get("lora_target_linear") is True  # Axolotl adds every linear layer to the named targets
     loftq = {"load_in_4bit": True} if translated.get("lora_init") == "loftq" and "load_in_4bit" not in mine else {}
     merged = {**translated, **mine, **({"lora_target_modules": ALL_LINEAR} if linear else {}), **loftq}
-    if translated.get("gradient_checkpointing") == "offload" and "gradient_checkpointing" in mine:
+    if translated.get("gradient_checkpointing") in OFFLOADS and "gradient_checkpointing" in mine:
         if not _coerce("gradient_checkpointing", mine["gradient_checkpointing"], from_string):
             raise LowbitError("config: activation_offloading needs gradient_checkpointing, which is false")
-        merged["gradient_checkpointing"] = "offload"  # checkpointing, with the checkpoints in host memory
+        merged["gradient_checkpointing"] = translated["gradient_checkpointing"]  # checkpointing, checkpoints aside
     if merged.get("load_in_8bit") is True and "load_in_4bit" not in mine:
         merged["load_in_4bit"] = False  # an 8-bit base instead of lowbit's default 4-bit one
     if translated.get("load_in_4bit") is True and mine.get("load_in_4bit") is False:

@@ -9,6 +9,7 @@ free; a run that would not fit is refused with the numbers and the cheapest chan
                       gradient_checkpointing: true
                       micro_batch_size halved, gradient_accumulation_steps doubled (the same batch per step)
                       optimizer: paged_adamw_8bit
+                      gradient_checkpointing: offload (GPU) / offload_disk (CPU)
                       sequence_len halved, down to 128
 
 ``--force`` skips the check. A model the planner cannot read (an architecture it has no shape rule for) is
@@ -70,8 +71,8 @@ def _plannable(cfg: TrainConfig) -> TrainConfig:
 
 
 def cheaper(cfg: TrainConfig, device: str = "cpu") -> Iterator[tuple[TrainConfig, str]]:
-    """Ever cheaper versions of ``cfg`` (cumulative), each with what was changed so far; on a GPU ("cuda")
-    offloading the checkpoints comes before a shorter sequence."""
+    """Ever cheaper versions of ``cfg`` (cumulative), each with what was changed so far; the checkpoints offloaded
+    (on a GPU to host memory, on the CPU to files) come before a shorter sequence."""
     said: dict[str, str] = {}
 
     def step(c: TrainConfig, key: str, text: str):
@@ -90,10 +91,10 @@ def cheaper(cfg: TrainConfig, device: str = "cpu") -> Iterator[tuple[TrainConfig
     if c.optimizer != "paged_adamw_8bit":
         c = dataclasses.replace(c, optimizer="paged_adamw_8bit")
         yield step(c, "opt", "optimizer: paged_adamw_8bit")
-    if device == "cuda" and c.gradient_checkpointing is True:
-        c = dataclasses.replace(c, gradient_checkpointing="offload")
+    if c.gradient_checkpointing is True:  # off the GPU into host memory; on the CPU, out of memory into files
+        c = dataclasses.replace(c, gradient_checkpointing="offload" if device == "cuda" else "offload_disk")
         said.pop("gc", None)
-        yield step(c, "gc", "gradient_checkpointing: offload")
+        yield step(c, "gc", f"gradient_checkpointing: {c.gradient_checkpointing}")
     while c.sequence_len > 128:
         c = dataclasses.replace(c, sequence_len=max(128, c.sequence_len // 2))
         yield step(c, "seq", f"sequence_len: {c.sequence_len}")

@@ -44,7 +44,7 @@ from .grpo_spec import grpo_spec_from
 from .loop import NonFiniteLoss, train_loop
 from .loss import module_loss
 from .model import load_model
-from .offload import offloading
+from .offload import disk_note, offloading
 from .optimizer import make_optimizer
 from .plot import plot_losses
 from .preference import PreferenceLoss
@@ -168,7 +168,11 @@ def _objective_and_data(cfg: TrainConfig, tok, world: World, log) -> tuple:
 
 
 def _loss_fn(cfg: TrainConfig, device: torch.device, log):
-    """The loss; with ``gradient_checkpointing: offload`` its forward keeps the checkpoints in host memory."""
+    """The loss; with ``gradient_checkpointing: offload`` its forward keeps the checkpoints in host memory, with
+    ``offload_disk`` in files."""
+    if cfg.gradient_checkpointing == "offload_disk":
+        log(disk_note())
+        return offloading(module_loss, device, disk=True)
     if cfg.gradient_checkpointing != "offload":
         return module_loss
     if device.type == "cpu":
