@@ -2,19 +2,22 @@
 transformers + bitsandbytes + peft, on this CPU, in one run.
 
 SmolLM2-135M-Instruct, NF4 + double quantization, LoRA r=16 on all linear layers, batch 1, gradient checkpointing
-on both sides, the default compute dtype (float32 on a CPU without AVX-512 BF16). One training step (forward,
-backward, AdamW) per length, each in a fresh process; peak RSS is that process's VmHWM (imports and model
-included). The search doubles the length while the step fits, then bisects — within a wall-clock budget: a length
-whose step would outlast what is left (extrapolated from the last step, quadratic in the length) is not run and the
-table says so. lowbit runs as ``lowbit train`` builds the model (``training/model.py``: document attention,
-``tiled_mlp``), the peer as its users write it (``get_peft_model``, ``gradient_checkpointing_enable``).
+on both sides (lowbit's as ``--checkpointing`` says: ``true``, or ``offload_disk`` — the layers' inputs in files),
+the default compute dtype (float32 on a CPU without AVX-512 BF16, bfloat16 with it). One training step (forward,
+backward, AdamW) per length, each in a fresh process (lowbit's after two short untimed steps, in which compiled
+layers compile); peak RSS is that process's VmHWM (imports and model included). The search doubles the length
+while the step fits, then bisects — within a wall-clock budget: a length whose step would outlast what is left
+(extrapolated from the last step, quadratic in the length) is not run and the table says so. lowbit runs as
+``lowbit train`` builds the model (``training/model.py``: document attention, ``tiled_mlp``, compiled layers), the
+peer as its users write it (``get_peft_model``, ``gradient_checkpointing_enable``).
 
 Also per measured lowbit length: the step's seconds per token, the same with the attention kernels' own time taken
 out (SDPA forward twice — checkpointing recomputes it — and backward, timed alone at that length × layers), and the
 planner's estimate (``lowbit plan`` of the same run, less its data-pipeline item: the worker reads no files) against
 the measured peak above the process's RSS after its imports (as bench/plan_validate.py measures).
 
-    python bench/long_context.py [--budget-gib 4] [--minutes 60] [--tiled-mlp true|false] [--readme]
+    python bench/long_context.py [--budget-gib 4] [--minutes 60] [--tiled-mlp true|false]
+                                 [--checkpointing true|offload_disk] [--readme]
     python bench/long_context.py --replan [--readme]    # the last run's table, planned with the current planner
 """
 
@@ -30,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import peer_qlora_model, publish, run_worker, table, vm_hwm_bytes
 
 MODEL, R = "smollm2-135m", 16
+# two short steps before the timed one: compiled layers (``compile: auto``) compile for any row length there (two
+# lengths: the second compile is the dynamic one; both past the matmul-attention branch of nn/causal_attention.py)
+WARMUP = (1536, 1792)
 
 
 def _ids(n: int):
@@ -38,7 +44,11 @@ def _ids(n: int):
     return torch.randint(0, 49152, (1, n), generator=torch.Generator().manual_seed(n))
 
 
-def lowbit_worker(n: int, tiled: str) -> dict:
+def _checkpointing(value: str):
+    return True if value == "true" else value
+
+
+def lowbit_worker(n: int, tiled: str, checkpointing: str) -> dict:
     """One training step of ``n`` tokens as ``lowbit train`` runs it."""
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401  (imports count in the baseline)
@@ -47,23 +57,32 @@ def lowbit_worker(n: int, tiled: str) -> dict:
     from lowbit.training.config import TrainConfig
     from lowbit.training.loss import autocast, lm_loss
     from lowbit.training.model import load_model
+    from lowbit.training.offload import offloading
 
     cfg = TrainConfig(base_model=MODEL, lora_r=R, lora_alpha=2 * R, sequence_len=n, micro_batch_size=1,
-                      gradient_checkpointing=True, tiled_mlp={"true": True, "false": False}.get(tiled, tiled))
+                      gradient_checkpointing=_checkpointing(checkpointing),
+                      tiled_mlp={"true": True, "false": False}.get(tiled, tiled))
+    loss_fn = offloading(lm_loss, torch.device("cpu"), disk=checkpointing == "offload_disk")
     dtype = to_torch(cfg.compute_dtype, "cpu")
     baseline = vm_hwm_bytes()
     net = load_model(cfg, dtype, log=lambda *a: None)
     net.train()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
-    ids = _ids(n)
+    t = time.perf_counter()
+    for w in WARMUP:  # compiled layers compile here, for rows of any length past the small-attention branch
+        with autocast(dtype):
+            s, k = loss_fn(net, {"input_ids": _ids(w), "labels": _ids(w)})
+        (s / k).backward()
+        net.zero_grad(set_to_none=True)
+    warmup, ids = time.perf_counter() - t, _ids(n)
     t = time.perf_counter()
     with autocast(dtype):
-        s, k = lm_loss(net, {"input_ids": ids, "labels": ids})
+        s, k = loss_fn(net, {"input_ids": ids, "labels": ids})
     (s / k).backward()
     opt.step()
     return {"seconds": time.perf_counter() - t, "peak_rss_bytes": vm_hwm_bytes(), "loss": float(s / k),
             "baseline_rss_bytes": baseline, "attention_seconds": _attention_seconds(net.config, n, dtype),
-            "dtype": str(dtype).split(".")[-1]}
+            "dtype": str(dtype).split(".")[-1], "warmup_seconds": warmup}
 
 
 def _attention_seconds(config, n: int, dtype) -> float:
@@ -102,13 +121,14 @@ def peer_worker(n: int) -> dict:
     return {"seconds": time.perf_counter() - t, "peak_rss_bytes": vm_hwm_bytes(), "loss": float(loss)}
 
 
-def _planned(n: int, tiled: str) -> int:
+def _planned(n: int, tiled: str, checkpointing: str) -> int:
     """``lowbit plan``'s peak for the worker's step, less the data pipeline (the worker reads no data files)."""
     from lowbit.planner.memory import plan_config
     from lowbit.training.config import TrainConfig
 
     cfg = TrainConfig(base_model=MODEL, lora_r=R, lora_alpha=2 * R, sequence_len=n, micro_batch_size=1,
-                      gradient_checkpointing=True, tiled_mlp={"true": True, "false": False}.get(tiled, tiled))
+                      gradient_checkpointing=_checkpointing(checkpointing),
+                      tiled_mlp={"true": True, "false": False}.get(tiled, tiled))
     p = plan_config(cfg, device="cpu")
     return p.total_bytes - p.items.get("data_pipeline", 0)
 
@@ -116,8 +136,9 @@ def _planned(n: int, tiled: str) -> int:
 class Search:
     """Doubling then bisection for the longest length whose step fits ``budget`` bytes, within ``deadline``."""
 
-    def __init__(self, side: str, budget: int, deadline: float, start: int, tiled: str):
+    def __init__(self, side: str, budget: int, deadline: float, start: int, tiled: str, checkpointing: str):
         self.side, self.budget, self.deadline, self.start, self.tiled = side, budget, deadline, start, tiled
+        self.checkpointing = checkpointing
         self.runs: dict[int, dict] = {}
         self.skipped: int | None = None  # the first length not run for want of time
 
@@ -129,7 +150,7 @@ class Search:
             if time.time() + guess > self.deadline:
                 self.skipped = n if self.skipped is None else min(self.skipped, n)
                 return None
-        args = ["--worker", self.side, str(n), self.tiled]
+        args = ["--worker", self.side, str(n), self.tiled, self.checkpointing]
         res = run_worker(__file__, args, f"{self.side} {n}", tail=800)
         self.runs[n] = res or {"failed": True, "peak_rss_bytes": None}
         fits = bool(res) and res["peak_rss_bytes"] <= self.budget
@@ -153,7 +174,7 @@ class Search:
         return lo
 
 
-def _rows(search: Search, tiled: str) -> list[dict]:
+def _rows(search: Search, tiled: str, checkpointing: str) -> list[dict]:
     rows = []
     for n, r in sorted(search.runs.items()):
         if not r or r.get("failed"):
@@ -162,7 +183,7 @@ def _rows(search: Search, tiled: str) -> list[dict]:
         row = {"side": search.side, "tokens": n, "peak_GiB": round(r["peak_rss_bytes"] / 2**30, 3),
                "step_s": round(r["seconds"], 1), "ms_per_token": round(1000 * r["seconds"] / n, 2)}
         if search.side == "lowbit":
-            plan, above = _planned(n, tiled), r["peak_rss_bytes"] - r["baseline_rss_bytes"]
+            plan, above = _planned(n, tiled, checkpointing), r["peak_rss_bytes"] - r["baseline_rss_bytes"]
             row.update({"ms_per_token_without_attention": round(1000 * (r["seconds"] - r["attention_seconds"]) / n, 2),
                         "above_imports_GiB": round(above / 2**30, 3), "planned_GiB": round(plan / 2**30, 3),
                         "plan_error_%": round(100 * (plan / above - 1), 1)})
@@ -170,14 +191,15 @@ def _rows(search: Search, tiled: str) -> list[dict]:
     return rows
 
 
-def _markdown(budget_gib: float, tiled: str, peer_max: int, mine_max: int, peer_skipped, mine_skipped,
-              rows: list[dict]) -> str:
+def _markdown(budget_gib: float, tiled: str, checkpointing: str, dtype: str, peer_max: int, mine_max: int,
+              peer_skipped, mine_skipped, rows: list[dict]) -> str:
     cols = ["side", "tokens", "peak_GiB", "step_s", "ms_per_token", "ms_per_token_without_attention",
             "above_imports_GiB", "planned_GiB", "plan_error_%"]
     stop = lambda s: f" (the search stopped for time before {s:,} tokens)" if s else ""
     ratio = f"{mine_max / peer_max:.1f}×" if peer_max else "not measured (the peer fit no length tried)"
     return (f"Longest training step under {budget_gib:g} GiB RSS, SmolLM2-135M QLoRA r={R}, batch 1, gradient "
-            f"checkpointing, tiled_mlp {tiled} (bench/long_context.py, this CPU, one run):\n\n"
+            f"checkpointing (lowbit: gradient_checkpointing {checkpointing}), tiled_mlp {tiled} "
+            f"(bench/long_context.py, this CPU, {dtype}, one run):\n\n"
             f"- transformers + bitsandbytes + peft: **{peer_max:,} tokens**{stop(peer_skipped)}\n"
             f"- lowbit: **{mine_max:,} tokens**{stop(mine_skipped)} — {ratio} the peer\n\n" + table(rows, cols))
 
@@ -189,10 +211,11 @@ def replan(readme: bool) -> None:
     data = json.loads((RESULTS / "long_context.json").read_text())
     for row in data["rows"]:
         if row["side"] == "lowbit" and "above_imports_GiB" in row:
-            plan = _planned(row["tokens"], data["tiled_mlp"]) / 2**30
+            plan = _planned(row["tokens"], data["tiled_mlp"], data.get("checkpointing", "true")) / 2**30
             row.update({"planned_GiB": round(plan, 3),
                         "plan_error_%": round(100 * (plan / row["above_imports_GiB"] - 1), 1)})
-    md = _markdown(data["budget_bytes"] / 2**30, data["tiled_mlp"], data["peer_max"], data["lowbit_max"],
+    md = _markdown(data["budget_bytes"] / 2**30, data["tiled_mlp"], data.get("checkpointing", "true"),
+                   data.get("dtype", "float32"), data["peer_max"], data["lowbit_max"],
                    data["peer_skipped"], data["lowbit_skipped"], data["rows"])
     publish("long_context", md, {k: v for k, v in data.items() if k != "machine"}, readme)
 
@@ -202,28 +225,33 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=4.0)
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of the whole search")
     ap.add_argument("--tiled-mlp", default="true", choices=("true", "false", "auto"))
-    ap.add_argument("--start", type=int, default=1024, help="first length of both searches")
+    ap.add_argument("--checkpointing", default="true", choices=("true", "offload_disk"), help="lowbit's")
+    ap.add_argument("--start", type=int, default=2048, help="first length of both searches")
     ap.add_argument("--replan", action="store_true", help="the last run's table with the current planner")
     ap.add_argument("--readme", action="store_true")
-    ap.add_argument("--worker", nargs=3)
+    ap.add_argument("--worker", nargs=4)
     a = ap.parse_args()
     if a.worker:
-        side, n, tiled = a.worker
-        print("RESULT " + json.dumps(lowbit_worker(int(n), tiled) if side == "lowbit" else peer_worker(int(n))))
+        side, n, tiled, checkpointing = a.worker
+        print("RESULT " + json.dumps(lowbit_worker(int(n), tiled, checkpointing) if side == "lowbit"
+                                     else peer_worker(int(n))))
         return
     if a.replan:
         replan(a.readme)
         return
     budget, t0 = int(a.budget_gib * 2**30), time.time()
-    peer = Search("peer", budget, t0 + a.minutes * 60 * 0.25, a.start, a.tiled_mlp)
+    peer = Search("peer", budget, t0 + a.minutes * 60 * 0.25, a.start, a.tiled_mlp, a.checkpointing)
     peer_max = peer.run()
-    mine = Search("lowbit", budget, t0 + a.minutes * 60, a.start, a.tiled_mlp)
+    mine = Search("lowbit", budget, t0 + a.minutes * 60, a.start, a.tiled_mlp, a.checkpointing)
     mine_max = mine.run()
-    rows = _rows(peer, a.tiled_mlp) + _rows(mine, a.tiled_mlp)
-    md = _markdown(a.budget_gib, a.tiled_mlp, peer_max, mine_max, peer.skipped, mine.skipped, rows)
+    rows = _rows(peer, a.tiled_mlp, a.checkpointing) + _rows(mine, a.tiled_mlp, a.checkpointing)
+    dtype = next((r["dtype"] for r in mine.runs.values() if r and "dtype" in r), "not measured")
+    md = _markdown(a.budget_gib, a.tiled_mlp, a.checkpointing, dtype, peer_max, mine_max, peer.skipped,
+                   mine.skipped, rows)
     publish("long_context", md, {"budget_bytes": budget, "lowbit_max": mine_max, "peer_max": peer_max,
                                  "lowbit_skipped": mine.skipped, "peer_skipped": peer.skipped, "rows": rows,
-                                 "minutes": a.minutes, "tiled_mlp": a.tiled_mlp}, a.readme)
+                                 "minutes": a.minutes, "tiled_mlp": a.tiled_mlp, "checkpointing": a.checkpointing,
+                                 "dtype": dtype}, a.readme)
 
 
 if __name__ == "__main__":

@@ -216,8 +216,8 @@ def test_disk_offload_round_trips_every_dtype_and_leaves_small_tensors_alone():
 
 def test_disk_offload_that_cannot_write_says_so_in_one_line(tmp_path):
     m, ids = _tiny_lm(gc=True), torch.randint(0, 64, (2, 16))
-    with pytest.raises(LowbitError, match=r"offload_disk could not write [0-9,]+ bytes under .*missing: No such file or "
-                                          r"directory — free disk space there, point TMPDIR elsewhere") as e:
+    with pytest.raises(LowbitError, match=r"offload_disk could not write [0-9,]+ bytes under .*missing: No such file "
+                                          r"or directory — free disk space there, point TMPDIR elsewhere") as e:
         with DiskOffload(str(tmp_path / "missing"), min_bytes=0):
             m(ids, labels=ids)
     assert "\n" not in str(e.value)
