@@ -202,9 +202,8 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     per_layer_tok *= FP32_CPU_ACTIVATIONS if device == "cpu" and dtype == "float32" else 1.0
     checkpoints = tokens * 2 * f.h * f.L * dbytes / 2  # the decoder layers' inputs, kept for the recompute
     offloaded = gradient_checkpointing == "offload" and device == "cuda"
-    on_disk = gradient_checkpointing == "offload_disk"
-    act = tokens * per_layer_tok + (0 if offloaded or on_disk else checkpoints) if gradient_checkpointing \
-        else tokens * f.L * per_layer_tok
+    kept = 0 if offloaded or gradient_checkpointing == "offload_disk" else checkpoints  # on the device
+    act = tokens * per_layer_tok + kept if gradient_checkpointing else tokens * f.L * per_layer_tok
     items["activations"] = int(act + tokens * (2 * f.h + 8) * dbytes / 2)
     chunk = min(tokens, loss_chunk_tokens(f.vocab))
     items["logits_and_loss"] = chunk * f.vocab * 8 + tokens * f.h * 4  # chunked loss: bf16 + fp32 logits, grad
@@ -218,8 +217,7 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
         host = -(-host // world_size)
     elif mode == "ddp":
         items["ddp_gradient_buckets"] = items["gradients"]
-    host_items = {k: int(v) for k, v in (("optimizer_state", host), ("checkpoints", checkpoints if offloaded else 0))
-                  if v}
+    host_items = {k: int(v) for k, v in (("optimizer_state", host), ("checkpoints", checkpoints * offloaded)) if v}
     items.update(_overheads(items, act, tokens * per_layer_tok, tokens * f.L * per_layer_tok,
                             gradient_checkpointing, device, hidden_bytes=tokens * f.h * dbytes))
     if generation_rows:
@@ -234,7 +232,7 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
                     world_size=world_size, distributed=mode, model_type=cfg_type, rows_per_sample=rows_per_sample,
                     completion_len=completion_len, generation_rows=generation_rows, lora_params=lora,
                     tiled_mlp=tiled_mlp, mlp_shards=shards, quantized_params=sum(a * b * c for _, a, b, c in lin),
-                    disk_bytes=int(checkpoints) if on_disk else 0)
+                    disk_bytes=int(checkpoints) if gradient_checkpointing == "offload_disk" else 0)
     return Plan(items, sum(host_items.values()), total, dev, fits, settings, host_items)
 
 
