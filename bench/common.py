@@ -82,7 +82,7 @@ def machine() -> dict:
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    fmt = lambda v: (f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}") if isinstance(v, float) else str(v)  # no 1.65e+03
     widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
     out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
