@@ -44,8 +44,13 @@ def _ids(n: int):
     return torch.randint(0, 49152, (1, n), generator=torch.Generator().manual_seed(n))
 
 
-def _checkpointing(value: str):
-    return True if value == "true" else value
+def _config(n: int, tiled: str, checkpointing: str):
+    """The run both the worker and the planner see: ``n`` tokens, batch 1, the bench's tiled_mlp and checkpointing."""
+    from lowbit.training.config import TrainConfig
+
+    word = {"true": True, "false": False}
+    return TrainConfig(base_model=MODEL, lora_r=R, lora_alpha=2 * R, sequence_len=n, micro_batch_size=1,
+                       gradient_checkpointing=word.get(checkpointing, checkpointing), tiled_mlp=word.get(tiled, tiled))
 
 
 def lowbit_worker(n: int, tiled: str, checkpointing: str) -> dict:
@@ -54,14 +59,11 @@ def lowbit_worker(n: int, tiled: str, checkpointing: str) -> dict:
     import transformers.models.llama.modeling_llama  # noqa: F401  (imports count in the baseline)
 
     from lowbit.dtypes import to_torch
-    from lowbit.training.config import TrainConfig
     from lowbit.training.loss import autocast, lm_loss
     from lowbit.training.model import load_model
     from lowbit.training.offload import offloading
 
-    cfg = TrainConfig(base_model=MODEL, lora_r=R, lora_alpha=2 * R, sequence_len=n, micro_batch_size=1,
-                      gradient_checkpointing=_checkpointing(checkpointing),
-                      tiled_mlp={"true": True, "false": False}.get(tiled, tiled))
+    cfg = _config(n, tiled, checkpointing)
     loss_fn = offloading(lm_loss, torch.device("cpu"), disk=checkpointing == "offload_disk")
     dtype = to_torch(cfg.compute_dtype, "cpu")
     baseline = vm_hwm_bytes()
@@ -69,9 +71,9 @@ def lowbit_worker(n: int, tiled: str, checkpointing: str) -> dict:
     net.train()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     t = time.perf_counter()
-    for w in WARMUP:  # compiled layers compile here, for rows of any length past the small-attention branch
+    for w in map(_ids, WARMUP):  # compiled layers compile here, for rows of any length past the small-attention branch
         with autocast(dtype):
-            s, k = loss_fn(net, {"input_ids": _ids(w), "labels": _ids(w)})
+            s, k = loss_fn(net, {"input_ids": w, "labels": w})
         (s / k).backward()
         net.zero_grad(set_to_none=True)
     warmup, ids = time.perf_counter() - t, _ids(n)
@@ -124,12 +126,8 @@ def peer_worker(n: int) -> dict:
 def _planned(n: int, tiled: str, checkpointing: str) -> int:
     """``lowbit plan``'s peak for the worker's step, less the data pipeline (the worker reads no data files)."""
     from lowbit.planner.memory import plan_config
-    from lowbit.training.config import TrainConfig
 
-    cfg = TrainConfig(base_model=MODEL, lora_r=R, lora_alpha=2 * R, sequence_len=n, micro_batch_size=1,
-                      gradient_checkpointing=_checkpointing(checkpointing),
-                      tiled_mlp={"true": True, "false": False}.get(tiled, tiled))
-    p = plan_config(cfg, device="cpu")
+    p = plan_config(_config(n, tiled, checkpointing), device="cpu")
     return p.total_bytes - p.items.get("data_pipeline", 0)
 
 

@@ -38,10 +38,11 @@ def _records(tokens: int, count: int) -> list[dict]:
     return [r.data for r in passkey(tokens, count)]
 
 
-def _model_config(factor: float, native: int) -> dict | None:
+def _model_config(tokens: int, factor: float) -> dict | None:
+    """Linear RoPE scaling by ``factor`` to ``tokens`` positions (None: the model as it is)."""
     if factor == 1:
         return None
-    return {"rope_scaling": {"rope_type": "linear", "factor": factor}, "max_position_embeddings": int(factor * native)}
+    return {"rope_scaling": {"rope_type": "linear", "factor": factor}, "max_position_embeddings": tokens}
 
 
 def score_worker(data: str, tokens: int, factor: float, adapter: str) -> dict:
@@ -59,8 +60,8 @@ def score_worker(data: str, tokens: int, factor: float, adapter: str) -> dict:
     from lowbit.training.config import TrainConfig
 
     adapter = None if adapter == "-" else adapter
-    cfg = TrainConfig(base_model=MODEL, model_config=_model_config(factor, tokens // int(factor)) if factor != 1
-                      else None, sequence_len=tokens, datasets=data, val_set_size=0)
+    cfg = TrainConfig(base_model=MODEL, model_config=_model_config(tokens, factor), sequence_len=tokens, datasets=data,
+                      val_set_size=0)
     tok = tokenizer_for(cfg.base_model, adapter)
     table_ = source_tables(parse_sources(cfg.datasets, "chat"), tok, 0, sequence_len=tokens).train
     net = load_model(cfg, adapter)
@@ -91,7 +92,7 @@ def _train(work: Path, train_file: str, tokens: int, factor: float, a) -> dict:
     """``lowbit train`` on the training documents; the adapter folder, wall time and per-step losses."""
     import yaml
 
-    cfg = {"base_model": MODEL, "model_config": _model_config(factor, tokens // int(factor)),
+    cfg = {"base_model": MODEL, "model_config": _model_config(tokens, factor),
            "datasets": [{"path": train_file, "type": "chat"}], "val_set_size": 0, "sequence_len": tokens,
            "micro_batch_size": 1, "gradient_checkpointing": True, "tiled_mlp": True, "lora_r": R,
            "lora_alpha": 2 * R, "learning_rate": a.lr, "max_steps": a.steps, "warmup_steps": 0,

@@ -35,7 +35,7 @@ from ..io.loader import SourceWeights, load
 from ..io.tokenizer import TokenizerChanges
 from ..nn.compiled_layers import compile_layers, compiler_missing, not_compiled_because
 from ..nn.document_attention import recompute_contexts, use_document_attention
-from ..nn.lora import add_lora, count_parameters, linear_module_names
+from ..nn.lora import LoRALinear, add_lora, count_parameters, linear_module_names
 from ..nn.mlp_shards import tiles
 from ..nn.tiled_mlp import tile_mlps
 from ..nn.trainable import add_trainable_rows, train_modules
@@ -176,8 +176,6 @@ def apply_compile(cfg: TrainConfig, model: nn.Module, params: int, log) -> None:
 def _check_packed_mixers(cfg: TrainConfig, model: nn.Module) -> None:
     """Packed rows train without a cache, and then transformers' Mamba layers (GraniteMoeHybrid's) take a fused path
     that reads ``out_proj.weight`` itself: a LoRA there would fail (peft's would be skipped). Refused in one line."""
-    from ..nn.lora import LoRALinear
-
     if not cfg.sample_packing:
         return
     for name, mod in model.named_modules():
@@ -229,8 +227,6 @@ def _start_from(model: nn.Module, folder: str) -> None:
 @torch.no_grad()
 def _copy_start(model: nn.Module, start: dict, base: str) -> None:
     """The LoRA layers take the start blockwise calibration trained (every adapted layer needs one)."""
-    from ..nn.lora import LoRALinear
-
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     if set(layers) != set(start):
         raise LowbitError(f"{base}: its LoRA start covers {len(start)} layers, this run adapts {len(layers)} "

@@ -116,15 +116,14 @@ class DiskOffload(torch.autograd.graph.saved_tensors_hooks):
 def disk_note(folder: str | None = None) -> str:
     """One line for the log: where ``offload_disk`` writes, and whether that saves memory at all."""
     where = Path(folder or tempfile.gettempdir()).resolve()
-    fs = ""
-    for line in Path("/proc/mounts").read_text().splitlines() if Path("/proc/mounts").exists() else []:
-        parts = line.split()
-        if len(parts) > 2 and (where == Path(parts[1]) or Path(parts[1]) in where.parents):
-            if not fs or len(parts[1]) >= len(fs[0]):
-                fs = (parts[1], parts[2])
-    memory = fs and fs[1] in ("tmpfs", "ramfs")
+    mounts = Path("/proc/mounts").read_text().splitlines() if Path("/proc/mounts").exists() else []
+    holding = [(Path(p[1]), p[2]) for p in map(str.split, mounts) if len(p) > 2
+               and (where == Path(p[1]) or Path(p[1]) in where.parents)]
+    # the deepest mount point holding the folder; of two at one point, the later (it hides the earlier)
+    fs = max(reversed(holding), key=lambda m: len(m[0].parts), default=(None, ""))[1]
     return (f"gradient_checkpointing: offload_disk — checkpoints wait in files under {where}"
-            + (f" ({fs[1]}: in memory, so this saves none; set TMPDIR to a folder on disk)" if memory else ""))
+            + (f" ({fs}: in memory, so this saves none; set TMPDIR to a folder on disk)"
+               if fs in ("tmpfs", "ramfs") else ""))
 
 
 def offloading(loss_fn, device: torch.device, disk: bool = False):
