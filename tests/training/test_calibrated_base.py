@@ -109,9 +109,33 @@ def test_blockwise_trains_the_lora_start_the_run_begins_from(setup):
     assert (base / "lora_start.safetensors").is_file() and any("calibrated base" in line for line in logs)
 
 
+def test_e2e_trains_the_scales_and_the_lora_start_the_run_begins_from(setup):
+    """quant_calibration with e2e (no blockwise) and lora_init: loftq: the scales of the clipped base move, its
+    codes do not, and the start trained with them is the run's."""
+    from safetensors.torch import load_file
+
+    from lowbit.nn.lora import LoRALinear
+
+    logs = []
+    recipe.train(_cfg(setup, "cal-clip", quant_calibration="clip", max_steps=1), progress=False, log=logs.append)
+    cfg = _cfg(setup, "cal-e2e", lora_init="loftq", quant_calibration="clip+e2e", max_steps=1)
+    recipe.train(cfg, progress=False, log=logs.append)
+    assert any("e2e pass" in line and "with a LoRA start" in line for line in logs)
+    base = setup[0] / "cal-e2e" / "base"
+    clipped, e2e = (_codes(load(setup[0] / d / "base", compute_dtype=torch.float32)) for d in ("cal-clip", "cal-e2e"))
+    assert all(torch.equal(c, e2e[n][0]) for n, (c, _) in clipped.items())
+    assert all(not torch.equal(a, e2e[n][1]) for n, (_, a) in clipped.items())
+    saved = load_file(str(base / "lora_start.safetensors"))
+    start = recipe.load_model(cfg, torch.float32, lambda *a: None, base=str(base))
+    lora = {n: m for n, m in start.named_modules() if isinstance(m, LoRALinear)}
+    assert {k.rpartition(".")[0] for k in saved} == set(lora) and lora
+    assert all(torch.equal(m.lora_B.weight, saved[f"{n}.lora_B"]) for n, m in lora.items())
+
+
 @pytest.mark.parametrize("kw,msg", [
     ({"load_in_4bit": False}, "quant_calibration needs load_in_4bit"),
-    ({"quant_calibration": "smoothquant"}, "quant_calibration must be one of none, awq, clip, gptq, blockwise, both"),
+    ({"quant_calibration": "smoothquant"},
+     "quant_calibration must be one of none, awq, clip, gptq, blockwise, e2e, both"),
     ({"quant_calibration": "gptq+awq"}, "quant_calibration: stages run once each in the order awq, clip, gptq"),
     ({"quant_calibration_samples": 0}, "quant_calibration_samples must be > 0"),
 ])

@@ -1,7 +1,8 @@
 """``lowbit quantize --model M --out DIR [--calibrate DATA [--method awq+clip+gptq|blockwise|…]]``: a 4-bit
 checkpoint that transformers + bitsandbytes load as it is; with ``--calibrate``, its weights are calibrated under the
 model's inputs on DATA — AWQ's activation-aware scales folded into the norms, clipped block scales, GPTQ's
-error-compensating rounding, or block scales and rounding trained per decoder block — and it is still a plain
+error-compensating rounding, block scales and rounding trained per decoder block, or all block scales trained end to
+end against the float model — and it is still a plain
 bitsandbytes checkpoint (train on it with ``base_model: DIR``)."""
 
 from __future__ import annotations

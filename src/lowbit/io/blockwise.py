@@ -29,7 +29,7 @@ from ..nn.fake_quant import FakeQuantLinear
 from ..nn.linear import Linear4bit
 from ..nn.lora import low_rank_factors
 
-__all__ = ["calibrate_blockwise"]
+__all__ = ["calibrate_blockwise", "capture_inputs", "Dense", "run_layer", "swap", "lora_start_factors"]
 
 LR = {"weight": 3e-4, "log_scale": 5e-3, "lora": 3e-3}  # Adam; tried on NF2 SmolLM2 (README: 2- and 3-bit)
 
@@ -38,7 +38,7 @@ class _Stop(Exception):
     pass
 
 
-class _Dense(nn.Module):
+class Dense(nn.Module):
     """x Wᵀ + b with a fixed float weight (the float block, and the frozen block with its LoRA start)."""
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None):
@@ -49,7 +49,7 @@ class _Dense(nn.Module):
         return torch.nn.functional.linear(x, self.w.to(x.dtype), None if self.b is None else self.b.to(x.dtype))
 
 
-def _capture(net, layers, batches) -> tuple[list, list[list[dict]]]:
+def capture_inputs(net, layers, batches) -> tuple[list, list[list[dict]]]:
     """The first layer's input and every layer's keyword arguments (masks, positions), per batch."""
     inputs, kwargs = [], [[] for _ in layers]
 
@@ -78,19 +78,19 @@ def _capture(net, layers, batches) -> tuple[list, list[list[dict]]]:
     return inputs, kwargs
 
 
-def _run(layer, x, kw):
+def run_layer(layer, x, kw):
     out = layer(x, **kw)
     return out[0] if isinstance(out, tuple) else out
 
 
-def _swap(layer: nn.Module, mods: dict[str, nn.Module]) -> None:
+def swap(layer: nn.Module, mods: dict[str, nn.Module]) -> None:
     """Put ``mods`` in place of the layer's submodules of those names."""
     for name, mod in mods.items():
         parent, _, child = name.rpartition(".")
         setattr(layer.get_submodule(parent) if parent else layer, child, mod)
 
 
-def _lora_start(w: torch.Tensor, q: torch.Tensor, r: int, scaling: float) -> tuple:
+def lora_start_factors(w: torch.Tensor, q: torch.Tensor, r: int, scaling: float) -> tuple:
     """LoftQ's start for W ≈ Q + s·B·A (``nn/lora.loftq_init``'s first round)."""
     a, b = low_rank_factors(w - q, r)
     return a / math.sqrt(scaling), b / math.sqrt(scaling), scaling
@@ -112,7 +112,7 @@ def calibrate_blockwise(net: nn.Module, batches, weights, log=print, lora=None, 
     t0 = time.perf_counter()
     for p in net.parameters():
         p.requires_grad_(False)
-    x_q, kws = _capture(net, layers, batches)
+    x_q, kws = capture_inputs(net, layers, batches)
     x_fp = list(x_q)
     masks = [(b["attention_mask"] if b.get("attention_mask") is not None else torch.ones_like(b["input_ids"]))
              .to(x.device).float() for b, x in zip(batches, x_q)]
@@ -120,19 +120,19 @@ def calibrate_blockwise(net: nn.Module, batches, weights, log=print, lora=None, 
     for i, (prefix, layer) in enumerate(layers):
         names = [n for n, m in layer.named_modules() if isinstance(m, Linear4bit)]
         if not names:
-            x_q = [_run(layer, x, kw) for x, kw in zip(x_q, kws[i])]
+            x_q = [run_layer(layer, x, kw) for x, kw in zip(x_q, kws[i])]
             continue
         mods = {n: layer.get_submodule(n) for n in names}
         w = {n: weights(f"{prefix}.{n}").to(mods[n].codes.device).float() for n in names}
         bias = {n: None if mods[n].bias is None else mods[n].bias.detach() for n in names}
-        _swap(layer, {n: _Dense(w[n], bias[n]) for n in names})
+        swap(layer, {n: Dense(w[n], bias[n]) for n in names})
         with torch.no_grad():
-            y = [_run(layer, x, kw) for x, kw in zip(x_fp, kws[i])]
+            y = [run_layer(layer, x, kw) for x, kw in zip(x_fp, kws[i])]
         fq = {n: FakeQuantLinear(w[n], mods[n].weight.absmax_float().float(), mods[n].weight.spec, bias[n],
-                                 _lora_start(w[n], mods[n].dequantize(), lora[0], lora[1])
+                                 lora_start_factors(w[n], mods[n].dequantize(), lora[0], lora[1])
                                  if lora and f"{prefix}.{n}" in lora[2] else None)
               for n in names}
-        _swap(layer, fq)
+        swap(layer, fq)
         before = _train_block(layer, fq, x_q, y, kws[i], masks, epochs, rng)
         frozen = {}
         for n in names:
@@ -141,12 +141,12 @@ def calibrate_blockwise(net: nn.Module, batches, weights, log=print, lora=None, 
             if fq[n].lora_A is not None:
                 starts[f"{prefix}.{n}"] = (fq[n].lora_A.detach().clone(), fq[n].lora_B.detach().clone())
                 dense = dense + fq[n].scaling * fq[n].lora_B.detach() @ fq[n].lora_A.detach()
-            frozen[n] = _Dense(dense, bias[n])
-        _swap(layer, frozen)
+            frozen[n] = Dense(dense, bias[n])
+        swap(layer, frozen)
         with torch.no_grad():
-            x_q = [_run(layer, x, kw) for x, kw in zip(x_q, kws[i])]
+            x_q = [run_layer(layer, x, kw) for x, kw in zip(x_q, kws[i])]
             report.append((before, float(sum(_mse(a, b, m) for a, b, m in zip(x_q, y, masks)) / len(y))))
-        _swap(layer, mods)
+        swap(layer, mods)
         x_fp = y
         del fq, frozen, w
     first, last = report[0], report[-1]
@@ -167,12 +167,12 @@ def _train_block(layer, fq, x_q, y, kws, masks, epochs, rng) -> float:
         groups["lora"] += [p for p in (m.lora_A, m.lora_B) if p is not None]
     opt = torch.optim.Adam([{"params": p, "lr": LR[k]} for k, p in groups.items() if p])
     with torch.no_grad():
-        before = sum(float(_mse(_run(layer, x, kw), t, m)) for x, t, kw, m in zip(x_q, y, kws, masks)) / len(y)
+        before = sum(float(_mse(run_layer(layer, x, kw), t, m)) for x, t, kw, m in zip(x_q, y, kws, masks)) / len(y)
     for _ in range(epochs):
         order = list(range(len(x_q)))
         rng.shuffle(order)
         for j in order:
-            loss = _mse(_run(layer, x_q[j], kws[j]), y[j], masks[j])
+            loss = _mse(run_layer(layer, x_q[j], kws[j]), y[j], masks[j])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

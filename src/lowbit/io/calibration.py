@@ -11,6 +11,7 @@
        clip: each block's scale searched below its absmax under diag(H) (``quant/clipping.py``), a new pass
              for H after awq; gptq then rounds on the clipped grid
        blockwise: scales, rounding and a LoRA start trained block by block (``blockwise.py``)
+       e2e: the codes frozen, all scales and the LoRA start trained against the float model's output (``e2e.py``)
        both: awq+gptq
 
 Memory: the model, one H per layer (in²·8 bytes: 2.6 MB for SmolLM2's 576-wide inputs) and one float32 weight.
@@ -35,6 +36,7 @@ from ..quant.tensor import quantize
 from .awq_fold import Scaled, fold_awq
 from .blockwise import calibrate_blockwise
 from .calibration_record import CalibrationRecord
+from .e2e import calibrate_e2e
 from .loader import SourceWeights
 
 __all__ = ["input_statistics", "calibrate", "calibrate_gptq", "calibrate_awq"]
@@ -83,9 +85,9 @@ def input_statistics(net: nn.Module, batches) -> dict[str, tuple[torch.Tensor, t
 
 def calibrate(net: nn.Module, batches, method: str = "gptq", log=print, lora=None) -> dict:
     """Calibrate every 4-bit layer of ``net`` (loaded by lowbit from a full-precision checkpoint) in place, by the
-    stages of ``method`` (``quant.spec.calibration_stages``: awq, clip, gptq, blockwise, in that order).
+    stages of ``method`` (``quant.spec.calibration_stages``: awq, clip, gptq, blockwise, e2e, in that order).
     ``net.lowbit_calibration`` then records how (``calibration_record.py``; ``save_quantized`` writes it).
-    ``lora``: ``(r, scaling, layer names)`` for blockwise to train a LoRA start on those layers with the codes;
+    ``lora``: ``(r, scaling, layer names)`` for blockwise and e2e to train a LoRA start on those layers with the codes;
     returns it (name → (A, B)), empty without."""
     stages = calibration_stages(method, "calibration method")
     if not stages:
@@ -108,6 +110,8 @@ def calibrate(net: nn.Module, batches, method: str = "gptq", log=print, lora=Non
                 calibrate_gptq(net, batches, log=log, weights=weights, scales=scales)
         if "blockwise" in stages:
             start = calibrate_blockwise(net, batches, weights, log=log, lora=lora)  # logs its own time
+        if "e2e" in stages:
+            start = calibrate_e2e(net, batches, weights, log=log, lora=lora, starts=start)  # logs its own time
         mul = lambda a, b: {k: a.get(k, 1) * b.get(k, 1) for k in a.keys() | b.keys()}
         new = weights if isinstance(weights, Scaled) else Scaled(source)  # scales on top of the source's own
         net.lowbit_calibration = CalibrationRecord(method, source.path, mul(source.rows, new.rows),

@@ -117,6 +117,7 @@ class Linear4bit(nn.Module):
         self.compute_dtype = compute_dtype
         self.weight = q
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.register_parameter("scale_log", None)  # trainable block scales (nn/block_scales.py), when set
 
     @property
     def weight(self) -> QuantizedTensor:
@@ -151,6 +152,10 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype_for(x, self.compute_dtype)
+        if self.scale_log is not None:
+            from .block_scales import scaled_matmul
+
+            return scaled_matmul(x, self, dtype)
         if torch.compiler.is_compiling():  # one opaque operator in the compiled graph (same arithmetic)
             from .matmul4bit_op import matmul_4bit
 

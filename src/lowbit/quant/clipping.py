@@ -17,6 +17,8 @@ checkpoint, only its constants and codes differ.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .codebooks import codebook, quant_order, zero_code
@@ -25,7 +27,7 @@ from .packing import pack_codes
 from .spec import QUANT_TYPES, QuantSpec
 from .tensor import QuantizedTensor
 
-__all__ = ["block_absmax", "clip_scales", "quantize_with_scales", "stored_scales"]
+__all__ = ["block_absmax", "clip_scales", "quantize_with_scales", "stored_scales", "with_scales"]
 
 _CHUNK = 1 << 20  # weights per search chunk
 
@@ -110,3 +112,12 @@ def quantize_with_scales(w: torch.Tensor, scales: torch.Tensor, spec: QuantSpec)
     q, nested_absmax, offset, ncode = nested
     return QuantizedTensor(packed, q, torch.Size(w.shape), w.dtype, spec.blocksize, spec.quant_type, code,
                            nested_absmax, ncode, offset)
+
+
+def with_scales(q: QuantizedTensor, scales: torch.Tensor) -> QuantizedTensor:
+    """``q``'s codes under new per-block ``scales`` (stored as the absmax field, double-quantized when ``q`` is)."""
+    s, nested = stored_scales(scales, q.double_quant)
+    if nested is None:
+        return replace(q, absmax=s.clone())
+    qa, nested_absmax, offset, ncode = nested
+    return replace(q, absmax=qa, nested_absmax=nested_absmax, nested_code=ncode, nested_offset=offset)

@@ -33,6 +33,8 @@ CALIBRATION_STAGES = {
     "gptq": "GPTQ's error-compensating rounding under calibration inputs (quant/gptq.py)",
     "blockwise": "block scales and rounding trained per decoder block against the float block's output "
                  "(io/blockwise.py)",
+    "e2e": "the codes frozen, every block scale (and the LoRA start) trained end to end against the float model's "
+           "output (io/e2e.py)",
 }
 CALIBRATIONS = {
     "none": "round to nearest (bitsandbytes' own choice)",

@@ -5,9 +5,9 @@ there by every rank and by every resume, so all of them see the same bytes.
 ``output_dir/base`` is an ordinary checkpoint (transformers + bitsandbytes load NF4/FP4; lowbit loads NF3/NF2)
 with the tokenizer: the adapter records it as its base, and ``lowbit merge/eval/generate --model
 output_dir/base`` use it. The calibration samples are the first ``quant_calibration_samples`` training samples
-in a seeded order (seed + 1, as ``lowbit quantize --calibrate`` takes them). With ``blockwise`` and
-``lora_init: loftq`` the LoRA start is trained with the codes (``io/blockwise.py``) and kept beside them in
-``base/lora_start.safetensors``; the run's adapter starts from it.
+in a seeded order (seed + 1, as ``lowbit quantize --calibrate`` takes them). With ``blockwise`` or ``e2e`` and
+``lora_init: loftq`` the LoRA start is trained with the codes or scales (``io/blockwise.py``, ``io/e2e.py``) and
+kept beside them in ``base/lora_start.safetensors``; the run's adapter starts from it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .distributed import World
 __all__ = ["BASE_DIR", "START_FILE", "calibrated_base", "lora_start"]
 
 BASE_DIR = "base"
-START_FILE = "lora_start.safetensors"  # blockwise with lora_init: loftq — the LoRA start trained with the codes
+START_FILE = "lora_start.safetensors"  # blockwise/e2e with lora_init: loftq — the LoRA start trained with the codes
 
 
 def _scaling(cfg: TrainConfig) -> float:
@@ -40,18 +40,18 @@ def _scaling(cfg: TrainConfig) -> float:
 
 
 def _wants_start(cfg: TrainConfig) -> bool:
-    return cfg.lora_init == "loftq" and "blockwise" in calibration_stages(cfg.quant_calibration)
+    return cfg.lora_init == "loftq" and bool({"blockwise", "e2e"} & set(calibration_stages(cfg.quant_calibration)))
 
 
 def _lora(cfg: TrainConfig, net) -> tuple | None:
-    """(r, scaling, target names) for blockwise calibration to train the run's LoRA start; None otherwise."""
+    """(r, scaling, target names) for blockwise / e2e calibration to train the run's LoRA start; None otherwise."""
     if not _wants_start(cfg):
         return None
     return cfg.lora_r, _scaling(cfg), set(select_targets(net, cfg.lora_target_modules, cfg.lora_r))
 
 
 def lora_start(cfg: TrainConfig, base: str) -> dict[str, tuple] | None:
-    """name → (A, B): the LoRA start blockwise calibration trained for this run (None when it did not)."""
+    """name → (A, B): the LoRA start blockwise / e2e calibration trained for this run (None when it did not)."""
     path = Path(base) / START_FILE
     if cfg.quant_calibration == "none" or not path.is_file():
         return None
