@@ -1,8 +1,9 @@
 """The QLoRA write-up's table, measured: full fine-tuning vs LoRA vs QLoRA (NF4/FP4/INT4/NF3/NF2, with and
 without quantization-aware init or calibration) vs transformers + bitsandbytes + peft, on SmolLM2-135M-Instruct.
 
-Method names: ``qlora-<type>[-<calibration>][-init]`` — calibration one of quant.spec.CALIBRATIONS (the run's
-``quant_calibration`` on 256 of its training dialogues), ``-init`` LoftQ's initialisation.
+Method names: ``qlora-<type>[-<calibration>][-init][-scales]`` — calibration one of quant.spec.CALIBRATIONS (the
+run's ``quant_calibration`` on 256 of its training dialogues), ``-init`` LoftQ's initialisation, ``-scales`` the
+base's block scales trained with the adapter (``train_quant_scales``).
 
 Task (real data from the chatterbot-corpus PyPI package, fixed split, seed 0):
   * Q→A dialogue: held-out loss on the answer tokens (the quality measure; retention is computed from it);
@@ -135,8 +136,9 @@ def worker(method: str, task: Path, steps: int, seed: int) -> dict:
         else:
             parts = method.split("-")
             cfg.quant_type = parts[1]
-            cfg.lora_init = "loftq" if parts[-1] == "init" else "default"
-            cfg.quant_calibration = parts[2] if len(parts) > 2 and parts[2] != "init" else "none"
+            cfg.lora_init = "loftq" if "init" in parts[2:] else "default"
+            cfg.train_quant_scales = "scales" in parts[2:]
+            cfg.quant_calibration = parts[2] if len(parts) > 2 and parts[2] not in ("init", "scales") else "none"
             if steps == 0:  # --pre-only: the base's held-out loss as training would start from it
                 cfg.max_steps = 1
         prep: list[str] = []  # the calibration's lines: each stage's time and block losses

@@ -18,7 +18,7 @@ def _layer(spec, out=25, inp=40, seed=0, bias=True):
 
 
 def _dense(layer, t):
-    w = layer.dequantize().reshape(-1)
+    w = layer.weight.dequantize(torch.float32).reshape(-1)  # the stored weight, before any multiplier
     bs = layer.weight.blocksize
     m = t.exp().repeat_interleave(bs)[: w.numel()]
     return (w * m).view(layer.out_features, layer.in_features)
@@ -50,6 +50,7 @@ def test_gradients_match_the_dense_product(spec):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(t.grad, t_ref.grad, rtol=1e-4, atol=1e-5)
     assert t.grad.abs().sum() > 0
+    torch.testing.assert_close(layer.dequantize(), _dense(layer, t.detach()))  # what merge and export read
 
 
 def test_fold_keeps_the_codes_and_stores_the_scales():

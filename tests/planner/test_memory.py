@@ -199,3 +199,25 @@ def test_offload_disk_plans_the_checkpoints_on_disk():
         assert plain.items["activations"] - disk.items["activations"] == checkpoints
         assert disk.settings["disk_bytes"] == checkpoints and disk.host_bytes == plain.host_bytes
         assert "checkpoints on disk" in disk.table() and "checkpoints on disk" not in plain.table()
+
+
+def test_trained_block_scales_are_planned_as_the_run_makes_them(setup):
+    """train_quant_scales: one float32 scale and gradient per block of every 4-bit linear (as many as the run
+    creates), Adam state for each, and the weight gradient's room in the transient weight."""
+    import torch
+
+    from lowbit.planner.memory import plan_config
+    from lowbit.training import recipe
+    from lowbit.training.config import TrainConfig
+
+    cfg = TrainConfig(base_model=str(setup[1]), datasets=str(setup[2]), compute_dtype="float32", lora_r=4,
+                      train_quant_scales=True, output_dir=str(setup[0] / "plan-scales"), optimizer="adamw")
+    net = recipe.load_model(cfg, torch.float32, lambda *a: None)
+    made = sum(m.scale_log.numel() for m in net.modules() if getattr(m, "scale_log", None) is not None)
+    with_scales = plan_config(cfg, device="cpu")
+    cfg.train_quant_scales = False
+    without = plan_config(cfg, device="cpu")
+    assert with_scales.settings["block_scales"] == made > 0
+    assert with_scales.items["block_scales"] == 8 * made and "block_scales" not in without.items
+    assert with_scales.items["optimizer_state"] - without.items["optimizer_state"] == 8 * made
+    assert with_scales.items["transient_weight"] == 2 * without.items["transient_weight"]

@@ -16,6 +16,7 @@ positions (peft and vLLM users set them on the base themselves).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from ..nn.lora import LoRALinear, add_lora, is_conv1d, linear_module_names, lora
 from ..nn.trainable import TrainableRows, trainable_rows, trained_modules
 from .loader import base_info
 from .peft_experts import expert_targets, from_peft, to_peft
+from .quant_scales import SCALES_FILE, apply_scales, read_scales, scale_tensors, split_scales, write_scales
 from .safetensors import open_safetensors
 
 __all__ = ["ADAPTER_FILES", "adapter_config", "adapter_config_overrides",
@@ -108,7 +110,7 @@ def _first_owner(net: nn.Module, delta) -> str:
 def adapter_tensors(net: nn.Module) -> dict[str, torch.Tensor]:
     """Everything an adapter holds, under peft's key names: LoRA's factors (``lora_state_dict``), trained
     embedding rows (``<path>.token_adapter.trainable_tokens_delta``) and modules trained whole (``<path>.<param>``);
-    whole tensors (gathered under FSDP: every rank must call this)."""
+    trained block scales (``quant_scales.py``); whole tensors (gathered under FSDP: every rank must call this)."""
     whole = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().cpu().contiguous().clone()
     out = lora_state_dict(net)
     for path, m in trainable_rows(net).items():
@@ -118,7 +120,7 @@ def adapter_tensors(net: nn.Module) -> dict[str, torch.Tensor]:
         for leaf, t in net.get_submodule(path)._parameters.items():
             if t is not None:
                 out[f"base_model.model.{path}.{leaf}"] = whole(t)
-    return out
+    return {**out, **scale_tensors(net, whole)}
 
 
 def _metadata(net: nn.Module) -> dict[str, str]:
@@ -141,26 +143,37 @@ def save_adapter(net: nn.Module, out: str | os.PathLike, overwrite: bool = True,
     the folder is not touched. ``tensors``: the adapter's tensors when already gathered (``adapter_tensors``).
     """
     out = Path(out)
-    others = out.is_dir() and any(p.name not in ADAPTER_FILES for p in out.iterdir())
+    others = out.is_dir() and any(p.name not in (*ADAPTER_FILES, SCALES_FILE) for p in out.iterdir())
     if not others:
         with writing_dir(out, overwrite) as tmp:
             write_adapter_files(net, tmp, tensors=tensors)
         return out
     if not overwrite and any((out / f).exists() for f in ADAPTER_FILES):
         raise LowbitError(f"{out}: already holds an adapter (use --overwrite to replace it)")
-    with writing_file(out / ADAPTER_FILES[0]) as weights, writing_file(out / ADAPTER_FILES[1]) as config:
-        write_adapter_files(net, weights.parent, weights.name, config.name, tensors=tensors)
+    tensors = adapter_tensors(net) if tensors is None else tensors
+    scaled = bool(split_scales(tensors)[1])
+    with writing_file(out / ADAPTER_FILES[0]) as weights, writing_file(out / ADAPTER_FILES[1]) as config, \
+            (writing_file(out / SCALES_FILE) if scaled else contextlib.nullcontext()) as scales:
+        write_adapter_files(net, weights.parent, weights.name, config.name, tensors=tensors,
+                            scales=scales.name if scaled else SCALES_FILE)
+    if not scaled:  # an earlier adapter's block scales must not stay beside this one
+        (out / SCALES_FILE).unlink(missing_ok=True)
     return out
 
 
 def write_adapter_files(net: nn.Module, folder: Path, weights: str = ADAPTER_FILES[0],
-                        config: str = ADAPTER_FILES[1], tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """The two adapter files, written into ``folder`` as they are (callers make it atomic)."""
+                        config: str = ADAPTER_FILES[1], tensors: dict[str, torch.Tensor] | None = None,
+                        scales: str = SCALES_FILE) -> None:
+    """The two adapter files (and trained block scales' third), written into ``folder`` as they are (callers make
+    it atomic)."""
     from safetensors.torch import save_file
 
     cfg = adapter_config(net)
-    tensors, _ = to_peft(net, adapter_tensors(net) if tensors is None else tensors)
+    tensors, trained_scales = split_scales(adapter_tensors(net) if tensors is None else tensors)
+    tensors, _ = to_peft(net, tensors)
     save_file(tensors, str(folder / weights), metadata=_metadata(net))
+    if trained_scales:
+        write_scales(trained_scales, folder / scales, _metadata(net))
     (folder / config).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -183,7 +196,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         tensors = load_file(str(w_path))
     except Exception as e:
         raise LowbitError(f"{w_path}: corrupt safetensors file ({str(e).splitlines()[0]})") from None
-    return cfg, tensors, meta
+    return cfg, {**tensors, **read_scales(path)}, meta
 
 
 def adapter_config_overrides(path: str | os.PathLike) -> dict | None:
@@ -217,6 +230,7 @@ def load_adapter(net: nn.Module, path: str | os.PathLike, force: bool = False, t
     cfg, tensors, meta = read_adapter(path)
     if not force:
         check_adapter_base(net, meta, path)
+    tensors, scales = split_scales(tensors)
     tensors = from_peft(net, tensors, path)
     _grow_for(net, cfg, tensors, meta, Path(path))
     names = sorted({lora_key_module(k) for k in tensors if is_lora_key(k)})
@@ -238,6 +252,7 @@ def load_adapter(net: nn.Module, path: str | os.PathLike, force: bool = False, t
     for n in names:
         for ab in ("lora_A", "lora_B"):
             getattr(net.get_submodule(n), ab).weight.requires_grad_(trainable)
+    apply_scales(net, scales, path, trainable)
     return net
 
 
@@ -316,7 +331,9 @@ def _has(net: nn.Module, path: str) -> bool:
 def set_adapter_weights(net: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
     """Copy adapter tensors (peft key names, with or without the ``.default`` adapter name) into the model's
     LoRA layers, checking that every layer gets both matrices in the right shape; trained rows and modules (when
-    the tensors hold them) into the model's ``TrainableRows`` and trained modules."""
+    the tensors hold them) into the model's ``TrainableRows`` and trained modules, block scales into its 4-bit
+    layers."""
+    tensors, scales = split_scales(tensors)
     tensors = from_peft(net, tensors, path)
     for n, mod in net.named_modules():
         if not isinstance(mod, LoRALinear):
@@ -334,3 +351,4 @@ def set_adapter_weights(net: nn.Module, tensors: dict[str, torch.Tensor], path) 
     extras = {k: v for k, v in tensors.items() if not is_lora_key(k)}
     if extras:
         _apply_extras(net, extras, {}, path)
+    apply_scales(net, scales, path)

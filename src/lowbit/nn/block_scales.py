@@ -19,18 +19,22 @@ from torch import nn
 from ..quant.clipping import with_scales
 from .linear import Linear4bit, _dequantized
 
-__all__ = ["train_block_scales", "fold_block_scales", "scaled_matmul"]
+__all__ = ["train_block_scales", "fold_block_scales", "scaled_matmul", "scale_blocks_"]
+
+
+def scale_blocks_(w: torch.Tensor, m: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """w ⊙ m in place, m one multiplier per block (blocks: contiguous runs of the row-major weight)."""
+    flat, n = w.view(-1), w.numel()
+    if n % blocksize == 0:
+        flat.view(-1, blocksize).mul_(m.to(w.dtype)[:, None])
+    else:
+        flat.mul_(m.to(w.dtype).repeat_interleave(blocksize)[:n])
+    return w
 
 
 def _scaled(q, m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """deq(Q) ⊙ m in the dequantization scratch (its blocks are contiguous runs of the row-major weight)."""
-    w = _dequantized(q, dtype)
-    flat, n, bs = w.view(-1), w.numel(), q.blocksize
-    if n % bs == 0:
-        flat.view(-1, bs).mul_(m.to(dtype)[:, None])
-    else:
-        flat.mul_(m.to(dtype).repeat_interleave(bs)[:n])
-    return w
+    """deq(Q) ⊙ m in the dequantization scratch."""
+    return scale_blocks_(_dequantized(q, dtype), m, q.blocksize)
 
 
 class _ScaledMatmul(torch.autograd.Function):
@@ -52,11 +56,12 @@ class _ScaledMatmul(torch.autograd.Function):
         w = _scaled(q, m, dtype)
         if ctx.needs_input_grad[0]:
             gx = (gy.to(dtype) @ w).to(x.dtype)
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # Σ_block gW ⊙ deq(Q)·m = m ⊙ Σ_block gW ⊙ deq(Q); sums in float32
             gw = gy.reshape(-1, gy.shape[-1]).to(dtype).t() @ x.reshape(-1, x.shape[-1]).to(dtype)
-            prod, n, bs = (gw.float() * w.float()).view(-1), gw.numel(), q.blocksize
-            prod = torch.nn.functional.pad(prod, (0, -n % bs))
-            gt = prod.view(-1, bs).sum(1)  # Σ gW ⊙ deq(Q)·m = m ⊙ Σ gW ⊙ deq(Q)
+            prod, bs = gw.mul_(w).view(-1), q.blocksize
+            if prod.numel() % bs:
+                prod = torch.nn.functional.pad(prod, (0, -prod.numel() % bs))
+            gt = prod.view(-1, bs).sum(1, dtype=torch.float32)
         return gx, None, gt, None, None
 
 

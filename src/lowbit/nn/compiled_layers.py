@@ -54,6 +54,8 @@ def not_compiled_because(net: nn.Module) -> str | None:
         return "layers with state-space or convolution mixers are not compiled yet"
     if any(isinstance(m, Experts) for layer in layers for m in layer.modules()):
         return "mixture-of-experts layers are not compiled yet"
+    if any(getattr(m, "scale_log", None) is not None for layer in layers for m in layer.modules()):
+        return "layers whose block scales train (train_quant_scales) are not compiled yet"
     return None
 
 

@@ -164,7 +164,13 @@ class Linear4bit(nn.Module):
         return _Matmul4bit.apply(x, self.weight, self.bias, dtype)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return self.weight.dequantize(dtype)
+        """The weight the layer computes with (trained block scales applied, when it has them)."""
+        w = self.weight.dequantize(dtype)
+        if self.scale_log is not None:
+            from .block_scales import scale_blocks_
+
+            scale_blocks_(w, self.scale_log.detach().float().exp(), self.weight.blocksize)
+        return w
 
     def extra_repr(self) -> str:
         lay = self._layout

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LowbitError
-from .linear import STORAGE
+from .linear import STORAGE, Linear4bit
 from .linear8bit import QUANTIZED, STORAGE8
 
 __all__ = ["TrainableRows", "add_trainable_rows", "train_modules", "trained_modules", "trainable_rows"]
@@ -162,10 +162,11 @@ def _retie(model: nn.Module) -> None:
 
 
 def trained_modules(model: nn.Module) -> list[str]:
-    """Paths of the modules (not LoRA's, not trainable rows) that hold trained full-precision parameters."""
+    """Paths of the modules (not LoRA's, not trainable rows, not 4-bit layers training their block scales) that
+    hold trained full-precision parameters."""
     out = []
     for path, m in model.named_modules():
-        if isinstance(m, TrainableRows) or re.search(r"(^|\.)lora_[AB]$", path):
+        if isinstance(m, (TrainableRows, Linear4bit)) or re.search(r"(^|\.)lora_[AB]$", path):
             continue
         if any(p.requires_grad for p in m._parameters.values() if p is not None):
             out.append(path)

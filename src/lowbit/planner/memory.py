@@ -8,6 +8,9 @@ activations)::
     quant constants     DQ: numel/blocksize bytes + 4·⌈blocks/256⌉ + 4 per tensor;  no DQ: 4·numel/blocksize
     unquantized params  embeddings, output head (if untied), norms, biases, routers — compute dtype
     LoRA params / grads r·(in+out) per adapted layer, float32 each
+    block scales        ``train_quant_scales``: one float32 value per block of every 4-bit linear and its gradient
+                        (their optimizer state counted with LoRA's); backward holds the largest layer's weight
+                        gradient and its product with the weight (compute dtype each) in the transient weight
     trained whole       lora_modules_to_save's embeddings / head: float32 weights, gradients and optimizer state
     optimizer state     AdamW 8 B/param; 8-bit 2 B + 8/256; paged: one page pair on the device, the rest on the host
     activations         tokens · layers · (12h + 4·kv + m·i + 2r·n_adapted + 4·heads) · dtype/2   (no checkpointing)
@@ -80,7 +83,7 @@ FP32_CPU_ACTIVATIONS = 1.10
 # the training config keys a plan depends on
 PLAN_KEYS = ("sequence_len", "micro_batch_size", "lora_r", "lora_target_modules", "load_in_4bit", "load_in_8bit",
              "lora_modules_to_save", "quant_type", "double_quant", "blocksize", "optimizer", "gradient_checkpointing",
-             "compute_dtype", "distributed", "tiled_mlp", "tiled_mlp_num_shards")
+             "compute_dtype", "distributed", "tiled_mlp", "tiled_mlp_num_shards", "train_quant_scales")
 
 
 @dataclass
@@ -180,7 +183,7 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
          compute_dtype: str = "bfloat16", device_memory=None, device: str = "cuda", page_bytes: int = 0,
          world_size: int = 1, distributed: str = "auto", load_in_8bit: bool = False, lora_modules_to_save=None,
          rows_per_sample: int = 1, completion_len: int = 0, generation_rows: int = 0, tiled_mlp=False,
-         tiled_mlp_num_shards: int = 0) -> Plan:
+         tiled_mlp_num_shards: int = 0, train_quant_scales: bool = False) -> Plan:
     """The itemised peak memory of QLoRA training on one device (of ``world_size``; see the module docstring).
     ``rows_per_sample``: 2 for preference pairs (chosen and rejected take a row each; the reference pass keeps
     no activations). ``completion_len``, ``generation_rows``: a GRPO run's completion length and the rows a rank
@@ -191,11 +194,8 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     dbytes = DTYPES[dtype]
     stored = INT8 if load_in_8bit else quant_type if load_in_4bit else None
     items = _weights(lin, f, dbytes, stored, double_quant, blocksize)
-    lora = sum(lora_r * (a + b) * c for n, a, b, c in lin if n in targets)
-    items["lora_params"] = items["gradients"] = 4 * lora
-    state = int(lora * kind.state_bytes_per_param)
-    items["optimizer_state"] = min(state, page_bytes or kind.default_budget_bytes()) if kind.paged else state
-    host = state - items["optimizer_state"]
+    scales = sum(-(-a * b // blocksize) * c for _, a, b, c in lin) if train_quant_scales and load_in_4bit else 0
+    lora, host = _trained(items, lin, targets, lora_r, kind, page_bytes, scales)
     tokens = (sequence_len + completion_len) * micro_batch_size * rows_per_sample
     per_layer_tok, shards = _layer_bytes_per_token(f, targets, lora_r, dbytes, sequence_len + completion_len,
                                                    tiled_mlp, tiled_mlp_num_shards)
@@ -207,7 +207,7 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     items["activations"] = int(act + tokens * (2 * f.h + 8) * dbytes / 2)
     chunk = min(tokens, loss_chunk_tokens(f.vocab))
     items["logits_and_loss"] = chunk * f.vocab * 8 + tokens * f.h * 4  # chunked loss: bf16 + fp32 logits, grad
-    items["transient_weight"] = 2 * max(a * b for _, a, b, _ in lin) * dbytes if stored else 0
+    items["transient_weight"] = (2 + 2 * bool(scales)) * max(a * b for _, a, b, _ in lin) * dbytes if stored else 0
     whole = _trained_whole(lora_modules_to_save, f)
     if whole:  # float32 copies with their gradients and optimizer state (replacing their compute-dtype bytes)
         items["trained_full_precision"] = int(whole * (8 + kind.state_bytes_per_param) - whole * dbytes)
@@ -232,8 +232,21 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
                     world_size=world_size, distributed=mode, model_type=cfg_type, rows_per_sample=rows_per_sample,
                     completion_len=completion_len, generation_rows=generation_rows, lora_params=lora,
                     tiled_mlp=tiled_mlp, mlp_shards=shards, quantized_params=sum(a * b * c for _, a, b, c in lin),
-                    disk_bytes=int(checkpoints) if gradient_checkpointing == "offload_disk" else 0)
+                    disk_bytes=int(checkpoints) if gradient_checkpointing == "offload_disk" else 0,
+                    block_scales=scales)
     return Plan(items, sum(host_items.values()), total, dev, fits, settings, host_items)
+
+
+def _trained(items: dict, lin, targets: set[str], lora_r: int, kind, page_bytes: int, scales: int) -> tuple:
+    """LoRA's parameters and gradients (and the block scales' when they train) and their optimizer state into
+    ``items``; returns (LoRA's parameter count, optimizer bytes waiting on the host)."""
+    lora = sum(lora_r * (a + b) * c for n, a, b, c in lin if n in targets)
+    items["lora_params"] = items["gradients"] = 4 * lora
+    if scales:
+        items["block_scales"] = 8 * scales
+    state = int((lora + scales) * kind.state_bytes_per_param)
+    items["optimizer_state"] = min(state, page_bytes or kind.default_budget_bytes()) if kind.paged else state
+    return lora, state - items["optimizer_state"]
 
 
 def _layer_bytes_per_token(f: Shapes, targets: set[str], lora_r: int, dbytes: int, row: int, tiled_mlp,

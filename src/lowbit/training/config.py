@@ -57,6 +57,7 @@ class TrainConfig:
     blocksize: int = 64
     quant_calibration: str = "none"             # quant.spec.calibration_stages (awq+clip+gptq, …): calibrate the
     quant_calibration_samples: int = 256        # k-bit base on the training data first (saved to output_dir/base)
+    train_quant_scales: bool = False            # the base's block scales train with the adapter (codes frozen)
     compute_dtype: str = "auto"                 # auto | dtypes.DTYPES
     trust_remote_code: bool = False
     device: str = "auto"                        # auto | cpu | cuda | cuda:N (auto: the GPU when there is one)
@@ -195,11 +196,11 @@ class TrainConfig:
             if getattr(self, k) >= 1 and not (k.startswith("cosine") and getattr(self, k) == 1):
                 bad(k, f"must be < 1, got {getattr(self, k)}")
         calibration_stages(self.quant_calibration, "config: quant_calibration")
-        if self.quant_calibration != "none":
-            if not self.load_in_4bit:
-                bad("quant_calibration", "needs load_in_4bit: true (there is no 4-bit base to calibrate)")
-            if self.quant_calibration_samples <= 0:
-                bad("quant_calibration_samples", f"must be > 0, got {self.quant_calibration_samples}")
+        for k in ("quant_calibration", "train_quant_scales"):
+            if getattr(self, k) not in ("none", False) and not self.load_in_4bit:
+                bad(k, "needs load_in_4bit: true (an 8-bit or 16-bit base has no k-bit codes and block scales)")
+        if self.quant_calibration != "none" and self.quant_calibration_samples <= 0:
+            bad("quant_calibration_samples", f"must be > 0, got {self.quant_calibration_samples}")
         for k in ("eval_steps", "save_steps"):
             v = getattr(self, k)
             if isinstance(v, float) and not (0 < v < 1 or v.is_integer()):

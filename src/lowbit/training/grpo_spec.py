@@ -152,6 +152,9 @@ def validate_grpo(cfg, bad) -> None:
     if cfg.quant_calibration != "none":
         bad("quant_calibration:", f"{cfg.quant_calibration} calibrates on supervised data: calibrate in the SFT "
             "run and start this one from its base")
+    if cfg.train_quant_scales:
+        bad("train_quant_scales:", "true would move the reference model of rl: grpo with the policy (the reference "
+            "is the base without the adapter); train the scales in the SFT run")
     _check_sources(cfg, bad)
 
 

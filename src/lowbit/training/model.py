@@ -33,6 +33,7 @@ from ..errors import LowbitError
 from ..io.adapters import read_adapter, set_adapter_weights
 from ..io.loader import SourceWeights, load
 from ..io.tokenizer import TokenizerChanges
+from ..nn.block_scales import train_block_scales
 from ..nn.compiled_layers import compile_layers, compiler_missing, not_compiled_because
 from ..nn.document_attention import recompute_contexts, use_document_attention
 from ..nn.lora import LoRALinear, add_lora, count_parameters, linear_module_names
@@ -124,6 +125,7 @@ def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
     whole = train_modules(model, cfg.lora_modules_to_save, cfg.unfrozen_parameters, unmatched)
     if unmatched:
         log(f"unfrozen_parameters: {', '.join(map(repr, unmatched))} match no parameter of this model")
+    scaled = _train_scales(model) if cfg.train_quant_scales else 0
     if cfg.lora_model_dir:
         _start_from(model, cfg.lora_model_dir)
     if cfg.neftune_noise_alpha:
@@ -131,7 +133,8 @@ def load_model(cfg: TrainConfig, dtype, log=print, base: str | None = None,
     trainable, total = count_parameters(model)
     spec = cfg.quant_spec()
     extra = (f"; trained whole: {', '.join(whole)}" if whole else "") + \
-        (f"; rows of {len(set().union(*rows.values()))} tokens trained" if rows else "")
+        (f"; rows of {len(set().union(*rows.values()))} tokens trained" if rows else "") + \
+        (f"; the block scales of {scaled} 4-bit layers trained (codes frozen)" if scaled else "")
     log(f"model: {base or cfg.base_model} ({f'{spec.quant_type} base, {spec}' if spec else 'unquantized'}, compute "
         f"{str(dtype).split('.')[-1]}); LoRA r={cfg.lora_r}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%){extra}")
@@ -171,6 +174,17 @@ def apply_compile(cfg: TrainConfig, model: nn.Module, params: int, log) -> None:
     else:
         n = compile_layers(model)
         log(f"compile: {n} decoder layers through torch.compile (built in the first steps, cached for later runs)")
+
+
+def _train_scales(model: nn.Module) -> int:
+    """``train_quant_scales``: every 4-bit layer's block scales train (``nn/block_scales.py``); returns how many."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LowbitError("train_quant_scales: not built under torchrun yet (sharded block scales are untested); "
+                          "train on one process, or leave it false")
+    n = len(train_block_scales(model))
+    if not n:
+        raise LowbitError("train_quant_scales: this model has no 4-bit layers whose block scales could train")
+    return n
 
 
 def _check_packed_mixers(cfg: TrainConfig, model: nn.Module) -> None:

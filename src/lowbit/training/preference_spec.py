@@ -91,6 +91,9 @@ def validate_preference(cfg, bad) -> None:
     if cfg.quant_calibration != "none":
         bad("quant_calibration:", f"{cfg.quant_calibration} calibrates on supervised data: calibrate in the SFT "
             "run and start this one from its base (base_model: that run's base/)")
+    if cfg.train_quant_scales:
+        bad("train_quant_scales:", f"true would move the reference model of rl: {cfg.rl} with the policy (the "
+            "reference is the base without the adapter); train the scales in the SFT run")
     types = cfg.dpo_loss_type if isinstance(cfg.dpo_loss_type, list) else \
         [cfg.dpo_loss_type] if cfg.dpo_loss_type else []
     if types and cfg.rl not in ("dpo", "ipo"):

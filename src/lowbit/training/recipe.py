@@ -26,6 +26,7 @@ from ..dtypes import to_torch
 from ..errors import LowbitError
 from ..io.adapters import adapter_tensors, save_adapter
 from ..io.processor import save_tokenizer_files
+from ..io.quant_scales import SCALES_FILE
 from ..io.tokenizer import TOKENIZER_FILES, prepare_tokenizer, tokenizer_for
 from ..nn.compiled_layers import is_compiled
 from ..planner.memory import HEADROOM
@@ -145,13 +146,21 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
         log(state.stop_reason)
     tensors = adapter_tensors(model)  # whole on every rank (gathered under FSDP); rank 0 writes
     if world.main:
-        save_adapter(model, out, tensors=tensors)
-        save_tokenizer(tok, out, changes.eot_ids)
-        plot_losses(out, state.history.get("base_eval_loss"))
+        _write_outputs(cfg, out, model, tensors, tok, changes.eot_ids, state, log)
     evals = state.history["eval"]
     return {"output_dir": str(out), "steps": state.step, "base_eval_loss": state.history.get("base_eval_loss"),
             "eval_loss": evals[-1][1] if evals else None, "tokens_per_s": state.tokens_per_s(), "model": model,
             "tokenizer": tok, "rank": world.rank, "world_size": world.size, "stop_reason": state.stop_reason}
+
+
+def _write_outputs(cfg: TrainConfig, out: Path, model, tensors, tok, eot_ids, state, log) -> None:
+    """The finished run's adapter, tokenizer and loss plot in ``out``."""
+    save_adapter(model, out, tensors=tensors)
+    if cfg.train_quant_scales:
+        log(f"train_quant_scales: the trained block scales are in {out / SCALES_FILE}: lowbit generate, eval, "
+            "merge and export apply them; peft and vLLM load the LoRA alone (give them lowbit merge's model)")
+    save_tokenizer(tok, out, eot_ids)
+    plot_losses(out, state.history.get("base_eval_loss"))
 
 
 def _objective_and_data(cfg: TrainConfig, tok, world: World, log) -> tuple:
