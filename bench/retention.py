@@ -240,6 +240,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (data order and adapter init)")
     ap.add_argument("--merge", action="store_true",
                     help="add these runs to the methods/seeds already in retention.json")
+    ap.add_argument("--merge-from", metavar="DIR", help="with --merge: add the per-seed runs of DIR/retention.json "
+                    "(a run elsewhere with the same budget; replaces the same method and seed) instead of running")
     ap.add_argument("--report-only", action="store_true", help="rebuild table, chart and README from retention.json")
     ap.add_argument("--pre-only", action="store_true",
                     help="add each method's pre-training held-out loss and bits/param to retention.json (no training)")
@@ -254,7 +256,8 @@ def main() -> None:
         m, task, steps, seed = a.worker
         print("RESULT " + json.dumps(worker(m, Path(task), int(steps), int(seed))), flush=True)
         return
-    methods = a.methods.split(",") if a.methods else (["lora", "qlora-nf4"] if a.quick else METHODS)
+    methods = a.methods.split(",") if a.methods else [] if a.merge_from else \
+        (["lora", "qlora-nf4"] if a.quick else METHODS)
     steps = 4 if a.quick else a.steps
     task = Path(tempfile.mkdtemp()) / "task"
     info = build_task(task)
@@ -265,14 +268,17 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     results = Path(a.results)
     old = json.loads((results / "retention.json").read_text()) if a.merge else None
-    if old and old["budget"]["steps"] != steps:
-        sys.exit(f"--merge: retention.json was made with {old['budget']['steps']} steps, this run uses {steps}")
-    if old:
-        for m, e in old["methods"].items():
-            base_eval = old["base"]["eval_loss"] if m in ("full", "lora") else None
+    if a.merge_from and not old:
+        sys.exit("--merge-from adds to retention.json: give --merge too")
+    for other in [old] + ([json.loads((Path(a.merge_from) / "retention.json").read_text())] if a.merge_from else []):
+        if other and other["budget"]["steps"] != steps:
+            sys.exit(f"--merge: a retention.json made with {other['budget']['steps']} steps, this run uses {steps}")
+        for m, e in (other or {"methods": {}})["methods"].items():
+            base_eval = other["base"]["eval_loss"] if m in ("full", "lora") else None
             kept = {k: e.get(k) for k in ("pre_train_loss", "bits_per_param", "preparation")}  # filled per method
-            runs[m] = [{**x, **{k: v for k, v in kept.items() if x.get(k) is None}}
-                       for x in e.get("per_seed") or [{**e, "seed": e["seeds"][0], "base_eval_loss": base_eval}]]
+            new = [{**x, **{k: v for k, v in kept.items() if x.get(k) is None}}
+                   for x in e.get("per_seed") or [{**e, "seed": e["seeds"][0], "base_eval_loss": base_eval}]]
+            runs[m] = [x for x in runs.get(m, []) if x["seed"] not in {y["seed"] for y in new}] + new
     for m in methods:
         for seed in seeds:
             t = time.time()

@@ -109,9 +109,9 @@ def test_quantize_with_awq_is_an_ordinary_checkpoint_transformers_runs(tiny_cli,
                 assert torch.equal(rtn.absmax, layer.weight.absmax), name
 
 
-def test_quantize_with_clip_and_blockwise_stays_a_bitsandbytes_checkpoint(tiny_cli, tmp_path, capsys):
-    """awq+clip+blockwise moves scales and codes; transformers + bitsandbytes still compute lowbit's logits; a chain
-    out of order is refused in one line before anything is written."""
+def test_quantize_with_clip_blockwise_and_e2e_stays_a_bitsandbytes_checkpoint(tiny_cli, tmp_path, capsys):
+    """awq+clip+blockwise+e2e moves scales and codes; transformers + bitsandbytes still compute lowbit's logits; a
+    chain out of order is refused in one line before anything is written."""
     from transformers import AutoModelForCausalLM
 
     data = tmp_path / "calib.jsonl"
@@ -119,8 +119,8 @@ def test_quantize_with_clip_and_blockwise_stays_a_bitsandbytes_checkpoint(tiny_c
                             + "\n" for i in range(24)))
     out = tmp_path / "bw"
     assert cli.main(["quantize", "--model", str(tiny_cli / "model"), "--out", str(out), "--calibrate", str(data),
-                     "--samples", "16", "--method", "awq+clip+blockwise", "--compute-dtype", "float32"]) == 0
-    assert "awq+clip+blockwise calibration on 16 samples" in capsys.readouterr().out
+                     "--samples", "16", "--method", "awq+clip+blockwise+e2e", "--compute-dtype", "float32"]) == 0
+    assert "awq+clip+blockwise+e2e calibration on 16 samples" in capsys.readouterr().out
     ours = load(out, compute_dtype=torch.float32)
     plain = load(tiny_cli / "model", compute_dtype=torch.float32)
     a, b = plain.model.layers[1].mlp.down_proj, ours.model.layers[1].mlp.down_proj
@@ -133,7 +133,8 @@ def test_quantize_with_clip_and_blockwise_stays_a_bitsandbytes_checkpoint(tiny_c
     assert cli.main(["quantize", "--model", str(tiny_cli / "model"), "--out", str(tmp_path / "x"), "--calibrate",
                      str(data), "--method", "clip+awq"]) == 2
     err = capsys.readouterr().err  # refused before the model loads: no progress bar either
-    assert err == "error: --method: stages run once each in the order awq, clip, gptq, blockwise, got 'clip+awq'\n"
+    assert err == ("error: --method: stages run once each in the order awq, clip, gptq, blockwise, e2e, "
+                   "got 'clip+awq'\n")
     assert not (tmp_path / "x").exists()
 
 

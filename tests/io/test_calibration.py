@@ -108,8 +108,8 @@ def test_statistics_leave_padding_out(tmp_path):
 def test_unknown_method_and_unfoldable_model_are_refused(tmp_path):
     save_tiny(tmp_path / "llama", "llama")
     net = load(tmp_path / "llama", compute_dtype=torch.float32)
-    with pytest.raises(ValueError, match="calibration method must be one of none, awq, clip, gptq, blockwise, both or "
-                                         "stages joined by"):
+    with pytest.raises(ValueError, match="calibration method must be one of none, awq, clip, gptq, blockwise, e2e, "
+                                         "both or stages joined by"):
         calibrate(net, _batches(1, 0), "smoothquant")
     with pytest.raises(ValueError, match="gptq and blockwise both choose the codes"):
         calibrate(net, _batches(1, 0), "awq+gptq+blockwise")
