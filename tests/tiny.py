@@ -1,5 +1,7 @@
 """Tiny random causal LMs built locally from transformers configs (no download)."""
 
+import contextlib
+
 import torch
 
 MOE_ARCHITECTURES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "granitemoe")
@@ -165,6 +167,27 @@ def tiny_with_random_lora(path, r=4, alpha=8, seed=0):
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return tok, model
+
+
+@contextlib.contextmanager
+def ctrl_c_in_loss(monkeypatch, call: int):
+    """Ctrl-C inside the ``call``-th training forward (``training.loss.lm_loss`` with gradients on)."""
+    from lowbit.training import loss as loss_mod
+
+    real, calls = loss_mod.lm_loss, [0]
+
+    def flaky(model, batch, *a, **k):
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] == call:
+                raise KeyboardInterrupt
+        return real(model, batch, *a, **k)
+
+    monkeypatch.setattr(loss_mod, "lm_loss", flaky)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(loss_mod, "lm_loss", real)
 
 
 class InterruptAt:

@@ -16,9 +16,10 @@ from lowbit.io.merging import merge
 from lowbit.io.quant_scales import PREFIX, SCALES_FILE
 from lowbit.nn.linear import Linear4bit
 from lowbit.nn.lora import add_lora
-from lowbit.training import loss as loss_mod
 from lowbit.training import recipe
 from lowbit.training.config import TrainConfig
+
+from tiny import ctrl_c_in_loss
 
 
 def _cfg(setup, out, **kw):
@@ -67,19 +68,8 @@ def test_scales_train_and_go_where_the_adapter_goes(setup, tmp_path):
 def test_resume_equals_uninterrupted(setup, monkeypatch):
     recipe.train(_cfg(setup, "qs-full"), progress=False, log=lambda *a: None)
     ref = [json.loads(r) for r in (setup[0] / "qs-full" / "metrics.jsonl").read_text().splitlines()]
-    calls, real = {"n": 0}, loss_mod.lm_loss
-
-    def flaky(model, batch, *a, **k):
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise KeyboardInterrupt
-        return real(model, batch, *a, **k)
-
-    monkeypatch.setattr(loss_mod, "lm_loss", flaky)
-    with pytest.raises(LowbitError, match="interrupted at step 4"):
+    with ctrl_c_in_loss(monkeypatch, 5), pytest.raises(LowbitError, match="interrupted at step 4"):
         recipe.train(_cfg(setup, "qs-resumed"), progress=False, log=lambda *a: None)
-    monkeypatch.setattr(loss_mod, "lm_loss", real)
     recipe.train(_cfg(setup, "qs-resumed"), resume=True, progress=False, log=lambda *a: None)
     got = [json.loads(r) for r in (setup[0] / "qs-resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in got] == list(range(1, 7))

@@ -10,6 +10,8 @@ from lowbit.training import loss as loss_mod
 from lowbit.training import recipe
 from lowbit.training.config import TrainConfig
 
+from tiny import ctrl_c_in_loss
+
 
 def _cfg(setup, out, **kw):
     root, model_dir, data = setup
@@ -28,21 +30,9 @@ def test_resume_equals_uninterrupted(setup, monkeypatch, optimizer, packing):
     ref = [json.loads(row) for row in (setup[0] / f"full-{run}" / "metrics.jsonl").read_text().splitlines()]
 
     # interrupt in the middle of step 6 (a Ctrl-C), then resume
-    calls = {"n": 0}
-    real = loss_mod.lm_loss
-
-    def flaky(model, batch, *a, **k):
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == 6:
-                raise KeyboardInterrupt
-        return real(model, batch, *a, **k)
-
-    monkeypatch.setattr(loss_mod, "lm_loss", flaky)
-    with pytest.raises(LowbitError, match="interrupted at step 5"):
+    with ctrl_c_in_loss(monkeypatch, 6), pytest.raises(LowbitError, match="interrupted at step 5"):
         recipe.train(_cfg(setup, f"resumed-{run}", optimizer=optimizer, sample_packing=packing), progress=False,
                      log=lambda *a: None)
-    monkeypatch.setattr(loss_mod, "lm_loss", real)
     out = setup[0] / f"resumed-{run}"
     assert (out / "checkpoints" / "step-0000005").exists()
     res = recipe.train(_cfg(setup, f"resumed-{run}", optimizer=optimizer, sample_packing=packing), resume=True,

@@ -6,15 +6,15 @@ import json
 import random
 
 import pytest
-import torch
 from test_distributed import _close, _losses, _torchrun
 from tiny_vlm import save_tiny_vlm
 
 from lowbit.data.shapes import COLOURS, KINDS, SHAPES_QUESTION, SIZES, shape_image
 from lowbit.errors import LowbitError
-from lowbit.training import loss as loss_mod
 from lowbit.training import recipe
 from lowbit.training.config import TrainConfig
+
+from tiny import ctrl_c_in_loss
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +44,10 @@ def _cfg(root, out, **kw):
 def test_vision_run_resumes_exactly(vlm_setup, tmp_path, monkeypatch):
     full = tmp_path / "full"
     recipe.train(TrainConfig(**_cfg(vlm_setup, full, max_steps=6)), progress=False, log=lambda *a: None)
-    calls, real = {"n": 0}, loss_mod.lm_loss
-
-    def flaky(model, batch, *a, **k):
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == 9:  # inside step 5 (2 micro-batches a step)
-                raise KeyboardInterrupt
-        return real(model, batch, *a, **k)
-
-    monkeypatch.setattr(loss_mod, "lm_loss", flaky)
     resumed = tmp_path / "resumed"
-    with pytest.raises(LowbitError, match="interrupted at step 4"):
+    # inside step 5 (2 micro-batches a step)
+    with ctrl_c_in_loss(monkeypatch, 9), pytest.raises(LowbitError, match="interrupted at step 4"):
         recipe.train(TrainConfig(**_cfg(vlm_setup, resumed, max_steps=6)), progress=False, log=lambda *a: None)
-    monkeypatch.setattr(loss_mod, "lm_loss", real)
     recipe.train(TrainConfig(**_cfg(vlm_setup, resumed, max_steps=6)), resume=True, progress=False,
                  log=lambda *a: None)
     assert _close(resumed, full), (_losses(resumed), _losses(full))

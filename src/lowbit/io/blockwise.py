@@ -29,7 +29,8 @@ from ..nn.fake_quant import FakeQuantLinear
 from ..nn.linear import Linear4bit
 from ..nn.lora import low_rank_factors
 
-__all__ = ["calibrate_blockwise", "capture_inputs", "Dense", "run_layer", "swap", "lora_start_factors"]
+__all__ = ["calibrate_blockwise", "frozen_decoder_layers", "capture_inputs", "Dense", "run_layer", "swap",
+           "lora_start_factors"]
 
 LR = {"weight": 3e-4, "log_scale": 5e-3, "lora": 3e-3}  # Adam; tried on NF2 SmolLM2 (README: 2- and 3-bit)
 
@@ -47,6 +48,16 @@ class Dense(nn.Module):
 
     def forward(self, x):
         return torch.nn.functional.linear(x, self.w.to(x.dtype), None if self.b is None else self.b.to(x.dtype))
+
+
+def frozen_decoder_layers(net: nn.Module, stage: str) -> list[tuple[str, nn.Module]]:
+    """``net``'s decoder layers (refused in one line without), every parameter of ``net`` frozen."""
+    layers = decoder_layers(net)
+    if not layers:
+        raise LowbitError(f"{stage} calibration: the model has no decoder layers transformers marks as such")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return layers
 
 
 def capture_inputs(net, layers, batches) -> tuple[list, list[list[dict]]]:
@@ -106,12 +117,7 @@ def calibrate_blockwise(net: nn.Module, batches, weights, log=print, lora=None, 
     """Reconstruct every decoder block's 4-bit layers of ``net`` in place (``weights``: name → float weight).
     ``lora``: ``(r, scaling, names)`` to train a LoRA start on the layers ``names`` too. Returns name → (A, B)
     of that start (empty without)."""
-    layers = decoder_layers(net)
-    if not layers:
-        raise LowbitError("blockwise calibration: the model has no decoder layers transformers marks as such")
-    t0 = time.perf_counter()
-    for p in net.parameters():
-        p.requires_grad_(False)
+    layers, t0 = frozen_decoder_layers(net, "blockwise"), time.perf_counter()
     x_q, kws = capture_inputs(net, layers, batches)
     x_fp = list(x_q)
     masks = [(b["attention_mask"] if b.get("attention_mask") is not None else torch.ones_like(b["input_ids"]))

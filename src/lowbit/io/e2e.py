@@ -23,9 +23,8 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..nn.block_scales import fold_block_scales, train_block_scales
-from ..nn.decoder_layers import decoder_layers
 from ..nn.linear import Linear4bit
-from .blockwise import Dense, capture_inputs, lora_start_factors, run_layer, swap
+from .blockwise import Dense, capture_inputs, frozen_decoder_layers, lora_start_factors, run_layer, swap
 
 __all__ = ["calibrate_e2e"]
 
@@ -50,7 +49,7 @@ class _Head:
     output in place of the quantized one's (to read the float model's head input)."""
 
     def __init__(self, net, last: nn.Module):
-        self.head, self.last, self.seen, self.replace = net.get_output_embeddings(), last, None, None
+        self.head, self.last, self.seen = net.get_output_embeddings(), last, None
         if self.head is None:
             raise LowbitError("e2e calibration: the model has no output head transformers can name")
 
@@ -109,12 +108,7 @@ def calibrate_e2e(net: nn.Module, batches, weights, log=print, lora=None, starts
     """Train ``net``'s block scales (and a LoRA start: ``lora`` = ``(r, scaling, names)``, starting from
     ``starts`` where given, else LoftQ's) end to end against the float model (``weights``: name → float weight).
     Returns name → (A, B) of the LoRA start (empty without ``lora``)."""
-    layers = decoder_layers(net)
-    if not layers:
-        raise LowbitError("e2e calibration: the model has no decoder layers transformers marks as such")
-    t0 = time.perf_counter()
-    for p in net.parameters():
-        p.requires_grad_(False)
+    layers, t0 = frozen_decoder_layers(net, "e2e"), time.perf_counter()
     head = _Head(net, layers[-1][1])
     with torch.no_grad():
         floats = _float_outputs(net, layers, batches, weights)
