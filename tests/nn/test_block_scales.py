@@ -74,3 +74,13 @@ def test_untrained_multipliers_leave_the_stored_scales_alone():
     train_block_scales(layer)
     assert fold_block_scales(layer) == 0 and layer.scale_log is None
     assert torch.equal(layer.absmax, absmax) and torch.equal(layer.nested_absmax, nested)
+
+
+def test_scales_apply_after_an_inference_mode_forward():
+    """The dequantize scratch a forward under torch.inference_mode made is not written in place outside it."""
+    layer = _layer(QuantSpec("nf3", 64), out=512, inp=2048)  # larger than any weight before: a new scratch
+    x = torch.randn(2, 3, 2048)
+    with torch.inference_mode():
+        plain = layer(x)
+    train_block_scales(layer)
+    assert torch.equal(layer(x), plain)

@@ -43,7 +43,8 @@ class _Scratch(threading.local):
     def get(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         n = math.prod(shape)
         buf = self.buffers.get((device, dtype))
-        if buf is None or buf.numel() < n:
+        # (a buffer made under torch.inference_mode cannot be written in place outside it: made again then)
+        if buf is None or buf.numel() < n or (buf.is_inference() and not torch.is_inference_mode_enabled()):
             buf = self.buffers[(device, dtype)] = torch.empty(n, dtype=dtype, device=device)
         return buf[:n].view(shape)
 
