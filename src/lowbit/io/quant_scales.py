@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from ..nn.block_scales import block_count
 from ..nn.linear import Linear4bit
 
 __all__ = ["SCALES_FILE", "PREFIX", "scale_tensors", "split_scales", "write_scales", "read_scales", "apply_scales"]
@@ -77,7 +78,7 @@ def apply_scales(net: nn.Module, scales: dict[str, torch.Tensor], path, trainabl
         if mod is None:
             raise LowbitError(f"{path}/{SCALES_FILE}: block scales for {name!r}, which is not a 4-bit layer of this "
                               "model (load the base in the 4-bit type the adapter was trained on)")
-        blocks = -(-mod.in_features * mod.out_features // mod.weight.blocksize)
+        blocks = block_count(mod)
         if tuple(t.shape) != (blocks,):
             raise LowbitError(f"{path}/{SCALES_FILE}: {name} has {tuple(t.shape)} block scales, the layer needs "
                               f"({blocks},) (another blocksize?)")

@@ -19,7 +19,12 @@ from torch import nn
 from ..quant.clipping import with_scales
 from .linear import Linear4bit, _dequantized
 
-__all__ = ["train_block_scales", "fold_block_scales", "scaled_matmul", "scale_blocks_"]
+__all__ = ["train_block_scales", "fold_block_scales", "scaled_matmul", "scale_blocks_", "block_count"]
+
+
+def block_count(layer: Linear4bit) -> int:
+    """The layer's blocks of ``blocksize`` weights (the last one may be partial): one scale each."""
+    return -(-layer.in_features * layer.out_features // layer.weight.blocksize)
 
 
 def scale_blocks_(w: torch.Tensor, m: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -74,8 +79,7 @@ def train_block_scales(net: nn.Module) -> list[nn.Parameter]:
     out = []
     for mod in net.modules():
         if isinstance(mod, Linear4bit):
-            blocks = -(-mod.in_features * mod.out_features // mod.weight.blocksize)
-            mod.scale_log = nn.Parameter(torch.zeros(blocks, device=mod.codes.device))
+            mod.scale_log = nn.Parameter(torch.zeros(block_count(mod), device=mod.codes.device))
             out.append(mod.scale_log)
     return out
 
