@@ -194,7 +194,7 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
     dbytes = DTYPES[dtype]
     stored = INT8 if load_in_8bit else quant_type if load_in_4bit else None
     items = _weights(lin, f, dbytes, stored, double_quant, blocksize)
-    scales = sum(-(-a * b // blocksize) * c for _, a, b, c in lin) if train_quant_scales and load_in_4bit else 0
+    scales = _blocks(lin, blocksize) if train_quant_scales and load_in_4bit else 0
     lora, host = _trained(items, lin, targets, lora_r, kind, page_bytes, scales)
     tokens = (sequence_len + completion_len) * micro_batch_size * rows_per_sample
     per_layer_tok, shards = _layer_bytes_per_token(f, targets, lora_r, dbytes, sequence_len + completion_len,
@@ -292,7 +292,7 @@ def _weights(lin, f: Shapes, dbytes: int, quant_type: str | None, double_quant: 
     elif quant_type is not None:
         bits = QUANT_TYPES[quant_type].storage_bits
         items["quantized_weights"] = sum(c * packed_bytes(a * b, bits) for _, a, b, c in lin)
-        blocks = sum(c * math.ceil(a * b / blocksize) for _, a, b, c in lin)
+        blocks = _blocks(lin, blocksize)
         if double_quant:
             nested = sum(c * math.ceil(math.ceil(a * b / blocksize) / NESTED_BLOCKSIZE) for _, a, b, c in lin)
             items["quant_constants"] = blocks + 4 * nested + 4 * sum(c for *_, c in lin)
@@ -300,6 +300,11 @@ def _weights(lin, f: Shapes, dbytes: int, quant_type: str | None, double_quant: 
             items["quant_constants"] = 4 * blocks
     items["unquantized_params"] = f.other_params * dbytes + (0 if quant_type is not None else qnumel * dbytes)
     return items
+
+
+def _blocks(lin, blocksize: int) -> int:
+    """Blocks of ``blocksize`` weights over the quantized linear layers: one scale each."""
+    return sum(c * -(-a * b // blocksize) for _, a, b, c in lin)
 
 
 def _trained_whole(names: list | None, f: Shapes) -> int:
