@@ -39,7 +39,9 @@ def _error(net, want, held):
 
 
 @pytest.mark.parametrize("method,quant_type", [("gptq", "nf4"), ("awq", "nf4"), ("both", "nf4"), ("clip", "nf3"),
-                                               ("clip", "nf2"), ("awq+clip+gptq", "nf3"), ("clip+blockwise", "nf2")])
+                                               ("clip", "nf2"), ("awq+clip+gptq", "nf3"), ("clip+blockwise", "nf2"),
+                                               ("clip", "int2"), ("awq+clip+gptq", "int3"),
+                                               ("clip+blockwise", "int2")])
 def test_each_method_is_closer_to_full_precision_than_round_to_nearest(tmp_path, method, quant_type):
     ref = _outlier_model(tmp_path)
     spec = QuantSpec(quant_type)

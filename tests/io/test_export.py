@@ -47,12 +47,13 @@ def test_reads_checkpoint_saved_by_transformers_bnb(tmp_path, tiny):
         assert torch.equal(m.get_submodule(name).weight.packed, ours.get_submodule(name).weight.packed)
 
 
-def test_nf3_and_nf2_checkpoints_are_lowbit_own_and_load_back(tmp_path, tiny):
-    """Types bitsandbytes lacks are saved in the same layout with quant_method 'lowbit', densely packed."""
+def test_nf3_nf2_int3_int2_checkpoints_are_lowbit_own_and_load_back(tmp_path, tiny):
+    """Types bitsandbytes lacks are saved in the same layout with quant_method 'lowbit', densely packed (INT3 / INT2
+    with their packed zero points)."""
     from lowbit.quant.spec import QuantSpec
 
     path, _ = tiny
-    for qt, bits in (("nf3", 3), ("nf2", 2)):
+    for qt, bits in (("nf3", 3), ("nf2", 2), ("int3", 3), ("int2", 2)):
         m = load(path, QuantSpec(qt), compute_dtype=F32)
         save_quantized(m, tmp_path / qt)
         qc = json.loads((tmp_path / qt / "config.json").read_text())["quantization_config"]
@@ -61,6 +62,7 @@ def test_nf3_and_nf2_checkpoints_are_lowbit_own_and_load_back(tmp_path, tiny):
         w, w2 = m.model.layers[0].mlp.down_proj.weight, m2.model.layers[0].mlp.down_proj.weight
         assert w2.quant_type == qt and w2.packed.numel() == w.numel * bits // 8
         assert torch.equal(w2.packed, w.packed)
+        assert (w2.zeros is None) == (qt.startswith("nf")) and (w.zeros is None or torch.equal(w2.zeros, w.zeros))
         ids = _ids()
         with torch.no_grad():
             assert torch.equal(m2(ids).logits, m(ids).logits)

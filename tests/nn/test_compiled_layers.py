@@ -15,7 +15,7 @@ from lowbit.quant.spec import QuantSpec
 pytestmark = pytest.mark.skipif(compiler_missing("cpu") is not None, reason="torch.compile needs a C++ compiler")
 
 
-@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("nf3", True)])
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("nf3", True), ("int2", True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matmul_4bit_operator_equals_the_eager_layer(quant_type, double_quant, dtype):
     torch.manual_seed(0)

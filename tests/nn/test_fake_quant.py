@@ -16,7 +16,7 @@ def _layer(qt="nf3", dq=False, lora=None):
     return FakeQuantLinear(w, block_absmax(w, 64) * 0.8, QuantSpec(qt, 64, dq), torch.randn(24, generator=g), lora), w
 
 
-@pytest.mark.parametrize("qt", ["nf4", "nf3", "nf2", "int4"])
+@pytest.mark.parametrize("qt", ["nf4", "nf3", "nf2", "int4", "int3", "int2"])
 def test_forward_weight_is_the_frozen_weight(qt):
     m, _ = _layer(qt)
     with torch.no_grad():

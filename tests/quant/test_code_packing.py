@@ -79,3 +79,21 @@ def test_planner_counts_real_bits():
     n = 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192)
     sizes = {qt: plan(cfg, quant_type=qt, device="cpu").items["quantized_weights"] for qt in ("nf4", "nf3", "nf2")}
     assert sizes == {"nf4": n // 2, "nf3": n * 3 // 8, "nf2": n // 4}
+
+
+@pytest.mark.parametrize("qt", ["nf4", "nf2", "int3", "int2"])
+@pytest.mark.parametrize("dq", [True, False])
+def test_planner_counts_the_bytes_a_loaded_base_holds(tmp_path, qt, dq):
+    """The planner's codes + constants equal what the loaded 4-bit layers hold (INT3 / INT2: with zero points)."""
+    from lowbit.io.loader import load
+    from lowbit.nn.linear import Linear4bit
+    from lowbit.quant.spec import QuantSpec
+
+    from tiny import save_tiny
+
+    save_tiny(tmp_path, "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    net = load(tmp_path, QuantSpec(qt, 64, dq), compute_dtype=torch.float32)
+    held = sum(m.weight.nbytes for m in net.modules() if isinstance(m, Linear4bit))
+    items = plan(cfg, quant_type=qt, double_quant=dq, blocksize=64, device="cpu").items
+    assert items["quantized_weights"] + items["quant_constants"] == held

@@ -136,7 +136,7 @@ def calibrate_blockwise(net: nn.Module, batches, weights, log=print, lora=None, 
             y = [run_layer(layer, x, kw) for x, kw in zip(x_fp, kws[i])]
         fq = {n: FakeQuantLinear(w[n], mods[n].weight.absmax_float().float(), mods[n].weight.spec, bias[n],
                                  lora_start_factors(w[n], mods[n].dequantize(), lora[0], lora[1])
-                                 if lora and f"{prefix}.{n}" in lora[2] else None)
+                                 if lora and f"{prefix}.{n}" in lora[2] else None, mods[n].weight.zeros)
               for n in names}
         swap(layer, fq)
         before = _train_block(layer, fq, x_q, y, kws[i], masks, epochs, rng)

@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import LowbitError
 from ..nn.linear import Linear4bit
 from ..nn.vision import is_vision_model
-from ..quant.clipping import block_absmax, clip_scales, quantize_with_scales
+from ..quant.clipping import clip_scales, quantize_with_scales, start_scales
 from ..quant.gptq import gptq_quantize
 from ..quant.spec import calibration_stages
 from ..quant.tensor import quantize
@@ -135,10 +135,12 @@ def calibrate_clip(net: nn.Module, batches, weights, log=print) -> dict[str, tor
         if isinstance(mod, Linear4bit) and name in stats:
             old, w = mod.weight, weights(name)
             chosen[name] = clip_scales(w, torch.diagonal(stats[name][0]).float(), old.spec)
-            ratio.append(float((chosen[name] / block_absmax(w, old.blocksize).clamp(min=1e-38)).mean()))
-            mod.weight = dataclasses.replace(quantize_with_scales(w.to(old.dtype), chosen[name], old.spec),
+            start, zeros = start_scales(w, old.spec)  # absmax, or range and zero points (kept as they were)
+            ratio.append(float((chosen[name] / start.clamp(min=1e-38)).mean()))
+            mod.weight = dataclasses.replace(quantize_with_scales(w.to(old.dtype), chosen[name], old.spec, zeros),
                                              dtype=old.dtype)
-    log(f"calibration: {len(chosen)} layers' block scales clipped (mean scale / absmax {sum(ratio) / len(ratio):.3f})")
+    log(f"calibration: {len(chosen)} layers' block scales clipped (mean scale / round-to-nearest's "
+        f"{sum(ratio) / len(ratio):.3f})")
     return chosen
 
 

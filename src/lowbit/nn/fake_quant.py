@@ -2,14 +2,15 @@
 scales and an optional LoRA start (what block-wise reconstruction trains: ``io/blockwise.py``).
 
     s      = s₀ · exp(t)                                   one per block of ``blocksize`` weights; t trains
-    v      = clamp(W / s, −1, 1)
-    Ŵ      = s · (v + sg(code[nearest(v)] − v))            straight-through: ∂Ŵ/∂W = 1 inside the clamp (0
-                                                           outside), ∂Ŵ/∂s = code[nearest(v)] − v inside, ±1
-                                                           outside (LSQ's scale gradient)
+    v      = clamp(W / s + z, lo, hi)                     z, [lo, hi]: the block's zero-point shift and bounds
+                                                           (0 and [−1, 1] for symmetric types: quant/zero_point.py)
+    Ŵ      = s · (v + sg(code[nearest(v)] − v) − z)        straight-through: ∂Ŵ/∂W = 1 inside the clamp (0
+                                                           outside), ∂Ŵ/∂s = code[nearest(v)] − v inside, the
+                                                           clamped value − z outside (LSQ's scale gradient)
     y      = x Ŵᵀ + b + (α/r) · (x Aᵀ) Bᵀ
 
 ``freeze()`` gives the stored form: the scales double-quantized as a checkpoint keeps them and each latent weight
-rounded against its stored scale (``quant/clipping.quantize_with_scales``).
+rounded against its stored scale and the zero points it trained with (``quant/clipping.quantize_with_scales``).
 """
 
 from __future__ import annotations
@@ -17,19 +18,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.clipping import quantize_with_scales
+from ..quant.clipping import quantize_with_scales, start_scales
 from ..quant.codebooks import codebook, quant_order
 from ..quant.spec import QuantSpec
 from ..quant.tensor import QuantizedTensor
+from ..quant.zero_point import block_shift, has_zero_point, shifted
 
 __all__ = ["FakeQuantLinear"]
 
 
 class FakeQuantLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None = None,
-                 lora: tuple[torch.Tensor, torch.Tensor, float] | None = None):
+                 lora: tuple[torch.Tensor, torch.Tensor, float] | None = None, zeros: torch.Tensor | None = None):
         super().__init__()
-        self.spec, self.shape = spec, weight.shape
+        if zeros is None and has_zero_point(spec.quant_type):  # those of the weight's own ranges
+            zeros = start_scales(weight, spec)[1]
+        self.spec, self.shape, self.zeros = spec, weight.shape, zeros
+        shift = block_shift(zeros, codebook(spec.quant_type), scales.numel())
+        self.register_buffer("shift", None if shift is None else shift.to(weight.device)[:, None])
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.register_buffer("s0", scales.detach().float().clamp(min=1e-12).clone())
         self.log_scale = nn.Parameter(torch.zeros_like(self.s0))
@@ -51,9 +57,10 @@ class FakeQuantLinear(nn.Module):
         n, bs = self.weight.numel(), self.spec.blocksize
         flat = torch.nn.functional.pad(self.weight.reshape(-1), (0, -n % bs)).view(-1, bs)
         s = self.scales()[:, None]
-        v = (flat / s).clamp(-1, 1)
+        v = shifted(flat, s, self.shift, self.spec.quant_type)
         q = self.levels[torch.bucketize(v.detach(), self.midpoints)]
-        return ((v + (q - v).detach()) * s).reshape(-1)[:n].view(self.shape)
+        v = v + (q - v).detach()
+        return ((v if self.shift is None else v - self.shift) * s).reshape(-1)[:n].view(self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.nn.functional.linear(x, self.rounded_weight().to(x.dtype),
@@ -65,6 +72,6 @@ class FakeQuantLinear(nn.Module):
     @torch.no_grad()
     def freeze(self, dtype: torch.dtype = torch.float32) -> QuantizedTensor:
         """The stored weight: codes of the latent weight against the double-quantized scales."""
-        q = quantize_with_scales(self.weight, self.scales(), self.spec)
+        q = quantize_with_scales(self.weight, self.scales(), self.spec, self.zeros)
         q.dtype = dtype
         return q

@@ -102,7 +102,8 @@ class Linear4bit(nn.Module):
     """A linear layer whose weight is a frozen ``QuantizedTensor``.
 
     The quantized weight is stored as frozen uint8 parameters — ``codes`` (packed, high nibble first),
-    ``absmax`` (uint8 codes with double quantization, else float32 bytes) and ``nested_absmax`` (float32 bytes) —
+    ``absmax`` (uint8 codes with double quantization, else float32 bytes), ``nested_absmax`` (float32 bytes) and,
+    for a type with zero points, ``zeros`` (packed) —
     so that ``.to(device)``, DDP (replicates them) and FSDP2 (shards them, gathers them bit-exactly) see them,
     and no dtype cast or float canonicalisation ever touches them. The code tables are non-persistent buffers.
     ``weight`` is the ``QuantizedTensor`` view of that storage (no copies); assigning one re-registers it.
@@ -127,7 +128,8 @@ class Linear4bit(nn.Module):
         return QuantizedTensor(
             self.codes, self.absmax if lay.double_quant else as_f32(self.absmax), lay.shape, lay.dtype, lay.blocksize,
             lay.quant_type, as_f32(self.code), as_f32(self.nested_absmax) if lay.double_quant else None,
-            as_f32(self.nested_code) if lay.double_quant else None, lay.nested_offset, lay.nested_blocksize)
+            as_f32(self.nested_code) if lay.double_quant else None, lay.nested_offset, lay.nested_blocksize,
+            self.zeros)
 
     @weight.setter
     def weight(self, q: QuantizedTensor) -> None:
@@ -137,6 +139,10 @@ class Linear4bit(nn.Module):
             self.nested_absmax = _frozen(q.nested_absmax.float())
         else:
             self.register_parameter("nested_absmax", None)
+        if q.zeros is not None:
+            self.zeros = _frozen(q.zeros)
+        else:
+            self.register_parameter("zeros", None)
         self.register_buffer("code", q.code.float().contiguous().view(torch.uint8), persistent=False)
         nested = q.nested_code.float().contiguous().view(torch.uint8) if q.double_quant else None
         self.register_buffer("nested_code", nested, persistent=False)
@@ -206,7 +212,7 @@ class Linear4bit(nn.Module):
 
 
 # a Linear4bit's frozen byte storage (parameters) — what footprint and parameter counts treat as the 4-bit weight
-STORAGE = ("codes", "absmax", "nested_absmax")
+STORAGE = ("codes", "absmax", "nested_absmax", "zeros")
 
 
 def _quantized(net: nn.Module) -> list[nn.Module]:

@@ -6,7 +6,7 @@ graph around it (an opaque ``lowbit::matmul_4bit`` node) instead of breaking the
 
 Same arithmetic as ``linear._Matmul4bit`` (the eager path, which stays the reference): deq(Q) in the reused scratch
 buffer, the product in ``dtype``. Q travels as its tensors plus its layout (shape, blocksize, double-quantization
-constants); the codebook decides the code width. Only compiled code calls these.
+constants, zero points); the codebook decides the code width. Only compiled code calls these.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from ..quant.tensor import QuantizedTensor
 __all__ = ["matmul_4bit"]
 
 
-def _tensor(codes, absmax, code, nested_absmax, nested_code, shape, blocksize, nested_offset, nested_blocksize):
+def _tensor(codes, absmax, code, nested_absmax, nested_code, shape, blocksize, nested_offset, nested_blocksize,
+            zeros):
     """The ``QuantizedTensor`` the operator's arguments hold (what dequantizing needs: the codebook gives the code
     width, so the type's name and the original dtype are not carried)."""
     double = nested_absmax is not None
@@ -26,38 +27,43 @@ def _tensor(codes, absmax, code, nested_absmax, nested_code, shape, blocksize, n
     return QuantizedTensor(codes, absmax if double else absmax.view(torch.float32), torch.Size(shape),
                            torch.float32, blocksize, "", code.view(torch.float32),
                            nested_absmax.view(torch.float32) if double else None,
-                           nested_code.view(torch.float32) if double else None, nested_offset, nested_blocksize)
+                           nested_code.view(torch.float32) if double else None, nested_offset, nested_blocksize,
+                           zeros)
 
 
 @torch.library.custom_op("lowbit::matmul_4bit", mutates_args=())
 def _forward(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
              nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, shape: list[int], blocksize: int,
-             nested_offset: torch.Tensor | None, nested_blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+             nested_offset: torch.Tensor | None, nested_blocksize: int, zeros: torch.Tensor | None,
+             dtype: torch.dtype) -> torch.Tensor:
     from .linear import _dequantized
 
-    q = _tensor(codes, absmax, code, nested_absmax, nested_code, shape, blocksize, nested_offset, nested_blocksize)
+    q = _tensor(codes, absmax, code, nested_absmax, nested_code, shape, blocksize, nested_offset, nested_blocksize,
+                zeros)
     return x.to(dtype) @ _dequantized(q, dtype).t()
 
 
 @_forward.register_fake
-def _(x, codes, absmax, code, nested_absmax, nested_code, shape, blocksize, nested_offset, nested_blocksize, dtype):
+def _(x, codes, absmax, code, nested_absmax, nested_code, shape, blocksize, nested_offset, nested_blocksize, zeros,
+      dtype):
     return x.new_empty((*x.shape[:-1], shape[0]), dtype=dtype)
 
 
 @torch.library.custom_op("lowbit::matmul_4bit_t", mutates_args=())
 def _grad_input(gy: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                 nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, shape: list[int],
-                blocksize: int, nested_offset: torch.Tensor | None, nested_blocksize: int, dtype: torch.dtype,
-                x_dtype: torch.dtype) -> torch.Tensor:
+                blocksize: int, nested_offset: torch.Tensor | None, nested_blocksize: int,
+                zeros: torch.Tensor | None, dtype: torch.dtype, x_dtype: torch.dtype) -> torch.Tensor:
     from .linear import _dequantized
 
-    q = _tensor(codes, absmax, code, nested_absmax, nested_code, shape, blocksize, nested_offset, nested_blocksize)
+    q = _tensor(codes, absmax, code, nested_absmax, nested_code, shape, blocksize, nested_offset, nested_blocksize,
+                zeros)
     return (gy.to(dtype) @ _dequantized(q, dtype)).to(x_dtype)
 
 
 @_grad_input.register_fake
-def _(gy, codes, absmax, code, nested_absmax, nested_code, shape, blocksize, nested_offset, nested_blocksize, dtype,
-      x_dtype):
+def _(gy, codes, absmax, code, nested_absmax, nested_code, shape, blocksize, nested_offset, nested_blocksize, zeros,
+      dtype, x_dtype):
     return gy.new_empty((*gy.shape[:-1], shape[1]), dtype=x_dtype)
 
 
@@ -67,7 +73,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, gy):
-    return (_grad_input(gy, *ctx.q, ctx.dtype, ctx.x_dtype),) + (None,) * 10
+    return (_grad_input(gy, *ctx.q, ctx.dtype, ctx.x_dtype),) + (None,) * 11
 
 
 _forward.register_autograd(_backward, setup_context=_setup)
@@ -79,4 +85,4 @@ def matmul_4bit(x: torch.Tensor, layer, dtype: torch.dtype) -> torch.Tensor:
     offset then reaches the graph as data (``layer._offset``) rather than as a constant compiled into it."""
     lay = layer._layout
     return _forward(x, layer.codes, layer.absmax, layer.code, layer.nested_absmax, layer.nested_code,
-                    list(lay.shape), lay.blocksize, layer._offset, lay.nested_blocksize, dtype)
+                    list(lay.shape), lay.blocksize, layer._offset, lay.nested_blocksize, layer.zeros, dtype)

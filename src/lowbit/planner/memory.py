@@ -298,6 +298,8 @@ def _weights(lin, f: Shapes, dbytes: int, quant_type: str | None, double_quant: 
             items["quant_constants"] = blocks + 4 * nested + 4 * sum(c for *_, c in lin)
         else:
             items["quant_constants"] = 4 * blocks
+        if QUANT_TYPES[quant_type].zero_point:  # a packed zero point per block (quant/zero_point.py)
+            items["quant_constants"] += sum(c * packed_bytes(-(-a * b // blocksize), bits) for _, a, b, c in lin)
     items["unquantized_params"] = f.other_params * dbytes + (0 if quant_type is not None else qnumel * dbytes)
     return items
 

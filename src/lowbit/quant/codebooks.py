@@ -11,6 +11,8 @@ table of names) to its builder.
   gives magnitude ``2^(4-e)·(1+m/2)`` for e>0 and ``m·0.0625`` for e=0, normalised by 12. Stored by bit
   pattern (code = 4-bit value), so the table is *not* sorted; ``quant_order`` handles that.
 - **INT4**: symmetric integers -7…7 divided by 7 (15 codes; code 15 unused).
+- **INT3 / INT2**: the integers 0…2^k−1 divided by 2^k−1, uniform on [0, 1]; a block's zero point shifts them
+  (``zero_point.py``).
 - **dynamic (8-bit)**: bitsandbytes' signed/unsigned dynamic-exponent map, used for double quantization
   and 8-bit optimizer state.
 """
@@ -66,7 +68,19 @@ def int4() -> torch.Tensor:
     return torch.arange(-7, 8, dtype=torch.float32, device="cpu") / 7
 
 
-CODEBOOKS = {"nf4": nf4, "fp4": fp4, "int4": int4, "nf3": nf3, "nf2": nf2}
+def _uniform(bits: int) -> torch.Tensor:
+    return torch.arange(2**bits, dtype=torch.float32, device="cpu") / (2**bits - 1)
+
+
+def int3() -> torch.Tensor:
+    return _uniform(3)
+
+
+def int2() -> torch.Tensor:
+    return _uniform(2)
+
+
+CODEBOOKS = {"nf4": nf4, "fp4": fp4, "int4": int4, "nf3": nf3, "nf2": nf2, "int3": int3, "int2": int2}
 assert CODEBOOKS.keys() == QUANT_TYPES.keys(), "every quant type needs a codebook builder"
 
 

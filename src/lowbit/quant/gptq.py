@@ -7,7 +7,8 @@ of the layer's calibration inputs (``second_moment``), the columns are rounded i
 error is pushed onto the columns not yet rounded, where the inputs can absorb it:
 
     H ← H + λ·mean(diag H)·I ;   U = upper Cholesky factor of H⁻¹
-    for column j:   q_j = s_j · code[nearest(w_j / s_j)]          (s_j: the column's block scales)
+    for column j:   q_j = s_j · code[nearest(w_j / s_j)]          (s_j: the column's block scales; a zero-point
+                                                                   type rounds w_j / s_j + z_j and subtracts z_j)
                     e   = (w_j − q_j) / U_jj ;   W[:, k] −= e · U_jk  for k > j
 
 (updates to later columns are batched ``block`` columns at a time, as GPTQ does). This minimises the layer's
@@ -23,6 +24,7 @@ from .codebooks import quant_order, zero_code
 from .packing import pack_codes
 from .spec import QUANT_TYPES, QuantSpec
 from .tensor import QuantizedTensor, quantize
+from .zero_point import block_shift, bounds
 
 __all__ = ["second_moment", "gptq_quantize"]
 
@@ -41,9 +43,13 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, quant_type: str = "nf4
     spec = QuantSpec(quant_type, blocksize, double_quant)
     rtn = quantize(w, spec) if scales is None else quantize_with_scales(w, scales, spec)  # the grid
     out_f, in_f = w.shape
-    scale = rtn.absmax_float().float().repeat_interleave(blocksize)[: w.numel()].view(out_f, in_f)
+    per_weight = lambda t: t.float().repeat_interleave(blocksize)[: w.numel()].view(out_f, in_f)
+    scale = per_weight(rtn.absmax_float())
     midpoints, order = quant_order(quant_type)
     code = rtn.code.float()
+    shift = block_shift(rtn.zeros, code, rtn.absmax.numel())  # a zero-point type's shift (0 for the others)
+    shift = torch.zeros_like(scale) if shift is None else per_weight(shift)
+    lo, hi = bounds(quant_type)
     h = hessian.double().clone()
     dead = torch.diagonal(h) == 0  # inputs never seen: nothing to compensate with
     h[dead, dead] = 1.0
@@ -55,13 +61,13 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, quant_type: str = "nf4
         i2 = min(i1 + block, in_f)
         w1, err = wk[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, device=wk.device)
         for j in range(i2 - i1):
-            s = scale[:, i1 + j]
-            c = order[torch.bucketize((w1[:, j] / s.clamp(min=1e-38)).clamp(-1, 1), midpoints)]
+            s, z = scale[:, i1 + j], shift[:, i1 + j]
+            c = order[torch.bucketize((w1[:, j] / s.clamp(min=1e-38) + z).clamp(lo, hi), midpoints)]
             codes[:, i1 + j] = c
-            e = (w1[:, j] - code[c.long()] * s) / u[i1 + j, i1 + j]
+            e = (w1[:, j] - (code[c.long()] - z) * s) / u[i1 + j, i1 + j]
             w1[:, j + 1:] -= e[:, None] * u[i1 + j, i1 + j + 1: i2][None, :]
             err[:, j] = e
         wk[:, i2:] -= err @ u[i1:i2, i2:]
     packed = pack_codes(codes, QUANT_TYPES[quant_type].storage_bits, pad=zero_code(quant_type)).view(-1, 1)
     return QuantizedTensor(packed, rtn.absmax, rtn.shape, rtn.dtype, blocksize, quant_type, rtn.code,
-                           rtn.nested_absmax, rtn.nested_code, rtn.nested_offset)
+                           rtn.nested_absmax, rtn.nested_code, rtn.nested_offset, zeros=rtn.zeros)

@@ -71,6 +71,7 @@ class QuantType:
     storage_bits: int          # bits one code takes in memory (its byte layout: quant/packing.py)
     bitsandbytes: bool         # transformers + bitsandbytes load a checkpoint of this type
     about: str
+    zero_point: bool = False   # a k-bit zero point per block beside its scale (quant/zero_point.py)
 
 
 QUANT_TYPES = {
@@ -79,6 +80,8 @@ QUANT_TYPES = {
     "int4": QuantType(4, 4, False, "symmetric integers -7..7"),
     "nf3": QuantType(3, 3, False, "3-bit NormalFloat, 8 codes in 3 bytes"),
     "nf2": QuantType(2, 2, False, "2-bit NormalFloat, 4 codes per byte"),
+    "int3": QuantType(3, 3, False, "uniform 3-bit integers 0..7 with a 3-bit zero point per block", zero_point=True),
+    "int2": QuantType(2, 2, False, "uniform 2-bit integers 0..3 with a 2-bit zero point per block", zero_point=True),
 }
 
 

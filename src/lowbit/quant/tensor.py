@@ -12,8 +12,9 @@ State-dict layout (identical to what transformers + bitsandbytes save for a 4-bi
                                              (+ nested_blocksize, nested_dtype, nested_offset)
 
 NF3 and NF2 (lowbit's own; bitsandbytes does not load them) use the same keys, ``quant_type`` ``nf3``/``nf2``, a
-3-bit or 2-bit packing and ``"code_bits"`` in the JSON. A file without ``code_bits`` for those types is from
-before lowbit packed them densely (one code per nibble); it loads and is repacked.
+3-bit or 2-bit packing and ``"code_bits"`` in the JSON. A file without ``code_bits`` for NF3 / NF2 is from
+before lowbit packed them densely (one code per nibble); it loads and is repacked. INT3 / INT2 (``zero_point.py``)
+add ``weight.zeros``: uint8 ``(packed_bytes(blocks, bits), 1)``, each block's zero point packed like the codes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .double_quant import NESTED_BLOCKSIZE, double_dequantize, double_quantize
 from .nf4 import FLOAT_DTYPES, code_bits, dequantize, quantize_blockwise
 from .packing import pack_codes, unpack_codes
 from .spec import QUANT_TYPES, QuantSpec, packed_bytes
+from .zero_point import block_shift, has_zero_point, unshift_
 
 __all__ = ["QuantizedTensor", "quantize", "check_finite"]
 
@@ -49,6 +51,7 @@ class QuantizedTensor:
     nested_code: torch.Tensor | None = None
     nested_offset: float | None = None
     nested_blocksize: int = NESTED_BLOCKSIZE
+    zeros: torch.Tensor | None = None  # packed k-bit zero point per block (INT3 / INT2), else None
 
     # ---- facts -------------------------------------------------------------------------------
     @property
@@ -73,6 +76,8 @@ class QuantizedTensor:
         n = self.packed.numel() * self.packed.element_size() + self.absmax.numel() * self.absmax.element_size()
         if self.double_quant:
             n += self.nested_absmax.numel() * 4 + 4
+        if self.zeros is not None:
+            n += self.zeros.numel()
         return n
 
     @property
@@ -100,6 +105,16 @@ class QuantizedTensor:
         dtype = self.dtype if dtype is None else dtype
         if dtype not in FLOAT_DTYPES:
             raise LowbitError(f"dequantize: dtype must be one of float32, bfloat16, float16, got {dtype}")
+        if self.zeros is not None:  # code·s in float32, minus the block's zero point, then one cast
+            w = self._dequantize(torch.float32, out if out is not None and dtype == torch.float32 else None)
+            blocks = self.absmax.numel()
+            unshift_(w, self.absmax_float(), block_shift(self.zeros, self.code, blocks), self.blocksize)
+            if w.dtype == dtype and (out is None or w.data_ptr() == out.data_ptr()):
+                return w
+            return w.to(dtype) if out is None else out.copy_(w)
+        return self._dequantize(dtype, out)
+
+    def _dequantize(self, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
         if self.double_quant:
             nested = (self.absmax, self.nested_absmax, self.nested_code, self.nested_offset, self.nested_blocksize)
             return dequantize(self.packed, None, self.code, self.blocksize, self.shape, dtype, out=out, nested=nested)
@@ -108,7 +123,7 @@ class QuantizedTensor:
     def to(self, device) -> QuantizedTensor:
         mv = lambda t: None if t is None else t.to(device)
         return replace(self, packed=mv(self.packed), absmax=mv(self.absmax), code=mv(self.code),
-                       nested_absmax=mv(self.nested_absmax), nested_code=mv(self.nested_code))
+                       nested_absmax=mv(self.nested_absmax), nested_code=mv(self.nested_code), zeros=mv(self.zeros))
 
     # ---- bitsandbytes layout -----------------------------------------------------------------
     def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
@@ -117,6 +132,8 @@ class QuantizedTensor:
         if QUANT_TYPES[self.quant_type].storage_bits != 4:
             meta["code_bits"] = QUANT_TYPES[self.quant_type].storage_bits
         sd = {prefix: self.packed, f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": self.code}
+        if self.zeros is not None:
+            sd[f"{prefix}.zeros"] = self.zeros
         if self.double_quant:
             sd[f"{prefix}.nested_absmax"] = self.nested_absmax
             sd[f"{prefix}.nested_quant_map"] = self.nested_code.clone()
@@ -166,6 +183,13 @@ class QuantizedTensor:
         absmax = sd[f"{prefix}.absmax"]
         if absmax.numel() != -(-n // blocksize):
             raise LowbitError(f"{prefix}.absmax: {absmax.numel()} constants, expected {-(-n // blocksize)}")
+        zeros = sd.get(f"{prefix}.zeros")
+        if has_zero_point(qt) and (zeros is None or zeros.numel() != packed_bytes(absmax.numel(), bits)):
+            raise LowbitError(f"{prefix}.zeros: quant_type {qt!r} needs a zero point per block "
+                              f"({packed_bytes(absmax.numel(), bits)} packed bytes), found "
+                              f"{'none' if zeros is None else zeros.numel()}")
+        if zeros is not None and not has_zero_point(qt):
+            raise LowbitError(f"{prefix}.zeros: quant_type {qt!r} has no zero points")
         nested = f"{prefix}.nested_absmax" in sd
         return cls(packed=packed, absmax=absmax if nested else absmax.float(), shape=shape, dtype=dtype,
                    blocksize=blocksize,
@@ -173,7 +197,8 @@ class QuantizedTensor:
                    nested_absmax=sd[f"{prefix}.nested_absmax"].float() if nested else None,
                    nested_code=sd[f"{prefix}.nested_quant_map"].float() if nested else None,
                    nested_offset=float(meta["nested_offset"]) if nested else None,
-                   nested_blocksize=int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)))
+                   nested_blocksize=int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)),
+                   zeros=None if zeros is None else zeros.view(torch.uint8).reshape(-1, 1))
 
 
 def quantize(w: torch.Tensor, quant_type: str | QuantSpec = "nf4", blocksize: int = 64,
@@ -196,6 +221,10 @@ def quantize(w: torch.Tensor, quant_type: str | QuantSpec = "nf4", blocksize: in
         raise LowbitError(f"quantize: cannot quantize an empty tensor (shape {tuple(w.shape)})")
     w = w.detach()
     check_finite(w)
+    if has_zero_point(quant_type):
+        from .clipping import quantize_with_scales  # the min-max range as each block's scale
+
+        return quantize_with_scales(w, None, spec)
     packed, absmax = quantize_blockwise(w.contiguous(), quant_type, blocksize)  # on w's device
     q = QuantizedTensor(packed, absmax, torch.Size(w.shape), w.dtype, blocksize, quant_type,
                         codebook(quant_type).to(w.device))
