@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -305,8 +306,10 @@ def main() -> None:
             if ref_name in res and base - res[ref_name]["eval_loss"] > 0:
                 entry[f"retention_vs_{ref_name}"] = (base - r["eval_loss"]) / (base - res[ref_name]["eval_loss"])
         entry["seeds"] = sorted(x["seed"] for x in runs[m])
-        for k in ("pre_train_loss", "bits_per_param", "preparation"):  # the same for every seed (the base)
+        for k in ("bits_per_param", "preparation"):  # the same for every seed (the base)
             entry[k] = next((x[k] for x in runs[m] if x.get(k) is not None), None)
+        pre = [x["pre_train_loss"] for x in runs[m] if x.get("pre_train_loss") is not None]  # calibration follows
+        entry["pre_train_loss"] = statistics.fmean(pre) if pre else None                   # the seed: its mean
         entry["per_seed"] = [{k: x.get(k) for k in ("seed", "eval_loss", "accuracy", "peak_rss_bytes",
                                                     "footprint_bytes", "tokens_per_s", "wall_s", "pre_train_loss",
                                                     "bits_per_param")} for x in runs[m]]
@@ -340,8 +343,6 @@ def pre_only(results: Path, task: Path, methods: list[str] | None) -> None:
 
 def _mean(rs: list[dict]) -> dict:
     """Mean over seeds, with the spread (sample std, 0 for one seed) of loss and accuracy."""
-    import statistics
-
     avg = {k: statistics.fmean(r[k] for r in rs) for k in ("eval_loss", "accuracy", "peak_rss_bytes",
                                                          "footprint_bytes",
                                                          "tokens_per_s", "wall_s")}
@@ -352,6 +353,15 @@ def _mean(rs: list[dict]) -> dict:
     return avg
 
 
+def _loss_before(e: dict) -> str:
+    """The held-out loss training starts from: mean ± spread over the seeds where it differs per seed (a calibrated
+    base follows the seed's calibration samples), else the one value."""
+    pre = [x["pre_train_loss"] for x in e.get("per_seed") or [] if x.get("pre_train_loss") is not None]
+    if len(set(pre)) > 1:
+        return f"{statistics.fmean(pre):.4f} ± {statistics.stdev(pre):.4f}"
+    return f"{e['pre_train_loss']:.4f}" if e.get("pre_train_loss") else "—"
+
+
 def report(out: dict, results: Path, readme: bool) -> str:
     """Table (retention.md), chart (retention.png) and, for the real run, the README section — all from the JSON."""
     pct = lambda e, k: f"{100 * e[k]:.1f}%" if k in e else ""
@@ -360,7 +370,7 @@ def report(out: dict, results: Path, readme: bool) -> str:
              "topic_acc": f"{e['accuracy']:.3f}{sd(e, 'accuracy')}",
              "retention_vs_full": pct(e, "retention_vs_full"), "retention_vs_lora": pct(e, "retention_vs_lora"),
              "bits/param": f"{e['bits_per_param']:.2f}" if e.get("bits_per_param") else "not measured",
-             "loss_before_training": f"{e['pre_train_loss']:.4f}" if e.get("pre_train_loss") else "—",
+             "loss_before_training": _loss_before(e),
              "weights_MiB": round(e["footprint_bytes"] / 2**20), "peak_RSS_MiB": round(e["peak_rss_bytes"] / 2**20),
              "tokens/s": round(e["tokens_per_s"]), "prep_s": _prep_seconds(e)} for m, e in out["methods"].items()]
     b = out["budget"]
