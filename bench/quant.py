@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lowbit
 from lowbit.nn import linear
 from lowbit.quant import native, nf4
+from lowbit.quant.spec import QUANT_TYPES
 
 from common import machine, table, timeit, update_readme, write_json
 
@@ -90,7 +91,7 @@ def kbit_speed(n: int, r: int) -> tuple[list[dict], dict]:
         out, src = torch.empty(n, n, dtype=dt), torch.empty(n, n, dtype=dt)
         nbytes = out.numel() * out.element_size()
         copy_gbs = nbytes / timeit(lambda: out.copy_(src), r) / 1e9
-        for qt in ("nf4", "nf3", "nf2"):
+        for qt in ("nf4", "nf3", "nf2", "int3", "int2"):  # int: the zero points' extra float32 pass included
             q = lowbit.quantize(w.to(dt), qt)
             gbs = nbytes / timeit(lambda: q.dequantize(dt, out=out), r) / 1e9
             rows.append({"dtype": name, "type": qt, "stored_bits/param": round(q.bits_per_param, 3),
@@ -161,7 +162,7 @@ def main() -> None:
 
     err_rows, errors = [], {}
     g = torch.randn(4096, 1024)
-    for qt in ["nf4", "fp4", "int4", "nf3", "nf2"]:
+    for qt in QUANT_TYPES:
         for dq in (False, True):
             q = lowbit.quantize(g, qt, 64, double_quant=dq)
             e = ((q.dequantize() - g).norm() / g.norm()).item()
@@ -180,7 +181,8 @@ def main() -> None:
     print("\n" + "\n".join(lines))
     if n == 4096:
         update_readme("quant", f"{speed_md}\n\nDequantize into a reused buffer by storage width (NF3: 8 codes in 3 "
-                      f"bytes, NF2: 4 per byte; C kernel):\n\n{kbit_md}\n\n"
+                      f"bytes, NF2: 4 per byte; INT3 / INT2 pack so and subtract their zero points in a second "
+                      f"float32 pass; C kernel):\n\n{kbit_md}\n\n"
                       f"One 4-bit layer, forward + backward (gradient to the input), bf16, "
                       f"{TOKENS} tokens:\n\n{layer_md}\n\n{'; '.join(lines)}.\n\nRelative Frobenius error on a "
                       f"Gaussian 4096×1024 weight, blocksize 64:\n\n{err_md}")
