@@ -46,7 +46,8 @@ def _torchrun(cfg: dict, report: Path, opts: dict | None = None, nproc: int = 2,
     report.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER),
            json.dumps(cfg), str(report), json.dumps(opts or {})]
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    # PYTHONFAULTHANDLER: a rank that dies on a signal (an abort inside torch) prints its Python stack to stderr
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(Path(__file__).parents[1]), "PYTHONFAULTHANDLER": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -134,7 +135,8 @@ def test_checkpoint_resume_equals_uninterrupted_and_loads_in_peft(varied, single
     if optimizer != "adamw":  # LoRA tensors of 8192 elements: 4096 per rank, enough for 8-bit state (≥ 4096)
         cfg.update(lora_r=64, lora_alpha=64, lora_target_modules=["up_proj", "down_proj"])
         reference = tmp_path / "uninterrupted"
-        assert _torchrun({**cfg, "output_dir": str(reference)}, tmp_path / "r0").returncode == 0
+        p = _torchrun({**cfg, "output_dir": str(reference)}, tmp_path / "r0")
+        assert p.returncode == 0, p.stderr[-3000:]
     # kill -9 one rank in step 3 (its 5th training forward), after the step-2 checkpoint; torchrun ends the other
     p = _torchrun(cfg, tmp_path / "r1", {"kill_rank": 1, "kill_at_call": 5})
     assert p.returncode != 0 and sorted(x.name for x in (out / "checkpoints").iterdir()) == ["step-0000002"]
