@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .nf4 import code_bits
 from .packing import pack_codes, unpack_codes
 from .spec import QUANT_TYPES
 
@@ -60,8 +61,7 @@ def block_shift(zeros: torch.Tensor | None, code: torch.Tensor, blocks: int) -> 
     """code[z_b] per block (float32) from the packed zero points, None for a symmetric type."""
     if zeros is None:
         return None
-    bits = max(2, (int(code.numel()) - 1).bit_length())
-    return code.float().to(zeros.device)[unpack_codes(zeros, bits, blocks).long()]
+    return code.float().to(zeros.device)[unpack_codes(zeros, code_bits(code), blocks).long()]
 
 
 def pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
