@@ -181,8 +181,8 @@ def main() -> None:
     print("\n" + "\n".join(lines))
     if n == 4096:
         update_readme("quant", f"{speed_md}\n\nDequantize into a reused buffer by storage width (NF3: 8 codes in 3 "
-                      f"bytes, NF2: 4 per byte; INT3 / INT2 pack so and subtract their zero points in a second "
-                      f"float32 pass; C kernel):\n\n{kbit_md}\n\n"
+                      f"bytes, NF2: 4 per byte; INT3 / INT2 pack so, and subtract their zero points in float32 after "
+                      f"the kernel, a chunk at a time; C kernel):\n\n{kbit_md}\n\n"
                       f"One 4-bit layer, forward + backward (gradient to the input), bf16, "
                       f"{TOKENS} tokens:\n\n{layer_md}\n\n{'; '.join(lines)}.\n\nRelative Frobenius error on a "
                       f"Gaussian 4096×1024 weight, blocksize 64:\n\n{err_md}")

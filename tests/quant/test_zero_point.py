@@ -10,7 +10,7 @@ import torch
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.nn.linear import Linear4bit
-from lowbit.quant import native
+from lowbit.quant import native, zero_point
 from lowbit.quant.codebooks import codebook
 from lowbit.quant.packing import unpack_codes
 from lowbit.quant.spec import QUANT_TYPES, QuantSpec, packed_bytes
@@ -98,6 +98,9 @@ def test_c_kernel_and_pytorch_paths_agree_and_round_once(qt, dq, monkeypatch):
     for dt in DTYPES:
         assert q.dequantize(dt, out=buf[dt]).data_ptr() == buf[dt].data_ptr()
         assert torch.equal(buf[dt], fast[dt]) and torch.equal(fast[dt], f32.to(dt))  # one rounding, from float32
+    monkeypatch.setattr(zero_point, "_CHUNK", 1000)  # many chunks of whole blocks (7 of 128), the last one ragged
+    for dt in DTYPES:
+        assert torch.equal(q.dequantize(dt), fast[dt])
     assert native.kernel() is not None, "the C kernel builds on this machine"
     monkeypatch.setattr(native, "kernel", lambda: None)
     for dt in DTYPES:

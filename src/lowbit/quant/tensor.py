@@ -31,7 +31,7 @@ from .double_quant import NESTED_BLOCKSIZE, double_dequantize, double_quantize
 from .nf4 import FLOAT_DTYPES, code_bits, dequantize, quantize_blockwise
 from .packing import pack_codes, unpack_codes
 from .spec import QUANT_TYPES, QuantSpec, packed_bytes
-from .zero_point import block_shift, has_zero_point, unshift_
+from .zero_point import dequantize_shifted, has_zero_point
 
 __all__ = ["QuantizedTensor", "quantize", "check_finite"]
 
@@ -106,15 +106,8 @@ class QuantizedTensor:
         if dtype not in FLOAT_DTYPES:
             raise LowbitError(f"dequantize: dtype must be one of float32, bfloat16, float16, got {dtype}")
         if self.zeros is not None:  # code·s in float32, minus the block's zero point, then one cast
-            w = self._dequantize(torch.float32, out if out is not None and dtype == torch.float32 else None)
-            blocks = self.absmax.numel()
-            unshift_(w, self.absmax_float(), block_shift(self.zeros, self.code, blocks), self.blocksize)
-            if w.dtype == dtype and (out is None or w.data_ptr() == out.data_ptr()):
-                return w
-            return w.to(dtype) if out is None else out.copy_(w)
-        return self._dequantize(dtype, out)
-
-    def _dequantize(self, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+            return dequantize_shifted(self.packed, self.absmax_float().float(), self.code, self.zeros, self.blocksize,
+                                      self.shape, dtype, out)
         if self.double_quant:
             nested = (self.absmax, self.nested_absmax, self.nested_code, self.nested_offset, self.nested_blocksize)
             return dequantize(self.packed, None, self.code, self.blocksize, self.shape, dtype, out=out, nested=nested)

@@ -16,13 +16,18 @@ subtracts ``shift · s`` per block after the codebook lookup, in float32.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .nf4 import code_bits
+from .nf4 import code_bits, dequantize
 from .packing import pack_codes, unpack_codes
-from .spec import QUANT_TYPES
+from .spec import PACKING, QUANT_TYPES, packed_bytes
 
-__all__ = ["has_zero_point", "bounds", "range_and_zeros", "block_shift", "pack_zeros", "shifted", "unshift_"]
+__all__ = ["has_zero_point", "bounds", "range_and_zeros", "block_shift", "pack_zeros", "shifted", "unshift_",
+           "dequantize_shifted"]
+
+_CHUNK = 1 << 20  # weights per float32 pass of dequantize_shifted (4 MiB of float32; 256K–4M measured alike)
 
 
 def has_zero_point(quant_type: str) -> bool:
@@ -87,3 +92,27 @@ def unshift_(out: torch.Tensor, absmax: torch.Tensor, shift: torch.Tensor, block
     if full < n:
         flat[full:].sub_(delta[-1])
     return out
+
+
+def dequantize_shifted(packed, absmax, code, zeros, blocksize, shape, dtype, out=None) -> torch.Tensor:
+    """ŵ = s_b · (code[q] − code[z_b]): the dequantize kernels (``nf4.dequantize``) into float32 and the shift
+    subtracted there, a chunk of whole blocks at a time, then cast once into ``out`` — no full-size float32
+    temporary. ``absmax``: the block scales as float32 (after double quantization)."""
+    n, blocks = math.prod(shape), absmax.numel()
+    bits = code_bits(code)
+    per, nbytes = PACKING[bits]
+    shift = block_shift(zeros, code, blocks)
+    target = out if out is not None and out.is_contiguous() else torch.empty(shape, dtype=dtype, device=packed.device)
+    flat, pk = target.view(-1), packed.reshape(-1)
+    step = max(1, _CHUNK // blocksize)  # whole blocks: a chunk starts on a packing group (blocksize ≥ 32)
+    work = None if dtype == torch.float32 else torch.empty(min(n, step * blocksize), device=packed.device)
+    for b0 in range(0, blocks, step):
+        b1 = min(blocks, b0 + step)
+        e0, e1 = b0 * blocksize, min(n, b1 * blocksize)
+        seg = pk[e0 // per * nbytes: e0 // per * nbytes + packed_bytes(e1 - e0, bits)]
+        dst = flat[e0:e1] if work is None else work[: e1 - e0]
+        dequantize(seg, absmax[b0:b1], code, blocksize, (e1 - e0,), torch.float32, out=dst)
+        unshift_(dst, absmax[b0:b1], shift[b0:b1], blocksize)
+        if work is not None:
+            flat[e0:e1].copy_(dst)
+    return target if out is None or target is out else out.copy_(target)
