@@ -105,7 +105,8 @@ def dequantize_shifted(packed, absmax, code, zeros, blocksize, shape, dtype, out
     target = out if out is not None and out.is_contiguous() else torch.empty(shape, dtype=dtype, device=packed.device)
     flat, pk = target.view(-1), packed.reshape(-1)
     step = max(1, _CHUNK // blocksize)  # whole blocks: a chunk starts on a packing group (blocksize ≥ 32)
-    work = None if dtype == torch.float32 else torch.empty(min(n, step * blocksize), device=packed.device)
+    work = None if dtype == torch.float32 else torch.empty(min(n, step * blocksize), dtype=torch.float32,
+                                                           device=packed.device)
     for b0 in range(0, blocks, step):
         b1 = min(blocks, b0 + step)
         e0, e1 = b0 * blocksize, min(n, b1 * blocksize)
