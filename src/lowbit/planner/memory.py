@@ -50,7 +50,6 @@ Imports no torch.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -294,19 +293,20 @@ def _weights(lin, f: Shapes, dbytes: int, quant_type: str | None, double_quant: 
         items["quantized_weights"] = sum(c * packed_bytes(a * b, bits) for _, a, b, c in lin)
         blocks = _blocks(lin, blocksize)
         if double_quant:
-            nested = sum(c * math.ceil(math.ceil(a * b / blocksize) / NESTED_BLOCKSIZE) for _, a, b, c in lin)
+            nested = _blocks(lin, blocksize, lambda k: -(-k // NESTED_BLOCKSIZE))
             items["quant_constants"] = blocks + 4 * nested + 4 * sum(c for *_, c in lin)
         else:
             items["quant_constants"] = 4 * blocks
         if QUANT_TYPES[quant_type].zero_point:  # a packed zero point per block (quant/zero_point.py)
-            items["quant_constants"] += sum(c * packed_bytes(-(-a * b // blocksize), bits) for _, a, b, c in lin)
+            items["quant_constants"] += _blocks(lin, blocksize, lambda k: packed_bytes(k, bits))
     items["unquantized_params"] = f.other_params * dbytes + (0 if quant_type is not None else qnumel * dbytes)
     return items
 
 
-def _blocks(lin, blocksize: int) -> int:
-    """Blocks of ``blocksize`` weights over the quantized linear layers: one scale each."""
-    return sum(c * -(-a * b // blocksize) for _, a, b, c in lin)
+def _blocks(lin, blocksize: int, per=lambda k: k) -> int:
+    """Blocks of ``blocksize`` weights over the quantized linear layers (one scale each), or ``per`` of each
+    layer's block count summed (its nested constants, its packed zero points)."""
+    return sum(c * per(-(-a * b // blocksize)) for _, a, b, c in lin)
 
 
 def _trained_whole(names: list | None, f: Shapes) -> int:
