@@ -134,8 +134,8 @@ def calibrate_clip(net: nn.Module, batches, weights, log=print) -> dict[str, tor
     for name, mod in net.named_modules():
         if isinstance(mod, Linear4bit) and name in stats:
             old, w = mod.weight, weights(name)
-            chosen[name] = clip_scales(w, torch.diagonal(stats[name][0]).float(), old.spec)
             start, zeros = start_scales(w, old.spec)  # absmax, or range and zero points (kept as they were)
+            chosen[name] = clip_scales(w, torch.diagonal(stats[name][0]).float(), old.spec, start=(start, zeros))
             ratio.append(float((chosen[name] / start.clamp(min=1e-38)).mean()))
             mod.weight = dataclasses.replace(quantize_with_scales(w.to(old.dtype), chosen[name], old.spec, zeros),
                                              dtype=old.dtype)

@@ -68,26 +68,27 @@ def _round(v: torch.Tensor, quant_type: str) -> torch.Tensor:
     return codebook(quant_type)[order.long()].to(v.device)[torch.bucketize(v, midpoints.to(v.device))]
 
 
-def clip_scales(w: torch.Tensor, diag: torch.Tensor, spec: QuantSpec, grid: int = 28,
-                lowest: float = 0.3) -> torch.Tensor:
+def clip_scales(w: torch.Tensor, diag: torch.Tensor, spec: QuantSpec, grid: int = 28, lowest: float = 0.3,
+                start: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     """Per-block scales of ``w`` (out, in) with the least activation-weighted error (``diag``: E[x²] per input
-    channel, length ``in``), searched over ``grid`` + 1 ratios of the absmax from 1 down to ``lowest``."""
+    channel, length ``in``), searched over ``grid`` + 1 ratios of round-to-nearest's scale (the absmax, or the
+    range) from 1 down to ``lowest``. ``start``: ``start_scales(w, spec)`` when the caller has it already."""
     flat = w.detach().reshape(-1).float()
     scales = torch.empty(-(-flat.numel() // spec.blocksize), dtype=torch.float32, device=w.device)
     diag = diag.to(w.device).float().clamp(min=0)
     ratios = [1 - (1 - lowest) * k / grid for k in range(grid + 1)]
     step = max(1, _CHUNK // spec.blocksize)
     blocks = _blocks(flat, spec.blocksize)
-    start, zeros = start_scales(w, spec)
+    rtn, zeros = start_scales(w, spec) if start is None else start
     shift = block_shift(zeros, codebook(spec.quant_type), blocks.shape[0])
     for b0 in range(0, blocks.shape[0], step):
         x = blocks[b0: b0 + step]
         d = _channel_weights(diag, flat.numel(), b0 * spec.blocksize, x.shape[0], spec.blocksize)
-        absmax = start[b0: b0 + step, None]
+        base = rtn[b0: b0 + step, None]
         sh = None if shift is None else shift[b0: b0 + step, None]
-        best_err, best = None, absmax
+        best_err, best = None, base
         for r in ratios:
-            s = (absmax * r).clamp(min=1e-38)
+            s = (base * r).clamp(min=1e-38)
             v = _round(shifted(x, s, sh, spec.quant_type), spec.quant_type)
             err = (d * (x - (v if sh is None else v - sh) * s) ** 2).sum(1, keepdim=True)
             if best_err is None:
@@ -95,7 +96,7 @@ def clip_scales(w: torch.Tensor, diag: torch.Tensor, spec: QuantSpec, grid: int 
             else:
                 better = err < best_err
                 best_err, best = torch.where(better, err, best_err), torch.where(better, s, best)
-        scales[b0: b0 + x.shape[0]] = torch.where(absmax > 0, best, absmax).view(-1)
+        scales[b0: b0 + x.shape[0]] = torch.where(base > 0, best, base).view(-1)
     return scales
 
 
