@@ -1,8 +1,12 @@
 """Freed heap pages handed back between decoder layers: the trim runs in training steps (forward and backward,
-every k-th layer) and never in evaluation or sampling; the step's numbers are unchanged."""
+every k-th layer) and never in evaluation or sampling, only once resident memory grew past the slack since the last
+trim; the step's numbers are unchanged."""
+
+import itertools
 
 import torch
 
+from lowbit.io import allocator
 from lowbit.io.loader import load
 from lowbit.nn.lora import add_lora
 from lowbit.training import host_memory
@@ -26,8 +30,9 @@ def test_trims_in_training_steps_only(tmp_path, monkeypatch):
     want.backward()
     g_want = [p.grad.clone() for p in net.parameters() if p.grad is not None]
     net.zero_grad()
-    calls = []
+    calls, growing = [], itertools.count(2**30, 2**30)  # a GiB more resident at every look: always past the slack
     monkeypatch.setattr(host_memory, "trim_host_heap", lambda: calls.append(torch.is_grad_enabled()))
+    monkeypatch.setattr(allocator, "resident_bytes", lambda: next(growing))
     assert release_between_layers(net, calls_per_pass=2) == 2  # every 2nd of 4 layers
     got = net(input_ids=ids, labels=ids, use_cache=False).loss
     forward_calls = len(calls)
@@ -43,9 +48,26 @@ def test_trims_in_training_steps_only(tmp_path, monkeypatch):
     assert calls == []  # evaluation / sampling, and short steps: never
 
 
+def test_trims_only_past_the_slack(tmp_path, monkeypatch):
+    """A trim when resident memory is more than ``slack`` above what the last trim left, not otherwise."""
+    net = _model(tmp_path)
+    ids = torch.randint(0, 256, (1, 4200), generator=torch.Generator().manual_seed(0))
+    mib = 2**20
+    # resident memory at each look: the first hook trims (and then reads 100 MiB); +50 and +99 MiB stay within a
+    # 100 MiB slack, +101 MiB does not: it trims, and what it leaves (60 MiB) is the new reference
+    seen = iter([100 * mib, 100 * mib, 150 * mib, 199 * mib, 201 * mib, 60 * mib] + [61 * mib] * 20)
+    calls = []
+    monkeypatch.setattr(host_memory, "trim_host_heap", lambda: calls.append(1))
+    monkeypatch.setattr(allocator, "resident_bytes", lambda: next(seen))
+    release_between_layers(net, calls_per_pass=4, slack=100 * mib)  # all 4 layers: 4 looks forward, 4 backward
+    net(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert len(calls) == 2
+
+
 TRIM = """
 import torch
 from pathlib import Path
+from lowbit.io import allocator
 from lowbit.training import host_memory
 
 def rss():

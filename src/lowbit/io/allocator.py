@@ -16,13 +16,17 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import os
 
-__all__ = ["returning_allocator", "trim_host_heap", "can_trim", "TRIM_MIN_BYTES"]
+__all__ = ["returning_allocator", "trim_host_heap", "can_trim", "resident_bytes", "TRIM_MIN_BYTES", "TRIM_SLACK_BYTES"]
 
 _M_MMAP_THRESHOLD = -3
 # training trims between decoder layers whose outputs reach this size (training/host_memory.py); shorter steps leave
 # little behind and are not worth the calls — the planner's CPU backward term depends on which side a step is
 TRIM_MIN_BYTES = 1 << 20
+# ... and only once the process's resident memory has grown this much since the last trim: below it the freed pages
+# are reused by the next layer's temporaries, and handing them back costs a page fault each when they are
+TRIM_SLACK_BYTES = 256 << 20
 
 
 @functools.cache
@@ -47,6 +51,18 @@ def trim_host_heap() -> bool:
         return False
     libc.malloc_trim(0)
     return True
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (``/proc/self/statm``; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return 0
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 @contextlib.contextmanager
