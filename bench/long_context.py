@@ -7,7 +7,10 @@ the default compute dtype (float32 on a CPU without AVX-512 BF16, bfloat16 with 
 backward, AdamW) per length, each in a fresh process (lowbit's after two short untimed steps, in which compiled
 layers compile); peak RSS is that process's VmHWM (imports and model included). The search doubles the length
 while the step fits, then bisects — within a wall-clock budget: a length whose step would outlast what is left
-(extrapolated from the last step, quadratic in the length) is not run and the table says so. lowbit runs as
+(extrapolated from the last step, quadratic in the length) is not run and the table says so. With ``--goal-ratio
+R`` lowbit's doubling goes from ``--ladder-top`` tokens straight to R × the peer's longest (rounded down to 256), the
+length the goal asks about, instead of through every power of two on the way (a step at tens of thousands of tokens
+takes most of an hour here), and doubles or bisects from there as before. lowbit runs as
 ``lowbit train`` builds the model (``training/model.py``: document attention, ``tiled_mlp``, compiled layers), the
 peer as its users write it (``get_peft_model``, ``gradient_checkpointing_enable``).
 
@@ -17,7 +20,7 @@ planner's estimate (``lowbit plan`` of the same run, less its data-pipeline item
 the measured peak above the process's RSS after its imports (as bench/plan_validate.py measures).
 
     python bench/long_context.py [--budget-gib 4] [--minutes 60] [--tiled-mlp true|false]
-                                 [--checkpointing true|offload_disk] [--readme]
+                                 [--checkpointing true|offload_disk] [--goal-ratio 32 [--ladder-top 32768]] [--readme]
     python bench/long_context.py --replan [--readme]    # the last run's table, planned with the current planner
 """
 
@@ -134,9 +137,10 @@ def _planned(n: int, tiled: str, checkpointing: str) -> int:
 class Search:
     """Doubling then bisection for the longest length whose step fits ``budget`` bytes, within ``deadline``."""
 
-    def __init__(self, side: str, budget: int, deadline: float, start: int, tiled: str, checkpointing: str):
+    def __init__(self, side: str, budget: int, deadline: float, start: int, tiled: str, checkpointing: str,
+                 jump: tuple[int, int] | None = None):
         self.side, self.budget, self.deadline, self.start, self.tiled = side, budget, deadline, start, tiled
-        self.checkpointing = checkpointing
+        self.checkpointing, self.jump = checkpointing, jump  # jump: (from, to) — the doubling skips to ``to``
         self.runs: dict[int, dict] = {}
         self.skipped: int | None = None  # the first length not run for want of time
 
@@ -162,7 +166,7 @@ class Search:
             r = self._step(n)
             if r is None:
                 return lo
-            lo, hi, n = (n, None, 2 * n) if r["fits"] else (lo, n, n)
+            lo, hi, n = (n, None, self._next(n)) if r["fits"] else (lo, n, n)
         while hi - lo > max(256, lo // 8):
             mid = (lo + hi) // 2 // 256 * 256
             r = self._step(mid)
@@ -170,6 +174,11 @@ class Search:
                 break
             lo, hi = (mid, hi) if r["fits"] else (lo, mid)
         return lo
+
+    def _next(self, n: int) -> int:
+        if self.jump and self.jump[0] <= n < self.jump[1]:
+            return self.jump[1]
+        return 2 * n
 
 
 def _rows(search: Search, tiled: str, checkpointing: str) -> list[dict]:
@@ -190,7 +199,7 @@ def _rows(search: Search, tiled: str, checkpointing: str) -> list[dict]:
 
 
 def _markdown(budget_gib: float, tiled: str, checkpointing: str, dtype: str, peer_max: int, mine_max: int,
-              peer_skipped, mine_skipped, rows: list[dict]) -> str:
+              peer_skipped, mine_skipped, rows: list[dict], jump=None) -> str:
     cols = ["side", "tokens", "peak_GiB", "step_s", "ms_per_token", "ms_per_token_without_attention",
             "above_imports_GiB", "planned_GiB", "plan_error_%"]
     stop = lambda s: f" (the search stopped for time before {s:,} tokens)" if s else ""
@@ -199,7 +208,9 @@ def _markdown(budget_gib: float, tiled: str, checkpointing: str, dtype: str, pee
             f"checkpointing (lowbit: gradient_checkpointing {checkpointing}), tiled_mlp {tiled} "
             f"(bench/long_context.py, this CPU, {dtype}, one run):\n\n"
             f"- transformers + bitsandbytes + peft: **{peer_max:,} tokens**{stop(peer_skipped)}\n"
-            f"- lowbit: **{mine_max:,} tokens**{stop(mine_skipped)} — {ratio} the peer\n\n" + table(rows, cols))
+            f"- lowbit: **{mine_max:,} tokens**{stop(mine_skipped)} — {ratio} the peer"
+            + (f" (its doubling went from {jump[0]:,} straight to {jump[1]:,}, {jump[1] / peer_max:g}× the peer's "
+               "longest)" if jump else "") + "\n\n" + table(rows, cols))
 
 
 def replan(readme: bool) -> None:
@@ -214,7 +225,7 @@ def replan(readme: bool) -> None:
                         "plan_error_%": round(100 * (plan / row["above_imports_GiB"] - 1), 1)})
     md = _markdown(data["budget_bytes"] / 2**30, data["tiled_mlp"], data.get("checkpointing", "true"),
                    data.get("dtype", "float32"), data["peer_max"], data["lowbit_max"],
-                   data["peer_skipped"], data["lowbit_skipped"], data["rows"])
+                   data["peer_skipped"], data["lowbit_skipped"], data["rows"], data.get("jump"))
     publish("long_context", md, {k: v for k, v in data.items() if k != "machine"}, readme)
 
 
@@ -225,6 +236,8 @@ def main() -> None:
     ap.add_argument("--tiled-mlp", default="true", choices=("true", "false", "auto"))
     ap.add_argument("--checkpointing", default="true", choices=("true", "offload_disk"), help="lowbit's")
     ap.add_argument("--start", type=int, default=2048, help="first length of both searches")
+    ap.add_argument("--goal-ratio", type=float, default=0, help="lowbit jumps to this × the peer's longest")
+    ap.add_argument("--ladder-top", type=int, default=32768, help="... from this length")
     ap.add_argument("--replan", action="store_true", help="the last run's table with the current planner")
     ap.add_argument("--readme", action="store_true")
     ap.add_argument("--worker", nargs=4)
@@ -240,16 +253,18 @@ def main() -> None:
     budget, t0 = int(a.budget_gib * 2**30), time.time()
     peer = Search("peer", budget, t0 + a.minutes * 60 * 0.25, a.start, a.tiled_mlp, a.checkpointing)
     peer_max = peer.run()
-    mine = Search("lowbit", budget, t0 + a.minutes * 60, a.start, a.tiled_mlp, a.checkpointing)
+    goal = int(a.goal_ratio * peer_max) // 256 * 256
+    jump = (a.ladder_top, goal) if goal > a.ladder_top else None
+    mine = Search("lowbit", budget, t0 + a.minutes * 60, a.start, a.tiled_mlp, a.checkpointing, jump)
     mine_max = mine.run()
     rows = _rows(peer, a.tiled_mlp, a.checkpointing) + _rows(mine, a.tiled_mlp, a.checkpointing)
     dtype = next((r["dtype"] for r in mine.runs.values() if r and "dtype" in r), "not measured")
     md = _markdown(a.budget_gib, a.tiled_mlp, a.checkpointing, dtype, peer_max, mine_max, peer.skipped,
-                   mine.skipped, rows)
+                   mine.skipped, rows, jump)
     publish("long_context", md, {"budget_bytes": budget, "lowbit_max": mine_max, "peer_max": peer_max,
                                  "lowbit_skipped": mine.skipped, "peer_skipped": peer.skipped, "rows": rows,
                                  "minutes": a.minutes, "tiled_mlp": a.tiled_mlp, "checkpointing": a.checkpointing,
-                                 "dtype": dtype}, a.readme)
+                                 "dtype": dtype, "jump": jump}, a.readme)
 
 
 if __name__ == "__main__":
