@@ -2,16 +2,17 @@
 
     loss = Σᵢ CE(hᵢ·Wᵀ, yᵢ)
     forward:  per chunk z = h·Wᵀ (compute dtype), lse = logsumexp(z) in float32, log p(yᵢ) = z[yᵢ] − lse;
-              keeps only lse (4 bytes a token)
-    backward: per chunk recompute z, ∂ log p(yᵢ)/∂z = onehot(y) − softmax(z) = onehot(y) − exp(z − lse),
-              ∂/∂h = gᵢ·(∂/∂z)·W
+              when h needs a gradient, also, while z exists, uᵢ = ∂ log p(yᵢ)/∂hᵢ = (onehot(yᵢ) − softmax(zᵢ))·W
+              (softmax(z) = exp(z − lse)); keeps u (h's size, h's dtype) instead of h
+    backward: ∂/∂hᵢ = gᵢ·uᵢ (each log p depends on its own row of h alone) — no second pass over the logits:
+              the head's matrix product runs twice a step, not three times (z is not recomputed)
 
 ``chunked_token_logps`` gives log p per token (preference losses sum it per sequence; reference:
 ``log_softmax(h @ W.T).gather(y)``); ``chunked_cross_entropy`` is minus its sum (reference:
 ``F.cross_entropy(h @ W.T, y, reduction="sum")``). The tests compare each with its reference.
 
-``compiled=True`` runs each chunk's float32 arithmetic (the cast, logsumexp and pick; exp, the one-hot subtraction
-and the scaling) as two ``torch.compile``d kernels, each one pass over the chunk's logits, instead of eager
+``compiled=True`` runs each chunk's float32 arithmetic (the cast, logsumexp and pick; exp and the one-hot subtraction)
+as two ``torch.compile``d kernels, each one pass over the chunk's logits, instead of eager
 PyTorch's five to six passes through float32 copies; same values (``compiled_layers.py`` decides when).
 """
 
@@ -33,17 +34,17 @@ def _pick(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return z.gather(1, labels[:, None])[:, 0] - lse, lse
 
 
-def _grad_logits(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """∂/∂z of Σ gᵢ log p(yᵢ) = gᵢ (onehot(yᵢ) − exp(z − lse)), in z's dtype (eager: in place on one copy)."""
+def _grad_logits(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """∂ log p(yᵢ)/∂zᵢ = onehot(yᵢ) − exp(zᵢ − lse), in z's dtype (eager: in place on one copy)."""
     p = torch.exp_(z.float().sub_(lse[:, None]))
     p[torch.arange(p.shape[0], device=p.device), labels] -= 1
-    return p.mul_(-g[:, None].float()).to(z.dtype)
+    return p.neg_().to(z.dtype)
 
 
-def _grad_logits_fusable(z, lse, labels, g):
+def _grad_logits_fusable(z, lse, labels):
     """``_grad_logits`` without in-place steps, for the compiler to make one pass of."""
     hit = labels[:, None] == torch.arange(z.shape[1], device=z.device)
-    return ((hit.float() - torch.exp(z.float() - lse[:, None])) * g[:, None].float()).to(z.dtype)
+    return (hit.float() - torch.exp(z.float() - lse[:, None])).to(z.dtype)
 
 
 @functools.cache
@@ -60,24 +61,28 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, labels, chunk: int, compiled: bool):
         w = weight.to(h.dtype)
-        pick, _ = _ops(compiled)
+        pick, grad_logits = _ops(compiled)
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        u = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         for i in range(0, h.shape[0], chunk):
-            out[i : i + chunk], lse[i : i + chunk] = pick(h[i : i + chunk] @ w.t(), labels[i : i + chunk])
-        ctx.save_for_backward(h, weight, labels, lse)
-        ctx.chunk, ctx.compiled = chunk, compiled
+            s = slice(i, i + chunk)
+            z = h[s] @ w.t()
+            out[s], lse[s] = pick(z, labels[s])
+            if u is not None:
+                u[s] = grad_logits(z, lse[s], labels[s]) @ w
+        if u is not None:
+            ctx.save_for_backward(u)
+        ctx.chunk = chunk
         return out
 
     @staticmethod
     def backward(ctx, g):
-        h, weight, labels, lse = ctx.saved_tensors
-        w = weight.to(h.dtype)
-        _, grad_logits = _ops(ctx.compiled)
-        gh = torch.empty_like(h)
-        for i in range(0, h.shape[0], ctx.chunk):
+        (u,) = ctx.saved_tensors
+        gh = torch.empty_like(u)
+        for i in range(0, u.shape[0], ctx.chunk):  # gᵢ·uᵢ in float32, a chunk at a time
             s = slice(i, i + ctx.chunk)
-            gh[s] = grad_logits(h[s] @ w.t(), lse[s], labels[s], g[s]) @ w
+            gh[s] = u[s].float().mul_(g[s, None].float())
         return gh, None, None, None, None
 
 
