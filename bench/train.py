@@ -6,7 +6,7 @@ prepared as ``lowbit train`` prepares it (document attention, heap trims, ``comp
 same with ``compile: false``.
 
 The floor: the step's matrix products (base layers forward and input-gradient, LoRA's six products per adapted
-layer, the chunked head three times, attention's five backward and two forward products at half for causality),
+layer, the chunked head twice, attention's five backward and two forward products at half for causality),
 each shape timed alone with ``torch.matmul`` in this run, in the compute dtype — the step if nothing but its GEMMs
 ran.
 
@@ -164,7 +164,7 @@ def _gemms(model: str) -> list[tuple[int, int, int, int, float]]:
     out = [(c.num_hidden_layers * n, *rest) for n, *rest in out]
     rows, chunk = b * (SEQ - 1), loss_chunk_tokens(v)
     for n_rows in [chunk] * (rows // chunk) + ([rows % chunk] if rows % chunk else []):
-        out += [(2, n_rows, d, v, 1.0), (1, n_rows, v, d, 1.0)]  # head forward, recomputed, input gradient
+        out += [(1, n_rows, d, v, 1.0), (1, n_rows, v, d, 1.0)]  # head forward, input gradient (formed in forward)
     attn = b * h * c.num_hidden_layers
     out += [(attn * 4, SEQ, hd, SEQ, 0.5), (attn * 3, SEQ, SEQ, hd, 0.5)]  # causal: half of each product
     return out
