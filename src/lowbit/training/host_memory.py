@@ -10,10 +10,10 @@ lies; a page handed back costs a page fault when the heap reuses it.
 pass (k = ⌈layers / 10⌉) in training steps whose layer outputs reach 1 MiB, and trims there when the process's
 resident memory has grown by more than ``slack`` (256 MiB) since the last trim: resident memory stays within the
 slack of what the last trim left, while a step whose freed pages the next layers reuse is not trimmed at all.
-Measured here (2-core AMX, bfloat16; trimming at every hook → with the slack → never):
-SmolLM2-135M 4×256 step 1.56 → 1.26 → 1.22 s, peak RSS 1.33 → 1.38 → 1.39 GB; ~1.2B LLaMA 2×256 2.81 → 2.37 →
-2.40 s, 2.30 → 2.46 → 2.41 GB; SmolLM2 one row of 8,192 tokens with checkpointing 46.2 → 45.4 → 43.1 s,
-1.35 → 1.37 → 2.34 GB. Numerics are untouched. Only on Linux with glibc; elsewhere, and for a model on an
+Measured here (2-core AMX, bfloat16; trimming at every hook → with the slack → never; peak RSS in MiB):
+SmolLM2-135M 4×256 step 1.56 → 1.26 → 1.22 s, peak 1,327 → 1,383 → 1,390; ~1.2B LLaMA 2×256 2.81 → 2.37 → 2.40 s,
+2,304 → 2,457 → 2,411; SmolLM2 one row of 8,192 tokens with checkpointing 46.2 → 45.4 → 43.1 s, 1,350 → 1,369 →
+2,341. Numerics are untouched. Only on Linux with glibc; elsewhere, and for a model on an
 accelerator, it does nothing.
 """
 
