@@ -27,6 +27,7 @@ TRIM_MIN_BYTES = 1 << 20
 # ... and only once the process's resident memory has grown this much since the last trim: below it the freed pages
 # are reused by the next layer's temporaries, and handing them back costs a page fault each when they are
 TRIM_SLACK_BYTES = 256 << 20
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 @functools.cache
@@ -60,9 +61,6 @@ def resident_bytes() -> int:
             return int(f.read().split()[1]) * _PAGE
     except OSError:
         return 0
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 @contextlib.contextmanager
