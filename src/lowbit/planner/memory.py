@@ -3,8 +3,7 @@
 Per item, for a decoder whose linear layers ``shapes.py`` reads (MoE: all experts counted for weights, top-k for
 activations)::
 
-    quantized weights   Σ packed bytes of each linear (quant.spec: NF4 4 bits, NF3 3, NF2 2 per weight; int8 8 bits
-                        and a float32 scale per row)
+    quantized weights   Σ packed bytes of each linear (quant.spec: NF4 4 bits, NF3 3, NF2 2; int8 8 + a float32 a row)
     quant constants     DQ: numel/blocksize bytes + 4·⌈blocks/256⌉ + 4 per tensor;  no DQ: 4·numel/blocksize
     unquantized params  embeddings, output head (if untied), norms, biases, routers — compute dtype
     LoRA params / grads r·(in+out) per adapted layer, float32 each
@@ -31,7 +30,8 @@ activations)::
     backward+allocator  activation gradients during backward and memory the allocator keeps after freeing;
                         on CPU measured here (without checkpointing ≈0.2× activations once training trims the heap
                         between layers — hidden states of ≥ 1 MiB — and ≈1.2× below that; with checkpointing ≈3.2
-                        layers' activations, ≈0.8 once a layer's hidden states reach 32 MiB), on GPU estimated
+                        layers' activations, ≈0.8 once a layer's hidden states reach 32 MiB; where trims run, plus
+                        half the 256 MiB of growth they wait for, all of it from 32 MiB), on GPU estimated
     data pipeline       CPU: the tokenizer, the datasets/Arrow runtime and the token tables (≈150 MiB, measured)
     framework overhead  CUDA context (GPU) or runtime buffers (CPU)
 
@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 
 from ..dtypes import DTYPES, canonical, default_compute_dtype_name
 from ..errors import LowbitError
-from ..io.allocator import TRIM_MIN_BYTES
+from ..io.allocator import TRIM_MIN_BYTES, TRIM_SLACK_BYTES
 from ..nn.lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, PEFT_REFUSED, target_names
 from ..nn.loss_chunk import loss_chunk_tokens
 from ..nn.mlp_shards import shard_count, tiles
@@ -350,16 +350,19 @@ def _overheads(items: dict, act: float, layer_act: float, act_without_checkpoint
     # Measured on this CPU (bench/plan_validate.py): without checkpointing, activation gradients in backward plus what
     # glibc keeps after freeing come to 0.06–0.19× the saved activations in steps whose freed pages training hands
     # back between layers (training/host_memory.py: hidden states of ≥ TRIM_MIN_BYTES), 1.05–1.44× in shorter steps
-    # that keep them (a small absolute amount). With checkpointing (bench/long_context.py,
-    # SmolLM2-135M, freed pages handed back every few layers by training/host_memory.py): ≈3.2 layers' activations
-    # while a layer's hidden states are under 32 MiB — glibc's largest mmap threshold: smaller blocks come from the
-    # heap and leave their pages behind until the next trim (2.6–3.2 from 2,048 to 8,192 tokens) — and ≈0.8 above it,
-    # where every freed block goes straight back (0.78 at 16,384 tokens). Never more than the activations without
-    # checkpointing, which a model of fewer layers would otherwise get; plus ~32 MiB of runtime buffers.
-    layers = 3.2 if hidden_bytes < GLIBC_MMAP_MAX else 0.8
-    back = min(layers * layer_act, act_without_checkpointing) if gradient_checkpointing else \
-        (0.2 if hidden_bytes >= TRIM_MIN_BYTES else 1.2) * act
-    return {"backward_and_allocator": int(back), "framework_overhead": 32 << 20,
+    # that keep them (a small absolute amount). With checkpointing (bench/long_context.py, SmolLM2-135M): ≈3.2 layers'
+    # activations while a layer's hidden states are under 32 MiB — glibc's largest mmap threshold: smaller blocks come
+    # from the heap and leave their pages behind until the next trim (2.6–3.2 from 2,048 to 8,192 tokens) — and ≈0.8
+    # above it, where every freed block goes straight back (0.78 at 16,384 tokens). Never more than the activations
+    # without checkpointing, which a model of fewer layers would otherwise get; plus ~32 MiB of runtime buffers. The
+    # trims wait for TRIM_SLACK_BYTES of growth, so up to that much freed memory stays between them: half of it is
+    # counted, all of it from 32 MiB hidden states (long-context peaks from 2,048 to 16,384 tokens sat 0.10–0.25 GiB
+    # above the plan without it, at 32,768 and 106,496 tokens 0.20–0.25 GiB).
+    big, trimmed = hidden_bytes >= GLIBC_MMAP_MAX, hidden_bytes >= TRIM_MIN_BYTES
+    back = min((0.8 if big else 3.2) * layer_act, act_without_checkpointing) if gradient_checkpointing else \
+        (0.2 if trimmed else 1.2) * act
+    slack = trimmed * TRIM_SLACK_BYTES // (1 if big else 2)
+    return {"backward_and_allocator": int(back + slack), "framework_overhead": 32 << 20,
             "data_pipeline": DATA_PIPELINE_CPU}
 
 
