@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import LowbitError
 from ..quant.spec import QuantSpec
 from ..quant.tensor import QuantizedTensor, quantize
+from .row_chunks import base_matmul
 
 __all__ = ["Linear4bit", "compute_dtype_for", "footprint_bytes", "parameter_counts", "STORAGE"]
 
@@ -62,7 +63,7 @@ class _Matmul4bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q: QuantizedTensor, bias, dtype):
         w = _dequantized(q, dtype)
-        y = x.to(dtype) @ w.t()
+        y = base_matmul(x.to(dtype), w.t())
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.q, ctx.dtype, ctx.x_dtype = q, dtype, x.dtype
@@ -74,7 +75,7 @@ class _Matmul4bit(torch.autograd.Function):
     def backward(ctx, gy):
         gx = gb = None
         if ctx.needs_input_grad[0]:
-            gx = (gy.to(ctx.dtype) @ _dequantized(ctx.q, ctx.dtype)).to(ctx.x_dtype)
+            gx = base_matmul(gy.to(ctx.dtype), _dequantized(ctx.q, ctx.dtype)).to(ctx.x_dtype)
         if ctx.bias_needs_grad:
             gb = gy.reshape(-1, gy.shape[-1]).sum(0).to(ctx.bias_dtype)
         return gx, None, gb, None

@@ -5,8 +5,9 @@ graph around it (an opaque ``lowbit::matmul_4bit`` node) instead of breaking the
     backward  lowbit::matmul_4bit_t(∂y, Q)     ∂x = ∂y · deq(Q)
 
 Same arithmetic as ``linear._Matmul4bit`` (the eager path, which stays the reference): deq(Q) in the reused scratch
-buffer, the product in ``dtype``. Q travels as its tensors plus its layout (shape, blocksize, double-quantization
-constants, zero points); the codebook decides the code width. Only compiled code calls these.
+buffer, the product in ``dtype`` (``row_chunks.base_matmul``). Q travels as its tensors plus its layout (shape,
+blocksize, double-quantization constants, zero points); the codebook decides the code width. Only compiled code calls
+these.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.tensor import QuantizedTensor
+from .row_chunks import base_matmul
 
 __all__ = ["matmul_4bit"]
 
@@ -40,7 +42,7 @@ def _forward(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code: t
 
     q = _tensor(codes, absmax, code, nested_absmax, nested_code, shape, blocksize, nested_offset, nested_blocksize,
                 zeros)
-    return x.to(dtype) @ _dequantized(q, dtype).t()
+    return base_matmul(x.to(dtype), _dequantized(q, dtype).t())
 
 
 @_forward.register_fake
@@ -58,7 +60,7 @@ def _grad_input(gy: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, cod
 
     q = _tensor(codes, absmax, code, nested_absmax, nested_code, shape, blocksize, nested_offset, nested_blocksize,
                 zeros)
-    return (gy.to(dtype) @ _dequantized(q, dtype)).to(x_dtype)
+    return base_matmul(gy.to(dtype), _dequantized(q, dtype)).to(x_dtype)
 
 
 @_grad_input.register_fake
