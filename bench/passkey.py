@@ -5,7 +5,11 @@ SmolLM2-135M-Instruct (8,192 native positions) with linear RoPE scaling to ``--f
 double quantization, LoRA r=16 all-linear. Data: the built-in passkey task at F × native tokens (a 5-digit key
 hidden at a seeded depth in plain text, the question at the end); the last ``--eval`` documents are held out, the
 rest train. The fine-tune runs as a user runs it: ``lowbit train`` on a YAML config (batch 1, gradient
-checkpointing, tiled MLP, loss on the answer), ``--steps`` optimizer steps.
+checkpointing, tiled MLP, loss on the answer), ``--steps`` optimizer steps. ``--train-tokens N`` trains on passkey
+documents of N tokens instead (the same scaling and positions, held-out documents still at F × native): a step of
+4,096 tokens costs a tenth of one at 32,768 here, so many more steps fit the same minutes; ``--train-on-inputs``
+puts the loss on every token (the filler is running text that repeats, so most of it is predicted by copying
+from earlier in the document — the skill retrieval needs).
 
 Retrieval is scored on the held-out documents with one forward each (teacher-forced): a document is retrieved when
 the greedy choice at every answer token (the five digits and the end of the turn) is the right one — what greedy
@@ -13,7 +17,8 @@ decoding would answer — and the answer's mean negative log-likelihood is repor
 are also scored at the native length without scaling (the base model's own ability, for reference: documents of
 the native length's passkey task, same held-out positions).
 
-    python bench/passkey.py [--factor 4] [--steps 4] [--eval 4] [--lr 2e-4] [--readme]
+    python bench/passkey.py [--factor 4] [--steps 4] [--eval 4] [--lr 2e-4] [--train-tokens N]
+                            [--train-on-inputs] [--readme]
 """
 
 from __future__ import annotations
@@ -89,11 +94,13 @@ def _write(path: Path, rows: list[dict]) -> str:
 
 
 def _train(work: Path, train_file: str, tokens: int, factor: float, a) -> dict:
-    """``lowbit train`` on the training documents; the adapter folder, wall time and per-step losses."""
+    """``lowbit train`` on the training documents (rows of ``a.train_tokens``, positions for ``tokens``); the adapter
+    folder, wall time and per-step losses."""
     import yaml
 
     cfg = {"base_model": MODEL, "model_config": _model_config(tokens, factor),
-           "datasets": [{"path": train_file, "type": "chat"}], "val_set_size": 0, "sequence_len": tokens,
+           "datasets": [{"path": train_file, "type": "chat"}], "val_set_size": 0,
+           "sequence_len": a.train_tokens or tokens, "train_on_inputs": a.train_on_inputs,
            "micro_batch_size": 1, "gradient_checkpointing": True, "tiled_mlp": True, "lora_r": R,
            "lora_alpha": 2 * R, "learning_rate": a.lr, "max_steps": a.steps, "warmup_steps": 0,
            "lr_scheduler": "constant", "eval_steps": 0, "save_steps": 0, "seed": 0, "output_dir": str(work / "run")}
@@ -125,6 +132,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=50, help="documents generated (the last --eval are held out)")
     ap.add_argument("--eval", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--train-tokens", type=int, default=0, help="training documents of this length (0: the long one)")
+    ap.add_argument("--train-on-inputs", action="store_true", help="loss on every token, not only the answer")
     ap.add_argument("--readme", action="store_true")
     ap.add_argument("--worker", nargs=4)
     a = ap.parse_args()
@@ -136,7 +145,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         docs = _records(long_, a.docs)
-        train_file, held = _write(work / "train.jsonl", docs[:-a.eval]), _write(work / "held.jsonl", docs[-a.eval:])
+        train = _records(a.train_tokens, a.docs)[:-a.eval] if a.train_tokens else docs[:-a.eval]
+        train_file, held = _write(work / "train.jsonl", train), _write(work / "held.jsonl", docs[-a.eval:])
         native = _write(work / "native.jsonl", _records(a.native, a.docs)[-a.eval:])
         score = lambda f, n, k, ad, label: run_worker(__file__, ["--worker", f, str(n), str(k), ad], label)
         ref = score(native, a.native, 1, "-", "native")
@@ -147,12 +157,14 @@ def main() -> None:
         sys.exit("a scoring worker failed (above)")
     rows = [_row(f"base, native {a.native:,} positions, no scaling", ref),
             _row(f"base, linear RoPE ×{a.factor:g}, before fine-tuning", before),
-            _row(f"after {a.steps} steps at {long_:,} tokens (lr {a.lr:g})", after)]
+            _row(f"after {a.steps} steps at {a.train_tokens or long_:,} tokens (lr {a.lr:g}"
+                 f"{', loss on every token' if a.train_on_inputs else ''})", after)]
     cols = ["model", "documents", "tokens", "retrieved", "digits_right_%", "answer_nll", "s_per_doc"]
     md = (f"Passkey retrieval, SmolLM2-135M QLoRA r={R}, held-out documents (bench/passkey.py, this CPU, one run; "
           f"fine-tune {run['seconds'] / 60:.1f} min, training losses {run['losses']}):\n\n" + table(rows, cols))
     publish("passkey", md, {"rows": rows, "train": {k: v for k, v in run.items() if k != "adapter"},
-                            "factor": a.factor, "steps": a.steps, "lr": a.lr, "eval": a.eval}, a.readme)
+                            "factor": a.factor, "steps": a.steps, "lr": a.lr, "eval": a.eval,
+                            "train_tokens": a.train_tokens or long_, "train_on_inputs": a.train_on_inputs}, a.readme)
 
 
 if __name__ == "__main__":
