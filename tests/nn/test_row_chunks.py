@@ -58,3 +58,19 @@ def test_the_4bit_layer_uses_it_forward_and_backward(monkeypatch):
         assert len(calls) == 2  # the forward product and the input gradient's
         torch.testing.assert_close(y, base_matmul(x.detach(), deq.t()))
         torch.testing.assert_close(x.grad, base_matmul((2 * y.float()).to(torch.bfloat16), deq), rtol=2e-2, atol=2e-2)
+
+
+def test_the_8bit_layer_uses_it_forward_and_backward(monkeypatch):
+    from lowbit.nn import linear8bit
+    from lowbit.nn.linear8bit import Linear8bit
+    from lowbit.quant.int8 import dequantize_int8, quantize_int8
+
+    calls = []
+    monkeypatch.setattr(linear8bit, "base_matmul", lambda a, b: calls.append(a.shape) or base_matmul(a, b))
+    q, scb = quantize_int8(torch.randn(576, 128, generator=torch.Generator().manual_seed(1)))
+    layer = Linear8bit(q, scb, compute_dtype=torch.bfloat16)
+    x = torch.randn(2, 512, 128, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    y.float().sum().backward()
+    assert len(calls) == 2
+    torch.testing.assert_close(y, base_matmul(x.detach(), dequantize_int8(q, scb, torch.bfloat16).t()))

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..quant.clipping import with_scales
 from .linear import Linear4bit, _dequantized
+from .row_chunks import base_matmul
 
 __all__ = ["train_block_scales", "fold_block_scales", "scaled_matmul", "scale_blocks_", "block_count"]
 
@@ -46,7 +47,7 @@ class _ScaledMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, t, bias, dtype):
         m = t.detach().float().exp()
-        y = x.to(dtype) @ _scaled(q, m, dtype).t()
+        y = base_matmul(x.to(dtype), _scaled(q, m, dtype).t())
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.save_for_backward(x, m)
@@ -60,7 +61,7 @@ class _ScaledMatmul(torch.autograd.Function):
         gx = gt = None
         w = _scaled(q, m, dtype)
         if ctx.needs_input_grad[0]:
-            gx = (gy.to(dtype) @ w).to(x.dtype)
+            gx = base_matmul(gy.to(dtype), w).to(x.dtype)
         if ctx.needs_input_grad[2]:  # Σ_block gW ⊙ deq(Q)·m = m ⊙ Σ_block gW ⊙ deq(Q); sums in float32
             gw = gy.reshape(-1, gy.shape[-1]).to(dtype).t() @ x.reshape(-1, x.shape[-1]).to(dtype)
             prod, bs = gw.mul_(w).view(-1), q.blocksize

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..quant.int8 import dequantize_int8, quantize_int8
 from .linear import Linear4bit, compute_dtype_for
+from .row_chunks import base_matmul
 
 __all__ = ["Linear8bit", "QUANTIZED", "STORAGE8"]
 
@@ -23,7 +24,7 @@ class _Matmul8bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, scb, bias, dtype):
         w = dequantize_int8(q, scb, dtype)
-        y = x.to(dtype) @ w.t()
+        y = base_matmul(x.to(dtype), w.t())
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.save_for_backward(q, scb)
@@ -37,7 +38,7 @@ class _Matmul8bit(torch.autograd.Function):
         q, scb = ctx.saved_tensors
         gx = gb = None
         if ctx.needs_input_grad[0]:
-            gx = (gy.to(ctx.dtype) @ dequantize_int8(q, scb, ctx.dtype)).to(ctx.x_dtype)
+            gx = base_matmul(gy.to(ctx.dtype), dequantize_int8(q, scb, ctx.dtype)).to(ctx.x_dtype)
         if ctx.bias_needs_grad:
             gb = gy.reshape(-1, gy.shape[-1]).sum(0).to(ctx.bias_dtype)
         return gx, None, None, gb, None

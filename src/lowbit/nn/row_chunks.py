@@ -1,4 +1,5 @@
-"""The frozen base weight's matmul, in row chunks where the CPU's bfloat16 GEMM runs faster that way.
+"""The frozen base weight's matmul, in row chunks where the CPU's bfloat16 GEMM runs faster that way: the forward
+product and the input gradient of the 4-bit layer (eager and compiled), its trained-scales variant and the 8-bit layer.
 
     y = x · w   (x: tokens × in, w: in × out)   computed as   y[i:i+c] = x[i:i+c] · w   for row chunks of c
 
