@@ -100,7 +100,7 @@ def _train(work: Path, train_file: str, tokens: int, factor: float, a) -> dict:
 
     cfg = {"base_model": MODEL, "model_config": _model_config(tokens, factor),
            "datasets": [{"path": train_file, "type": "chat"}], "val_set_size": 0,
-           "sequence_len": a.train_tokens or tokens, "train_on_inputs": a.train_on_inputs,
+           "sequence_len": a.train_tokens, "train_on_inputs": a.train_on_inputs,
            "micro_batch_size": 1, "gradient_checkpointing": True, "tiled_mlp": True, "lora_r": R,
            "lora_alpha": 2 * R, "learning_rate": a.lr, "max_steps": a.steps, "warmup_steps": 0,
            "lr_scheduler": "constant", "eval_steps": 0, "save_steps": 0, "seed": 0, "output_dir": str(work / "run")}
@@ -142,10 +142,11 @@ def main() -> None:
         print("RESULT " + json.dumps(score_worker(data, int(tokens), float(factor), adapter)))
         return
     long_ = int(a.factor * a.native)
+    a.train_tokens = a.train_tokens or long_
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         docs = _records(long_, a.docs)
-        train = _records(a.train_tokens, a.docs)[:-a.eval] if a.train_tokens else docs[:-a.eval]
+        train = (docs if a.train_tokens == long_ else _records(a.train_tokens, a.docs))[:-a.eval]
         train_file, held = _write(work / "train.jsonl", train), _write(work / "held.jsonl", docs[-a.eval:])
         native = _write(work / "native.jsonl", _records(a.native, a.docs)[-a.eval:])
         score = lambda f, n, k, ad, label: run_worker(__file__, ["--worker", f, str(n), str(k), ad], label)
@@ -157,14 +158,14 @@ def main() -> None:
         sys.exit("a scoring worker failed (above)")
     rows = [_row(f"base, native {a.native:,} positions, no scaling", ref),
             _row(f"base, linear RoPE ×{a.factor:g}, before fine-tuning", before),
-            _row(f"after {a.steps} steps at {a.train_tokens or long_:,} tokens (lr {a.lr:g}"
+            _row(f"after {a.steps} steps at {a.train_tokens:,} tokens (lr {a.lr:g}"
                  f"{', loss on every token' if a.train_on_inputs else ''})", after)]
     cols = ["model", "documents", "tokens", "retrieved", "digits_right_%", "answer_nll", "s_per_doc"]
     md = (f"Passkey retrieval, SmolLM2-135M QLoRA r={R}, held-out documents (bench/passkey.py, this CPU, one run; "
           f"fine-tune {run['seconds'] / 60:.1f} min, training losses {run['losses']}):\n\n" + table(rows, cols))
     publish("passkey", md, {"rows": rows, "train": {k: v for k, v in run.items() if k != "adapter"},
                             "factor": a.factor, "steps": a.steps, "lr": a.lr, "eval": a.eval,
-                            "train_tokens": a.train_tokens or long_, "train_on_inputs": a.train_on_inputs}, a.readme)
+                            "train_tokens": a.train_tokens, "train_on_inputs": a.train_on_inputs}, a.readme)
 
 
 if __name__ == "__main__":
