@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import sys
 
 from ..dtypes import DTYPE_ALIASES
 from ..errors import LowbitError
@@ -81,13 +82,15 @@ def config_from(args: argparse.Namespace, config_file=None, report=None) -> Trai
 def load_model(cfg: TrainConfig, adapter=None, force: bool = False):
     """The model the config's model keys describe (quantized while it streams in), with ``adapter`` added (the base
     loaded with the config.json fields the adapter's run replaced, e.g. its ``rope_scaling``)."""
-    from ..dtypes import to_torch
+    from ..dtypes import slow_on_cpu, to_torch
     from ..io.adapters import adapter_config_overrides, load_adapter
     from ..io.loader import load
     from ..training.device import resolve_device
 
     device = resolve_device(cfg.device)
     dtype = to_torch(cfg.compute_dtype, device.type)
+    if device.type == "cpu" and (note := slow_on_cpu(dtype)):
+        print(note, file=sys.stderr)  # stderr: stdout may be a --json answer
     overrides = {**(cfg.model_config or {}), **((adapter and adapter_config_overrides(adapter)) or {})}
     net = load(cfg.base_model, cfg.quant_spec(), compute_dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                device=device, config_overrides=overrides or None, quantize_vision=cfg.quantize_vision)

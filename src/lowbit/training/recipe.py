@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import writing_file
-from ..dtypes import to_torch
+from ..dtypes import slow_on_cpu, to_torch
 from ..errors import LowbitError
 from ..io.adapters import adapter_tensors, save_adapter
 from ..io.processor import save_tokenizer_files
@@ -97,6 +97,8 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
            device: torch.device) -> dict:
     out = Path(cfg.output_dir)
     dtype = to_torch(cfg.compute_dtype, device.type)
+    if device.type == "cpu" and (note := slow_on_cpu(dtype)):
+        log(note)
     torch.manual_seed(cfg.seed)
     tok = tokenizer_for(cfg.tokenizer_config or cfg.base_model)
     changes = prepare_tokenizer(tok, cfg.chat_template, cfg.chat_template_jinja, cfg.special_tokens, cfg.tokens,
