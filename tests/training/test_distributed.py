@@ -51,6 +51,13 @@ def _torchrun(cfg: dict, report: Path, opts: dict | None = None, nproc: int = 2,
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def _why(p: subprocess.CompletedProcess) -> str:
+    """What a failed torchrun said: a rank that died on a signal first (faulthandler's "Fatal Python error" and its
+    Python stack, which the list of extension modules after it would push out of a plain tail), then the tail."""
+    head = p.stderr.find("Fatal Python error")
+    return (p.stderr[head:head + 3000] + "\n…\n" if head >= 0 else "") + p.stderr[-2000:]
+
+
 def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -81,7 +88,7 @@ def test_two_ranks_equal_one_process(varied, single, tmp_path, mode):
     out = tmp_path / mode
     cfg = _cfg(model_dir, data, out, distributed=mode, gradient_checkpointing=mode == "fsdp")
     p = _torchrun(cfg, tmp_path / "report")
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, _why(p)
     assert _close(out, single[0]), (_losses(out), _losses(single[0]))
     reports = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in range(2)]
     assert reports[0]["eval_loss"] == pytest.approx(single[1]["eval_loss"], rel=1e-5)
@@ -104,7 +111,7 @@ def test_packed_rows_on_two_ranks_equal_one_process(varied, tmp_path):
                  progress=False, log=lambda *a: None)
     two = tmp_path / "two"
     p = _torchrun(_cfg(model_dir, data, two, distributed="ddp", sample_packing=True), tmp_path / "report")
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, _why(p)
     # the ranks' gradients add as (g1+g3)+(g2+g4), one process's as ((g1+g2)+g3)+g4: float32 rounding that Adam's
     # normalisation carries into the factors at ~1e-6 after 4 steps (measured 1.01e-6 here, every run)
     assert _close(two, one, atol=2e-6), (_losses(two), _losses(one))
@@ -116,7 +123,7 @@ def test_per_rank_normalisation_breaks_the_equivalence(varied, single, tmp_path)
     out = tmp_path / "wrong"
     p = _torchrun(_cfg(model_dir, data, out, distributed="ddp"), tmp_path / "report",
                   {"per_rank_normalisation": True})
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, _why(p)
     assert not _close(out, single[0])
 
 
@@ -136,12 +143,12 @@ def test_checkpoint_resume_equals_uninterrupted_and_loads_in_peft(varied, single
         cfg.update(lora_r=64, lora_alpha=64, lora_target_modules=["up_proj", "down_proj"])
         reference = tmp_path / "uninterrupted"
         p = _torchrun({**cfg, "output_dir": str(reference)}, tmp_path / "r0")
-        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.returncode == 0, _why(p)
     # kill -9 one rank in step 3 (its 5th training forward), after the step-2 checkpoint; torchrun ends the other
     p = _torchrun(cfg, tmp_path / "r1", {"kill_rank": 1, "kill_at_call": 5})
     assert p.returncode != 0 and sorted(x.name for x in (out / "checkpoints").iterdir()) == ["step-0000002"]
     p = _torchrun(cfg, tmp_path / "r2", {"resume": True})
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, _why(p)
     assert _close(out, reference), (_losses(out), _losses(reference))
     if optimizer != "adamw":
         from safetensors import safe_open
@@ -190,7 +197,7 @@ def test_torchrun_lowbit_train_on_smollm2(tmp_path):
                    f"distributed: fsdp\noutput_dir: {tmp_path / 'run'}\n")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
                         "lowbit", "train", str(cfg), "--quiet"], capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, _why(p)
     assert p.stdout.count("adapter saved to") == 1, "only rank 0 reports"
     before, after = map(float, next(x for x in p.stdout.splitlines() if x.startswith("eval loss:"))[10:].split("->"))
     assert after < before
@@ -214,7 +221,7 @@ def test_dpo_on_two_ranks_equals_one_process(varied, tmp_path, mode):
                  progress=False, log=lambda *a: None)
     two = tmp_path / mode
     p = _torchrun(_cfg(model_dir, pairs, two, distributed=mode, rl="dpo"), tmp_path / "report")
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, _why(p)
     assert _close(two, one), (_losses(two), _losses(one))
     assert "rewards/margins" in (two / "metrics.jsonl").read_text()
 
@@ -238,7 +245,7 @@ def test_grpo_on_two_ranks_equals_one_process(varied, tmp_path, mode, scale):
                  progress=False, log=lambda *a: None)
     two = tmp_path / mode
     p = _torchrun(_cfg(model_dir, prompts, two, distributed=mode, **kw), tmp_path / "report")
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, _why(p)
     rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
     assert [r["reward"] for r in rows[0]] == pytest.approx([r["reward"] for r in rows[1]], rel=1e-6)
     held = [[r["eval_reward"] for r in rs if "eval_reward" in r] for rs in rows]
