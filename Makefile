@@ -31,7 +31,7 @@ browser:
 		{ S=$$([ "$$(id -u)" = 0 ] || echo sudo); $$S apt-get update -q && $$S apt-get install -y -q chromium; }
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -ra -m "not runtime"
+	$(BIN)/python -m pytest -q -ra --durations=25 -m "not runtime"
 
 test-runtime: $(STAMP)
 	$(BIN)/python -m pip install -q llama-cpp-python==0.3.36
