@@ -2,9 +2,10 @@
 
 
 import pytest
+import yaml
 
 from lowbit.errors import LowbitError
-from lowbit.training.config import TrainConfig, apply_overrides, load_config
+from lowbit.training.config import TrainConfig, apply_overrides, config_changes, config_to_yaml, load_config
 
 
 def test_config_keys_types_and_hints(tmp_path):
@@ -51,8 +52,6 @@ def test_unknown_names_are_errors_everywhere():
 def test_config_changes_split_math_from_harmless():
     from dataclasses import asdict
 
-    from lowbit.training.config import config_changes
-
     old = TrainConfig()
     new = TrainConfig(lora_r=32, datasets="chitchat", max_steps=10, logging_steps=5)
     math_changes, harmless = config_changes(asdict(old), new)
@@ -61,3 +60,20 @@ def test_config_changes_split_math_from_harmless():
     saved = asdict(old)
     del saved["seed"]  # a checkpoint from an older version, without a newer key: its default is assumed
     assert config_changes(saved, old) == ([], [])
+
+
+@pytest.mark.parametrize("keys", [{}, {"warmup_ratio": 0.1, "lr_scheduler": "linear"}, {"warmup_steps": 0},
+                                  {"compile": "auto", "gradient_checkpointing": "offload", "lora_r": 32}])
+def test_a_runs_config_yaml_loads_back_as_the_same_config(tmp_path, keys):
+    """config.yaml (what a run writes, and --print-config prints) is a config file lowbit reads back unchanged."""
+    cfg = apply_overrides(TrainConfig(base_model="m", datasets="d.jsonl"), keys)
+    (tmp_path / "config.yaml").write_text(config_to_yaml(cfg))
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and config_changes(yaml.safe_load(config_to_yaml(cfg)), again) == ([], [])
+
+
+def test_warmup_steps_with_a_zero_ratio_is_not_both():
+    cfg = apply_overrides(TrainConfig(), {"warmup_steps": 7, "warmup_ratio": 0.0})
+    assert (cfg.warmup_steps, cfg.warmup_ratio) == (7, 0.0)
+    with pytest.raises(LowbitError, match="both set"):
+        apply_overrides(TrainConfig(), {"warmup-steps": "7", "warmup-ratio": "0.05"}, from_string=True)

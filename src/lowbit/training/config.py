@@ -330,7 +330,8 @@ def apply_overrides(cfg: TrainConfig, values: dict, from_string: bool = False, r
         merged["load_in_4bit"] = False  # an 8-bit base instead of lowbit's default 4-bit one
     if translated.get("load_in_4bit") is True and mine.get("load_in_4bit") is False:
         raise LowbitError("config: adapter: qlora needs a 4-bit base, but load_in_4bit is false")
-    if mine.get("warmup_steps") is not None and mine.get("warmup_ratio") is not None:
+    if mine.get("warmup_steps") is not None and _coerce("warmup_ratio", mine.get("warmup_ratio"), from_string) \
+            not in (UNSET, 0):  # a 0 ratio is no ratio (a run's config.yaml writes both keys)
         raise LowbitError("config: warmup_steps and warmup_ratio are both set: give one")
     batch = merged.pop("_batch_size", None)
     for k, value in merged.items():
@@ -382,8 +383,9 @@ def _python_beside(cfg: TrainConfig, folder: Path) -> TrainConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-def config_to_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+def config_to_yaml(cfg: TrainConfig) -> str:  # as load_config reads it: no warmup_steps where a ratio replaces it
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if not (k == "warmup_steps" and cfg.warmup_ratio)}
+    return yaml.safe_dump(values, sort_keys=False)
 
 
 def config_changes(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
