@@ -167,3 +167,33 @@ def test_only_attention_and_dense_layers_are_compiled(tmp_path, arch, why):
     assert lines[-1] == (f"compile: {reason}, so the layers run uncompiled" if why else
                          "compile: 2 decoder layers through torch.compile (built in the first steps, cached for later "
                          "runs)")
+
+
+def test_a_short_last_batch_compiles_nothing_new(tmp_path):
+    """Rows and length turn symbolic together at the first change of shape: the short last batch of an epoch (fewer
+    rows) reuses the graphs the second shape built, and trains as the eager layers do."""
+    from torch._dynamo.utils import counters
+
+    from lowbit.training.loss import lm_loss
+
+    torch._dynamo.reset()
+    m, ref = _tiny(tmp_path, True), _tiny(tmp_path, True)
+    compile_layers(m)
+    graphs = []
+    for shape in [(3, 20), (3, 24), (2, 28)]:
+        ids = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(shape[1]))
+        batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+        loss, ran = _ran_loss(m, batch)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert ran and graphs[2] == graphs[1] > graphs[0], graphs
+    assert loss == pytest.approx(lm_loss(ref, batch)[0].item(), rel=1e-5)
+
+
+def _ran_loss(m, batch):
+    from lowbit.training.loss import lm_loss
+
+    from tiny import runs_compiled_layers
+
+    loss, ran = runs_compiled_layers(lambda: lm_loss(m, batch)[0])
+    loss.backward()
+    return loss.item(), ran

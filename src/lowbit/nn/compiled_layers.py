@@ -8,7 +8,7 @@ frozen 4-bit matmul enters the graph as one opaque operator (``matmul4bit_op.py`
 each linear layer; its arithmetic is the eager layer's.
 
 Only training forwards (gradients on, no KV cache) take the compiled path; evaluation and sampling stay eager, so
-they never compile anything. A new sequence length compiles once more with a symbolic length, then every length
+they never compile anything. A second shape compiles once more with symbolic rows and length, then every shape
 reuses it. Compiled code is cached on disk (``LOWBIT_CACHE``/inductor), so a later run on the machine skips most
 of the compile time. Needs a C++ compiler on the CPU (Triton on CUDA): ``compiler_missing`` says when one is
 missing, and ``not_compiled_because`` which models are left eager (state-space or convolution mixers, experts).
@@ -104,6 +104,22 @@ def _forward(layer, eager, compiled, *args, **kwargs):
     else runs the layer as it was."""
     if not torch.is_grad_enabled() or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
         return eager(*args, **kwargs)
+    _dynamic_once_shapes_vary(compiled, args[0] if args else kwargs.get("hidden_states"))
     if layer.gradient_checkpointing and layer.training:
         return layer._gradient_checkpointing_func(functools.partial(compiled, layer, **kwargs), *args)
     return compiled(layer, *args, **kwargs)
+
+
+_FIRST_SHAPE: dict = {}  # compiled forward → the shape of the hidden states it first ran on
+
+
+def _dynamic_once_shapes_vary(compiled, hidden) -> None:
+    """From the first hidden states whose shape differs from the first ones, rows and length both symbolic: dynamo
+    would make only the dimension that changed symbolic, and compile a third time when the other one changes too
+    (the short last batch of an epoch: 71 s of a float32 demo on a cold cache)."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+        return
+    first = _FIRST_SHAPE.setdefault(compiled, tuple(hidden.shape))
+    if tuple(hidden.shape) != first:
+        torch._dynamo.maybe_mark_dynamic(hidden, 0)
+        torch._dynamo.maybe_mark_dynamic(hidden, 1)
