@@ -35,7 +35,7 @@ def run(args) -> int:
     # what is never quantized (embeddings, head, norms) is read straight into the output dtype: a float32 merge
     # carries them exactly, not rounded through a 16-bit compute dtype
     cfg.compute_dtype = dtype
-    net = load_model(cfg, args.adapter, args.force)
+    net = load_model(cfg, args.adapter, args.force, computes=False)  # dtype: the merged weights'
     tok = tokenizer_for(cfg.base_model, args.adapter, required=False)
     report = merge_report(net, tok, quant) if args.requantize else None
     out = merge(net, args.out, dtype=to_torch(dtype), tokenizer=tok, overwrite=args.overwrite)

@@ -79,9 +79,10 @@ def config_from(args: argparse.Namespace, config_file=None, report=None) -> Trai
     return cfg.validate()
 
 
-def load_model(cfg: TrainConfig, adapter=None, force: bool = False):
+def load_model(cfg: TrainConfig, adapter=None, force: bool = False, computes: bool = True):
     """The model the config's model keys describe (quantized while it streams in), with ``adapter`` added (the base
-    loaded with the config.json fields the adapter's run replaced, e.g. its ``rope_scaling``)."""
+    loaded with the config.json fields the adapter's run replaced, e.g. its ``rope_scaling``); ``computes``: the
+    command runs the model (a merge only adds the adapters), so a compute dtype this CPU multiplies slowly is said."""
     from ..dtypes import slow_on_cpu, to_torch
     from ..io.adapters import adapter_config_overrides, load_adapter
     from ..io.loader import load
@@ -89,11 +90,11 @@ def load_model(cfg: TrainConfig, adapter=None, force: bool = False):
 
     device = resolve_device(cfg.device)
     dtype = to_torch(cfg.compute_dtype, device.type)
-    if device.type == "cpu" and (note := slow_on_cpu(dtype)):
-        print(note, file=sys.stderr)  # stderr: stdout may be a --json answer
     overrides = {**(cfg.model_config or {}), **((adapter and adapter_config_overrides(adapter)) or {})}
     net = load(cfg.base_model, cfg.quant_spec(), compute_dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                device=device, config_overrides=overrides or None, quantize_vision=cfg.quantize_vision)
     if adapter:
         load_adapter(net, adapter, force=force)
+    if computes and device.type == "cpu" and (note := slow_on_cpu(dtype)):  # after loading: errors stay one line
+        print(note, file=sys.stderr)  # stderr: stdout may be a --json answer
     return net
