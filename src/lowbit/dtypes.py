@@ -5,6 +5,7 @@ Importing this module does not import torch; only ``to_torch`` and ``default_com
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def name_of(dtype) -> str:
 _CPU_FLAGS = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp16", "amx_fp16")}
 
 
+@functools.cache
 def _cpu_flags() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()
@@ -68,16 +70,12 @@ def _cpu_has(name: str) -> bool:
     return re.search(rf"\b({'|'.join(_CPU_FLAGS[name])})\b", _cpu_flags()) is not None
 
 
-def _cpu_has_bf16() -> bool:
-    return _cpu_has("bfloat16")
-
-
-def slow_on_cpu(dtype) -> str | None:
+def slow_on_cpu(dtype, device_type: str = "cpu") -> str | None:
     """One line when ``dtype`` is a 16-bit type this CPU cannot multiply in hardware (its matmuls then run in
     software: a 1,024 × 576 × 1,536 bfloat16 product took 1.5 s against 15 ms in float32 on a 2-core AVX2 machine),
-    else None."""
+    else None (and None for any other ``device_type``)."""
     name = name_of(dtype)
-    if name not in _CPU_FLAGS or _cpu_has(name):
+    if device_type != "cpu" or name not in _CPU_FLAGS or _cpu_has(name):
         return None
     return (f"compute_dtype {name}: this CPU has no {name} matrix instructions ({' or '.join(_CPU_FLAGS[name])}), "
             f"so its matmuls run ~100x slower than in float32; compute_dtype auto (Axolotl: bf16: auto) picks "
@@ -91,9 +89,9 @@ def default_compute_dtype(device="cpu"):
 
     if torch.device(device).type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if _cpu_has("bfloat16") else torch.float32
 
 
 def default_compute_dtype_name(device: str = "cpu") -> str:
     """``default_compute_dtype`` by name, without torch (a GPU is assumed to do bf16: Ampere or newer)."""
-    return "bfloat16" if device == "cuda" or _cpu_has_bf16() else "float32"
+    return "bfloat16" if device == "cuda" or _cpu_has("bfloat16") else "float32"

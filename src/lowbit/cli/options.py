@@ -95,6 +95,6 @@ def load_model(cfg: TrainConfig, adapter=None, force: bool = False, computes: bo
                device=device, config_overrides=overrides or None, quantize_vision=cfg.quantize_vision)
     if adapter:
         load_adapter(net, adapter, force=force)
-    if computes and device.type == "cpu" and (note := slow_on_cpu(dtype)):  # after loading: errors stay one line
+    if computes and (note := slow_on_cpu(dtype, device.type)):  # after loading: errors stay one line
         print(note, file=sys.stderr)  # stderr: stdout may be a --json answer
     return net

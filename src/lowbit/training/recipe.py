@@ -97,7 +97,7 @@ def _train(cfg: TrainConfig, world: World, ck: Path | None, progress: bool, log,
            device: torch.device) -> dict:
     out = Path(cfg.output_dir)
     dtype = to_torch(cfg.compute_dtype, device.type)
-    if device.type == "cpu" and (note := slow_on_cpu(dtype)):
+    if note := slow_on_cpu(dtype, device.type):
         log(note)
     torch.manual_seed(cfg.seed)
     tok = tokenizer_for(cfg.tokenizer_config or cfg.base_model)
