@@ -41,6 +41,15 @@ def vm_hwm_bytes() -> int:
     return 0
 
 
+def reset_vm_hwm() -> bool:
+    """Start this process's VmHWM afresh from its current RSS (Linux ``clear_refs`` 5); whether it could."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def peer_qlora_model(name: str):
     """(model, tokenizer, compute dtype) as the peer stack loads a QLoRA base: transformers with bitsandbytes NF4 +
     double quantization in lowbit's default compute dtype; the peer's warnings and logs quieted."""

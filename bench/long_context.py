@@ -21,7 +21,8 @@ the measured peak above the process's RSS after its imports (as bench/plan_valid
 
     python bench/long_context.py [--budget-gib 4] [--minutes 60] [--tiled-mlp true|false]
                                  [--checkpointing true|offload_disk] [--goal-ratio 32 [--ladder-top 32768]] [--readme]
-    python bench/long_context.py --replan [--readme]    # the last run's table, planned with the current planner
+    python bench/long_context.py --replan [--readme]    # the last run's tables, planned with the current planner
+    python bench/long_context.py --plan-check 6144,10240 [--checkpointing ...] [--readme]  # the planner at lengths
 """
 
 from __future__ import annotations
@@ -33,7 +34,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peer_qlora_model, publish, run_worker, table, vm_hwm_bytes
+from common import (
+    RESULTS,
+    peer_qlora_model,
+    publish,
+    reset_vm_hwm,
+    run_worker,
+    table,
+    update_readme,
+    vm_hwm_bytes,
+    write_json,
+)
 
 MODEL, R = "smollm2-135m", 16
 # two short steps before the timed one: compiled layers (``compile: auto``) compile for any row length there (two
@@ -47,13 +58,15 @@ def _ids(n: int):
     return torch.randint(0, 49152, (1, n), generator=torch.Generator().manual_seed(n))
 
 
-def _config(n: int, tiled: str, checkpointing: str):
-    """The run both the worker and the planner see: ``n`` tokens, batch 1, the bench's tiled_mlp and checkpointing."""
+def _config(n: int, tiled: str, checkpointing: str, dtype: str = "auto"):
+    """The run both the worker and the planner see: ``n`` tokens, batch 1, the bench's tiled_mlp and checkpointing
+    (and the compute dtype a stored row ran in, for the planner)."""
     from lowbit.training.config import TrainConfig
 
     word = {"true": True, "false": False}
     return TrainConfig(base_model=MODEL, lora_r=R, lora_alpha=2 * R, sequence_len=n, micro_batch_size=1,
-                       gradient_checkpointing=word.get(checkpointing, checkpointing), tiled_mlp=word.get(tiled, tiled))
+                       gradient_checkpointing=word.get(checkpointing, checkpointing), tiled_mlp=word.get(tiled, tiled),
+                       compute_dtype=dtype)
 
 
 def lowbit_worker(n: int, tiled: str, checkpointing: str) -> dict:
@@ -79,13 +92,16 @@ def lowbit_worker(n: int, tiled: str, checkpointing: str) -> dict:
             s, k = loss_fn(net, {"input_ids": w, "labels": w})
         (s / k).backward()
         net.zero_grad(set_to_none=True)
-    warmup, ids = time.perf_counter() - t, _ids(n)
+    warmup, ids, warm_peak = time.perf_counter() - t, _ids(n), vm_hwm_bytes()
+    reset = reset_vm_hwm()
     t = time.perf_counter()
     with autocast(dtype):
         s, k = loss_fn(net, {"input_ids": ids, "labels": ids})
     (s / k).backward()
     opt.step()
-    return {"seconds": time.perf_counter() - t, "peak_rss_bytes": vm_hwm_bytes(), "loss": float(s / k),
+    seconds, step_peak = time.perf_counter() - t, vm_hwm_bytes()
+    return {"seconds": seconds, "peak_rss_bytes": max(warm_peak, step_peak), "loss": float(s / k),
+            "step_peak_rss_bytes": step_peak if reset else None, "warmup_peak_rss_bytes": warm_peak,
             "baseline_rss_bytes": baseline, "attention_seconds": _attention_seconds(net.config, n, dtype),
             "dtype": str(dtype).split(".")[-1], "warmup_seconds": warmup}
 
@@ -126,11 +142,11 @@ def peer_worker(n: int) -> dict:
     return {"seconds": time.perf_counter() - t, "peak_rss_bytes": vm_hwm_bytes(), "loss": float(loss)}
 
 
-def _planned(n: int, tiled: str, checkpointing: str) -> int:
+def _planned(n: int, tiled: str, checkpointing: str, dtype: str = "auto") -> int:
     """``lowbit plan``'s peak for the worker's step, less the data pipeline (the worker reads no data files)."""
     from lowbit.planner.memory import plan_config
 
-    p = plan_config(_config(n, tiled, checkpointing), device="cpu")
+    p = plan_config(_config(n, tiled, checkpointing, dtype), device="cpu")
     return p.total_bytes - p.items.get("data_pipeline", 0)
 
 
@@ -213,20 +229,61 @@ def _markdown(budget_gib: float, tiled: str, checkpointing: str, dtype: str, pee
                "longest)" if jump else "") + "\n\n" + table(rows, cols))
 
 
-def replan(readme: bool) -> None:
-    """The last run's table with the planner's current estimates (the measurements as they were)."""
-    from common import RESULTS
+def _replanned(row: dict, tiled: str, checkpointing: str, dtype: str) -> None:
+    """``row``'s planned GiB and plan error, from the current planner and the row's measured peak above imports."""
+    plan = _planned(row["tokens"], tiled, checkpointing, dtype) / 2**30
+    row.update({"planned_GiB": round(plan, 3), "plan_error_%": round(100 * (plan / row["above_imports_GiB"] - 1), 1)})
 
+
+def replan(readme: bool) -> None:
+    """The last search's table and the --plan-check rows with the planner's current estimates (the measurements as
+    they were)."""
     data = json.loads((RESULTS / "long_context.json").read_text())
     for row in data["rows"]:
         if row["side"] == "lowbit" and "above_imports_GiB" in row:
-            plan = _planned(row["tokens"], data["tiled_mlp"], data.get("checkpointing", "true")) / 2**30
-            row.update({"planned_GiB": round(plan, 3),
-                        "plan_error_%": round(100 * (plan / row["above_imports_GiB"] - 1), 1)})
+            _replanned(row, data["tiled_mlp"], data.get("checkpointing", "true"), data["dtype"])
     md = _markdown(data["budget_bytes"] / 2**30, data["tiled_mlp"], data.get("checkpointing", "true"),
                    data.get("dtype", "float32"), data["peer_max"], data["lowbit_max"],
                    data["peer_skipped"], data["lowbit_skipped"], data["rows"], data.get("jump"))
     publish("long_context", md, {k: v for k, v in data.items() if k != "machine"}, readme)
+    checks = RESULTS / "long_context_plan.json"
+    rows = json.loads(checks.read_text())["rows"] if checks.exists() else []
+    for row in rows:
+        _replanned(row, row["tiled_mlp"], row["checkpointing"], row["dtype"])
+    if rows:
+        _publish_checks(rows, readme)
+
+
+def plan_check(lengths: list[int], tiled: str, checkpointing: str, readme: bool) -> None:
+    """The planner against one lowbit step at each of ``lengths`` (fresh processes): the whole process's peak above
+    its imports (warm-up included, as the search measures) and the step's own (VmHWM reset after the warm-up). The
+    rows join those of bench/results/long_context_plan.json (one per dtype, checkpointing and length: a new
+    measurement replaces the old), which tests/planner/test_host_backward.py holds the planner to."""
+    path = RESULTS / "long_context_plan.json"
+    rows = {(r["dtype"], r["checkpointing"], r["tokens"]): r
+            for r in (json.loads(path.read_text())["rows"] if path.exists() else [])}
+    for n in lengths:
+        r = run_worker(__file__, ["--worker", "lowbit", str(n), tiled, checkpointing], f"lowbit {n}", tail=800)
+        if r is None:
+            continue
+        above = r["peak_rss_bytes"] - r["baseline_rss_bytes"]
+        step = r["step_peak_rss_bytes"] and r["step_peak_rss_bytes"] - r["baseline_rss_bytes"]
+        row = {"tokens": n, "dtype": r["dtype"], "checkpointing": checkpointing, "tiled_mlp": tiled,
+               "above_imports_GiB": round(above / 2**30, 3), "step_above_imports_GiB": step and round(step / 2**30, 3),
+               "step_s": round(r["seconds"], 1), "date": time.strftime("%Y-%m-%d")}
+        _replanned(row, tiled, checkpointing, r["dtype"])
+        rows[r["dtype"], checkpointing, n] = row
+        print(rows[r["dtype"], checkpointing, n], flush=True)
+    _publish_checks(sorted(rows.values(), key=lambda r: (r["dtype"], r["checkpointing"], r["tokens"])), readme)
+
+
+def _publish_checks(rows: list[dict], readme: bool) -> None:
+    md = table(rows, ["dtype", "checkpointing", "tokens", "above_imports_GiB", "step_above_imports_GiB",
+                      "planned_GiB", "plan_error_%", "step_s", "date"])
+    print(md)
+    write_json("long_context_plan", {"rows": rows})
+    if readme:
+        update_readme("long_context_plan", md)
 
 
 def main() -> None:
@@ -238,7 +295,8 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=2048, help="first length of both searches")
     ap.add_argument("--goal-ratio", type=float, default=0, help="lowbit jumps to this × the peer's longest")
     ap.add_argument("--ladder-top", type=int, default=32768, help="... from this length")
-    ap.add_argument("--replan", action="store_true", help="the last run's table with the current planner")
+    ap.add_argument("--replan", action="store_true", help="the last run's tables with the current planner")
+    ap.add_argument("--plan-check", help="comma-separated lengths: the planner against one step at each")
     ap.add_argument("--readme", action="store_true")
     ap.add_argument("--worker", nargs=4)
     a = ap.parse_args()
@@ -249,6 +307,9 @@ def main() -> None:
         return
     if a.replan:
         replan(a.readme)
+        return
+    if a.plan_check:
+        plan_check([int(x) for x in a.plan_check.split(",")], a.tiled_mlp, a.checkpointing, a.readme)
         return
     budget, t0 = int(a.budget_gib * 2**30), time.time()
     peer = Search("peer", budget, t0 + a.minutes * 60 * 0.25, a.start, a.tiled_mlp, a.checkpointing)
