@@ -28,10 +28,9 @@ activations)::
                         so only what it needs beyond the training step's activations is counted
     transient weight    the largest dequantized weight, forward and backward
     backward+allocator  activation gradients during backward and memory the allocator keeps after freeing;
-                        on CPU measured here (without checkpointing ≈0.2× activations once training trims the heap
-                        between layers — hidden states of ≥ 1 MiB — and ≈1.2× below that; with checkpointing ≈3.2
-                        layers' activations, ≈0.8 once a layer's hidden states reach 32 MiB; where trims run, plus
-                        half the 256 MiB of growth they wait for, all of it from 32 MiB), on GPU estimated
+                        on CPU measured here (``host_backward.py``: without checkpointing ≈0.2× the activations
+                        where training trims the heap, 1.2× in shorter steps; with it max(230 MiB, ≈2 layers'
+                        activations + 112 MiB), ≈0.84 layers + 127 MiB from 32 MiB hidden states), on GPU estimated
     data pipeline       CPU: the tokenizer, the datasets/Arrow runtime and the token tables (≈150 MiB, measured)
     framework overhead  CUDA context (GPU) or runtime buffers (CPU)
 
@@ -55,7 +54,6 @@ from dataclasses import dataclass, field
 
 from ..dtypes import DTYPES, canonical, default_compute_dtype_name
 from ..errors import LowbitError
-from ..io.allocator import TRIM_MIN_BYTES, TRIM_SLACK_BYTES
 from ..nn.lora_options import ALL_LINEAR, ALL_LINEAR_EXPERTS, PEFT_REFUSED, target_names
 from ..nn.loss_chunk import loss_chunk_tokens
 from ..nn.mlp_shards import shard_count, tiles
@@ -66,6 +64,7 @@ from ..training.config import DISTRIBUTED
 from ..training.grpo_spec import grpo_spec_from
 from ..training.preference_spec import PAIRED
 from .catalog import load_model_config
+from .host_backward import host_backward_bytes
 from .shapes import Layer, Shapes, shapes
 from .vision import is_vision, layer_prefix, text_config, vision_params
 
@@ -77,7 +76,6 @@ HEADROOM = 0.05
 # in float32 compute the saved activations (and what backward frees after them) come to 1.10× the coefficients
 # counted for bf16 (float32 copies that autocast keeps in bf16 runs)
 DATA_PIPELINE_CPU = 150 << 20
-GLIBC_MMAP_MAX = 32 << 20  # glibc (64-bit) serves blocks from this size up with mmap, whatever its dynamic threshold
 FP32_CPU_ACTIVATIONS = 1.10
 # the training config keys a plan depends on
 PLAN_KEYS = ("sequence_len", "micro_batch_size", "lora_r", "lora_target_modules", "load_in_4bit", "load_in_8bit",
@@ -341,28 +339,16 @@ def _shard(items: dict, n: int, layers: int, lora_layer: float) -> None:
 
 def _overheads(items: dict, act: float, layer_act: float, act_without_checkpointing: float,
                gradient_checkpointing: bool, device: str, hidden_bytes: float = 0) -> dict:
+    """Backward's transients, the allocators' slack and the runtime: on a GPU an estimate, on the CPU measured
+    (``host_backward.py``), plus the data pipeline there."""
     if device == "cuda":
         # CUDA context + caching-allocator slack; backward transients (activation gradients). Not yet measured
         # on a GPU here: an estimate.
         back = 2 * layer_act if gradient_checkpointing else 0.5 * act
         return {"backward_and_allocator": int(back + 0.05 * sum(items.values())),
                 "framework_overhead": int(0.75 * GIB)}
-    # Measured on this CPU (bench/plan_validate.py): without checkpointing, activation gradients in backward plus what
-    # glibc keeps after freeing come to 0.06–0.19× the saved activations in steps whose freed pages training hands
-    # back between layers (training/host_memory.py: hidden states of ≥ TRIM_MIN_BYTES), 1.05–1.44× in shorter steps
-    # that keep them (a small absolute amount). With checkpointing (bench/long_context.py, SmolLM2-135M): ≈3.2 layers'
-    # activations while a layer's hidden states are under 32 MiB — glibc's largest mmap threshold: smaller blocks come
-    # from the heap and leave their pages behind until the next trim (2.6–3.2 from 2,048 to 8,192 tokens) — and ≈0.8
-    # above it, where every freed block goes straight back (0.78 at 16,384 tokens). Never more than the activations
-    # without checkpointing, which a model of fewer layers would otherwise get; plus ~32 MiB of runtime buffers. The
-    # trims wait for TRIM_SLACK_BYTES of growth, so up to that much freed memory stays between them: half of it is
-    # counted, all of it from 32 MiB hidden states (long-context peaks from 2,048 to 16,384 tokens sat 0.10–0.25 GiB
-    # above the plan without it, at 32,768 and 106,496 tokens 0.20–0.25 GiB).
-    big, trimmed = hidden_bytes >= GLIBC_MMAP_MAX, hidden_bytes >= TRIM_MIN_BYTES
-    back = min((0.8 if big else 3.2) * layer_act, act_without_checkpointing) if gradient_checkpointing else \
-        (0.2 if trimmed else 1.2) * act
-    slack = trimmed * TRIM_SLACK_BYTES // (1 if big else 2)
-    return {"backward_and_allocator": int(back + slack), "framework_overhead": 32 << 20,
+    back = host_backward_bytes(layer_act, act_without_checkpointing, gradient_checkpointing, hidden_bytes)
+    return {"backward_and_allocator": back, "framework_overhead": 32 << 20,
             "data_pipeline": DATA_PIPELINE_CPU}
 
 
