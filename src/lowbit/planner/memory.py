@@ -28,9 +28,9 @@ activations)::
                         so only what it needs beyond the training step's activations is counted
     transient weight    the largest dequantized weight, forward and backward
     backward+allocator  activation gradients during backward and memory the allocator keeps after freeing;
-                        on CPU measured here (``host_backward.py``: without checkpointing ≈0.2× the activations
-                        where training trims the heap, 1.2× in shorter steps; with it max(230 MiB, ≈2 layers'
-                        activations + 112 MiB), ≈0.84 layers + 127 MiB from 32 MiB hidden states), on GPU estimated
+                        on CPU measured here (``host_backward.py``: without checkpointing a fraction of the
+                        activations; with it a floor at short lengths, then ≈2 layers' activations, under one layer's
+                        from 32 MiB hidden states), on GPU estimated
     data pipeline       CPU: the tokenizer, the datasets/Arrow runtime and the token tables (≈150 MiB, measured)
     framework overhead  CUDA context (GPU) or runtime buffers (CPU)
 
