@@ -77,3 +77,12 @@ def test_warmup_steps_with_a_zero_ratio_is_not_both():
     assert (cfg.warmup_steps, cfg.warmup_ratio) == (7, 0.0)
     with pytest.raises(LowbitError, match="both set"):
         apply_overrides(TrainConfig(), {"warmup-steps": "7", "warmup-ratio": "0.05"}, from_string=True)
+
+
+@pytest.mark.parametrize("text", ["? \n", "1: 2\n", "true: 1\n"])
+def test_keys_that_are_not_names_are_one_line_errors(tmp_path, text):
+    """YAML makes None, number and boolean keys (found by tests/training/test_fuzz_config.py: `?`)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(LowbitError, match=r"c\.yaml: expected a mapping of names"):
+        load_config(path)

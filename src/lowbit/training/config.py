@@ -362,8 +362,8 @@ def load_config(path: str | Path | None, report: Report | None = None) -> TrainC
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         raise LowbitError(f"{p}{f':{line + 1}' if line is not None else ''}: invalid YAML") from None
-    if not isinstance(data, dict):
-        raise LowbitError(f"{p}: expected a mapping of keys to values")
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):  # `? ` or `1:` make other keys
+        raise LowbitError(f"{p}: expected a mapping of names (like base_model) to values")
     try:
         return _python_beside(apply_overrides(cfg, data, report=report), p.parent)
     except LowbitError as e:
