@@ -159,8 +159,8 @@ def use_document_attention(model) -> bool:
     the positions, or that use the mask themselves (ALiBi), keep transformers' SDPA and its packed mask."""
     configs = [c for c in [model.config, *(getattr(model.config, k, None) for k in model.config.sub_configs)]
                if c is not None]
-    if any(getattr(c, "_attn_implementation", None) != "sdpa" for c in configs):
-        return False
+    if any(getattr(c, "_attn_implementation", None) != "sdpa" or getattr(c, "alibi", False) for c in configs):
+        return False  # ALiBi (Falcon's alibi: true) adds its bias to the mask: not left to the probe to find out
     _register()
     device = next(model.parameters()).device
     ids = torch.tensor([[1, 2, 3, 4]], device=device) % model.config.get_text_config().vocab_size
