@@ -57,7 +57,7 @@ def test_packed_loss_and_gradients_equal_transformers_packed_mask(tmp_path, arch
     want, g_want = _loss_and_grads(model, packed)
     switched = use_document_attention(model)
     kept = ("gemma2", "granitemoehybrid") + (() if _falcon_takes_the_interface() else ("falcon",))
-    assert switched == (arch not in kept), arch  # eager / no positions / Falcon's own SDPA call before transformers 5.25
+    assert switched == (arch not in kept), arch  # eager / no positions / Falcon's own SDPA (< 5.25)
     if switched:  # no dense mask is ever built for the packed batch
         import transformers.masking_utils as mu
 
