@@ -273,7 +273,7 @@ def plan_check(lengths: list[int], tiled: str, checkpointing: str, readme: bool)
                "step_s": round(r["seconds"], 1), "date": time.strftime("%Y-%m-%d")}
         _replanned(row, tiled, checkpointing, r["dtype"])
         rows[r["dtype"], checkpointing, n] = row
-        print(rows[r["dtype"], checkpointing, n], flush=True)
+        print(row, flush=True)
     _publish_checks(sorted(rows.values(), key=lambda r: (r["dtype"], r["checkpointing"], r["tokens"])), readme)
 
 
