@@ -30,7 +30,8 @@ activations)::
     backward+allocator  activation gradients during backward and memory the allocator keeps after freeing;
                         on CPU measured here (``host_backward.py``: without checkpointing a fraction of the
                         activations; with it a floor at short lengths, then ≈2 layers' activations, under one layer's
-                        from 32 MiB hidden states), on GPU estimated
+                        from 32 MiB hidden states); on a GPU with checkpointing simulated on fake tensors
+                        (``device_backward.py``), without it estimated (half the activations); + 5 % allocator slack
     data pipeline       CPU: the tokenizer, the datasets/Arrow runtime and the token tables (≈150 MiB, measured)
     framework overhead  CUDA context (GPU) or runtime buffers (CPU)
 
@@ -64,6 +65,7 @@ from ..training.config import DISTRIBUTED
 from ..training.grpo_spec import grpo_spec_from
 from ..training.preference_spec import PAIRED
 from .catalog import load_model_config
+from .device_backward import device_backward_bytes
 from .host_backward import host_backward_bytes
 from .shapes import Layer, Shapes, shapes
 from .vision import is_vision, layer_prefix, text_config, vision_params
@@ -216,7 +218,8 @@ def plan(model: str | dict, *, sequence_len: int = 512, micro_batch_size: int = 
         items["ddp_gradient_buckets"] = items["gradients"]
     host_items = {k: int(v) for k, v in (("optimizer_state", host), ("checkpoints", checkpoints * offloaded)) if v}
     items.update(_overheads(items, act, tokens * per_layer_tok, tokens * f.L * per_layer_tok,
-                            gradient_checkpointing, device, hidden_bytes=tokens * f.h * dbytes))
+                            gradient_checkpointing, device, hidden_bytes=tokens * f.h * dbytes,
+                            device_back=device_backward_bytes(tokens, f.h, f.mlp_per_token, shards)))
     if generation_rows:
         items["generation_kv_cache"] = _generation(items, f, generation_rows, sequence_len + completion_len, dbytes)
     total = sum(items.values())
@@ -338,13 +341,12 @@ def _shard(items: dict, n: int, layers: int, lora_layer: float) -> None:
 
 
 def _overheads(items: dict, act: float, layer_act: float, act_without_checkpointing: float,
-               gradient_checkpointing: bool, device: str, hidden_bytes: float = 0) -> dict:
-    """Backward's transients, the allocators' slack and the runtime: on a GPU an estimate, on the CPU measured
-    (``host_backward.py``), plus the data pipeline there."""
+               gradient_checkpointing: bool, device: str, hidden_bytes: float = 0, device_back: float = 0) -> dict:
+    """Backward's transients, the allocators' slack and the runtime: on a GPU simulated with checkpointing
+    (``device_backward.py``: ``device_back``), estimated without, plus the allocator's slack and the CUDA context
+    (estimates); on the CPU measured (``host_backward.py``), plus the data pipeline there."""
     if device == "cuda":
-        # CUDA context + caching-allocator slack; backward transients (activation gradients). Not yet measured
-        # on a GPU here: an estimate.
-        back = 2 * layer_act if gradient_checkpointing else 0.5 * act
+        back = device_back if gradient_checkpointing else 0.5 * act
         return {"backward_and_allocator": int(back + 0.05 * sum(items.values())),
                 "framework_overhead": int(0.75 * GIB)}
     back = host_backward_bytes(layer_act, act_without_checkpointing, gradient_checkpointing, hidden_bytes)
