@@ -162,8 +162,10 @@ def main() -> None:
                       "bare training loop (no tokenizer or data pipeline: the plan's data_pipeline item is left out "
                       "for them). The CPU backward/allocator factors without checkpointing (0.2× / 1.2× the "
                       "activations, with / without the heap trimmed between layers) were fitted to an earlier run "
-                      "of this grid, both models, so it is not an independent test of them. GPU numbers below use "
-                      "an estimated overhead (no GPU was available to measure).\n\n"
+                      "of this grid, both models, so it is not an independent test of them. GPU numbers below: the "
+                      "checkpointed backward term from lowbit's step simulated on fake tensors "
+                      "(bench/device_memory.py), the allocator's slack and the CUDA context estimated; nothing "
+                      "measured on a GPU.\n\n"
                       "The seed's headline from the planner (QLoRA NF4+DQ, LoRA r=16 all-linear, paged 8-bit AdamW, "
                       f"gradient checkpointing, batch 1):\n\n{head_md}")
     data = {"machine": machine(), "rows": out, "worst_error_pct": worst, "headline": head}
