@@ -41,7 +41,10 @@ class _RMSNorm(torch.autograd.Function):
         x, weight, r = ctx.saved_tensors
         xh = x.to(torch.float32) * r
         gp = (g * weight).to(torch.float32)
-        gx = r * (gp - xh * (gp * xh).mean(-1, keepdim=True))
+        dot = (gp * xh).mean(-1, keepdim=True)
+        # r · (g' − x̂ · dot) in place over two float32 rows' worth (xh and gp are this function's own tensors);
+        # each product has the operands of the out-of-place formula, so the bits are the same
+        gx = gp.sub_(xh.mul_(dot)).mul_(r)
         return gx.to(x.dtype), None, None
 
 
@@ -54,11 +57,17 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         a, b = ctx.saved_tensors
-        a32, b32, g32 = a.float(), b.float(), g.float()
+        # ∂a = g·b·σ·(1 + a(1 − σ)), ∂b = g·a·σ in float32, in place over copies of a and g (never the saved
+        # tensors or the incoming gradient): four float32 intermediates at most instead of seven; each product has
+        # the operands of the out-of-place formula, so the bits are the same
+        a32 = a.to(torch.float32, copy=True)
         s = torch.sigmoid(a32)
-        ga = g32 * b32 * s * (1 + a32 * (1 - s))
-        gb = g32 * a32 * s
-        return ga.to(a.dtype), gb.to(b.dtype)
+        u = (1 - s).mul_(a32).add_(1)
+        gb = a32.mul_(g).mul_(s).to(b.dtype)
+        del a32
+        g32 = g.to(torch.float32, copy=True)
+        ga = g32.mul_(b).mul_(s).mul_(u).to(a.dtype)
+        return ga, gb
 
 
 class _LoRAOfSiluMul(torch.autograd.Function):
