@@ -144,8 +144,10 @@ def checkpoint(family: str, layers: int, folder: Path) -> Path:
         t.update({f"model.layers.{n}.{k}.weight": rnd(*s) for k, s in shapes.items()})
         t.update({f"model.layers.{n}.{k}.weight": ones(h) for k in ("input_layernorm", "post_attention_layernorm")})
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(t, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(cfg))
+    part = folder / "model.safetensors.part"  # an interrupted write leaves no checkpoint that looks whole
+    save_file(t, part, metadata={"format": "pt"})
+    part.rename(folder / "model.safetensors")
     return folder
 
 
