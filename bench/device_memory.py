@@ -117,37 +117,17 @@ def flash_workspace(func, args) -> int:
 
 
 def checkpoint(family: str, layers: int, folder: Path) -> Path:
-    """A random bfloat16 checkpoint of ``family``'s shapes (planner/families) with ``layers`` decoder layers."""
+    """A random bfloat16 checkpoint of ``family``'s shapes (planner/families) with ``layers`` decoder layers
+    (bench/load_memory.py's writer), reused when a whole one is there."""
+    from load_memory import write_random
+
     from lowbit.planner.catalog import load_model_config
 
-    if (folder / "model.safetensors").is_file():
-        return folder
-    from safetensors.torch import save_file
-
-    cfg = {**load_model_config(family), "num_hidden_layers": layers, "torch_dtype": "bfloat16"}
+    cfg = load_model_config(family)
     if cfg.get("model_type") != "llama":
         raise SystemExit(f"{family}: only llama-shaped families are written here")
-    cfg.setdefault("architectures", ["LlamaForCausalLM"])
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    kv = cfg["num_key_value_heads"] * hd
-    g = torch.Generator().manual_seed(0)
-    rnd = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
-    ones = lambda n: torch.ones(n, dtype=torch.bfloat16)
-    t = {"model.embed_tokens.weight": rnd(v, h), "model.norm.weight": ones(h)}
-    if not cfg.get("tie_word_embeddings"):
-        t["lm_head.weight"] = rnd(v, h)
-    shapes = {"self_attn.q_proj": (cfg["num_attention_heads"] * hd, h), "self_attn.k_proj": (kv, h),
-              "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, cfg["num_attention_heads"] * hd),
-              "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
-    for n in range(layers):
-        t.update({f"model.layers.{n}.{k}.weight": rnd(*s) for k, s in shapes.items()})
-        t.update({f"model.layers.{n}.{k}.weight": ones(h) for k in ("input_layernorm", "post_attention_layernorm")})
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    part = folder / "model.safetensors.part"  # an interrupted write leaves no checkpoint that looks whole
-    save_file(t, part, metadata={"format": "pt"})
-    part.rename(folder / "model.safetensors")
+    if not (folder / "model.safetensors.index.json").is_file():
+        write_random(folder, layers, cfg)
     return folder
 
 
@@ -263,13 +243,14 @@ def _shapes(family: str, layers: int) -> dict:
 
 def planned(family: str, layers: int, n: int, checkpointing: str, tiled: str) -> dict:
     """The planner's GPU items for the same run: the step's tensors (saved activations, loss chunk, dequantized
-    weight, LoRA gradients) and its backward-and-allocator term."""
+    weight, LoRA gradients), its backward-and-allocator term and the MLP's shards."""
     from lowbit.planner.memory import config_settings, plan
 
     cfg = _config(family, n, checkpointing, tiled)
-    items = plan(_shapes(family, layers), **config_settings(cfg, device="cuda")).items
-    step = sum(items.get(k, 0) for k in ("activations", "logits_and_loss", "transient_weight", "gradients"))
-    return {"planned_step_bytes": step, "planned_backward_bytes": items["backward_and_allocator"]}
+    p = plan(_shapes(family, layers), **config_settings(cfg, device="cuda"))
+    step = sum(p.items.get(k, 0) for k in ("activations", "logits_and_loss", "transient_weight", "gradients"))
+    return {"planned_step_bytes": step, "planned_backward_bytes": p.items["backward_and_allocator"],
+            "mlp_shards": p.settings["mlp_shards"]}
 
 
 def _row(folder: Path, family: str, layers: int, n: int, checkpointing: str, tiled: str) -> dict:

@@ -27,15 +27,17 @@ SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, 
 SHARD_BYTES = 2 << 30
 
 
-def write_random(folder: Path, layers: int) -> int:
-    """A random bf16 checkpoint of the 7B shape with ``layers`` decoder layers; returns its bytes. Written shard by
-    shard, so the writer holds one shard at most."""
+def write_random(folder: Path, layers: int, shape: dict = SHAPE) -> int:
+    """A random bf16 checkpoint of a LLaMA ``shape`` (config.json fields; the 7B's by default, untied) with
+    ``layers`` decoder layers; returns its bytes. Written shard by shard, so the writer holds one shard at most; the
+    index is written last, so a folder without it is not a whole checkpoint."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**SHAPE, num_hidden_layers=layers, torch_dtype="bfloat16", tie_word_embeddings=False)
+    fields = {"tie_word_embeddings": False, **{k: v for k, v in shape.items() if k != "model_type"}}
+    config = LlamaConfig(**{**fields, "num_hidden_layers": layers, "torch_dtype": "bfloat16"})
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
     config.save_pretrained(folder)

@@ -68,16 +68,14 @@ def test_fake_step_builds_no_dense_mask(bench, tmp_path):
 
 def test_planner_term_is_not_below_a_simulated_row():
     runs = json.loads((BENCH / "results" / "device_memory.json").read_text())["runs"]
-    from lowbit.nn.mlp_shards import shard_count
     from lowbit.planner.catalog import load_model_config
 
     checked = 0
     for run in runs.values():
         cfg = load_model_config(run["family"])
         h, i = cfg["hidden_size"], cfg["intermediate_size"]
-        for r in run["rows"]:
-            shards = shard_count(r["tokens"], h, i) if run["tiled_mlp"] == "true" else 1
-            term = device_backward_bytes(r["tokens"], h, i, shards)
+        for r in run["rows"]:  # the MLP's shards as the planner counted them for the row
+            term = device_backward_bytes(r["tokens"], h, i, r["mlp_shards"])
             assert r["simulated_backward_bytes"] <= term <= r["simulated_backward_bytes"] + (3 << 29), (run, r)
             checked += 1
     assert checked >= 8
