@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     RESULTS,
+    flag,
     peer_qlora_model,
     publish,
     reset_vm_hwm,
@@ -63,10 +64,8 @@ def _config(n: int, tiled: str, checkpointing: str, dtype: str = "auto"):
     (and the compute dtype a stored row ran in, for the planner)."""
     from lowbit.training.config import TrainConfig
 
-    word = {"true": True, "false": False}
     return TrainConfig(base_model=MODEL, lora_r=R, lora_alpha=2 * R, sequence_len=n, micro_batch_size=1,
-                       gradient_checkpointing=word.get(checkpointing, checkpointing), tiled_mlp=word.get(tiled, tiled),
-                       compute_dtype=dtype)
+                       gradient_checkpointing=flag(checkpointing), tiled_mlp=flag(tiled), compute_dtype=dtype)
 
 
 def lowbit_worker(n: int, tiled: str, checkpointing: str) -> dict:
