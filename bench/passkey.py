@@ -1,7 +1,9 @@
 """Passkey retrieval past a model's native length, before and after a short QLoRA fine-tune with RoPE scaling.
 
-SmolLM2-135M-Instruct (8,192 native positions) with linear RoPE scaling to ``--factor`` × native
-(``model_config: {rope_scaling: {rope_type: linear, factor: F}, max_position_embeddings: F × native}``), NF4 +
+SmolLM2-135M-Instruct (8,192 native positions) with RoPE scaling (``--rope``: linear, or yarn — which keeps the
+fast-turning dimensions that resolve nearby positions as they were and interpolates only the slow ones) to
+``--factor`` × native (``model_config: {rope_scaling: {rope_type: R, factor: F}, max_position_embeddings:
+F × native}``; yarn's original length is the native one), NF4 +
 double quantization, LoRA r=16 all-linear. Data: the built-in passkey task at F × native tokens (a 5-digit key
 hidden at a seeded depth in plain text, the question at the end); the last ``--eval`` documents are held out, the
 rest train. The fine-tune runs as a user runs it: ``lowbit train`` on a YAML config (batch 1, gradient
@@ -17,7 +19,7 @@ decoding would answer — and the answer's mean negative log-likelihood is repor
 are also scored at the native length without scaling (the base model's own ability, for reference: documents of
 the native length's passkey task, same held-out positions).
 
-    python bench/passkey.py [--factor 4] [--steps 4] [--eval 4] [--lr 2e-4] [--train-tokens N]
+    python bench/passkey.py [--factor 4] [--rope linear|yarn] [--steps 4] [--eval 4] [--lr 2e-4] [--train-tokens N]
                             [--train-on-inputs] [--readme]
 """
 
@@ -43,14 +45,14 @@ def _records(tokens: int, count: int) -> list[dict]:
     return [r.data for r in passkey(tokens, count)]
 
 
-def _model_config(tokens: int, factor: float) -> dict | None:
-    """Linear RoPE scaling by ``factor`` to ``tokens`` positions (None: the model as it is)."""
+def _model_config(tokens: int, factor: float, rope: str) -> dict | None:
+    """``rope`` RoPE scaling by ``factor`` to ``tokens`` positions (None: the model as it is)."""
     if factor == 1:
         return None
-    return {"rope_scaling": {"rope_type": "linear", "factor": factor}, "max_position_embeddings": tokens}
+    return {"rope_scaling": {"rope_type": rope, "factor": factor}, "max_position_embeddings": tokens}
 
 
-def score_worker(data: str, tokens: int, factor: float, adapter: str) -> dict:
+def score_worker(data: str, tokens: int, factor: float, rope: str, adapter: str) -> dict:
     """Teacher-forced retrieval of every document in ``data`` (a JSONL of chat records) by the base (with the
     scaling) and ``adapter`` ('-' for none)."""
     import torch
@@ -65,8 +67,8 @@ def score_worker(data: str, tokens: int, factor: float, adapter: str) -> dict:
     from lowbit.training.config import TrainConfig
 
     adapter = None if adapter == "-" else adapter
-    cfg = TrainConfig(base_model=MODEL, model_config=_model_config(tokens, factor), sequence_len=tokens, datasets=data,
-                      val_set_size=0)
+    cfg = TrainConfig(base_model=MODEL, model_config=_model_config(tokens, factor, rope), sequence_len=tokens,
+                      datasets=data, val_set_size=0)
     tok = tokenizer_for(cfg.base_model, adapter)
     table_ = source_tables(parse_sources(cfg.datasets, "chat"), tok, 0, sequence_len=tokens).train
     net = load_model(cfg, adapter)
@@ -98,7 +100,7 @@ def _train(work: Path, train_file: str, tokens: int, factor: float, a) -> dict:
     folder, wall time and per-step losses."""
     import yaml
 
-    cfg = {"base_model": MODEL, "model_config": _model_config(tokens, factor),
+    cfg = {"base_model": MODEL, "model_config": _model_config(tokens, factor, a.rope),
            "datasets": [{"path": train_file, "type": "chat"}], "val_set_size": 0,
            "sequence_len": a.train_tokens, "train_on_inputs": a.train_on_inputs,
            "micro_batch_size": 1, "gradient_checkpointing": True, "tiled_mlp": True, "lora_r": R,
@@ -127,6 +129,7 @@ def _row(label: str, res: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--factor", type=float, default=4.0)
+    ap.add_argument("--rope", choices=("linear", "yarn"), default="linear")
     ap.add_argument("--native", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--docs", type=int, default=50, help="documents generated (the last --eval are held out)")
@@ -135,11 +138,11 @@ def main() -> None:
     ap.add_argument("--train-tokens", type=int, default=0, help="training documents of this length (0: the long one)")
     ap.add_argument("--train-on-inputs", action="store_true", help="loss on every token, not only the answer")
     ap.add_argument("--readme", action="store_true")
-    ap.add_argument("--worker", nargs=4)
+    ap.add_argument("--worker", nargs=5)
     a = ap.parse_args()
     if a.worker:
-        data, tokens, factor, adapter = a.worker
-        print("RESULT " + json.dumps(score_worker(data, int(tokens), float(factor), adapter)))
+        data, tokens, factor, rope, adapter = a.worker
+        print("RESULT " + json.dumps(score_worker(data, int(tokens), float(factor), rope, adapter)))
         return
     long_ = int(a.factor * a.native)
     a.train_tokens = a.train_tokens or long_
@@ -149,7 +152,7 @@ def main() -> None:
         train = (docs if a.train_tokens == long_ else _records(a.train_tokens, a.docs))[:-a.eval]
         train_file, held = _write(work / "train.jsonl", train), _write(work / "held.jsonl", docs[-a.eval:])
         native = _write(work / "native.jsonl", _records(a.native, a.docs)[-a.eval:])
-        score = lambda f, n, k, ad, label: run_worker(__file__, ["--worker", f, str(n), str(k), ad], label)
+        score = lambda f, n, k, ad, label: run_worker(__file__, ["--worker", f, str(n), str(k), a.rope, ad], label)
         ref = score(native, a.native, 1, "-", "native")
         before = score(held, long_, a.factor, "-", "before")
         run = _train(work, train_file, long_, a.factor, a)
@@ -157,14 +160,14 @@ def main() -> None:
     if not (ref and before and after):
         sys.exit("a scoring worker failed (above)")
     rows = [_row(f"base, native {a.native:,} positions, no scaling", ref),
-            _row(f"base, linear RoPE ×{a.factor:g}, before fine-tuning", before),
+            _row(f"base, {a.rope} RoPE ×{a.factor:g}, before fine-tuning", before),
             _row(f"after {a.steps} steps at {a.train_tokens:,} tokens (lr {a.lr:g}"
                  f"{', loss on every token' if a.train_on_inputs else ''})", after)]
     cols = ["model", "documents", "tokens", "retrieved", "digits_right_%", "answer_nll", "s_per_doc"]
     md = (f"Passkey retrieval, SmolLM2-135M QLoRA r={R}, held-out documents (bench/passkey.py, this CPU, one run; "
           f"fine-tune {run['seconds'] / 60:.1f} min, training losses {run['losses']}):\n\n" + table(rows, cols))
     publish("passkey", md, {"rows": rows, "train": {k: v for k, v in run.items() if k != "adapter"},
-                            "factor": a.factor, "steps": a.steps, "lr": a.lr, "eval": a.eval,
+                            "factor": a.factor, "rope": a.rope, "steps": a.steps, "lr": a.lr, "eval": a.eval,
                             "train_tokens": a.train_tokens, "train_on_inputs": a.train_on_inputs}, a.readme)
 
 
