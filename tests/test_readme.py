@@ -65,7 +65,7 @@ def test_readme_long_context_config_and_planner_levers_are_current(tmp_path, cap
     (tmp_path / "long.yaml").write_text(config)
     cfg = load_config(tmp_path / "long.yaml").validate()
     assert cfg.tiled_mlp is True and cfg.sample_packing and cfg.datasets == "passkey-8k"
-    assert cfg.model_config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    assert cfg.model_config["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0}
     at = text.index("longest sequence_len in 24GB")
     shown = text[at:text.index("```", at)]
     assert main(["plan", "llama-3.1-8b", "--micro-batch-size", "1", "--gpu-memory", "24GB", "--max-sequence-len"]) == 0
