@@ -90,12 +90,6 @@ def machine() -> dict:
             "torch": torch.__version__, "cores": os.cpu_count()}
 
 
-def flag(word: str):
-    """A config field's value as a script's command line spells it: ``true``/``false`` as booleans, any other word
-    (``auto``, ``offload``, …) as it is."""
-    return {"true": True, "false": False}.get(word, word)
-
-
 def table(rows: list[dict], cols: list[str]) -> str:
     fmt = lambda v: (f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}") if isinstance(v, float) else str(v)  # no 1.65e+03
     widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]

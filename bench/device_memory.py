@@ -57,7 +57,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, flag, publish, table
+from common import RESULTS, publish, table
 
 GIB = 2**30
 FLASH_BACKWARD = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
@@ -198,11 +198,11 @@ def _fake(net: nn.Module, mode) -> None:
 
 
 def _config(model, n: int, checkpointing: str, tiled: str):
-    from lowbit.training.config import TrainConfig
+    from lowbit.training.config import TrainConfig, apply_overrides
 
-    return TrainConfig(base_model=str(model), lora_r=16, lora_alpha=32, sequence_len=n, micro_batch_size=1,
-                       gradient_checkpointing=flag(checkpointing), tiled_mlp=flag(tiled), compute_dtype="bfloat16",
-                       compile=False)
+    cfg = TrainConfig(base_model=str(model), lora_r=16, lora_alpha=32, sequence_len=n, micro_batch_size=1,
+                      compute_dtype="bfloat16", compile=False)  # the flags' words as lowbit's command line reads them
+    return apply_overrides(cfg, {"gradient_checkpointing": checkpointing, "tiled_mlp": tiled}, from_string=True)
 
 
 def simulate(folder: Path, n: int, checkpointing: str = "offload", tiled: str = "true", fake: bool = True) -> dict:

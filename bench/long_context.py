@@ -36,7 +36,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     RESULTS,
-    flag,
     peer_qlora_model,
     publish,
     reset_vm_hwm,
@@ -62,10 +61,11 @@ def _ids(n: int):
 def _config(n: int, tiled: str, checkpointing: str, dtype: str = "auto"):
     """The run both the worker and the planner see: ``n`` tokens, batch 1, the bench's tiled_mlp and checkpointing
     (and the compute dtype a stored row ran in, for the planner)."""
-    from lowbit.training.config import TrainConfig
+    from lowbit.training.config import TrainConfig, apply_overrides
 
-    return TrainConfig(base_model=MODEL, lora_r=R, lora_alpha=2 * R, sequence_len=n, micro_batch_size=1,
-                       gradient_checkpointing=flag(checkpointing), tiled_mlp=flag(tiled), compute_dtype=dtype)
+    cfg = TrainConfig(base_model=MODEL, lora_r=R, lora_alpha=2 * R, sequence_len=n, micro_batch_size=1,
+                      compute_dtype=dtype)  # the flags' words read as lowbit's command line reads them
+    return apply_overrides(cfg, {"gradient_checkpointing": checkpointing, "tiled_mlp": tiled}, from_string=True)
 
 
 def lowbit_worker(n: int, tiled: str, checkpointing: str) -> dict:
